@@ -1,0 +1,137 @@
+"""Write and read the model artifact: open_clip-loadable weights + model config + preprocessing.
+
+An artifact is a directory:
+
+    open_clip_model.safetensors   the open_clip state dict (no wrapper prefixes)
+    open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}: open_clip's own layout,
+                                  so `open_clip.create_model_and_transforms("local-dir:DIR")` works
+    model_configs/NAME.json       the bare model config, for `open_clip.add_model_config(...)` then
+                                  `create_model_and_transforms(NAME, pretrained=DIR/open_clip_model.safetensors)`
+    duet_artifact.json            our manifest: format version, model name, embed dim, tokenizer
+                                  context length, provenance (training step, config)
+
+It is written to a temporary sibling directory and renamed into place, so a reader never sees a
+half-written artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from common.model import DualEncoder, model_config
+from common.preprocess import (
+    Tokenizer,
+    Transform,
+    image_transform,
+    preprocess_config,
+    preprocess_dict,
+    tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "open_clip_model.safetensors"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+MANIFEST_FILE = "duet_artifact.json"
+MODEL_CONFIG_DIR = "model_configs"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """Everything inference needs: the model, its eval transform and tokenizer, and the manifest."""
+
+    model: DualEncoder
+    transform: Transform
+    tokenize: Tokenizer
+    manifest: dict[str, Any]
+
+
+def write_artifact(model: DualEncoder, out_dir: str | Path, *, provenance: dict[str, Any]) -> Path:
+    """Export `model` to `out_dir` (replaced if it exists) and return the path."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model_cfg = model_config(model.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        preprocess = preprocess_dict(preprocess_config(model.clip))
+        _write_json(tmp / OPEN_CLIP_CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+        (tmp / MODEL_CONFIG_DIR).mkdir()
+        _write_json(tmp / MODEL_CONFIG_DIR / f"{model.name}.json", model_cfg)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model_name": model.name,
+            "embed_dim": model.embed_dim,
+            "context_length": int(model_cfg["text_cfg"].get("context_length", 77)),
+            "image_size": preprocess["size"],
+            "weights": WEIGHTS_FILE,
+            "open_clip_version": open_clip.__version__,
+            "torch_version": torch.__version__,
+            "provenance": provenance,
+        }
+        _write_json(tmp / MANIFEST_FILE, manifest)
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported model artifact to %s", out_dir)
+    return out_dir
+
+
+def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    """The manifest of an artifact, with a clear error when the directory is not one."""
+    path = Path(artifact_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{artifact_dir} is not a model artifact (no {MANIFEST_FILE})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: artifact format {manifest.get('format_version')!r} is not supported "
+            f"(expected {FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def load_artifact(artifact_dir: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load an artifact for inference (eval mode) through open_clip's own local-dir loader."""
+    artifact_dir = Path(artifact_dir).resolve()
+    manifest = read_manifest(artifact_dir)
+    clip = open_clip.create_model(
+        f"local-dir:{artifact_dir}", device=device, pretrained_image=False, pretrained_text=False
+    )
+    clip.eval()
+    model = DualEncoder(clip, manifest["model_name"], int(manifest["embed_dim"]))
+    transform = image_transform(preprocess_config(clip), train=False)
+    return LoadedModel(model, transform, tokenizer(f"local-dir:{artifact_dir}"), manifest)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,144 @@
+"""Build open_clip dual encoders (registry names + bundled tiny configs); encode and L2-normalise.
+
+This is the one place embeddings are normalised: every caller (training loss, evaluation, index
+build, the service) gets unit vectors from `DualEncoder`, so inner product == cosine similarity.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
+BUNDLED_MODELS = tuple(sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json")))
+
+
+@functools.cache
+def register_bundled_configs() -> None:
+    """Make the bundled tiny configs (duet-tiny, duet-micro) known to open_clip by name."""
+    open_clip.add_model_config(BUNDLED_CONFIG_DIR)
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) for a registered name."""
+    register_bundled_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(
+            f"unknown model {name!r}; bundled: {', '.join(BUNDLED_MODELS)}; "
+            f"open_clip has {len(open_clip.list_models())} more (open_clip.list_models())"
+        )
+    return cfg
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise along the last dimension (embeddings, and means of embeddings)."""
+    return F.normalize(x, dim=-1)
+
+
+class DualEncoder(nn.Module):
+    """An open_clip model whose encoders return L2-normalised embeddings.
+
+    `clip` is the unmodified open_clip module, so its state dict is exactly what open_clip loads.
+    """
+
+    def __init__(self, clip: nn.Module, name: str, embed_dim: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.name = name
+        self.embed_dim = embed_dim
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """Log of the inverse temperature, learned (open_clip initialises it to log(1/0.07))."""
+        return self.clip.logit_scale
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] preprocessed images -> [B, D] unit vectors."""
+        return normalize(self.clip.encode_image(images))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids -> [B, D] unit vectors."""
+        return normalize(self.clip.encode_text(tokens))
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Image and text embeddings plus the log logit scale.
+
+        The scale is returned from forward (not read off the module) so that DDP sees it used.
+        """
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float) -> None:
+        """Keep exp(logit_scale) in [1, max_scale] (CLIP clamps at 100 after each step)."""
+        self.logit_scale.clamp_(0.0, math.log(max_scale))
+
+
+def build_model(
+    name: str,
+    *,
+    pretrained: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    init_logit_scale: float | None = None,
+) -> DualEncoder:
+    """Create model `name` with random weights, or weights from a local file `pretrained`.
+
+    Nothing is ever downloaded: a `pretrained` that is not an existing file is an error, and the
+    towers' own base weights (timm / Hugging Face) are not fetched.
+    """
+    cfg = model_config(name)  # validates the name with a helpful message
+    kwargs: dict[str, Any] = {}
+    if init_logit_scale is not None:
+        kwargs["init_logit_scale"] = init_logit_scale
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {str(pretrained)!r} not found: give a local file "
+            "(weights are never downloaded at run time)"
+        )
+    clip = open_clip.create_model(
+        name,
+        pretrained=str(pretrained) if pretrained else None,
+        device=device,
+        pretrained_image=False,
+        pretrained_text=False,
+        **kwargs,
+    )
+    log.info("built %s (%.2fM parameters)", name, count_parameters(clip) / 1e6)
+    return DualEncoder(clip, name, int(cfg["embed_dim"]))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def class_embeddings(
+    model: DualEncoder,
+    tokenize: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+) -> torch.Tensor:
+    """Zero-shot classifier weights [C, D]: each class's prompts embedded, averaged, re-normalised.
+
+    Prompt ensembling (CLIP, section 3.1.4): "a photo of a {}." and its siblings each give an
+    embedding of the class name; their normalised mean is a better class prototype than any one.
+    """
+    if not classnames or not templates:
+        raise ValueError("class_embeddings needs at least one class name and one template")
+    device = next(model.parameters()).device
+    prompts = [template.format(name) for name in classnames for template in templates]
+    text = model.encode_text(tokenize(prompts).to(device))  # [C*T, D]
+    return normalize(text.view(len(classnames), len(templates), -1).mean(dim=1))
