@@ -1,0 +1,1 @@
+"""Distributed CLIP trainer: data, loss, loop, checkpoints."""
