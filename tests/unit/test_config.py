@@ -1,0 +1,47 @@
+"""Config tree: typed `--set` overrides, validation naming the field, dict round trip."""
+
+import pytest
+
+from common.config import apply_overrides, from_dict, to_dict
+from train.__main__ import parse_args
+from train.config import RECIPES, TrainConfig
+
+
+def test_overrides_parse_each_field_type():
+    cfg = apply_overrides(TrainConfig(), [
+        "steps=12", "optim.lr=3e-4", "logging.progress=false", "eval.recall_at=1,3",
+        "model.name=duet-micro", "data.train_shards=a/{0..3}.tar::b.tar",
+    ])
+    assert cfg.steps == 12 and cfg.optim.lr == 3e-4 and cfg.logging.progress is False
+    assert cfg.eval.recall_at == (1, 3) and cfg.model.name == "duet-micro"
+    assert cfg.data.train_shards == "a/{0..3}.tar::b.tar"  # only the first '=' splits
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("optim.lrr=1", "unknown config field 'optim.lrr': optim has beta1"),
+    ("steps=many", "cannot set steps='many'"),
+    ("logging.progress=maybe", "expected a boolean"),
+    ("optim=1", "'optim' is a section"),
+    ("steps", "must look like section.field=value"),
+    ("steps=0", "steps: must be >= 1"),
+    ("data.batch_size_per_rank=0", "data.batch_size_per_rank: must be >= 1"),
+])
+def test_bad_overrides_name_the_field(assignment, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        apply_overrides(TrainConfig(), [assignment])
+
+
+def test_round_trip_through_dict():
+    cfg = apply_overrides(RECIPES["smoke"](), ["eval.recall_at=2,4"])
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        from_dict(TrainConfig, {**to_dict(cfg), "nope": 1})
+
+
+def test_cli_reports_bad_overrides_as_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--recipe", "smoke", "--set", "optim.lr=-1"])
+    assert exit_info.value.code == 2
+    assert "optim.lr: must be > 0" in capsys.readouterr().err
+    cfg, resume = parse_args(["--recipe", "demo", "--set", "steps=5", "--resume"])
+    assert cfg.steps == 5 and resume and cfg.run_dir == "runs/demo"

@@ -1,0 +1,187 @@
+"""The training config tree (data, model, loss, optim, checkpoint, eval, logging) and its recipes.
+
+Each node validates itself in `__post_init__` and names the bad field. Recipes are functions that
+return a whole config; `--set a.b=v` changes any field afterwards (see common/config.py).
+Arithmetic to keep in mind: samples per step (global batch) = batch_size_per_rank x world_size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    train_shards: str = "data/synth/train/shard-{000000..000015}.tar"
+    """Training shards: webdataset URLs with brace ranges, several sources joined by '::'."""
+    val_shards: str = "data/synth/val/shard-{000000..000001}.tar"
+    """Held-out shards for evaluation ('' to skip retrieval evaluation)."""
+    zeroshot_file: str = "data/synth/zeroshot.json"
+    """JSON with "classnames" and "templates" for zero-shot accuracy ('' to skip)."""
+    batch_size_per_rank: int = 64
+    """Samples per step on each rank; the global batch is this x world size."""
+    workers: int = 1
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the in-stream shuffle buffer of each worker."""
+    max_image_pixels: int = 64 * 1024 * 1024
+    """Images whose header announces more pixels are skipped without being decoded."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.train_shards.strip()), "data.train_shards", "must name shards")
+        _require(self.batch_size_per_rank >= 1, "data.batch_size_per_rank", "must be >= 1")
+        _require(self.workers >= 0, "data.workers", "must be >= 0")
+        _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name: str = "duet-tiny"
+    """open_clip architecture name, or a bundled tiny config (duet-tiny, duet-micro)."""
+    pretrained: str = ""
+    """Local weights file to start from ('' = random init). Nothing is downloaded."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", "must be set")
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    init_temperature: float = 0.07
+    """Initial temperature; the learned logit scale starts at log(1/init_temperature)."""
+    max_logit_scale: float = 100.0
+    """exp(logit_scale) is clamped to this after each step, as in CLIP."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.init_temperature <= 1, "loss.init_temperature", "must be in (0, 1]")
+        _require(self.max_logit_scale >= 1, "loss.max_logit_scale", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup_steps."""
+    weight_decay: float = 0.1
+    """AdamW decay for weight matrices; biases, norms, embeddings' scale and the temperature get 0."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    """Linear warmup from 0 to lr; then cosine decay to 0 at the last step."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    every_steps: int = 200
+    """Save a resumable checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """How many checkpoints to keep; older ones are deleted."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate every this many steps (0 = only at the end)."""
+    recall_at: tuple[int, ...] = (1, 5, 10)
+    """The k of image<->text recall@k."""
+    batch_size: int = 256
+    """Images/texts per forward pass during evaluation."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
+        _require(all(k >= 1 for k in self.recall_at), "eval.recall_at", "every k must be >= 1")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    every_steps: int = 10
+    """Write metrics (JSONL + TensorBoard) every this many steps."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "logging.every_steps", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Checkpoints, metrics, the exported artifact and eval results go here."""
+    steps: int = 1000
+    """Optimizer steps to train for (the run is step-based; epochs just follow the data)."""
+    seed: int = 0
+    device: str = "auto"
+    """"auto" (cuda when available, else cpu), "cpu" or "cuda"."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "steps", "must be >= 1")
+        _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
+        _require(bool(self.run_dir), "run_dir", "must be set")
+
+    @property
+    def init_logit_scale(self) -> float:
+        return math.log(1 / self.loss.init_temperature)
+
+
+def default() -> TrainConfig:
+    """duet-tiny on the built-in synthetic shards (`python -m train.synth --out data/synth`)."""
+    return TrainConfig()
+
+
+def demo() -> TrainConfig:
+    """What `make demo` runs: ~4 minutes on 2 CPU cores with `torchrun --nproc_per_node=2`.
+
+    Global batch 2 x 64 = 128 samples/step x 600 steps = 77k samples, ~10 passes over the 8k
+    synthetic training samples.
+    """
+    cfg = TrainConfig(run_dir="runs/demo", steps=600)
+    cfg.optim.warmup_steps = 100
+    cfg.checkpoint.every_steps = 200
+    return cfg
+
+
+def smoke() -> TrainConfig:
+    """A seconds-long run of the micro model, for tests and for checking a setup."""
+    cfg = TrainConfig(run_dir="runs/smoke", steps=30)
+    cfg.model.name = "duet-micro"
+    cfg.data.batch_size_per_rank = 32
+    cfg.data.workers = 0
+    cfg.data.shuffle_buffer = 200
+    cfg.optim.warmup_steps = 5
+    cfg.checkpoint.every_steps = 10
+    cfg.logging.every_steps = 5
+    cfg.logging.progress = False
+    return cfg
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {"default": default, "demo": demo, "smoke": smoke}

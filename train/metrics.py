@@ -1,0 +1,46 @@
+"""One metrics sink for a run: JSONL in the run directory plus TensorBoard, on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    """`log(step, {name: value})` appends a JSON line and writes TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._writer = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any], *, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **{f"{prefix}/{k}": v
+                                                                  for k, v in values.items()}}
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for name, value in values.items():
+                if isinstance(value, int | float):
+                    self._writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._writer is not None:
+            self._writer.close()
