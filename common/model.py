@@ -9,8 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -55,7 +55,7 @@ class DualEncoder(nn.Module):
 
     def __init__(self, clip: nn.Module, name: str, embed_dim: int) -> None:
         super().__init__()
-        self.clip = clip
+        self.clip: Any = clip  # open_clip.CLIP / CustomTextCLIP
         self.name = name
         self.embed_dim = embed_dim
 
@@ -139,6 +139,7 @@ def class_embeddings(
     if not classnames or not templates:
         raise ValueError("class_embeddings needs at least one class name and one template")
     device = next(model.parameters()).device
-    prompts = [template.format(name) for name in classnames for template in templates]
+    # replace, not format: other braces in a user's template stay text instead of raising
+    prompts = [template.replace("{}", name) for name in classnames for template in templates]
     text = model.encode_text(tokenize(prompts).to(device))  # [C*T, D]
     return normalize(text.view(len(classnames), len(templates), -1).mean(dim=1))

@@ -38,17 +38,25 @@ def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels}"
                 )
             return image.convert("RGB")
     except InvalidImageError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except Image.UnidentifiedImageError:
+        raise InvalidImageError("not a decodable image: unknown or corrupt image format") from None
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:
         raise InvalidImageError(f"not a decodable image: {exc}") from exc
 
 
-def preprocess_config(clip: torch.nn.Module) -> PreprocessCfg:
+def preprocess_config(clip: Any) -> PreprocessCfg:
     """Image size, mean/std, interpolation and resize mode that the open_clip model declares."""
     return PreprocessCfg(**clip.visual.preprocess_cfg)
 

@@ -1,0 +1,128 @@
+"""The one error envelope `{"error": ..., "type": ...}` and the one place errors map to statuses.
+
+request validation (pydantic)      422 validation_error
+HTTPException (routing, parsing)   its status; type from the status (404 not_found, ...)
+ApiError (our own)                 its status and type: 400 bad_request, 413 too_large /
+                                   image_too_large, 415 unsupported_media_type / not_an_image,
+                                   503 not_ready
+anything else                      500 internal_error, generic message, logged with traceback
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.schemas import ErrorResponse
+
+log = logging.getLogger(__name__)
+
+TYPE_BY_STATUS = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "overloaded",
+    500: "internal_error",
+    503: "not_ready",
+}
+
+
+class ApiError(Exception):
+    """An error of ours with its HTTP status, envelope type and message for the client."""
+
+    def __init__(self, status: int, type: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type
+        self.message = message
+
+
+def error_response(status: int, type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "type": type}, status_code=status)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the envelope for these statuses."""
+    return {
+        status: {"model": ErrorResponse, "description": TYPE_BY_STATUS.get(status, "error")}
+        for status in statuses
+    }
+
+
+def validation_message(errors: Sequence[Any]) -> str:
+    """pydantic errors -> "body.k: Input should be greater than or equal to 1; ..."."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts) or "invalid request"
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.type, exc.message)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, "validation_error", validation_message(exc.errors()))
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    response = error_response(
+        exc.status_code, TYPE_BY_STATUS.get(exc.status_code, "http_error"), str(exc.detail)
+    )
+    response.headers.update(exc.headers or {})  # e.g. Allow on 405
+    return response
+
+
+class CatchAllMiddleware:
+    """An unexpected exception becomes a logged 500 envelope, not a bare text 500.
+
+    A middleware rather than an `Exception` handler: Starlette re-raises after such a handler,
+    so the server would log every traceback a second time.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # too late for an envelope; let the server close the connection
+                raise
+            await error_response(500, "internal_error", "internal server error")(
+                scope, receive, send
+            )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)
+    app.add_middleware(CatchAllMiddleware)

@@ -1,0 +1,368 @@
+"""Tests for the HTTP service: readiness, search by text and image, classify, error envelopes."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from common.artifact import write_artifact
+from common.model import build_model
+from common.shards import RawSample, iter_shards
+from serve.app import create_app
+from serve.build_index import build_index
+from serve.index import write_index
+from serve.settings import Settings
+from train import synth
+
+SAMPLES = 24
+MAX_K = 20
+MAX_UPLOAD_BYTES = 64 * 1024
+MAX_IMAGE_PIXELS = 100 * 100  # the synthetic images are 32 x 32
+MAX_LABELS = 8
+LABELS = ["red circle", "blue square", "green star"]
+# Starlette's TestClient answers with httpx2's or httpx's Response, whichever is installed.
+Response = Any
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("synth")
+    synth.generate(
+        root, train_shards=1, samples_per_shard=SAMPLES, seed=0, val_samples=1, image_size=32
+    )
+    return str(root / "train" / "shard-000000.tar")
+
+
+@pytest.fixture(scope="module")
+def samples(shard: str) -> list[RawSample]:
+    return list(iter_shards(shard, Counter()))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_artifact(
+        build_model("duet-micro"), tmp_path_factory.mktemp("model") / "artifact", provenance={}
+    )
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory, artifact: Path, shard: str) -> Settings:
+    index_dir = tmp_path_factory.mktemp("index") / "index"
+    build_index(artifact, shard, index_dir, batch_size=16)
+    return Settings(
+        artifact_dir=artifact,
+        index_dir=index_dir,
+        max_k=MAX_K,
+        max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_image_pixels=MAX_IMAGE_PIXELS,
+        max_labels=MAX_LABELS,
+        max_templates=4,
+        max_text_chars=200,
+    )
+
+
+def _wait_until_loaded(client: TestClient, timeout_s: float = 60.0) -> Response:
+    """/health once loading has finished, either way (or the timeout passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.get("/health")
+        if "still loading" not in response.text or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:  # `with`: the lifespan runs
+        assert _wait_until_loaded(test_client).status_code == 200
+        yield test_client
+
+
+def _assert_envelope(response: Response, status: int, type_: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "type"}
+    assert body["type"] == type_
+    assert isinstance(body["error"], str) and body["error"]
+    return body
+
+
+def _png(size: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- readiness ---------------------------------------------------------------------------------
+
+
+def test_health_ready_after_load(client: TestClient) -> None:
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "model": "duet-micro", "index_count": SAMPLES}
+
+
+def test_not_ready_before_load(settings: Settings) -> None:
+    client = TestClient(create_app(settings))  # no `with`: the lifespan never runs
+    body = _assert_envelope(client.get("/health"), 503, "not_ready")
+    assert "loading" in body["error"]
+    _assert_envelope(client.post("/search", json={"text": "red circle"}), 503, "not_ready")
+
+
+def test_load_failure_is_reported_by_health(settings: Settings, tmp_path: Path) -> None:
+    broken = settings.model_copy(update={"artifact_dir": tmp_path / "missing"})
+    with TestClient(create_app(broken)) as client:
+        body = _assert_envelope(_wait_until_loaded(client), 503, "not_ready")
+    assert "failed to load" in body["error"] and "missing" in body["error"]
+
+
+def test_index_of_other_dim_is_refused(settings: Settings, tmp_path: Path) -> None:
+    write_index(tmp_path / "index8", np.eye(8, dtype=np.float32), [("k", "c", {})] * 8)
+    mismatched = settings.model_copy(update={"index_dir": tmp_path / "index8"})
+    with TestClient(create_app(mismatched)) as client:
+        body = _assert_envelope(_wait_until_loaded(client), 503, "not_ready")
+    assert "dim 8" in body["error"] and "embed_dim is 64" in body["error"]
+
+
+# --- search and classify -----------------------------------------------------------------------
+
+
+def test_search_by_text(client: TestClient) -> None:
+    response = client.post("/search", json={"text": "  red circle ", "k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["k"] == 5 and body["took_ms"] >= 0
+    scores = [hit["score"] for hit in body["results"]]
+    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+    for hit in body["results"]:
+        assert set(hit) == {"id", "key", "score", "caption", "metadata"}
+        assert {"shape", "color", "classname"} <= set(hit["metadata"])
+        assert hit["caption"] == hit["metadata"]["caption"]
+
+
+def test_search_default_k_and_k_over_count(client: TestClient, settings: Settings) -> None:
+    assert (
+        len(client.post("/search", json={"text": "star"}).json()["results"]) == settings.default_k
+    )
+    body = client.post("/search", json={"text": "star", "k": MAX_K}).json()
+    assert len(body["results"]) == MAX_K  # k <= count here; the index holds SAMPLES
+
+
+def test_search_by_image_finds_itself(client: TestClient, samples: list[RawSample]) -> None:
+    for sample in samples[:3]:
+        files = {"image": (f"{sample.key}.jpg", sample.image, "image/jpeg")}
+        response = client.post("/search", files=files, data={"k": "4"})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert len(results) == 4
+        assert results[0]["key"] == sample.key
+        assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert results[0]["metadata"] == sample.meta
+
+
+@pytest.mark.parametrize("labels", [LABELS, [", ".join(LABELS)]], ids=["repeated", "comma"])
+def test_classify(
+    client: TestClient, settings: Settings, samples: list[RawSample], labels: list[str]
+) -> None:
+    files = {"image": ("x.jpg", samples[0].image, "image/jpeg")}
+    response = client.post("/classify", files=files, data={"labels": labels})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    probabilities = [p["probability"] for p in body["predictions"]]
+    assert sorted(p["label"] for p in body["predictions"]) == sorted(LABELS)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert body["templates"] == settings.default_templates
+
+
+def test_classify_with_templates(client: TestClient, samples: list[RawSample]) -> None:
+    templates = ["a {} shape.", "{} on noise"]
+    files = {"image": ("x.jpg", samples[0].image, "image/jpeg")}
+    response = client.post(
+        "/classify", files=files, data={"labels": LABELS, "templates": templates}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["templates"] == templates
+
+
+def test_openapi_documents_both_search_bodies(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"}
+    classify_form = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    assert {"image", "labels", "templates"} == set(
+        classify_form["multipart/form-data"]["schema"]["properties"]
+    )
+    assert client.get("/docs").status_code == 200
+
+
+# --- bad requests ------------------------------------------------------------------------------
+
+
+def _image(data: bytes) -> dict[str, tuple[str, bytes, str]]:
+    return {"image": ("upload.jpg", data, "image/jpeg")}
+
+
+class ChunkedMultipart:
+    """A multipart body streamed without Content-Length, so only counting the bytes can stop it.
+
+    Re-iterable (unlike a generator) so the same case can be sent twice.
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total_bytes = total_bytes
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.jpg"\r\n\r\n'
+        for _ in range(self.total_bytes // 8192):
+            yield b"\xff" * 8192
+        yield b"\r\n--b--\r\n"
+
+
+BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
+    ("search non-image", "/search", {"files": _image(b"not an image")}, 415, "not_an_image"),
+    (
+        "classify non-image",
+        "/classify",
+        {"files": _image(b"GIF89a broken"), "data": {"labels": LABELS}},
+        415,
+        "not_an_image",
+    ),
+    ("empty text", "/search", {"json": {"text": "   "}}, 422, "validation_error"),
+    ("missing text", "/search", {"json": {"k": 3}}, 422, "validation_error"),
+    ("text too long", "/search", {"json": {"text": "x" * 201}}, 422, "validation_error"),
+    ("k=0", "/search", {"json": {"text": "red", "k": 0}}, 422, "validation_error"),
+    ("k>max_k", "/search", {"json": {"text": "red", "k": MAX_K + 1}}, 422, "validation_error"),
+    (
+        "form k>max_k",
+        "/search",
+        {"files": _image(_png(8)), "data": {"k": str(MAX_K + 1)}},
+        422,
+        "validation_error",
+    ),
+    (
+        "form k not int",
+        "/search",
+        {"files": _image(_png(8)), "data": {"k": "many"}},
+        422,
+        "validation_error",
+    ),
+    (
+        "malformed json",
+        "/search",
+        {"content": b'{"text": "red', "headers": {"content-type": "application/json"}},
+        422,
+        "validation_error",
+    ),
+    (
+        "unsupported type",
+        "/search",
+        {"content": b"red circle", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
+    ("no content type", "/search", {"content": b"red circle"}, 415, "unsupported_media_type"),
+    ("classify json", "/classify", {"json": {"labels": LABELS}}, 415, "unsupported_media_type"),
+    ("multipart no image", "/search", {"files": {"k": (None, "3")}}, 422, "validation_error"),
+    (
+        "multipart no boundary",
+        "/search",
+        {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "bad_request",
+    ),
+    (
+        "upload over limit",
+        "/search",
+        {"files": _image(b"\xff" * (MAX_UPLOAD_BYTES + 1))},
+        413,
+        "too_large",
+    ),
+    ("body far over limit", "/search", {"files": _image(b"\xff" * (4 << 20))}, 413, "too_large"),
+    (
+        "chunked over limit",
+        "/search",
+        {
+            "content": ChunkedMultipart(4 << 20),
+            "headers": {"content-type": "multipart/form-data; boundary=b"},
+        },
+        413,
+        "too_large",
+    ),
+    ("too many pixels", "/search", {"files": _image(_png(200))}, 413, "image_too_large"),
+    ("no labels", "/classify", {"files": _image(_png(8))}, 422, "validation_error"),
+    (
+        "blank labels",
+        "/classify",
+        {"files": _image(_png(8)), "data": {"labels": " , "}},
+        422,
+        "validation_error",
+    ),
+    (
+        "too many labels",
+        "/classify",
+        {"files": _image(_png(8)), "data": {"labels": [f"l{i}" for i in range(MAX_LABELS + 1)]}},
+        422,
+        "validation_error",
+    ),
+    (
+        "template without {}",
+        "/classify",
+        {"files": _image(_png(8)), "data": {"labels": LABELS, "templates": ["a photo"]}},
+        422,
+        "validation_error",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "status", "type_"),
+    [case[1:] for case in BAD_REQUESTS],
+    ids=[case[0] for case in BAD_REQUESTS],
+)
+def test_bad_request_gets_envelope(
+    client: TestClient, path: str, kwargs: dict[str, Any], status: int, type_: str
+) -> None:
+    _assert_envelope(client.post(path, **kwargs), status, type_)
+
+
+def test_limits_are_named_in_messages(client: TestClient) -> None:
+    body = client.post("/search", json={"text": "red", "k": MAX_K + 1}).json()
+    assert f"at most {MAX_K}" in body["error"]
+    files = _image(_png(8))
+    body = client.post("/classify", files=files, data={"labels": LABELS, "templates": ["x"]}).json()
+    assert "{}" in body["error"]
+
+
+def test_routing_errors_get_envelope(client: TestClient) -> None:
+    _assert_envelope(client.get("/nowhere"), 404, "not_found")
+    _assert_envelope(client.get("/search"), 405, "method_not_allowed")
+
+
+def test_unexpected_error_is_generic_500(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    body = _assert_envelope(TestClient(app).get("/boom"), 500, "internal_error")
+    assert "secret" not in body["error"]
+
+
+def test_still_serves_after_bad_requests(client: TestClient, samples: list[RawSample]) -> None:
+    for case in BAD_REQUESTS:
+        client.post(case[1], **case[2])
+    response = client.post("/search", json={"text": "red circle", "k": 3})
+    assert response.status_code == 200 and len(response.json()["results"]) == 3
+    response = client.post("/search", files=_image(samples[5].image))
+    assert response.json()["results"][0]["key"] == samples[5].key
