@@ -1,1 +1,1 @@
-"""Shared by train/ and serve/: config primitives, model building, preprocessing, the model artifact."""
+"""Shared by train/ and serve/: config primitives, models, preprocessing, the model artifact."""

@@ -5,8 +5,8 @@ An artifact is a directory:
     open_clip_model.safetensors   the open_clip state dict (no wrapper prefixes)
     open_clip_config.json         {"model_cfg": ..., "preprocess_cfg": ...}: open_clip's own layout,
                                   so `open_clip.create_model_and_transforms("local-dir:DIR")` works
-    model_configs/NAME.json       the bare model config, for `open_clip.add_model_config(...)` then
-                                  `create_model_and_transforms(NAME, pretrained=DIR/open_clip_model.safetensors)`
+    model_configs/NAME.json       the bare model config: `open_clip.add_model_config(...)`, then
+                                  `create_model_and_transforms(NAME, pretrained=DIR/WEIGHTS)`
     duet_artifact.json            our manifest: format version, model name, embed dim, tokenizer
                                   context length, provenance (training step, config)
 
@@ -68,7 +68,9 @@ def write_artifact(model: DualEncoder, out_dir: str | Path, *, provenance: dict[
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         preprocess = preprocess_dict(preprocess_config(model.clip))
-        _write_json(tmp / OPEN_CLIP_CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess})
+        _write_json(
+            tmp / OPEN_CLIP_CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+        )
         (tmp / MODEL_CONFIG_DIR).mkdir()
         _write_json(tmp / MODEL_CONFIG_DIR / f"{model.name}.json", model_cfg)
         manifest = {

@@ -47,7 +47,9 @@ def parse_value(text: str, tp: Any, *, path: str) -> Any:
         if origin in (tuple, list):
             item_tp = typing.get_args(inner)[0] if typing.get_args(inner) else str
             raw = json.loads(text) if text.strip().startswith("[") else text.split(",")
-            items = [parse_value(str(item).strip(), item_tp, path=path) for item in raw if str(item)]
+            items = [
+                parse_value(str(item).strip(), item_tp, path=path) for item in raw if str(item)
+            ]
             return tuple(items) if origin is tuple else items
     except ValueError as exc:
         raise ValueError(f"cannot set {path}={text!r}: {exc}") from None

@@ -1,4 +1,4 @@
-"""Shard lists and raw samples in the webdataset / img2dataset layout (KEY.jpg + KEY.txt [+ KEY.json]).
+"""Shard lists and raw samples in the webdataset/img2dataset layout (KEY.jpg + KEY.txt [+ .json]).
 
 Shared by the trainer's pipeline and the index builder, so both read shards the same way and
 skip the same bad samples for the same, counted, reasons.

@@ -25,16 +25,27 @@ from train.config import RECIPES, TrainConfig
 
 def parse_args(argv: Sequence[str] | None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(
-        prog="python -m train", description=__doc__,
+        prog="python -m train",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--recipe", default="default", choices=sorted(RECIPES))
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="a.b=v", help="override a config field (repeatable)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in run_dir, if any")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as JSON and exit")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="a.b=v",
+        help="override a config field (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in run_dir, if any",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as JSON and exit"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = apply_overrides(RECIPES[args.recipe](), args.overrides)

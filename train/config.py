@@ -70,7 +70,7 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate, reached after warmup_steps."""
     weight_decay: float = 0.1
-    """AdamW decay for weight matrices; biases, norms, embeddings' scale and the temperature get 0."""
+    """AdamW decay for weight matrices; biases, norm parameters and the temperature get none."""
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -82,7 +82,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _require(
+            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)"
+        )
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0")
 

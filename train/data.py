@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 class Batch:
     images: torch.Tensor  # [B, 3, H, W]
     tokens: torch.Tensor  # [B, L]
-    skipped: dict[str, int]  # samples skipped (by reason) by this batch's worker since its last batch
+    skipped: dict[
+        str, int
+    ]  # samples skipped (by reason) by this batch's worker since its last batch
 
 
 def shuffled_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
@@ -152,12 +154,23 @@ class TrainBatches:
 
     def _loader(self) -> DataLoader:
         pipeline = epoch_pipeline(
-            self.cfg, self.urls, self.transform, self.tokenize, seed=self.seed,
-            epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+            self.cfg,
+            self.urls,
+            self.transform,
+            self.tokenize,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
         )
         workers = self.cfg.workers
-        return DataLoader(pipeline, batch_size=None, num_workers=workers,
-                          prefetch_factor=4 if workers else None, pin_memory=False)
+        return DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            pin_memory=False,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

@@ -81,7 +81,9 @@ def embed_shards(
     """Embed every usable sample of `spec`, in order, in batches of `batch_size`."""
     device = next(model.parameters()).device
     skipped: Counter[str] = Counter()
-    images, texts, labels = [], [], []
+    images: list[torch.Tensor] = []
+    texts: list[torch.Tensor] = []
+    labels: list[int] = []
     batch: list[tuple[torch.Tensor, str, int]] = []
 
     def flush() -> None:
@@ -158,8 +160,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     loaded = load_artifact(args.model)
-    metrics = evaluate(loaded.model, loaded.transform, loaded.tokenize, args.data,
-                       zeroshot_file=args.zeroshot, batch_size=args.batch_size)
+    metrics = evaluate(
+        loaded.model,
+        loaded.transform,
+        loaded.tokenize,
+        args.data,
+        zeroshot_file=args.zeroshot,
+        batch_size=args.batch_size,
+    )
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -30,4 +30,6 @@ def clip_loss(
     labels = torch.arange(image_features.shape[0], device=image_features.device) + row_offset
     logits_per_image = scale * image_features @ all_text_features.T  # [n, N]
     logits_per_text = scale * text_features @ all_image_features.T  # [n, N]
-    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    return 0.5 * (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    )

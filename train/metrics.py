@@ -21,7 +21,8 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
+        # line-buffered, kept open for the run (closed in close())
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -30,8 +31,11 @@ class MetricsLogger:
     def log(self, step: int, values: dict[str, Any], *, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3), **{f"{prefix}/{k}": v
-                                                                  for k, v in values.items()}}
+        record = {
+            "step": step,
+            "time": round(time.time(), 3),
+            **{f"{prefix}/{k}": v for k, v in values.items()},
+        }
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         if self._writer is not None:

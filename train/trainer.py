@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW; biases, norm parameters and the temperature (all < 2-D) get no weight decay."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -51,8 +52,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     ]
     # The fused kernel is one pass over all parameters (CPU and CUDA): ~15x faster than
     # the per-tensor loop for the small models trained on CPU here.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=True)
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -77,7 +79,9 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model: DualEncoder = build_model(
-            cfg.model.name, pretrained=cfg.model.pretrained or None, device=self.dist.device,
+            cfg.model.name,
+            pretrained=cfg.model.pretrained or None,
+            device=self.dist.device,
             init_logit_scale=cfg.init_logit_scale,
         )
         self.model.train()
@@ -93,11 +97,17 @@ class Trainer:
         self.eval_transform = image_transform(preprocess, train=False)
         self.tokenize = tokenizer(cfg.model.name)
         self.batches = TrainBatches(
-            cfg.data, image_transform(preprocess, train=True), self.tokenize, seed=cfg.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size, start_epoch=self.data_epoch,
+            cfg.data,
+            image_transform(preprocess, train=True),
+            self.tokenize,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            start_epoch=self.data_epoch,
         )
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.dist.is_main,
-                                     tensorboard=cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard
+        )
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -109,12 +119,25 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Train to cfg.steps (from the restored step), save, export, evaluate; return eval."""
         cfg = self.cfg
-        log.info("world size %d, global batch %d (%d per rank), steps %d -> %d, device %s",
-                 self.dist.world_size, self.global_batch, cfg.data.batch_size_per_rank,
-                 self.step, cfg.steps, self.dist.device)
+        log.info(
+            "world size %d, global batch %d (%d per rank), steps %d -> %d, device %s",
+            self.dist.world_size,
+            self.global_batch,
+            cfg.data.batch_size_per_rank,
+            self.step,
+            cfg.steps,
+            self.dist.device,
+        )
+        if self.step >= cfg.steps:
+            log.info("the run is already at step %d of %d: nothing to train", self.step, cfg.steps)
         data: Iterator[Batch] = iter(self.batches)
-        progress = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                        disable=not (self.dist.is_main and cfg.logging.progress))
+        progress = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.dist.is_main and cfg.logging.progress),
+        )
         window_start, window_steps = time.perf_counter(), 0
         while self.step < cfg.steps:
             batch = next(data)
@@ -126,8 +149,9 @@ class Trainer:
             if self.step % cfg.logging.every_steps == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - window_start
                 stats = self._log_train(loss, window_steps * self.global_batch / elapsed)
-                progress.set_postfix(loss=f"{stats['loss']:.3f}",
-                                     samples_per_s=f"{stats['samples_per_s']:.0f}")
+                progress.set_postfix(
+                    loss=f"{stats['loss']:.3f}", samples_per_s=f"{stats['samples_per_s']:.0f}"
+                )
                 window_start, window_steps = time.perf_counter(), 0
             if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.steps:
                 self.save()
@@ -141,12 +165,15 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the global mean loss (detached)."""
         device = self.dist.device
-        loss = contrastive_loss(self.ddp, batch.images.to(device), batch.tokens.to(device),
-                                self.dist)
+        loss = contrastive_loss(
+            self.ddp, batch.images.to(device), batch.tokens.to(device), self.dist
+        )
         global_loss = mean_over_ranks(loss.detach(), self.dist)
         if not torch.isfinite(global_loss):
             # every rank sees the same global value, so all stop together instead of hanging
-            raise FloatingPointError(f"non-finite loss {global_loss.item()} at step {self.step + 1}")
+            raise FloatingPointError(
+                f"non-finite loss {global_loss.item()} at step {self.step + 1}"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.optim.grad_clip_norm > 0:
@@ -177,8 +204,12 @@ class Trainer:
         }
         stats.update({f"skipped/{reason}": n for reason, n in skipped.items() if n})
         if stats["skipped_samples"]:
-            log.info("step %d: %d samples skipped so far %s", self.step,
-                     stats["skipped_samples"], {k: v for k, v in skipped.items() if v})
+            log.info(
+                "step %d: %d samples skipped so far %s",
+                self.step,
+                stats["skipped_samples"],
+                {k: v for k, v in skipped.items() if v},
+            )
         self.metrics.log(self.step, stats)
         return stats
 
@@ -196,9 +227,11 @@ class Trainer:
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint; the others wait so no rank runs ahead of a save."""
-        if self.dist.is_main:
-            path = checkpoint.save_checkpoint(self.ckpt_dir, self.step, self.state_dict(),
-                                              self.cfg.checkpoint.keep_last)
+        done = checkpoint.checkpoint_path(self.ckpt_dir, self.step).exists()  # e.g. resumed at end
+        if self.dist.is_main and not done:
+            path = checkpoint.save_checkpoint(
+                self.ckpt_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last
+            )
             log.info("saved checkpoint %s", path)
         self._barrier()
 
@@ -210,8 +243,9 @@ class Trainer:
         state, path = found
         saved = from_dict(TrainConfig, state["config"])
         if saved.model.name != self.cfg.model.name:
-            raise ValueError(f"{path} is a {saved.model.name} checkpoint, the config says "
-                             f"{self.cfg.model.name}")
+            raise ValueError(
+                f"{path} is a {saved.model.name} checkpoint, the config says {self.cfg.model.name}"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -226,8 +260,11 @@ class Trainer:
         """Rank 0 writes the inference artifact to RUN_DIR/artifact."""
         out = None
         if self.dist.is_main:
-            out = checkpoint.export_model(self.model, self.run_dir / "artifact",
-                                          {"step": self.step, "config": to_dict(self.cfg)})
+            out = checkpoint.export_model(
+                self.model,
+                self.run_dir / "artifact",
+                {"step": self.step, "config": to_dict(self.cfg)},
+            )
         self._barrier()
         return out
 
@@ -237,13 +274,23 @@ class Trainer:
         results: dict[str, float] = {}
         if self.dist.is_main and data.val_shards:
             start = time.perf_counter()
-            results = evaluate(self.model, self.eval_transform, self.tokenize, data.val_shards,
-                               zeroshot_file=data.zeroshot_file, ks=self.cfg.eval.recall_at,
-                               batch_size=self.cfg.eval.batch_size)
+            results = evaluate(
+                self.model,
+                self.eval_transform,
+                self.tokenize,
+                data.val_shards,
+                zeroshot_file=data.zeroshot_file,
+                ks=self.cfg.eval.recall_at,
+                batch_size=self.cfg.eval.batch_size,
+            )
             results["step"] = self.step
             self.metrics.log(self.step, results, prefix="eval")
-            log.info("eval at step %d (%.1fs): %s", self.step, time.perf_counter() - start,
-                     {k: round(v, 4) for k, v in results.items()})
+            log.info(
+                "eval at step %d (%.1fs): %s",
+                self.step,
+                time.perf_counter() - start,
+                {k: round(v, 4) for k, v in results.items()},
+            )
             if final:
                 (self.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
         self._barrier()

@@ -1,4 +1,4 @@
-"""The model artifact loads in open_clip itself with identical embeddings; bad inputs fail clearly."""
+"""The artifact loads in open_clip itself with identical embeddings; bad inputs fail clearly."""
 
 import io
 
@@ -36,7 +36,8 @@ def test_open_clip_loads_the_artifact_with_identical_embeddings(exported):
     # the contract: register the config, then open_clip's own loader with pretrained=<file>
     open_clip.add_model_config(out / "model_configs" / "duet-micro.json")
     clip, _, preprocess = open_clip.create_model_and_transforms(
-        "duet-micro", pretrained=str(out / WEIGHTS_FILE))
+        "duet-micro", pretrained=str(out / WEIGHTS_FILE)
+    )
     clip.eval()
     tok = open_clip.get_tokenizer("duet-micro")
     with torch.no_grad():

@@ -8,24 +8,34 @@ from train.config import RECIPES, TrainConfig
 
 
 def test_overrides_parse_each_field_type():
-    cfg = apply_overrides(TrainConfig(), [
-        "steps=12", "optim.lr=3e-4", "logging.progress=false", "eval.recall_at=1,3",
-        "model.name=duet-micro", "data.train_shards=a/{0..3}.tar::b.tar",
-    ])
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "steps=12",
+            "optim.lr=3e-4",
+            "logging.progress=false",
+            "eval.recall_at=1,3",
+            "model.name=duet-micro",
+            "data.train_shards=a/{0..3}.tar::b.tar",
+        ],
+    )
     assert cfg.steps == 12 and cfg.optim.lr == 3e-4 and cfg.logging.progress is False
     assert cfg.eval.recall_at == (1, 3) and cfg.model.name == "duet-micro"
     assert cfg.data.train_shards == "a/{0..3}.tar::b.tar"  # only the first '=' splits
 
 
-@pytest.mark.parametrize("assignment, message", [
-    ("optim.lrr=1", "unknown config field 'optim.lrr': optim has beta1"),
-    ("steps=many", "cannot set steps='many'"),
-    ("logging.progress=maybe", "expected a boolean"),
-    ("optim=1", "'optim' is a section"),
-    ("steps", "must look like section.field=value"),
-    ("steps=0", "steps: must be >= 1"),
-    ("data.batch_size_per_rank=0", "data.batch_size_per_rank: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("optim.lrr=1", "unknown config field 'optim.lrr': optim has beta1"),
+        ("steps=many", "cannot set steps='many'"),
+        ("logging.progress=maybe", "expected a boolean"),
+        ("optim=1", "'optim' is a section"),
+        ("steps", "must look like section.field=value"),
+        ("steps=0", "steps: must be >= 1"),
+        ("data.batch_size_per_rank=0", "data.batch_size_per_rank: must be >= 1"),
+    ],
+)
 def test_bad_overrides_name_the_field(assignment, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         apply_overrides(TrainConfig(), [assignment])

@@ -1,4 +1,4 @@
-"""Data stages: shard lists, splits, the end-of-shard marker, and bad samples skipped and counted."""
+"""Data stages: shard lists, splits, the end-of-shard marker, bad samples skipped and counted."""
 
 import io
 import tarfile
@@ -6,11 +6,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from open_clip.transform import PreprocessCfg
 from PIL import Image
 
 from common.preprocess import image_transform, tokenizer
 from common.shards import expand_urls, iter_shards, raw_samples
-from open_clip.transform import PreprocessCfg
 from train.config import DataConfig
 from train.data import TrainBatches, epoch_pipeline, shuffled_shards, split_by_rank
 
@@ -44,17 +44,20 @@ def good(key: str) -> dict:
 @pytest.fixture
 def shard_with_bad_samples(tmp_path: Path) -> Path:
     # each bad sample is followed by a good one, so its count rides on a batch
-    return write_shard(tmp_path / "bad.tar", [
-        good("000"),
-        {"__key__": "001", "jpg": b"\xff\xd8 this is not a jpeg", "txt": b"broken image"},
-        good("002"),
-        {"__key__": "003", "jpg": jpeg((0, 0, 255))},  # no caption
-        good("004"),
-        {"__key__": "005", "jpg": jpeg((0, 255, 0)), "txt": b"   "},  # empty caption
-        good("006"),
-        {"__key__": "007", "txt": b"a caption without image"},
-        good("008"),
-    ])
+    return write_shard(
+        tmp_path / "bad.tar",
+        [
+            good("000"),
+            {"__key__": "001", "jpg": b"\xff\xd8 this is not a jpeg", "txt": b"broken image"},
+            good("002"),
+            {"__key__": "003", "jpg": jpeg((0, 0, 255))},  # no caption
+            good("004"),
+            {"__key__": "005", "jpg": jpeg((0, 255, 0)), "txt": b"   "},  # empty caption
+            good("006"),
+            {"__key__": "007", "txt": b"a caption without image"},
+            good("008"),
+        ],
+    )
 
 
 def test_expand_urls_braces_and_several_sources(tmp_path):
@@ -89,23 +92,41 @@ def test_end_of_shard_markers_do_not_end_or_break_the_stream(tmp_path):
 
 
 def test_bad_samples_are_skipped_and_counted(shard_with_bad_samples):
-    cfg = DataConfig(train_shards=str(shard_with_bad_samples), batch_size_per_rank=1,
-                     workers=0, shuffle_buffer=0)
-    pipeline = epoch_pipeline(cfg, [str(shard_with_bad_samples)], TRANSFORM, TOKENIZE,
-                              seed=0, epoch=0, rank=0, world_size=1)
+    cfg = DataConfig(
+        train_shards=str(shard_with_bad_samples), batch_size_per_rank=1, workers=0, shuffle_buffer=0
+    )
+    pipeline = epoch_pipeline(
+        cfg,
+        [str(shard_with_bad_samples)],
+        TRANSFORM,
+        TOKENIZE,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+    )
     batches = list(pipeline)
     assert len(batches) == 5
     assert batches[0].images.shape == (1, 3, 32, 32) and batches[0].tokens.shape == (1, 20)
     total = sum((Counter(b.skipped) for b in batches), Counter())
-    assert total == {"corrupt_image": 1, "missing_caption": 1, "empty_caption": 1,
-                     "missing_image": 1}
+    assert total == {
+        "corrupt_image": 1,
+        "missing_caption": 1,
+        "empty_caption": 1,
+        "missing_image": 1,
+    }
 
 
 def test_counts_come_back_from_worker_processes(tmp_path, shard_with_bad_samples):
-    second = write_shard(tmp_path / "bad2.tar", [
-        {"__key__": "x", "jpg": b"not an image", "txt": b"x"}, good("y")])
-    cfg = DataConfig(train_shards=f"{shard_with_bad_samples}::{second}", batch_size_per_rank=1,
-                     workers=2, shuffle_buffer=0)
+    second = write_shard(
+        tmp_path / "bad2.tar", [{"__key__": "x", "jpg": b"not an image", "txt": b"x"}, good("y")]
+    )
+    cfg = DataConfig(
+        train_shards=f"{shard_with_bad_samples}::{second}",
+        batch_size_per_rank=1,
+        workers=2,
+        shuffle_buffer=0,
+    )
     stream = iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1))
     batches = [next(stream) for _ in range(6)]  # one epoch: 5 + 1 good samples
     total = sum((Counter(b.skipped) for b in batches), Counter())

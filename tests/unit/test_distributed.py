@@ -1,4 +1,4 @@
-"""Two gloo processes with DDP apply exactly the gradient of the one-process loss on the global batch."""
+"""Two gloo processes with DDP apply exactly the one-process gradient of the global batch."""
 
 import os
 import socket
@@ -21,8 +21,9 @@ def global_batch():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(WORLD * PER_RANK, 3, 32, 32, generator=g)
     words = ["red", "green", "blue", "circle", "square", "star", "small", "large", "top", "left"]
-    captions = [" ".join(words[(i * 3 + j) % len(words)] for j in range(3))
-                for i in range(WORLD * PER_RANK)]
+    captions = [
+        " ".join(words[(i * 3 + j) % len(words)] for j in range(3)) for i in range(WORLD * PER_RANK)
+    ]
     return images, tokenizer("duet-micro")(captions)
 
 

@@ -8,11 +8,13 @@ from train.evaluate import load_zeroshot, recall_at_k, retrieval_metrics, topk_a
 
 def test_recall_at_k_on_a_hand_built_matrix():
     # row i's match is column i; its rank: row0 -> 0, row1 -> 2, row2 -> 1
-    sim = torch.tensor([
-        [0.9, 0.1, 0.2],
-        [0.8, 0.3, 0.7],
-        [0.1, 0.9, 0.5],
-    ])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.2],
+            [0.8, 0.3, 0.7],
+            [0.1, 0.9, 0.5],
+        ]
+    )
     assert recall_at_k(sim, 1) == pytest.approx(1 / 3)
     assert recall_at_k(sim, 2) == pytest.approx(2 / 3)
     assert recall_at_k(sim, 3) == pytest.approx(1.0)

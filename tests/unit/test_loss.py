@@ -62,6 +62,15 @@ def test_rank_losses_average_to_the_global_loss():
     images, texts = unit(8, 4, 5), unit(8, 4, 6)
     scale = torch.tensor(1.5, dtype=torch.float64)
     full = clip_loss(images, texts, images, texts, scale)
-    parts = [clip_loss(images[r * 4:(r + 1) * 4], texts[r * 4:(r + 1) * 4], images, texts, scale,
-                       row_offset=r * 4) for r in range(2)]
+    parts = [
+        clip_loss(
+            images[r * 4 : (r + 1) * 4],
+            texts[r * 4 : (r + 1) * 4],
+            images,
+            texts,
+            scale,
+            row_offset=r * 4,
+        )
+        for r in range(2)
+    ]
     assert_close((parts[0] + parts[1]) / 2, full)
