@@ -76,6 +76,12 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {size} {shape} in {color}, {at}",
     "{color} {shape} {at}, {size}",
     "the {shape} is {color} and {size}, {where}",
+    # Less detailed captions, as web captions often are: they teach the model that "a red
+    # circle" means every red circle, whatever its size and position.
+    "{a_color} {color} {shape}",
+    "{color} {shape}",
+    "{a_color} {color} {shape} {where}",
+    "a {size} {color} {shape}",
 )
 ZEROSHOT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
