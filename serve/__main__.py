@@ -1,6 +1,6 @@
 """`python -m serve`: run the retrieval service with uvicorn (settings from DUET_* env and flags).
 
-DUET_ARTIFACT_DIR=runs/demo/model DUET_INDEX_DIR=runs/demo/index python -m serve --port 8000
+DUET_ARTIFACT_DIR=runs/demo/artifact DUET_INDEX_DIR=runs/demo/index python -m serve --port 8000
 """
 
 from __future__ import annotations

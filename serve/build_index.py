@@ -1,6 +1,6 @@
 """`python -m serve.build_index`: embed the images of a shard set and write a search index.
 
-    python -m serve.build_index --model runs/demo/model \
+    python -m serve.build_index --model runs/demo/artifact \
         --data 'data/synth/val/shard-{000000..000001}.tar' --out runs/demo/index \
         [--batch-size 256] [--device cpu]
 
