@@ -1,17 +1,25 @@
-"""Copy the first image of a shard to a file, as the /classify example of `make demo`."""
+"""Copy the first "red circle" image of a shard to a file: the /classify example of `make demo`."""
 
+import json
 import sys
 import tarfile
 
 
-def main(shard: str, out: str) -> None:
+def main(shard: str, out: str, classname: str = "red circle") -> None:
     with tarfile.open(shard) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
-        data = tar.extractfile(member)
-        assert data is not None
-        with open(out, "wb") as f:
-            f.write(data.read())
-    print(f"example image for /classify: {out} (sample {member.name})")
+        members = {m.name: m for m in tar.getmembers()}
+        for name, member in members.items():
+            if not name.endswith(".json"):
+                continue
+            meta = json.load(tar.extractfile(member))  # type: ignore[arg-type]
+            if meta.get("classname") == classname:
+                image = tar.extractfile(members[name.removesuffix(".json") + ".jpg"])
+                assert image is not None
+                with open(out, "wb") as f:
+                    f.write(image.read())
+                print(f"example image for /classify: {out} (a {classname}, sample {meta['key']})")
+                return
+    raise SystemExit(f"no {classname!r} sample in {shard}")
 
 
 if __name__ == "__main__":
