@@ -76,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging()
     from train.trainer import Trainer  # heavy imports after argument errors are reported
 
-    trainer = Trainer(cfg, resume=resume)
+    try:
+        trainer = Trainer(cfg, resume=resume)
+    except (ValueError, FileNotFoundError) as exc:  # bad config, data or weights: no traceback
+        logging.getLogger("train").error("cannot start training: %s", exc)
+        sys.exit(2)
     try:
         trainer.train()
     finally:

@@ -55,3 +55,21 @@ def test_cli_reports_bad_overrides_as_usage_errors(capsys):
     assert "optim.lr: must be > 0" in capsys.readouterr().err
     cfg, resume = parse_args(["--recipe", "demo", "--set", "steps=5", "--resume"])
     assert cfg.steps == 5 and resume and cfg.run_dir == "runs/demo"
+
+
+def test_training_with_missing_shards_exits_with_a_message(tmp_path, caplog):
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "--recipe",
+                "smoke",
+                "--set",
+                f"run_dir={tmp_path}",
+                "--set",
+                f"data.train_shards={tmp_path}/nope-{{0..3}}.tar",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "4 of 4 shards not found" in caplog.text
