@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from common.model import build_model
 from train.config import OptimConfig
@@ -36,3 +37,12 @@ def test_warmup_then_cosine_to_zero():
     assert all(factor(s) >= factor(s + 1) for s in range(10, 110))
     assert warmup_cosine(0, 100)(0) == pytest.approx(1.0)
     assert warmup_cosine(0, 100)(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_temperature_is_clamped_to_the_maximum_scale():
+    model = build_model("duet-micro")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    model.clamp_logit_scale(100.0)
+    assert model.logit_scale.exp().item() == pytest.approx(100.0)
+    assert model.logit_scale.requires_grad
