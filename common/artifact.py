@@ -64,6 +64,7 @@ def write_artifact(model: DualEncoder, out_dir: str | Path, *, provenance: dict[
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model_cfg = model_config(model.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a service running as another user
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))

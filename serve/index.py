@@ -78,6 +78,7 @@ def write_index(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a service running as another user
     try:
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)

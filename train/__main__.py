@@ -1,4 +1,4 @@
-"""Train a CLIP model.
+r"""Train a CLIP model.
 
 One process (CPU or one GPU):
     python -m train --recipe smoke

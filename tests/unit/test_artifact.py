@@ -55,6 +55,7 @@ def test_local_dir_loading_and_manifest(exported):
     _, out = exported
     clip = open_clip.create_model(f"local-dir:{out}")
     assert isinstance(clip, open_clip.CLIP)
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by a service running as another user
     manifest = read_manifest(out)
     assert manifest["model_name"] == "duet-micro" and manifest["embed_dim"] == 64
     assert manifest["provenance"] == {"step": 3}
