@@ -74,12 +74,14 @@ class DualEncoder(nn.Module):
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image and text embeddings plus the log logit scale.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Image and text embeddings, the log logit scale, and the logit bias (None if none).
 
-        The scale is returned from forward (not read off the module) so that DDP sees it used.
+        Scale and bias are returned from forward (not read off the module) so that DDP sees them
+        used. Only models built with `init_logit_bias` (SigLIP training) have a bias.
         """
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale
+        bias = getattr(self.clip, "logit_bias", None)
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale, bias
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float) -> None:
@@ -93,16 +95,20 @@ def build_model(
     pretrained: str | Path | None = None,
     device: str | torch.device = "cpu",
     init_logit_scale: float | None = None,
+    init_logit_bias: float | None = None,
 ) -> DualEncoder:
     """Create model `name` with random weights, or weights from a local file `pretrained`.
 
     Nothing is ever downloaded: a `pretrained` that is not an existing file is an error, and the
-    towers' own base weights (timm / Hugging Face) are not fetched.
+    towers' own base weights (timm / Hugging Face) are not fetched. `init_logit_bias` gives the
+    model open_clip's learned `logit_bias` (SigLIP); without it the model has none.
     """
     cfg = model_config(name)  # validates the name with a helpful message
     kwargs: dict[str, Any] = {}
     if init_logit_scale is not None:
         kwargs["init_logit_scale"] = init_logit_scale
+    if init_logit_bias is not None:
+        kwargs["init_logit_bias"] = init_logit_bias
     if pretrained is not None and not Path(pretrained).is_file():
         raise FileNotFoundError(
             f"pretrained weights {str(pretrained)!r} not found: give a local file "

@@ -53,16 +53,72 @@ class ModelConfig:
         _require(bool(self.name), "model.name", "must be set")
 
 
+LOSS_KINDS = ("clip", "nt_xent", "siglip", "debiased", "hard_negative", "multi_positive")
+LOSS_IMPLEMENTATIONS = ("tiled", "plain")
+
+
 @dataclass(kw_only=True, slots=True)
 class LossConfig:
+    kind: str = "clip"
+    """clip: symmetric InfoNCE (CLIP); nt_xent: SimCLR's NT-Xent over the 2N embeddings;
+    siglip: pairwise sigmoid (SigLIP); debiased: Chuang et al. 2020; hard_negative: Robinson et
+    al. 2021; multi_positive: SupCon-style, samples with identical captions are positives."""
+    implementation: str = "tiled"
+    """tiled: blockwise, O(N x D) memory, exact (bench/loss.py: as fast as plain or faster);
+    plain: materialises the [n, N] logit matrix (the reference)."""
+    block_size: int = 2048
+    """Rows (and columns) per block of the tiled loss: four block_size^2 buffers live at once."""
     init_temperature: float = 0.07
     """Initial temperature; the learned logit scale starts at log(1/init_temperature)."""
     max_logit_scale: float = 100.0
     """exp(logit_scale) is clamped to this after each step, as in CLIP."""
+    siglip_init_temperature: float = 0.1
+    """SigLIP's initial temperature (kind=siglip): logit scale log(10), as in Zhai et al. 2023."""
+    siglip_init_logit_bias: float = -10.0
+    """SigLIP's initial learned logit bias (kind=siglip); the other kinds have no bias."""
+    debiased_tau_plus: float = 0.1
+    """Class prior tau+ of debiased and hard_negative: the chance that a negative is a positive."""
+    hard_negative_beta: float = 1.0
+    """Concentration beta of hard_negative: negatives are reweighted by exp(beta * logit)."""
 
     def __post_init__(self) -> None:
-        _require(0 < self.init_temperature <= 1, "loss.init_temperature", "must be in (0, 1]")
+        _require(self.kind in LOSS_KINDS, "loss.kind", f"must be one of {', '.join(LOSS_KINDS)}")
+        _require(
+            self.implementation in LOSS_IMPLEMENTATIONS,
+            "loss.implementation",
+            f"must be one of {', '.join(LOSS_IMPLEMENTATIONS)}",
+        )
+        _require(self.block_size >= 1, "loss.block_size", "must be >= 1")
         _require(self.max_logit_scale >= 1, "loss.max_logit_scale", "must be >= 1")
+        for name in ("init_temperature", "siglip_init_temperature"):
+            _require(
+                1 / self.max_logit_scale <= getattr(self, name) <= 1,
+                f"loss.{name}",
+                "must be in [1/max_logit_scale, 1]",
+            )
+        _require(
+            math.isfinite(self.siglip_init_logit_bias),
+            "loss.siglip_init_logit_bias",
+            "must be finite",
+        )
+        _require(0 <= self.debiased_tau_plus < 1, "loss.debiased_tau_plus", "must be in [0, 1)")
+        # beta = 0 is the debiased loss; > 0 keeps every logit multiplier of the tiled LSE positive
+        _require(
+            0 < self.hard_negative_beta < 100, "loss.hard_negative_beta", "must be in (0, 100)"
+        )
+
+    @property
+    def init_logit_scale(self) -> float:
+        """log(1/temperature) the model starts from: SigLIP's own for kind=siglip."""
+        temperature = (
+            self.siglip_init_temperature if self.kind == "siglip" else self.init_temperature
+        )
+        return math.log(1 / temperature)
+
+    @property
+    def init_logit_bias(self) -> float | None:
+        """The learned bias's initial value for kind=siglip; None (no bias) for the others."""
+        return self.siglip_init_logit_bias if self.kind == "siglip" else None
 
 
 @dataclass(kw_only=True, slots=True)
@@ -152,7 +208,7 @@ class TrainConfig:
 
     @property
     def init_logit_scale(self) -> float:
-        return math.log(1 / self.loss.init_temperature)
+        return self.loss.init_logit_scale
 
 
 def default() -> TrainConfig:

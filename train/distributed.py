@@ -13,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from train.loss import clip_loss
+from train.config import LossConfig
+from train.loss import caption_labels, rank_loss
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +103,38 @@ def gather_with_grad(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def gather(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """[n, ...] on each rank -> [W*n, ...] in rank order, without gradient (e.g. token ids)."""
+    if not info.enabled:
+        return x
+    out = x.new_empty((info.world_size * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
+
+
 def contrastive_loss(
-    model: nn.Module, images: torch.Tensor, tokens: torch.Tensor, info: DistInfo
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    info: DistInfo,
+    cfg: LossConfig,
 ) -> torch.Tensor:
-    """Forward both towers through (possibly DDP-wrapped) `model` and return this rank's loss."""
-    image_features, text_features, logit_scale = model(images, tokens)
-    all_images = gather_with_grad(image_features, info)
-    all_texts = gather_with_grad(text_features, info)
-    return clip_loss(
-        image_features,
-        text_features,
-        all_images,
-        all_texts,
+    """Forward both towers through (possibly DDP-wrapped) `model`; return this rank's loss.
+
+    The loss of kind cfg.kind sees the gathered global batch and owns the rows of this rank's
+    samples; multi_positive also gets the global batch's caption labels (equal token ids).
+    """
+    image_features, text_features, logit_scale, logit_bias = model(images, tokens)
+    n = image_features.shape[0]
+    labels = caption_labels(gather(tokens, info)) if cfg.kind == "multi_positive" else None
+    return rank_loss(
+        cfg,
+        gather_with_grad(image_features, info),
+        gather_with_grad(text_features, info),
         logit_scale,
-        row_offset=info.rank * image_features.shape[0],
+        logit_bias,
+        rows=slice(info.rank * n, (info.rank + 1) * n),
+        labels=labels,
     )
 
 

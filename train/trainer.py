@@ -82,7 +82,8 @@ class Trainer:
             cfg.model.name,
             pretrained=cfg.model.pretrained or None,
             device=self.dist.device,
-            init_logit_scale=cfg.init_logit_scale,
+            init_logit_scale=cfg.loss.init_logit_scale,
+            init_logit_bias=cfg.loss.init_logit_bias,  # SigLIP's learned bias; None otherwise
         )
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -166,7 +167,7 @@ class Trainer:
         """One optimizer step on this rank's batch; returns the global mean loss (detached)."""
         device = self.dist.device
         loss = contrastive_loss(
-            self.ddp, batch.images.to(device), batch.tokens.to(device), self.dist
+            self.ddp, batch.images.to(device), batch.tokens.to(device), self.dist, self.cfg.loss
         )
         global_loss = mean_over_ranks(loss.detach(), self.dist)
         if not torch.isfinite(global_loss):

@@ -1,16 +1,33 @@
-"""The CLIP loss against a plain loop reference, and its temperature gradient."""
+"""The contrastive losses against plain loop references, tiled against plain, and rank splits."""
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from train.loss import clip_loss
+from train.config import LOSS_KINDS, LossConfig
+from train.loss import (
+    DEFAULT_BLOCK_SIZE,
+    caption_labels,
+    clip_loss,
+    debiased_loss,
+    hard_negative_loss,
+    multi_positive_loss,
+    nt_xent_loss,
+    rank_loss,
+    siglip_loss,
+)
+
+F64 = torch.float64
 
 
-def loop_reference(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor):
-    """CLIP's loss written out term by term: mean over i of -log softmax, both directions."""
+# --- references: each loss written out anchor by anchor, straight from its paper -------------
+
+
+def loop_clip(images, texts, logit_scale, bias=None):
+    """CLIP's loss term by term: mean over i of -log softmax, both directions."""
     n = images.shape[0]
     scale = logit_scale.exp()
     total = images.new_zeros(())
@@ -21,56 +38,384 @@ def loop_reference(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch
     return total / (2 * n)
 
 
-def unit(n: int, d: int, seed: int) -> torch.Tensor:
+def loop_nt_xent(images, texts, logit_scale, bias=None):
+    """SimCLR: z = [images; texts]; anchor k against all others, positive = its pair."""
+    z = torch.cat([images, texts])
+    n2 = z.shape[0]
+    total = z.new_zeros(())
+    for k in range(n2):
+        others = [m for m in range(n2) if m != k]
+        logits = torch.stack([logit_scale.exp() * z[k] @ z[m] for m in others])
+        total = total - torch.log_softmax(logits, 0)[others.index((k + n2 // 2) % n2)]
+    return total / n2
+
+
+def loop_siglip(images, texts, logit_scale, bias):
+    """big_vision's SigLIP: -sum log sigmoid(label * logit) over all pairs / batch size."""
+    n = images.shape[0]
+    total = images.new_zeros(())
+    for i in range(n):
+        for j in range(n):
+            label = 1.0 if i == j else -1.0
+            logit = logit_scale.exp() * images[i] @ texts[j] + bias
+            total = total - F.logsigmoid(label * logit)
+    return total / n
+
+
+def loop_debiased(images, texts, logit_scale, bias=None, *, tau_plus, beta=None):
+    """Chuang et al. / Robinson et al.'s estimator, as in their code, both directions."""
+    n = images.shape[0]
+    scale = logit_scale.exp()
+    total = images.new_zeros(())
+    for anchors, candidates in ((images, texts), (texts, images)):
+        for i in range(n):
+            pos = torch.exp(scale * anchors[i] @ candidates[i])
+            neg = torch.stack(
+                [torch.exp(scale * anchors[i] @ candidates[j]) for j in range(n) if j != i]
+            )
+            m = n - 1
+            if beta is None:
+                neg_sum = neg.sum()
+            else:
+                importance = neg**beta
+                neg_sum = (importance * neg).sum() / importance.mean()
+            ng = (-tau_plus * m * pos + neg_sum) / (1 - tau_plus)
+            ng = torch.maximum(ng, m * torch.exp(-scale))  # cos >= -1
+            total = total - torch.log(pos / (pos + ng))
+    return total / (2 * n)
+
+
+def loop_multi_positive(images, texts, logit_scale, labels):
+    """SupCon's L_out: mean of -log softmax over the anchor's positives, both directions."""
+    n = images.shape[0]
+    scale = logit_scale.exp()
+    total = images.new_zeros(())
+    for anchors, candidates in ((images, texts), (texts, images)):
+        for i in range(n):
+            log_p = torch.log_softmax(
+                torch.stack([scale * anchors[i] @ candidates[j] for j in range(n)]), 0
+            )
+            positives = [j for j in range(n) if labels[j] == labels[i]]
+            total = total - sum(log_p[j] for j in positives) / len(positives)
+    return total / (2 * n)
+
+
+LABELS_7 = torch.tensor([0, 1, 0, 2, 3, 1, 0])  # three samples share caption 0, two caption 1
+
+# name -> (our function with its hyperparameters, the reference)
+CASES = {
+    "clip": (clip_loss, loop_clip),
+    "nt_xent": (nt_xent_loss, loop_nt_xent),
+    "siglip": (siglip_loss, loop_siglip),
+    "debiased": (
+        lambda *a, **k: debiased_loss(*a, tau_plus=0.1, **k),
+        lambda *a: loop_debiased(*a, tau_plus=0.1),
+    ),
+    "hard_negative": (
+        lambda *a, **k: hard_negative_loss(*a, tau_plus=0.1, beta=0.5, **k),
+        lambda *a: loop_debiased(*a, tau_plus=0.1, beta=0.5),
+    ),
+    "multi_positive": (
+        lambda *a, **k: multi_positive_loss(*a, labels=LABELS_7, **k),
+        lambda i, t, s, b: loop_multi_positive(i, t, s, LABELS_7),
+    ),
+}
+
+
+def unit(n: int, d: int, seed: int, dtype=F64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    return F.normalize(torch.randn(n, d, generator=g, dtype=F64), dim=-1).to(dtype)
 
 
-def test_matches_loop_reference_values_and_gradients():
-    images = unit(7, 5, 0).requires_grad_()
-    texts = unit(7, 5, 1).requires_grad_()
-    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64, requires_grad=True)
-    ours = clip_loss(images, texts, images, texts, scale)
-    ours_grads = torch.autograd.grad(ours, (images, texts, scale))
-    ref = loop_reference(images, texts, scale)
-    ref_grads = torch.autograd.grad(ref, (images, texts, scale))
+def leaves(n: int, d: int, seed: int, dtype=F64, log_scale: float = 1.7, bias: float = -2.0):
+    """images, texts, logit_scale, logit_bias: differentiable leaves."""
+    return (
+        unit(n, d, seed, dtype).requires_grad_(),
+        unit(n, d, seed + 1, dtype).requires_grad_(),
+        torch.tensor(log_scale, dtype=dtype, requires_grad=True),
+        torch.tensor(bias, dtype=dtype, requires_grad=True),
+    )
+
+
+def value_and_grads(loss_fn, inputs, **kwargs):
+    loss = loss_fn(*inputs, **kwargs)
+    return loss, torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def zero_if_none(grads, inputs):
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+
+
+# --- every variant against its reference ---------------------------------------------------
+
+
+# tiled, block 3: 7 rows cut unevenly; block 1024: one block, computed as plain computes it
+@pytest.mark.parametrize(
+    "implementation, block_size", [("plain", 1024), ("tiled", 3), ("tiled", 1024)]
+)
+@pytest.mark.parametrize("kind", list(CASES))
+def test_each_loss_matches_its_loop_reference(kind, implementation, block_size):
+    ours_fn, ref_fn = CASES[kind]
+    inputs = leaves(7, 5, seed=0)  # 7 is not a multiple of the block size 3
+    ours, ours_grads = value_and_grads(
+        ours_fn, inputs, implementation=implementation, block_size=block_size
+    )
+    ref, ref_grads = value_and_grads(ref_fn, inputs)
     assert_close(ours, ref)
-    for a, b in zip(ours_grads, ref_grads, strict=True):
+    for a, b in zip(zero_if_none(ours_grads, inputs), zero_if_none(ref_grads, inputs), strict=True):
         assert_close(a, b)
 
 
-def test_perfect_alignment_gives_low_loss_and_shuffled_gives_high():
-    x = unit(16, 8, 2)
-    scale = torch.tensor(math.log(100.0), dtype=torch.float64)
-    aligned = clip_loss(x, x, x, x, scale)
-    shuffled = clip_loss(x, x.roll(1, 0), x, x.roll(1, 0), scale)
-    assert aligned < 0.5 < math.log(16) < shuffled
+def test_worked_example_by_hand():
+    """Three pairs of 2-D vectors, cosine similarity, tau = 1 (logit_scale = log 1 = 0).
+
+    z1 = [1, 2], z2 = [3, 1], z3 = [2, 3]; z1+ = 0.9 z1 and z3+ = 0.9 z3 point the same way as
+    their anchors, z2+ = [2.8, 0.9] almost. Cosines cos(z_i, z_j+), e.g. cos(z1, z2+) =
+    (2.8 + 1.8) / (sqrt 5 * sqrt 8.65) = 0.699463:
+        z1: 1,        0.699463, 0.992278
+        z2: 0.707107, 0.999942, 0.789352
+        z3: 0.992278, 0.782705, 1
+    image->text, row i: log(sum_j e^cos_ij) - cos_ii:
+        log(2.718282 + 2.012665 + 2.697372) - 1        = 2.005300 - 1        = 1.005300
+        log(2.028115 + 2.718124 + 2.201959) - 0.999942 = 1.938481 - 0.999942 = 0.938539
+        log(2.697372 + 2.187371 + 2.718282) - 1        = 2.028546 - 1        = 1.028546
+    text->image, column j: 1.007378, 0.934206, 1.030463 (same sums over columns).
+    CLIP = (2.972385 / 3 + 2.972047 / 3) / 2 = 0.990739.
+    NT-Xent adds the same-modality cosines cos(z1, z2) = 0.707107, cos(z1, z3) = 0.992278,
+    cos(z2, z3) = 0.789352, cos(z1+, z2+) = 0.699463, cos(z1+, z3+) = 0.992278,
+    cos(z2+, z3+) = 0.782705. Anchor z1: log(2.028115 + 2.697372 + 2.718282 + 2.012665 +
+    2.697372) - 1 = 1.497640; z2: 1.414030; z3: 1.525917; z1+: 1.497640 (the same five
+    cosines); z2+: log(2.012665 + 2.718124 + 2.187371 + 2.012665 + 2.187371) - 0.999942 =
+    1.408641; z3+: 1.525917. NT-Xent = 8.869785 / 6 = 1.478298.
+    """
+    images = F.normalize(torch.tensor([[1.0, 2.0], [3.0, 1.0], [2.0, 3.0]], dtype=F64), dim=-1)
+    texts = F.normalize(torch.tensor([[0.9, 1.8], [2.8, 0.9], [1.8, 2.7]], dtype=F64), dim=-1)
+    tau_one = torch.tensor(0.0, dtype=F64)
+    for implementation in ("plain", "tiled"):
+        clip = clip_loss(images, texts, tau_one, implementation=implementation, block_size=2)
+        nt_xent = nt_xent_loss(images, texts, tau_one, implementation=implementation, block_size=2)
+        assert clip.item() == pytest.approx(0.990739, abs=2e-6)
+        assert nt_xent.item() == pytest.approx(1.478298, abs=2e-6)
 
 
-def test_temperature_gradient_matches_finite_difference():
-    images, texts = unit(6, 4, 3), unit(6, 4, 4)
-    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    (grad,) = torch.autograd.grad(clip_loss(images, texts, images, texts, scale), scale)
+# --- tiled == plain in float32, both close to float64 --------------------------------------
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, taking ||b|| as at least 0.1: with N = 1 the loss is exactly 0."""
+    return ((a - b).norm() / max(b.norm().item(), 0.1)).item()
+
+
+@pytest.mark.parametrize("n, block_size", [(1, 4), (5, 4), (64, 16), (100, 32), (300, 64)])
+def test_tiled_clip_equals_plain_in_float32_and_both_are_near_float64(n, block_size):
+    inputs32 = leaves(n, 32, seed=n, dtype=torch.float32, log_scale=math.log(50.0))
+    plain, plain_grads = value_and_grads(clip_loss, inputs32[:3], implementation="plain")
+    tiled, tiled_grads = value_and_grads(
+        clip_loss, inputs32[:3], implementation="tiled", block_size=block_size
+    )
+    inputs64 = [x.detach().double().requires_grad_() for x in inputs32[:3]]
+    exact, exact_grads = value_and_grads(clip_loss, inputs64, implementation="plain")
+    assert rel_err(tiled, plain) <= 1e-5
+    assert rel_err(tiled.double(), exact) <= 1e-5 and rel_err(plain.double(), exact) <= 1e-5
+    for t, p, e in zip(tiled_grads, plain_grads, exact_grads, strict=True):
+        assert rel_err(t, p) <= 1e-5
+        assert rel_err(t.double(), e) <= 1e-5 and rel_err(p.double(), e) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_tiled_equals_plain_in_float32_for_every_variant(kind):
+    ours_fn, _ = CASES[kind]
+    n = 7  # the labels of multi_positive are for 7 samples
+    inputs = leaves(n, 16, seed=3, dtype=torch.float32, log_scale=math.log(20.0))
+    plain, plain_grads = value_and_grads(ours_fn, inputs, implementation="plain")
+    tiled, tiled_grads = value_and_grads(ours_fn, inputs, implementation="tiled", block_size=3)
+    assert rel_err(tiled, plain) <= 1e-5
+    tiled_grads, plain_grads = zero_if_none(tiled_grads, inputs), zero_if_none(plain_grads, inputs)
+    for t, p in zip(tiled_grads, plain_grads, strict=True):
+        if p.abs().max() > 0:  # the bias of softmax losses gets exactly nothing
+            assert rel_err(t, p) <= 1e-5
+
+
+def test_tiled_keeps_no_n_by_n_tensor_for_backward():
+    """What autograd saves for backward: O(N*D) for tiled, the [N, N] logits for plain."""
+    n, d = 256, 8
+    images, texts, scale, _ = leaves(n, d, seed=4, dtype=torch.float32)
+    for implementation, expect_square in (("tiled", False), ("plain", True)):
+        saved: list[int] = []
+
+        def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            clip_loss(images, texts, scale, implementation=implementation, block_size=32)
+        assert (max(saved) >= n * n) == expect_square, (implementation, max(saved))
+
+
+# --- the temperature, the bias, and how the variants relate ---------------------------------
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_temperature_gradient_matches_finite_difference(kind):
+    ours_fn, _ = CASES[kind]
+    images, texts = unit(7, 4, 3), unit(7, 4, 4)
+    bias = torch.tensor(-1.0, dtype=F64)
+    scale = torch.tensor(1.2, dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(ours_fn(images, texts, scale, bias, block_size=3), scale)
     eps = 1e-6
-    up = clip_loss(images, texts, images, texts, scale.detach() + eps)
-    down = clip_loss(images, texts, images, texts, scale.detach() - eps)
+    up = ours_fn(images, texts, scale.detach() + eps, bias, block_size=3)
+    down = ours_fn(images, texts, scale.detach() - eps, bias, block_size=3)
     assert_close(grad, (up - down) / (2 * eps), rtol=1e-6, atol=1e-8)
 
 
-def test_rank_losses_average_to_the_global_loss():
-    """Rows split over two 'ranks' (with offsets) average to the one-process loss."""
-    images, texts = unit(8, 4, 5), unit(8, 4, 6)
-    scale = torch.tensor(1.5, dtype=torch.float64)
-    full = clip_loss(images, texts, images, texts, scale)
-    parts = [
-        clip_loss(
-            images[r * 4 : (r + 1) * 4],
-            texts[r * 4 : (r + 1) * 4],
-            images,
-            texts,
-            scale,
-            row_offset=r * 4,
+@pytest.mark.parametrize("kind", [k for k in CASES if k != "siglip"])
+def test_softmax_losses_ignore_the_bias(kind):
+    ours_fn, _ = CASES[kind]
+    images, texts, scale, bias = leaves(7, 4, seed=5)
+    with_bias = ours_fn(images, texts, scale, bias, block_size=3)
+    (bias_grad,) = torch.autograd.grad(with_bias, bias)
+    assert_close(with_bias, ours_fn(images, texts, scale, None, block_size=3))
+    assert abs(bias_grad.item()) < 1e-12
+
+
+def test_siglip_bias_gradient_is_the_mean_pair_error():
+    """d/db of -sum log sigmoid(z * l) / n is sum (sigmoid(l) - [i == j]) / n."""
+    images, texts, scale, bias = leaves(6, 4, seed=6)
+    (grad,) = torch.autograd.grad(siglip_loss(images, texts, scale, bias, block_size=4), bias)
+    logits = scale.exp() * images @ texts.T + bias
+    assert_close(grad, (torch.sigmoid(logits) - torch.eye(6, dtype=F64)).sum() / 6)
+
+
+def test_variants_reduce_to_clip_at_their_neutral_settings():
+    images, texts, scale, _ = leaves(9, 4, seed=7)
+    clip = clip_loss(images, texts, scale, block_size=4)
+    assert_close(debiased_loss(images, texts, scale, tau_plus=0.0, block_size=4), clip)
+    unique = torch.arange(9)
+    assert_close(multi_positive_loss(images, texts, scale, labels=unique, block_size=4), clip)
+    debiased = debiased_loss(images, texts, scale, tau_plus=0.1, block_size=4)
+    hard = hard_negative_loss(images, texts, scale, tau_plus=0.1, beta=1e-9, block_size=4)
+    assert_close(hard, debiased)
+
+
+def test_hard_negatives_weigh_the_closest_negative_more():
+    """Moving one negative text next to image 0 raises hard_negative more than debiased."""
+    images, texts, scale, _ = leaves(8, 6, seed=8)
+    images, texts = images.detach(), texts.detach()
+    near = texts.clone()
+    near[1] = F.normalize(images[0] + 0.05 * texts[1], dim=-1)
+    rise = {
+        name: (fn(images, near, scale) - fn(images, texts, scale)).item()
+        for name, fn in (
+            ("debiased", lambda i, t, s: debiased_loss(i, t, s, tau_plus=0.0)),
+            ("hard", lambda i, t, s: hard_negative_loss(i, t, s, tau_plus=0.0, beta=2.0)),
         )
-        for r in range(2)
-    ]
-    assert_close((parts[0] + parts[1]) / 2, full)
+    }
+    assert rise["hard"] > rise["debiased"] > 0
+
+
+def test_multi_positive_counts_a_label_mates_text_as_positive():
+    """Images 0 and 2 share a label, and each matches the other's text: CLIP calls that a
+    mismatch, multi_positive a match."""
+    texts = torch.eye(4, dtype=F64)
+    images = texts[[2, 1, 0, 3]]  # image 0 points at text 2, image 2 at text 0
+    labels = torch.tensor([0, 1, 0, 2])
+    scale = torch.tensor(math.log(20.0), dtype=F64)
+    # CLIP: anchors 0 and 2 of each direction lose ~20 (their best match is the mate's) -> ~10;
+    # multi: they average their two positives' logits (20 and 0) and lose ~10 -> ~5
+    multi = multi_positive_loss(images, texts, scale, labels=labels)
+    clip = clip_loss(images, texts, scale)
+    assert multi.item() == pytest.approx(5.0, abs=1e-3) and clip.item() == pytest.approx(
+        10.0, abs=1e-3
+    )
+
+
+def test_caption_labels_group_identical_token_ids():
+    tokens = torch.tensor([[5, 6, 0], [7, 8, 0], [5, 6, 0], [5, 6, 1]])
+    labels = caption_labels(tokens)
+    assert labels[0] == labels[2] and len(set(labels.tolist())) == 3
+
+
+def test_identical_duplicates_give_multi_positive_the_clip_total():
+    """When duplicate captions embed identically, CLIP's symmetric loss already targets the
+    uniform distribution over the group's images, so SupCon's L_out has the same global value
+    (and gradient); it differs when a label groups texts that embed differently."""
+    images, texts, scale, _ = leaves(5, 4, seed=9)
+    texts = torch.cat([texts[:4], texts[1:2]])  # sample 4's caption = sample 1's
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    assert_close(
+        multi_positive_loss(images, texts, scale, labels=labels), clip_loss(images, texts, scale)
+    )
+
+
+# --- the distributed contract, without processes -------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["plain", "tiled"])
+@pytest.mark.parametrize("kind", list(CASES))
+def test_rank_losses_and_gradients_average_to_the_global_ones(kind, implementation):
+    """Rows split over 3 'ranks': mean of rank losses = global loss, and the mean of the rank
+    gradients (what DDP applies after the gather's backward summed them) = global gradient."""
+    ours_fn, _ = CASES[kind]
+    world = 3
+    inputs = leaves(6, 4, seed=10)  # 7 labels in CASES: use 6 samples with 6 of them
+    fn = ours_fn
+    if kind == "multi_positive":
+        fn = lambda *a, **k: multi_positive_loss(*a, labels=LABELS_7[:6], **k)  # noqa: E731
+    global_loss, global_grads = value_and_grads(fn, inputs, implementation=implementation)
+    rank_losses, rank_grads = [], []
+    for r in range(world):
+        loss, grads = value_and_grads(
+            fn, inputs, rows=slice(2 * r, 2 * r + 2), implementation=implementation, block_size=3
+        )
+        rank_losses.append(loss)
+        rank_grads.append(zero_if_none(grads, inputs))
+    assert_close(sum(rank_losses) / world, global_loss)
+    for k, g in enumerate(zero_if_none(global_grads, inputs)):
+        assert_close(sum(grads[k] for grads in rank_grads) / world, g)
+
+
+def test_rank_loss_picks_each_kind_from_the_config():
+    assert LossConfig().block_size == DEFAULT_BLOCK_SIZE and LossConfig().implementation == "tiled"
+    images, texts, scale, bias = leaves(7, 4, seed=11)
+    for kind in LOSS_KINDS:
+        cfg = LossConfig(kind=kind, block_size=3, debiased_tau_plus=0.1, hard_negative_beta=0.5)
+        ours_fn, _ = CASES[kind]
+        got = rank_loss(cfg, images, texts, scale, bias, labels=LABELS_7)
+        assert_close(got, ours_fn(images, texts, scale, bias, block_size=3))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("kind", "infonce", "loss.kind: must be one of clip, nt_xent"),
+        ("implementation", "fast", "loss.implementation: must be one of tiled, plain"),
+        ("block_size", 0, "loss.block_size: must be >= 1"),
+        ("debiased_tau_plus", 1.0, "loss.debiased_tau_plus: must be in"),
+        ("hard_negative_beta", 0.0, "loss.hard_negative_beta: must be in"),
+        ("init_temperature", 0.001, "loss.init_temperature: must be in"),
+    ],
+)
+def test_loss_config_names_the_bad_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**{field: value})
+
+
+def test_siglip_starts_from_its_own_temperature_and_bias():
+    siglip, clip = LossConfig(kind="siglip"), LossConfig()
+    assert siglip.init_logit_scale == pytest.approx(math.log(10)) and siglip.init_logit_bias == -10
+    assert (
+        clip.init_logit_scale == pytest.approx(math.log(1 / 0.07)) and clip.init_logit_bias is None
+    )
+
+
+def test_bad_arguments_are_value_errors():
+    images, texts, scale, _ = leaves(4, 3, seed=12)
+    for kwargs, message in [
+        ({"implementation": "fast"}, "implementation must be tiled or plain"),
+        ({"rows": slice(3, 3)}, "rows must be a non-empty contiguous slice"),
+        ({"block_size": 0}, "block_size must be >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            clip_loss(images, texts, scale, **kwargs)
+    with pytest.raises(ValueError, match="one shape"):
+        clip_loss(images, texts[:3], scale)
