@@ -62,7 +62,10 @@ def write_artifact(model: DualEncoder, out_dir: str | Path, *, provenance: dict[
     """Export `model` to `out_dir` (replaced if it exists) and return the path."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model_cfg = model_config(model.name)
+    model_cfg = dict(model_config(model.name))
+    if getattr(model.clip, "logit_bias", None) is not None:
+        # open_clip creates the learned bias (SigLIP) only when the config asks for one
+        model_cfg["init_logit_bias"] = float(model.clip.logit_bias.detach().reshape(-1)[0])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a service running as another user
     try:

@@ -84,3 +84,12 @@ def test_load_image_rejects_garbage_and_oversized_images():
     with pytest.raises(ImageTooLargeError, match="300x200"):
         load_image(buf.getvalue(), max_pixels=10_000)
     assert load_image(buf.getvalue()).size == (300, 200)
+
+
+def test_a_model_with_a_learned_bias_round_trips(tmp_path):
+    model = build_model("duet-micro", init_logit_bias=-10.0)
+    with torch.no_grad():
+        model.clip.logit_bias.fill_(-7.5)
+    loaded = load_artifact(write_artifact(model, tmp_path / "siglip", provenance={}))
+    assert_close(loaded.model.clip.logit_bias, model.clip.logit_bias)
+    assert_close(loaded.model.logit_scale, model.logit_scale)
