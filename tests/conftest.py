@@ -55,3 +55,19 @@ def data_overrides(synth: Path) -> list[str]:
         "--set",
         f"data.zeroshot_file={synth}/zeroshot.json",
     ]
+
+
+def run_torchrun(nproc: int, *train_args: str, timeout_s: float = 600):
+    """Run `torchrun ... -m train ARGS` to completion; fail the test with its stderr if it fails."""
+    import subprocess
+
+    result = subprocess.run(
+        torchrun_command(nproc, *train_args),
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, data_overrides, subprocess_env, torchrun_command
+from tests.conftest import REPO_ROOT, data_overrides, run_torchrun, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def run_module(*args: str, timeout_s: float = 600) -> subprocess.CompletedProces
 def run_dir(tmp_path_factory, synth_dir) -> Path:
     """duet-tiny trained by torchrun (2 CPU processes) on the synthetic shards; indexed."""
     run = tmp_path_factory.mktemp("e2e") / "run"
-    train = torchrun_command(
+    run_torchrun(
         2,
         "--recipe",
         "demo",
@@ -51,10 +51,6 @@ def run_dir(tmp_path_factory, synth_dir) -> Path:
         "logging.progress=false",
         *data_overrides(synth_dir),
     )
-    result = subprocess.run(
-        train, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
     index_data = f"{synth_dir}/val/shard-{{000000..000001}}.tar"
     run_module(
         "serve.build_index",

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, data_overrides, subprocess_env, torchrun_command
+from tests.conftest import (
+    REPO_ROOT,
+    data_overrides,
+    run_torchrun,
+    subprocess_env,
+    torchrun_command,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +32,16 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 def test_two_processes_train_and_the_loss_goes_down(tmp_path, synth_dir):
     run = tmp_path / "run"
-    result = subprocess.run(
-        torchrun_command(
-            2,
-            "--recipe",
-            "smoke",
-            "--set",
-            f"run_dir={run}",
-            "--set",
-            "steps=60",
-            *data_overrides(synth_dir),
-        ),
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_torchrun(
+        2,
+        "--recipe",
+        "smoke",
+        "--set",
+        f"run_dir={run}",
+        "--set",
+        "steps=60",
+        *data_overrides(synth_dir),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert "world size 2, global batch 64 (32 per rank)" in result.stderr
     losses = train_losses(run)
     first, last = losses[5], losses[60]
@@ -115,15 +113,7 @@ def test_killed_run_resumes_from_its_latest_checkpoint(tmp_path, synth_dir):
     killed_at = max(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("step-*.pt"))
     assert 20 <= killed_at < 1000
 
-    result = subprocess.run(
-        torchrun_command(2, *args, "--set", f"steps={killed_at + 20}", "--resume"),
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_torchrun(2, *args, "--set", f"steps={killed_at + 20}", "--resume")
     assert f"at step {killed_at}" in result.stderr
     assert f"steps {killed_at} -> {killed_at + 20}" in result.stderr
     assert (run / "checkpoints" / f"step-{killed_at + 20:08d}.pt").is_file()
