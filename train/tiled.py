@@ -1,0 +1,315 @@
+"""Blockwise ("tiled") computation of the loss's reductions over the N x N logit matrix.
+
+The losses in train/loss.py need, of the logits x_ij = s * <A_i, B_j>, only reductions: each
+row's and each column's log-sum-exp (LSE), or SigLIP's sum of softplus. `lse` gives them either
+    plain   from the materialised [n, N] logits (autograd; they and their gradient: ~n*N floats),
+    tiled   block by block with `_TiledLSE`: forward keeps only running row and column LSEs, and
+            backward recomputes each block. Memory O(N*D + block^2), same arithmetic plus one
+            recompute of the logits. A batch that fits in one block is computed as plain does.
+`TiledSoftplus` does the same for SigLIP. A `BlockPlan` says which blocks a rank visits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Span = tuple[int, int]  # [start, stop) of samples in the global batch
+
+# Blocks of 1024..2048 rows are equally fast on 2 CPU cores (bench/loss.py); a block buffer is
+# block_size^2 floats (16 MB), four of them live at once. LossConfig.block_size is the same.
+DEFAULT_BLOCK_SIZE = 2048
+
+
+def _cut(span: Span, n: int, block: int) -> list[tuple[slice, bool]]:
+    """[0, n) in blocks of at most `block`, none straddling span's edges; True inside span."""
+    start, stop = span
+    parts = ((0, start, False), (start, stop, True), (stop, n, False))
+    return [
+        (slice(i, min(i + block, hi)), inside)
+        for lo, hi, inside in parts
+        for i in range(lo, hi, block)
+    ]
+
+
+def _local(block: slice, span: Span | None) -> slice:
+    """A block of global indices as indices into the span's own vector."""
+    offset = span[0] if span else 0
+    return slice(block.start - offset, block.stop - offset)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockPlan:
+    """Which blocks of the [N, N] logit matrix s*A*B^T a rank visits, and what it takes there.
+
+    A rank needs the LSE over every column of each of its rows (A's anchors) and, for symmetric
+    losses, the LSE over every row of each of its columns (B's anchors): a row stripe and a
+    column stripe. With one process both are the whole matrix, and each block is computed once.
+    """
+
+    n: int
+    rows: Span
+    cols: Span | None
+    block: int
+    multipliers: tuple[float, ...] = (1.0,)
+    """LSEs are of m * logits for each m (hard-negative reweighting needs beta and 1 + beta)."""
+    exclude_diagonal: bool = False
+    """Leave out logit (i, i): the anchor itself (NT-Xent) or its positive (negatives only)."""
+
+    def blocks(self) -> Iterator[tuple[slice, slice, bool, bool]]:
+        """(row block, column block, in the row stripe, in the column stripe), as needed."""
+        for r, r_in in _cut(self.rows, self.n, self.block):
+            for c, c_in in _cut(self.cols or (0, 0), self.n, self.block):
+                if r_in or c_in:
+                    yield r, c, r_in, c_in
+
+    def logits(
+        self,
+        a_rows: Tensor,
+        b: Tensor,
+        r: slice,
+        c: slice,
+        out: Tensor,
+        pairs: Tensor | None = None,
+    ) -> Tensor:
+        """Block (r, c) of the logits from a_rows = s * A[r]; on a diagonal block, its diagonal
+        (the pairs' logits, before any exclusion) is copied to `pairs` when given."""
+        x = torch.mm(a_rows, b[c].T, out=out)  # [br, bc]
+        if pairs is not None and self.on_diagonal(r, c):
+            pairs[_local(r, self.rows)] = x.diagonal()
+        if self.exclude_diagonal:  # global (i, i) sits where column - row == r.start - c.start
+            x.diagonal(r.start - c.start).fill_(-math.inf)
+        return x
+
+    @property
+    def symmetric(self) -> bool:
+        """Row and column stripes are the same samples (the losses over image-text pairs): then
+        row and column blocks are cut alike and the pairs (i, i) lie on diagonal blocks."""
+        return self.cols == self.rows
+
+    def on_diagonal(self, r: slice, c: slice) -> bool:
+        return self.symmetric and r == c and self.rows[0] <= r.start < self.rows[1]
+
+    @property
+    def width(self) -> tuple[int, int]:
+        return self.rows[1] - self.rows[0], (self.cols[1] - self.cols[0]) if self.cols else 0
+
+    @property
+    def single_block(self) -> bool:
+        """One block covers everything (N <= block): then tiling has nothing to save, and the
+        plain computation, which needs no recompute, is used (its memory is a few block^2)."""
+        return sum(1 for _ in self.blocks()) == 1
+
+
+class _Scratch:
+    """Reusable block buffers: a fresh multi-MB tensor per block would page-fault every time.
+
+    Also holds s * A for the current row block only, so that no scaled copy of all of A is made.
+    """
+
+    def __init__(self, a: Tensor, plan: BlockPlan, count: int) -> None:
+        side = min(plan.block, plan.n)
+        self.flat = [a.new_empty(side * side) for _ in range(count)]
+        self.a, self.row_buffer = a, a.new_empty(side, a.shape[1])
+        self.row_block: slice | None = None
+
+    def __call__(self, i: int, r: slice, c: slice) -> Tensor:
+        rows, cols = r.stop - r.start, c.stop - c.start
+        return self.flat[i][: rows * cols].view(rows, cols)
+
+    def scaled_rows(self, r: slice, scale: float) -> Tensor:
+        """s * A[r], computed once per row block (blocks() visits row blocks in order)."""
+        out = self.row_buffer[: r.stop - r.start]
+        if r != self.row_block:
+            torch.mul(self.a[r], scale, out=out)
+            self.row_block = r
+        return out
+
+
+# torch's CPU exp is ~10x slower on arguments whose result underflows (measured here), and
+# large logit scales produce many. Raising exp's argument to this floor changes each term by
+# less than e^-80 = 2e-35 of the largest one, far below float32 and float64 resolution.
+_EXP_FLOOR = -80.0
+
+
+def _block_lse(x: Tensor, dim: int, out: Tensor) -> Tensor:
+    """logsumexp of x along dim (with `out`, x's shape, as scratch)."""
+    top = x.amax(dim, keepdim=True).clamp_(min=torch.finfo(x.dtype).min)  # all -inf: finite
+    total = torch.sub(x, top, out=out).clamp_(min=_EXP_FLOOR).exp_().sum(dim)
+    return total.log_().add_(top.squeeze(dim))
+
+
+class Reductions(NamedTuple):
+    """What a loss needs of the logits x = s*A*B^T: row and column LSEs of m * x ([K, rows],
+    [K, cols] for the plan's K multipliers) and, for symmetric plans, the pairs' logits x_ii of
+    the rank's rows ([rows]; empty otherwise) - taken from the blocks, so that no [N, D]
+    products (and their gradients) are made for them."""
+
+    rows: Tensor
+    cols: Tensor
+    pairs: Tensor
+
+
+class _TiledLSE(torch.autograd.Function):
+    """`Reductions` of s*A*B^T, block by block.
+
+    Forward folds each block's LSEs into running ones (log-add-exp) and drops the block. Backward
+    recomputes it: the logit gradient is sum_k m_k (g_row * P_row + g_col * P_col) with P the
+    softmaxes, which flows to A and B by two matmuls, and to the log scale as <A, dA>, because
+    the logits are s * cos and d logits / d log s = logits.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, logit_scale: Tensor, plan: BlockPlan) -> Any:
+        scale = logit_scale.exp().item()
+        rows = a.new_full((len(plan.multipliers), plan.width[0]), -math.inf)
+        cols = a.new_full((len(plan.multipliers), plan.width[1]), -math.inf)
+        pairs = a.new_zeros(plan.width[0] if plan.symmetric else 0)
+        scratch = _Scratch(a, plan, 3 if len(plan.multipliers) > 1 else 2)
+        for r, c, r_in, c_in in plan.blocks():
+            x = plan.logits(scratch.scaled_rows(r, scale), b, r, c, scratch(0, r, c), pairs)
+            rr, cc = _local(r, plan.rows), _local(c, plan.cols)
+            for k, m in enumerate(plan.multipliers):
+                xm = x if m == 1 else torch.mul(x, m, out=scratch(2, r, c))
+                if r_in:
+                    rows[k, rr] = torch.logaddexp(rows[k, rr], _block_lse(xm, 1, scratch(1, r, c)))
+                if c_in:
+                    cols[k, cc] = torch.logaddexp(cols[k, cc], _block_lse(xm, 0, scratch(1, r, c)))
+        ctx.plan = plan
+        ctx.save_for_backward(a, b, logit_scale, rows, cols)
+        return rows, cols, pairs
+
+    @staticmethod
+    def backward(ctx: Any, g_rows: Tensor, g_cols: Tensor, g_pairs: Tensor) -> Any:
+        a, b, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
+        plan: BlockPlan = ctx.plan
+        scale = logit_scale.exp().item()
+        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        scratch = _Scratch(a, plan, 2 if len(plan.multipliers) == 1 else 4)
+        for r, c, r_in, c_in in plan.blocks():
+            a_scaled = scratch.scaled_rows(r, scale)
+            x = plan.logits(a_scaled, b, r, c, scratch(0, r, c))
+            rr, cc = _local(r, plan.rows), _local(c, plan.cols)
+            terms = []  # (multiplier, final LSE, d loss / d LSE), broadcast over the block
+            for k, m in enumerate(plan.multipliers):
+                terms += [(m, lse_rows[k, rr, None], g_rows[k, rr, None])] if r_in else []
+                terms += [(m, lse_cols[k, None, cc], g_cols[k, None, cc])] if c_in else []
+            g = _logit_grad(x, terms, *(scratch(i, r, c) for i in range(1, len(scratch.flat))))
+            if plan.on_diagonal(r, c):
+                g.diagonal().add_(g_pairs[rr])
+            da[r].addmm_(g, b[c])
+            db[c].addmm_(g.T, a_scaled)
+        da.mul_(scale)
+        d_scale = torch.dot(a.flatten(), da.flatten())  # <A, dA>: no [N, D] temporary
+        return da, db, d_scale.reshape(logit_scale.shape), None
+
+
+def _logit_grad(x: Tensor, terms: list[tuple[float, Tensor, Tensor]], *scratch: Tensor) -> Tensor:
+    """One block's d loss / d logits: sum of m * weight * softmax, softmax = exp(m*x - LSE).
+
+    With one multiplier (every loss but hard_negative) one scratch buffer suffices: the last
+    term's softmax is computed in x's own buffer, which is not needed after it.
+    """
+    g: Tensor | None = None
+    for i, (m, lse, weight) in enumerate(terms):
+        last = i == len(terms) - 1
+        if m == 1:
+            target = x if last and g is not None else scratch[0] if g is None else scratch[1]
+            p = torch.sub(x, lse, out=target)
+        else:  # x must survive all terms: m*x goes to its own buffer
+            p = torch.sub(torch.mul(x, m, out=scratch[2]), lse, out=scratch[0 if g is None else 1])
+        p = p.clamp_(min=_EXP_FLOOR).exp_()
+        g = p.mul_(m * weight) if g is None else g.addcmul_(p, m * weight)
+    assert g is not None, "every block of the plan is in a row or a column stripe"
+    return g
+
+
+def _plain_lse(a: Tensor, b: Tensor, logit_scale: Tensor, plan: BlockPlan) -> Reductions:
+    """The same as `_TiledLSE` from materialised [n, N] and [N, n] logits (autograd)."""
+    a_scaled = a * logit_scale.exp()
+    n, (start, stop) = plan.n, plan.rows
+    pairs = a.new_zeros(0)
+
+    def logits(r: Span, c: Span) -> Tensor:
+        nonlocal pairs
+        x = a_scaled[r[0] : r[1]] @ b[c[0] : c[1]].T
+        if plan.symmetric and r == plan.rows and c == (0, n):
+            pairs = x[:, start:stop].diagonal()
+        if plan.exclude_diagonal:
+            i = torch.arange(r[0], r[1], device=x.device)[:, None]
+            x = x.masked_fill(i == torch.arange(c[0], c[1], device=x.device), -math.inf)
+        return x
+
+    def reduce(x: Tensor, dim: int) -> Tensor:
+        return torch.stack([(x if m == 1 else m * x).logsumexp(dim) for m in plan.multipliers])
+
+    by_row = logits(plan.rows, (0, n))  # [n, N]
+    if plan.cols is None:
+        return Reductions(reduce(by_row, 1), by_row.new_empty(len(plan.multipliers), 0), pairs)
+    one_process = plan.rows == plan.cols == (0, n)  # then the columns are the same matrix
+    by_col = by_row if one_process else logits((0, n), plan.cols)  # [N, n]
+    return Reductions(reduce(by_row, 1), reduce(by_col, 0), pairs)
+
+
+def lse(
+    a: Tensor, b: Tensor, logit_scale: Tensor, plan: BlockPlan, implementation: str
+) -> Reductions:
+    """The plan's `Reductions` of s*A*B^T, computed the way `implementation` says."""
+    check_implementation(implementation)
+    if implementation == "tiled" and not plan.single_block:
+        return Reductions(*_TiledLSE.apply(a, b, logit_scale, plan))
+    return _plain_lse(a, b, logit_scale, plan)
+
+
+def check_implementation(implementation: str) -> None:
+    if implementation not in ("tiled", "plain"):
+        raise ValueError(f"implementation must be tiled or plain, got {implementation!r}")
+
+
+class TiledSoftplus(torch.autograd.Function):
+    """sum softplus(s*A_i*B_j + b) over the rank's row stripe, block by block (SigLIP).
+
+    Backward recomputes each block; d softplus(x) / dx = sigmoid(x).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, a: Tensor, b: Tensor, logit_scale: Tensor, bias: Tensor | None, plan: BlockPlan
+    ) -> Tensor:
+        scale = logit_scale.exp().item()
+        shift = 0.0 if bias is None else bias
+        total = torch.zeros((), dtype=torch.float64, device=a.device)  # ~N^2 terms: sum in double
+        scratch = _Scratch(a, plan, 1)
+        for r, c, _, _ in plan.blocks():
+            x = plan.logits(scratch.scaled_rows(r, scale), b, r, c, scratch(0, r, c)).add_(shift)
+            total += F.softplus(x.clamp_(min=_EXP_FLOOR)).sum()  # softplus(-80) < 2e-35
+        ctx.plan = plan
+        ctx.save_for_backward(a, b, logit_scale, *([] if bias is None else [bias]))
+        return total.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        a, b, logit_scale, *bias = ctx.saved_tensors
+        plan: BlockPlan = ctx.plan
+        scale = logit_scale.exp().item()
+        shift = bias[0] if bias else 0.0
+        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        d_bias = torch.zeros((), dtype=torch.float64, device=a.device)
+        scratch = _Scratch(a, plan, 1)
+        for r, c, _, _ in plan.blocks():
+            a_scaled = scratch.scaled_rows(r, scale)
+            x = plan.logits(a_scaled, b, r, c, scratch(0, r, c)).add_(shift)
+            g = x.clamp_(_EXP_FLOOR, -_EXP_FLOOR).sigmoid_().mul_(grad)
+            da[r].addmm_(g, b[c])
+            db[c].addmm_(g.T, a_scaled)
+            d_bias += g.sum()
+        da.mul_(scale)
+        d_scale = torch.dot(a.flatten(), da.flatten())  # logits - b = s * cos
+        d_bias_out = d_bias.to(a.dtype).reshape(bias[0].shape) if bias else None
+        return da, db, d_scale, d_bias_out, None
