@@ -145,6 +145,58 @@ def _block_lse(x: Tensor, dim: int, out: Tensor) -> Tensor:
     return total.log_().add_(top.squeeze(dim))
 
 
+# On CPU the element-wise passes over a block cost about as much as its matmul. Row and column
+# reductions can share one exp pass, shifted by one value for the whole block, when no row's or
+# column's largest logit lies more than _SHARED_SPAN below that shift: every sum then keeps
+# float's full relative precision, and the floored terms (e^-80 each) change it by at most
+# block * e^(80 - _SHARED_SPAN) ~ 1e-14. Checked per block; blocks that fail take the
+# direction-by-direction path.
+_SHARED_SPAN = 40.0
+
+
+class _Shared:
+    """Whether to try the shared-exp path: CPU only (the checks read values back, which would
+    stall a GPU), and not after it has failed twice in one call (very spread-out logits)."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.failures = 0 if x.device.type == "cpu" else 2
+
+    @property
+    def enabled(self) -> bool:
+        return self.failures < 2
+
+    def lse_both(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(row LSEs, column LSEs) of the block from one exp pass, or None if not precise."""
+        top = x.max().item()
+        if math.isfinite(top):
+            e = torch.sub(x, top, out=out).clamp_(min=_EXP_FLOOR).exp_()
+            by_row, by_col = e.sum(1), e.sum(0)
+            # a sum of at most `width` terms below e^(max - top): the max is within the span
+            floor = math.exp(-_SHARED_SPAN)
+            if (
+                by_row.min().item() >= x.shape[1] * floor
+                and by_col.min().item() >= x.shape[0] * floor
+            ):
+                return by_row.log_().add_(top), by_col.log_().add_(top)
+        self.failures += 1
+        return None
+
+    def softmax_sum(
+        self, x: Tensor, lse_row: Tensor, w_row: Tensor, lse_col: Tensor, w_col: Tensor, out: Tensor
+    ) -> Tensor | None:
+        """w_row * P_row + w_col * P_col of the block as exp(x - top) * (u + v), u, v per row
+        and column, or None if the LSEs are too spread out for one shift. Overwrites x."""
+        top = max(lse_row.max().item(), lse_col.max().item())  # >= every logit of the block
+        low = min(lse_row.min().item(), lse_col.min().item())
+        if not top - low <= _SHARED_SPAN:  # also catches -inf LSEs (fully excluded lines)
+            self.failures += 1
+            return None
+        u = (top - lse_row).exp_().mul_(w_row)  # [br, 1]: P_row = exp(x - top) * exp(top - lse)
+        v = (top - lse_col).exp_().mul_(w_col)  # [1, bc]
+        e = torch.sub(x, top, out=x).clamp_(min=_EXP_FLOOR).exp_()
+        return torch.add(u, v, out=out).mul_(e)
+
+
 class Reductions(NamedTuple):
     """What a loss needs of the logits x = s*A*B^T: row and column LSEs of m * x ([K, rows],
     [K, cols] for the plan's K multipliers) and, for symmetric plans, the pairs' logits x_ii of
@@ -172,9 +224,17 @@ class _TiledLSE(torch.autograd.Function):
         cols = a.new_full((len(plan.multipliers), plan.width[1]), -math.inf)
         pairs = a.new_zeros(plan.width[0] if plan.symmetric else 0)
         scratch = _Scratch(a, plan, 3 if len(plan.multipliers) > 1 else 2)
+        shared = _Shared(a)
         for r, c, r_in, c_in in plan.blocks():
             x = plan.logits(scratch.scaled_rows(r, scale), b, r, c, scratch(0, r, c), pairs)
             rr, cc = _local(r, plan.rows), _local(c, plan.cols)
+            both = None
+            if r_in and c_in and plan.multipliers == (1.0,) and shared.enabled:
+                both = shared.lse_both(x, scratch(1, r, c))
+            if both is not None:
+                rows[0, rr] = torch.logaddexp(rows[0, rr], both[0])
+                cols[0, cc] = torch.logaddexp(cols[0, cc], both[1])
+                continue
             for k, m in enumerate(plan.multipliers):
                 xm = x if m == 1 else torch.mul(x, m, out=scratch(2, r, c))
                 if r_in:
@@ -192,6 +252,7 @@ class _TiledLSE(torch.autograd.Function):
         scale = logit_scale.exp().item()
         da, db = torch.zeros_like(a), torch.zeros_like(b)
         scratch = _Scratch(a, plan, 2 if len(plan.multipliers) == 1 else 4)
+        shared = _Shared(a)
         for r, c, r_in, c_in in plan.blocks():
             a_scaled = scratch.scaled_rows(r, scale)
             x = plan.logits(a_scaled, b, r, c, scratch(0, r, c))
@@ -200,7 +261,11 @@ class _TiledLSE(torch.autograd.Function):
             for k, m in enumerate(plan.multipliers):
                 terms += [(m, lse_rows[k, rr, None], g_rows[k, rr, None])] if r_in else []
                 terms += [(m, lse_cols[k, None, cc], g_cols[k, None, cc])] if c_in else []
-            g = _logit_grad(x, terms, *(scratch(i, r, c) for i in range(1, len(scratch.flat))))
+            g = None
+            if len(terms) == 2 and plan.multipliers == (1.0,) and shared.enabled:
+                g = shared.softmax_sum(x, *terms[0][1:], *terms[1][1:], scratch(1, r, c))
+            if g is None:
+                g = _logit_grad(x, terms, *(scratch(i, r, c) for i in range(1, len(scratch.flat))))
             if plan.on_diagonal(r, c):
                 g.diagonal().add_(g_pairs[rr])
             da[r].addmm_(g, b[c])

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from train import tiled
 from train.config import LOSS_KINDS, LossConfig
 from train.loss import (
     DEFAULT_BLOCK_SIZE,
@@ -220,6 +221,41 @@ def test_tiled_clip_equals_plain_in_float32_and_both_are_near_float64(n, block_s
     for t, p, e in zip(tiled_grads, plain_grads, exact_grads, strict=True):
         assert rel_err(t, p) <= 1e-5
         assert rel_err(t.double(), e) <= 1e-5 and rel_err(p.double(), e) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "span, log_scale, dim",
+    [
+        (tiled._SHARED_SPAN, math.log(14.3), 64),  # CLIP's initial scale: every block shares
+        (math.inf, math.log(14.3), 64),  # sharing forced
+        (0.0, math.log(14.3), 64),  # sharing never passes the check
+        (tiled._SHARED_SPAN, math.log(100.0), 4),  # spread-out logits: some blocks fall back
+        (0.0, math.log(100.0), 4),
+    ],
+)
+def test_both_ways_of_reducing_a_block_equal_plain(monkeypatch, span, log_scale, dim):
+    """Blocks reduce row and column LSEs with one shared exp pass when their logits are close
+    together, direction by direction otherwise; both must give plain's loss and gradients."""
+    monkeypatch.setattr(tiled, "_SHARED_SPAN", span)
+    inputs = leaves(300, dim, seed=11, dtype=torch.float32, log_scale=log_scale)[:3]
+    plain, plain_grads = value_and_grads(clip_loss, inputs, implementation="plain")
+    ours, grads = value_and_grads(clip_loss, inputs, implementation="tiled", block_size=64)
+    exact, exact_grads = value_and_grads(
+        clip_loss, [x.detach().double().requires_grad_() for x in inputs], implementation="plain"
+    )
+    assert rel_err(ours, plain) <= 1e-5 and rel_err(ours.double(), exact) <= 1e-5
+    for t, p, e in zip(grads, plain_grads, exact_grads, strict=True):
+        assert rel_err(t, p) <= 1e-5 and rel_err(t.double(), e) <= 1e-5
+
+
+def test_spread_out_logits_fail_the_shared_check_and_close_ones_pass():
+    close = torch.randn(64, 64) * 3
+    spread = close.clone()
+    spread[0] -= 60  # one row far below the block's maximum
+    for x, expect in ((close, True), (spread, False)):
+        shared = tiled._Shared(x)
+        assert (shared.lse_both(x, torch.empty_like(x)) is not None) == expect
+        assert torch.equal(x, close if expect else spread)  # x itself is left as it was
 
 
 @pytest.mark.parametrize("kind", list(CASES))
