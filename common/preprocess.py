@@ -44,15 +44,12 @@ def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
             return image.convert("RGB")
     except InvalidImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own limit, met in Image.open when max_pixels is above it: still "too large"
+        raise ImageTooLargeError(f"image is over PIL's pixel limit: {exc}") from None
     except Image.UnidentifiedImageError:
         raise InvalidImageError("not a decodable image: unknown or corrupt image format") from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"not a decodable image: {exc}") from exc
 
 

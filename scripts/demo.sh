@@ -30,8 +30,8 @@ $BIN/torchrun --standalone --nproc_per_node=2 -m train --recipe demo --resume \
   --set data.val_shards="$VAL" --set data.zeroshot_file="$DATA/zeroshot.json"
 echo "training took $(( $(date +%s) - start )) s"
 
-step "3/5 held-out evaluation ($RUN/eval.json)"
-$BIN/python scripts/summarize_run.py "$RUN"
+step "3/5 the run: figures, held-out evaluation ($RUN/eval.json) and curves ($RUN/report.png)"
+$BIN/python -m train.report "$RUN"
 
 step "4/5 FAISS index of the held-out images -> $RUN/index"
 $BIN/python -m serve.build_index --model "$RUN/artifact" --data "$VAL" --out "$RUN/index"

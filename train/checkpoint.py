@@ -1,19 +1,24 @@
 """Resumable checkpoints (atomic writes, keep-last-k, fall back past a broken one) and export.
 
-A checkpoint is one file `RUN_DIR/checkpoints/step-00000123.pt` holding the model and optimizer
-state, the scheduler, the step, the data epoch and the config. It is written to a temporary file,
-fsynced, then renamed, so a crash leaves either the old or the new file, never half of one.
+A checkpoint is one file `RUN_DIR/checkpoints/step-00000123.pt` holding the model, optimizer,
+scheduler and grad-scaler state, the step, the config, and per rank the RNG states, the data
+stream's position and the skip counts. It is written to a temporary file, fsynced, renamed, and
+the directory fsynced, so a crash leaves either the old or the new file, never half of one; a
+newest file that is unreadable anyway (a disk fault, a copy cut short) is passed over for the
+one before it, with a warning naming it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.artifact import write_artifact
@@ -57,6 +62,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep_last:
         os.close(dir_fd)
     for old in list_checkpoints(ckpt_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for stale in ckpt_dir.glob(".step-*.pt.*"):  # temp files of a save that was killed
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -65,11 +72,32 @@ def load_latest(ckpt_dir: Path) -> tuple[dict[str, Any], Path] | None:
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("not a checkpoint: no step")
         except Exception as exc:  # a truncated or corrupt file: any unpickling error
             log.warning("checkpoint %s is unreadable (%s); trying the previous one", path, exc)
             continue
         return state, path
     return None
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG a rank draws from: Python's, NumPy's, torch's CPU one and its CUDA device's."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what `rng_state` saved (the CUDA state only onto a CUDA device)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def export_model(model: DualEncoder, out_dir: Path, provenance: dict[str, Any]) -> Path:

@@ -20,7 +20,20 @@ def _require(ok: bool, name: str, message: str) -> None:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     train_shards: str = "data/synth/train/shard-{000000..000015}.tar"
-    """Training shards: webdataset URLs with brace ranges, several sources joined by '::'."""
+    """Training shards: paths or webdataset URLs (`pipe:CMD` reads CMD's stdout) with brace
+    ranges; several sources joined by '::'."""
+    train_weights: tuple[float, ...] = ()
+    """One sampling weight per '::' source of train_shards: samples are interleaved in these
+    proportions. Empty: the sources are one shard list, each shard read once per epoch."""
+    resampled: bool = False
+    """Draw shards with replacement, endlessly (an epoch is then samples_per_epoch samples);
+    False: every shard is read once per epoch, in a new order each epoch."""
+    samples_per_epoch: int = 0
+    """Samples in one epoch; 0 = count them from sizes.json, img2dataset's *_stats.json or a
+    scan of the local tars. Needed with resampled=True for remote shards."""
+    shard_retries: int = 2
+    """Retries of a shard that cannot be opened or read (e.g. its pipe command fails) before it
+    is skipped with a warning and counted as skipped/failed_shard."""
     val_shards: str = "data/synth/val/shard-{000000..000001}.tar"
     """Held-out shards for evaluation ('' to skip retrieval evaluation)."""
     zeroshot_file: str = "data/synth/zeroshot.json"
@@ -40,6 +53,19 @@ class DataConfig:
         _require(self.workers >= 0, "data.workers", "must be >= 0")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+        sources = [part for part in self.train_shards.split("::") if part.strip()]
+        _require(
+            not self.train_weights or len(self.train_weights) == len(sources),
+            "data.train_weights",
+            f"has {len(self.train_weights)} weights for {len(sources)} '::' sources",
+        )
+        _require(
+            all(math.isfinite(w) and w > 0 for w in self.train_weights),
+            "data.train_weights",
+            "every weight must be a finite number > 0",
+        )
+        _require(self.samples_per_epoch >= 0, "data.samples_per_epoch", "must be >= 0")
+        _require(self.shard_retries >= 0, "data.shard_retries", "must be >= 0")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -134,6 +160,18 @@ class OptimConfig:
     """Linear warmup from 0 to lr; then cosine decay to 0 at the last step."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this (0 = no clipping)."""
+    grad_cache_chunk: int = 0
+    """GradCache (0 = off): embed the per-rank batch in chunks of this many samples without a
+    graph, take the exact loss over the whole global batch, then re-run each chunk with its graph
+    and back-propagate the cached feature gradients. Same loss and gradient as one pass over the
+    batch, with the activation memory of one chunk, for about 1.3x the compute."""
+    accum_steps: int = 1
+    """Plain gradient accumulation: split the per-rank batch into this many micro-batches, each a
+    separate loss whose negatives are only that micro-batch's (across ranks). That CHANGES a
+    contrastive loss (fewer negatives); grad_cache_chunk keeps it exact."""
+    max_consecutive_nonfinite: int = 10
+    """Steps with a non-finite loss or gradient are skipped and counted; this many in a row stop
+    the run with an error naming the steps."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "optim.lr", "must be > 0")
@@ -143,6 +181,54 @@ class OptimConfig:
         )
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0")
+        _require(self.grad_cache_chunk >= 0, "optim.grad_cache_chunk", "must be >= 0 (0 = off)")
+        _require(self.accum_steps >= 1, "optim.accum_steps", "must be >= 1 (1 = off)")
+        _require(
+            not (self.grad_cache_chunk and self.accum_steps > 1),
+            "optim.grad_cache_chunk",
+            "cannot be combined with optim.accum_steps > 1: choose one way to split the batch",
+        )
+        _require(
+            self.max_consecutive_nonfinite >= 1, "optim.max_consecutive_nonfinite", "must be >= 1"
+        )
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLELISMS = ("ddp", "fsdp")
+
+
+@dataclass(kw_only=True, slots=True)
+class ComputeConfig:
+    precision: str = "fp32"
+    """fp32; bf16: autocast on CPU and GPU; fp16: autocast with loss scaling (GPU only). Weights,
+    optimizer state and the loss itself stay float32."""
+    grad_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward (open_clip's switch): less
+    memory, ~30% more compute. Combines with grad_cache_chunk."""
+    compile: bool = False
+    """torch.compile the model (the first steps are slow while it compiles)."""
+    channels_last: bool = True
+    """Channels-last images and weights for convolutional image towers on GPU, where it is
+    faster; ignored for transformer towers and on CPU."""
+    parallel: str = "ddp"
+    """ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state are
+    sharded over ranks (torch's fully_shard), for models too big to replicate."""
+    ddp_static_graph: bool = True
+    """Tell DDP the graph is the same every step (true for these models), so it can skip
+    per-step bookkeeping. Applied only with one backward per step: DDP's static graph does not
+    survive no_sync, which GradCache and accumulation use."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.precision in PRECISIONS,
+            "compute.precision",
+            f"must be one of {', '.join(PRECISIONS)}",
+        )
+        _require(
+            self.parallel in PARALLELISMS,
+            "compute.parallel",
+            f"must be one of {', '.join(PARALLELISMS)}",
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -160,16 +246,20 @@ class CheckpointConfig:
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
     every_steps: int = 0
-    """Evaluate every this many steps (0 = only at the end)."""
+    """Evaluate every this many steps (0 = only at the end), on rank 0 while the others wait;
+    each evaluation is a line of RUN_DIR/eval.jsonl, the final one also RUN_DIR/eval.json."""
     recall_at: tuple[int, ...] = (1, 5, 10)
     """The k of image<->text recall@k."""
     batch_size: int = 256
     """Images/texts per forward pass during evaluation."""
+    chunk_rows: int = 1024
+    """Query rows per block of similarity scores: memory is chunk_rows x N, never N x N."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 0, "eval.every_steps", "must be >= 0")
         _require(all(k >= 1 for k in self.recall_at), "eval.recall_at", "every k must be >= 1")
         _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.chunk_rows >= 1, "eval.chunk_rows", "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,6 +287,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -205,6 +296,26 @@ class TrainConfig:
         _require(self.steps >= 1, "steps", "must be >= 1")
         _require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda")
         _require(bool(self.run_dir), "run_dir", "must be set")
+        self._check_across_sections()
+
+    def _check_across_sections(self) -> None:
+        """Rules between sections: the batch splits must fit the batch; fp16 needs a GPU."""
+        batch, optim = self.data.batch_size_per_rank, self.optim
+        _require(
+            batch % optim.accum_steps == 0,
+            "optim.accum_steps",
+            f"must divide data.batch_size_per_rank ({batch}) into equal micro-batches",
+        )
+        _require(
+            optim.grad_cache_chunk <= batch,
+            "optim.grad_cache_chunk",
+            f"must be <= data.batch_size_per_rank ({batch})",
+        )
+        _require(
+            not (self.compute.precision == "fp16" and self.device == "cpu"),
+            "compute.precision",
+            "fp16 needs a CUDA device (loss scaling is GPU only); use bf16 on CPU",
+        )
 
     @property
     def init_logit_scale(self) -> float:

@@ -1,134 +1,211 @@
-"""The training data pipeline: webdataset 1.x stages, each a small named function.
+"""The training data pipeline: per-worker sample streams that resume exactly where they stopped.
 
-shard list -> per-epoch shard shuffle -> split by rank -> split by worker -> tar -> samples
--> sample shuffle -> decode + augment (bad samples skipped and counted) -> batch + tokenize
+Per epoch, for each source: shard list -> shuffle (seed, epoch) -> split by rank -> split by
+worker (or, resampled: shards drawn with replacement) -> tar -> raw samples. Then, per worker:
+sources interleaved by weight -> shuffle buffer (those stages: train/sampling.py) -> [replay:
+skip what was delivered before a resume] -> decode + augment (bad samples skipped and counted)
+-> batch + tokenize.
 
-Every batch carries the number of samples its worker skipped since its previous batch, by reason,
-so that the trainer can count them across worker processes and ranks.
+Every random choice (shard order, shard draws, source draws, the shuffle buffer, each sample's
+augmentation) comes from a generator seeded by (seed, epoch, rank, worker[, position]), so a
+worker's stream is a function of those alone. The rank's `DataPosition` records how many raw
+samples each worker had delivered; a resumed worker replays its raw samples up to there
+without decoding them, and every batch after the resume point is the one the uninterrupted run
+would have made. Each batch carries the counts its worker skipped since its previous batch.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import dataclasses
 import itertools
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common.preprocess import InvalidImageError, Tokenizer, Transform, load_image
-from common.shards import expand_urls, raw_samples
+from common.preprocess import (
+    ImageTooLargeError,
+    InvalidImageError,
+    Tokenizer,
+    Transform,
+    load_image,
+)
+from common.shards import SampleError, count_samples, to_raw_sample
 from train.config import DataConfig
+from train.sampling import (
+    Reader,
+    Source,
+    data_sources,
+    derived_seed,
+    skip_delivered,
+    worker_samples,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class Batch:
     images: torch.Tensor  # [B, 3, H, W]
     tokens: torch.Tensor  # [B, L]
-    skipped: dict[
-        str, int
-    ]  # samples skipped (by reason) by this batch's worker since its last batch
+    skipped: dict[str, int]
+    """Samples (and shards) skipped, by reason, since the previous batch of this rank."""
+    worker: int = 0
+    """The (logical) worker that made it."""
+    consumed: int = 0
+    """Raw samples that worker had taken from its shuffled stream once this batch was full."""
 
 
-def shuffled_shards(urls: list[str], seed: int, epoch: int) -> list[str]:
-    """The same shard order on every rank for a given (seed, epoch), different across epochs."""
-    order = list(urls)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+@dataclass(slots=True)
+class WorkerEnd:
+    """A worker's stream for the epoch is over: its final position and its last skip counts."""
+
+    worker: int
+    consumed: int
+    skipped: dict[str, int]
 
 
-def split_by_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
-    """Every world_size-th shard, so ranks read disjoint shards."""
-    return urls[rank::world_size]
+@dataclass(slots=True)
+class DataPosition:
+    """Where a rank's stream stands; a checkpoint of it resumes the stream exactly."""
+
+    epoch: int = 0
+    batches: int = 0
+    """Batches this rank delivered in the epoch."""
+    next_worker: int = 0
+    """The logical worker whose item comes next (the DataLoader takes workers round robin)."""
+    consumed: list[int] = field(default_factory=list)
+    """Per logical worker: raw samples taken from its shuffled stream."""
+    worker_batches: list[int] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+    """Per logical worker: its stream for the epoch has ended."""
+
+    @classmethod
+    def start_of(cls, epoch: int, workers: int) -> DataPosition:
+        return cls(epoch, 0, 0, [0] * workers, [0] * workers, [False] * workers)
 
 
-def split_by_worker(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Within a rank, each DataLoader worker takes every num_workers-th shard."""
-    info = get_worker_info()
-    if info is None:
-        yield from src
-    else:
-        yield from itertools.islice(src, info.id, None, info.num_workers)
-
-
-def count_shard_error(skipped: Counter[str], exc: Exception) -> bool:
-    """webdataset handler: an unreadable shard or tar member is counted and skipped."""
-    skipped["unreadable_shard_data"] += 1
-    log.warning("skipping unreadable shard data: %s", exc)
-    return True
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's and Python's global RNGs seeded for one sample, restored afterwards: open_clip's
+    random transforms draw from them, and a training process (workers=0) must not notice."""
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs ~1 ms
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
 
 
 def decode_samples(
-    src: Iterable[dict[str, Any]], skipped: Counter[str], transform: Transform, max_pixels: int
-) -> Iterator[tuple[torch.Tensor, str]]:
-    """Raw samples -> (augmented image tensor, caption); corrupt images skipped and counted."""
-    for sample in raw_samples(src, skipped):
-        try:
-            image = load_image(sample.image, max_pixels=max_pixels)
-        except InvalidImageError as exc:
-            skipped["corrupt_image"] += 1
-            log.debug("skipped sample %s: %s", sample.key, exc)
-            continue
-        yield transform(image), sample.caption
-
-
-def batch_samples(
-    src: Iterable[tuple[torch.Tensor, str]],
+    src: Iterable[tuple[int, dict[str, Any]]],
     skipped: Counter[str],
-    tokenize: Tokenizer,
-    batch_size: int,
-) -> Iterator[Batch]:
-    """Full batches only (a partial batch would give ranks different sizes); tokenized at once."""
-    images: list[torch.Tensor] = []
-    captions: list[str] = []
-    for image, caption in src:
-        images.append(image)
-        captions.append(caption)
-        if len(images) == batch_size:
+    transform: Transform,
+    max_pixels: int,
+    reader: Reader,
+) -> Iterator[tuple[torch.Tensor, str]]:
+    """(position, raw sample) -> (augmented image, caption); bad samples skipped and counted.
+
+    The augmentation of the sample at `position` is seeded by (seed, epoch, rank, worker,
+    position), so it is the same whichever run (first or resumed) makes it.
+    """
+    for position, sample in src:
+        try:
+            raw = to_raw_sample(sample)
+            image = load_image(raw.image, max_pixels=max_pixels)
+        except SampleError as exc:
+            skipped[exc.reason] += 1
+            log.debug("skipped: %s", exc)
+            continue
+        except InvalidImageError as exc:
+            reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "corrupt_image"
+            skipped[reason] += 1
+            log.debug("skipped sample %s (%s): %s", raw.key, reason, exc)
+            continue
+        with seeded(reader.sample_seed(position)):
+            image_tensor = transform(image)
+        yield image_tensor, raw.caption
+
+
+class EpochData(IterableDataset):
+    """One epoch of a rank's data: DataLoader worker i plays logical worker (i + rotation) % W.
+
+    The rotation makes the worker whose batch is due next come first after a resume, so the
+    DataLoader's round robin continues the order of the interrupted run.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        sources: list[Source],
+        transform: Transform,
+        tokenize: Tokenizer,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        position: DataPosition,
+        batch_quota: list[int] | None,
+    ) -> None:
+        self.cfg, self.sources = cfg, sources
+        self.transform, self.tokenize = transform, tokenize
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.position = position
+        self.batch_quota = batch_quota  # resampled: batches per logical worker in the epoch
+
+    def __iter__(self) -> Iterator[Batch | WorkerEnd]:
+        info = get_worker_info()
+        loader_worker = 0 if info is None else info.id
+        workers = len(self.position.consumed)
+        worker = (loader_worker + self.position.next_worker) % workers
+        if self.position.done[worker]:
+            return
+        reader = Reader(self.seed, self.position.epoch, self.rank, self.world_size, worker, workers)
+        yield from self.worker_stream(reader)
+
+    def worker_stream(self, reader: Reader) -> Iterator[Batch | WorkerEnd]:
+        """Batches of one logical worker from its recorded position, then its WorkerEnd."""
+        w, size = reader.worker, self.cfg.batch_size_per_rank
+        skipped: Counter[str] = Counter()
+        cursor = [self.position.consumed[w]]  # raw samples taken so far
+        raw = worker_samples(self.cfg, self.sources, reader, skipped)
+        samples = skip_delivered(raw, cursor[0], skipped)
+        decoded = decode_samples(
+            _tracked(samples, cursor), skipped, self.transform, self.cfg.max_image_pixels, reader
+        )
+        quota = self.batch_quota
+        batches_left = None if quota is None else quota[w] - self.position.worker_batches[w]
+        while batches_left is None or batches_left > 0:
+            chunk = list(itertools.islice(decoded, size))
+            if len(chunk) < size:  # only full batches: a partial one would differ across ranks
+                break
+            images, captions = zip(*chunk, strict=True)
             delta = dict(skipped)
             skipped.clear()
-            yield Batch(torch.stack(images), tokenize(captions), delta)
-            images, captions = [], []
+            yield Batch(torch.stack(images), self.tokenize(list(captions)), delta, w, cursor[0])
+            batches_left = None if batches_left is None else batches_left - 1
+        yield WorkerEnd(w, cursor[0], dict(skipped))
 
 
-def epoch_pipeline(
-    cfg: DataConfig,
-    urls: list[str],
-    transform: Transform,
-    tokenize: Tokenizer,
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-) -> wds.DataPipeline:
-    """One epoch over this rank's shards as a webdataset pipeline (an IterableDataset)."""
-    skipped: Counter[str] = Counter()
-    worker_seed = seed * 1_000_003 + epoch * 1_009 + rank
-    return wds.DataPipeline(
-        wds.SimpleShardList(split_by_rank(shuffled_shards(urls, seed, epoch), rank, world_size)),
-        split_by_worker,
-        wds.tarfile_to_samples(handler=functools.partial(count_shard_error, skipped)),
-        wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), seed=worker_seed),
-        functools.partial(
-            decode_samples, skipped=skipped, transform=transform, max_pixels=cfg.max_image_pixels
-        ),
-        functools.partial(
-            batch_samples, skipped=skipped, tokenize=tokenize, batch_size=cfg.batch_size_per_rank
-        ),
-    )
+def _tracked(src: Iterable[tuple[int, T]], cursor: list[int]) -> Iterator[tuple[int, T]]:
+    """Pass (position, item) on, keeping cursor[0] = items taken, for the batch's position."""
+    for position, item in src:
+        cursor[0] = position + 1
+        yield position, item
 
 
 class TrainBatches:
-    """An endless stream of this rank's batches, epoch after epoch, with its epoch counter."""
+    """An endless stream of this rank's batches, epoch after epoch, resumable from `state_dict`."""
 
     def __init__(
         self,
@@ -140,49 +217,173 @@ class TrainBatches:
         rank: int,
         world_size: int,
         start_epoch: int = 0,
+        state: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.urls = expand_urls(cfg.train_shards)
-        if len(self.urls) < world_size:
-            raise ValueError(
-                f"data.train_shards has {len(self.urls)} shards for {world_size} ranks: "
-                "each rank needs at least one shard (more shards, or fewer processes)"
-            )
+        self.sources = data_sources(cfg)
+        if not cfg.resampled:
+            for source in self.sources:
+                if len(source.urls) < world_size:
+                    raise ValueError(
+                        f"data.train_shards: {source.spec!r} has {len(source.urls)} shards for "
+                        f"{world_size} ranks: in epoch mode each rank needs at least one shard "
+                        "of every source (more shards, fewer processes, or data.resampled=true)"
+                    )
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch = start_epoch
+        self.workers = max(1, cfg.workers)  # logical workers; workers=0 reads in this process
+        self.samples_per_epoch, counted_from = self._samples_per_epoch()
+        global_batch = cfg.batch_size_per_rank * world_size
+        self.steps_per_epoch = (
+            None if self.samples_per_epoch is None else self.samples_per_epoch // global_batch
+        )
+        if cfg.resampled and not self.steps_per_epoch:
+            raise ValueError(
+                f"data.samples_per_epoch ({self.samples_per_epoch}) is less than one global batch "
+                f"({global_batch}): resampled epochs need at least one step"
+            )
+        self.position = DataPosition.start_of(start_epoch, self.workers)
+        if state is not None:
+            self.load_state_dict(state)
+        self._log_plan(counted_from, global_batch)
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
+
+    def _samples_per_epoch(self) -> tuple[int | None, str]:
+        if self.cfg.samples_per_epoch:
+            return self.cfg.samples_per_epoch, "data.samples_per_epoch"
+        found = count_samples([url for source in self.sources for url in source.urls])
+        if found is None and self.cfg.resampled:
+            raise ValueError(
+                "data.resampled=true with remote shards needs data.samples_per_epoch "
+                "(the sample count cannot be read from pipe: or network URLs)"
+            )
+        return (None, "unknown: remote shards") if found is None else (found.samples, found.method)
+
+    def _log_plan(self, counted_from: str, global_batch: int) -> None:
+        sources = "; ".join(
+            f"{s.spec} ({len(s.urls)} shards, weight {s.weight:g})" for s in self.sources
+        )
+        mode = "resampled (shards drawn with replacement)" if self.cfg.resampled else "epoch"
+        steps = "?" if self.steps_per_epoch is None else self.steps_per_epoch
+        approx = "" if self.cfg.resampled else "~"
+        log.info(
+            "data: %s; %s mode; %s samples per epoch (%s); %s%s steps per epoch at global batch %d",
+            sources,
+            mode,
+            self.samples_per_epoch if self.samples_per_epoch is not None else "?",
+            counted_from,
+            approx,
+            steps,
+            global_batch,
+        )
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What fixes the raw sample order: a position means nothing if any of it changed."""
+        cfg = self.cfg
+        return {
+            "train_shards": cfg.train_shards,
+            "train_weights": list(cfg.train_weights),
+            "resampled": cfg.resampled,
+            "samples_per_epoch": self.samples_per_epoch,
+            "batch_size_per_rank": cfg.batch_size_per_rank,
+            "shuffle_buffer": cfg.shuffle_buffer,
+            "workers": self.workers,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": dataclasses.asdict(self.position), "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position; if the data setup changed, at the next epoch."""
+        position = DataPosition(**state["position"])
+        changed = {k: v for k, v in self._fingerprint().items() if state["fingerprint"].get(k) != v}
+        if changed:
+            log.warning(
+                "rank %d: the data setup changed since the checkpoint (%s): the stream restarts "
+                "at data epoch %d instead of resuming inside epoch %d",
+                self.rank,
+                ", ".join(sorted(changed)),
+                position.epoch + 1,
+                position.epoch,
+            )
+            position = DataPosition.start_of(position.epoch + 1, self.workers)
+        self.position = position
+
+    def _batch_quota(self) -> list[int] | None:
+        """Resampled: the epoch's steps, split over the logical workers; epoch mode: None."""
+        if not self.cfg.resampled:
+            return None
+        assert self.steps_per_epoch is not None
+        share, extra = divmod(self.steps_per_epoch, self.workers)
+        return [share + (worker < extra) for worker in range(self.workers)]
 
     def _loader(self) -> DataLoader:
-        pipeline = epoch_pipeline(
+        dataset = EpochData(
             self.cfg,
-            self.urls,
+            self.sources,
             self.transform,
             self.tokenize,
             seed=self.seed,
-            epoch=self.epoch,
             rank=self.rank,
             world_size=self.world_size,
+            position=DataPosition(**dataclasses.asdict(self.position)),  # a snapshot
+            batch_quota=self._batch_quota(),
         )
         workers = self.cfg.workers
         return DataLoader(
-            pipeline,
+            dataset,
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             pin_memory=False,
+            # its own generator: making worker seeds must not draw from the global RNG
+            generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank)),
         )
 
     def __iter__(self) -> Iterator[Batch]:
+        pending: Counter[str] = Counter()  # skips reported by WorkerEnds, for the next batch
         while True:
-            produced = 0
-            for batch in self._loader():
-                produced += 1
-                yield batch
-            if produced == 0:
-                raise RuntimeError(
-                    f"rank {self.rank}: epoch {self.epoch} produced no full batch of "
-                    f"{self.cfg.batch_size_per_rank} from {len(self.urls)} shards; "
-                    "check data.train_shards, or lower data.batch_size_per_rank"
+            pos = self.position
+            if pos.batches == 0 and not any(pos.consumed):
+                log.info("rank %d: data epoch %d begins", self.rank, pos.epoch)
+            else:
+                log.info(
+                    "rank %d: data epoch %d resumes after batch %d (raw samples replayed "
+                    "undecoded: %d)",
+                    self.rank,
+                    pos.epoch,
+                    pos.batches,
+                    sum(pos.consumed),
                 )
-            log.info("rank %d finished data epoch %d (%d batches)", self.rank, self.epoch, produced)
-            self.epoch += 1
+            for item in self._loader():
+                pos.next_worker = (item.worker + 1) % self.workers
+                pos.consumed[item.worker] = item.consumed
+                pending.update(item.skipped)
+                if isinstance(item, WorkerEnd):
+                    pos.done[item.worker] = True
+                    continue
+                pos.worker_batches[item.worker] += 1
+                pos.batches += 1
+                item.skipped = dict(pending)
+                pending.clear()
+                yield item
+            if pos.batches == 0:
+                raise RuntimeError(
+                    f"rank {self.rank}: epoch {pos.epoch} produced no full batch of "
+                    f"{self.cfg.batch_size_per_rank} from {sum(len(s.urls) for s in self.sources)}"
+                    " shards; check data.train_shards, or lower data.batch_size_per_rank"
+                )
+            log.info(
+                "rank %d finished data epoch %d (%d batches, %d raw samples read)",
+                self.rank,
+                pos.epoch,
+                pos.batches,
+                sum(pos.consumed),
+            )
+            self.position = DataPosition.start_of(pos.epoch + 1, self.workers)

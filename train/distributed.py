@@ -1,16 +1,28 @@
-"""Process group set-up, feature gathering with gradient, and DDP wrapping."""
+"""Process group set-up, feature gathering with gradient, and DDP / FSDP wrapping."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from train.config import LossConfig
@@ -65,12 +77,127 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP for several processes (no device_ids on CPU, where DDP must not be given any)."""
+def wrap_model(
+    model: nn.Module, info: DistInfo, *, parallel: str = "ddp", static_graph: bool = False
+) -> nn.Module:
+    """DDP or FSDP for several processes; the model itself for one.
+
+    DDP gets no device_ids on CPU, where it must not be given any. FSDP (`shard_model`) shards
+    `model` in place and returns it: build the optimizer after this call, over its parameters.
+    """
     if not info.enabled:
         return model
+    if parallel == "fsdp":
+        return shard_model(model)
+    if parallel != "ddp":
+        raise ValueError(f"compute.parallel: unknown parallelism {parallel!r}")
     device_ids = [info.local_rank] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, static_graph=static_graph)
+
+
+_SHARD_UNITS = (ResidualAttentionBlock, CustomResidualAttentionBlock)
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2: each transformer block is a unit (gathered for its own forward and backward only),
+    the rest of the model the root unit.
+
+    fully_shard cannot shard 0-d parameters (the temperature, SigLIP's bias): they stay whole on
+    every rank, and `sync_replicated_grads` averages their gradients after backward.
+    """
+    for module in model.modules():
+        if isinstance(module, _SHARD_UNITS):
+            fully_shard(module)
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    fully_shard(model, ignored_params=scalars)
+    # evaluation calls the encoders directly: they gather the root unit's weights like forward
+    for method in ("encode_image", "encode_text"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded by `shard_model`: its state is spread over the ranks."""
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and optimizer's state, whole, for a checkpoint.
+
+    Sharded: a collective that every rank must call; rank 0 gets whole CPU tensors (the model's
+    keys are the unsharded model's; the optimizer's state is keyed by parameter name), the
+    others empty dicts. Otherwise the plain state dicts.
+    """
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    return full_model_state(model), get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+
+
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, Any]:
+    """The model's state with whole tensors (a collective when sharded: rank 0 gets it)."""
+    return get_model_state_dict(model, options=_WHOLE) if is_sharded(model) else model.state_dict()
+
+
+def load_full_state_dicts(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Load what `full_state_dicts` gave (each rank keeps its own shards when sharded)."""
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module DDP wraps (FSDP shards in place: the model is its own module)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Backward passes inside reduce gradients over ranks only if `enabled`.
+
+    With several backward passes per step (GradCache chunks, accumulation) only the last one
+    needs to all-reduce (DDP) or reduce-scatter (FSDP) the accumulated gradients.
+    """
+    if enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def sync_replicated_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average over ranks the gradients FSDP leaves alone (its ignored, unsharded parameters).
+
+    DDP reduces every gradient itself; with one process there is nothing to do.
+    """
+    if not (info.enabled and isinstance(model, FSDPModule)):
+        return
+    for param in model.parameters():
+        if param.grad is not None and not isinstance(param.grad, DTensor):
+            dist.all_reduce(param.grad)
+            param.grad.div_(info.world_size)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -125,23 +252,32 @@ def contrastive_loss(
     samples; multi_positive also gets the global batch's caption labels (equal token ids).
     """
     image_features, text_features, logit_scale, logit_bias = model(images, tokens)
+    return features_loss(image_features, text_features, logit_scale, logit_bias, tokens, info, cfg)
+
+
+def features_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    info: DistInfo,
+    cfg: LossConfig,
+) -> torch.Tensor:
+    """This rank's loss from its features [n, D] (and tokens, for multi_positive's labels).
+
+    Always float32, outside autocast: the features may come from a bf16/fp16 forward, but
+    log-sum-exps over thousands of logits need float32's mantissa.
+    """
     n = image_features.shape[0]
     labels = caption_labels(gather(tokens, info)) if cfg.kind == "multi_positive" else None
-    return rank_loss(
-        cfg,
-        gather_with_grad(image_features, info),
-        gather_with_grad(text_features, info),
-        logit_scale,
-        logit_bias,
-        rows=slice(info.rank * n, (info.rank + 1) * n),
-        labels=labels,
-    )
-
-
-def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of a (detached) scalar over ranks, e.g. the global loss for logging."""
-    if not info.enabled:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / info.world_size
+    with torch.autocast(image_features.device.type, enabled=False):
+        return rank_loss(
+            cfg,
+            gather_with_grad(image_features.float(), info),
+            gather_with_grad(text_features.float(), info),
+            logit_scale.float(),
+            None if logit_bias is None else logit_bias.float(),
+            rows=slice(info.rank * n, (info.rank + 1) * n),
+            labels=labels,
+        )

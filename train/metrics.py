@@ -1,4 +1,10 @@
-"""One metrics sink for a run: JSONL in the run directory plus TensorBoard, on rank 0 only."""
+"""One metrics sink for a run: JSONL in the run directory plus TensorBoard, on rank 0 only.
+
+RUN_DIR/metrics.jsonl   every record: {"step", "time", "train/loss", ...} or {"eval/...": ...}
+RUN_DIR/eval.jsonl      one line per evaluation: {"step", "time", "samples", "zeroshot_top1", ...}
+RUN_DIR/eval.json       the final evaluation
+RUN_DIR/tensorboard/    the same scalars, for TensorBoard
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
         self.enabled = enabled
+        self.run_dir = run_dir
         self._file = None
         self._writer = None
         if not enabled:
@@ -42,6 +49,18 @@ class MetricsLogger:
             for name, value in values.items():
                 if isinstance(value, int | float):
                     self._writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def log_eval(self, step: int, results: dict[str, float], *, final: bool = False) -> None:
+        """An evaluation: metrics.jsonl + TensorBoard (prefix eval/), a line of eval.jsonl, and
+        for the final one eval.json, so a run's eval curve is readable without parsing all logs."""
+        self.log(step, results, prefix="eval")
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **results}
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if final:
+            (self.run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def close(self) -> None:
         if self._file is not None:

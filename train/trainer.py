@@ -21,18 +21,24 @@ from common.model import DualEncoder, build_model
 from common.preprocess import image_transform, preprocess_config, tokenizer
 from common.shards import SKIP_REASONS
 from train import checkpoint
+from train.compute import Precision, prepare_model, uses_channels_last
 from train.config import OptimConfig, TrainConfig
 from train.data import Batch, TrainBatches
 from train.distributed import (
     DistInfo,
     close_distributed,
-    contrastive_loss,
+    full_model_state,
+    full_state_dicts,
     init_distributed,
-    mean_over_ranks,
+    is_sharded,
+    load_full_state_dicts,
+    sync_replicated_grads,
     wrap_model,
 )
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
+from train.stability import NonFiniteGuard, clip_grad_norm, model_is_finite
+from train.step import forward_backward
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +92,34 @@ class Trainer:
             init_logit_bias=cfg.loss.init_logit_bias,  # SigLIP's learned bias; None otherwise
         )
         self.model.train()
+        self.precision = Precision(cfg.compute.precision, self.dist.device)
+        prepare_model(self.model, cfg.compute, self.dist.device)
+        self.channels_last = uses_channels_last(self.model, cfg.compute, self.dist.device)
+        # wrapped before the optimizer is built: FSDP replaces the parameters by their shards.
+        # DDP's static graph breaks under no_sync, i.e. with several backward passes per step.
+        one_backward = not cfg.optim.grad_cache_chunk and cfg.optim.accum_steps == 1
+        self.ddp = wrap_model(
+            self.model,
+            self.dist,
+            parallel=cfg.compute.parallel,
+            static_graph=cfg.compute.ddp_static_graph and one_backward,
+        )
+        self.guard = NonFiniteGuard(
+            cfg.optim.max_consecutive_nonfinite,
+            self.dist,
+            scaled_fp16=self.precision.scaler is not None,
+        )
+        self.grad_norm = torch.zeros(())
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(cfg.optim.warmup_steps, cfg.steps)
         )
-        self.step, self.data_epoch, self.skipped = 0, 0, Counter[str]()
+        self.step, self.skipped = 0, Counter[str]()
+        self.saved_step = -1  # the step whose state is on disk (restored or last saved)
+        self.data_state: dict[str, Any] | None = None  # this rank's stream position, restored
+        self.data_epoch = 0  # where the stream starts without a restored position
         if resume:
             self._restore()
-        self.ddp = wrap_model(self.model, self.dist)
         preprocess = preprocess_config(self.model.clip)
         self.eval_transform = image_transform(preprocess, train=False)
         self.tokenize = tokenizer(cfg.model.name)
@@ -105,6 +131,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             start_epoch=self.data_epoch,
+            state=self.data_state,
         )
         self.metrics = MetricsLogger(
             self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard
@@ -164,24 +191,37 @@ class Trainer:
         return self.run_eval(final=True)
 
     def train_step(self, batch: Batch) -> torch.Tensor:
-        """One optimizer step on this rank's batch; returns the global mean loss (detached)."""
-        device = self.dist.device
-        loss = contrastive_loss(
-            self.ddp, batch.images.to(device), batch.tokens.to(device), self.dist, self.cfg.loss
-        )
-        global_loss = mean_over_ranks(loss.detach(), self.dist)
-        if not torch.isfinite(global_loss):
-            # every rank sees the same global value, so all stop together instead of hanging
-            raise FloatingPointError(
-                f"non-finite loss {global_loss.item()} at step {self.step + 1}"
-            )
+        """One optimizer step on this rank's batch; returns the global mean loss (detached).
+
+        A step whose loss or gradients are non-finite on any rank is skipped on every rank: no
+        optimizer or scheduler step, gradients dropped (train/stability.py).
+        """
+        cfg, device = self.cfg, self.dist.device
+        images = batch.images.to(device)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
-        self.optimizer.step()
+        loss = forward_backward(
+            self.ddp,
+            images,
+            batch.tokens.to(device),
+            self.dist,
+            cfg.loss,
+            self.precision,
+            grad_cache_chunk=cfg.optim.grad_cache_chunk,
+            accum_steps=cfg.optim.accum_steps,
+        )
+        sync_replicated_grads(self.ddp, self.dist)
+        self.precision.unscale_(self.optimizer)
+        self.grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip_norm)
+        global_loss, ok = self.guard.check(self.step + 1, loss, self.grad_norm)
+        if not ok:
+            self.precision.skip()
+            self.optimizer.zero_grad(set_to_none=True)
+            return global_loss
+        self.precision.step(self.optimizer)
         self.scheduler.step()
-        self.model.clamp_logit_scale(self.cfg.loss.max_logit_scale)
+        self.model.clamp_logit_scale(cfg.loss.max_logit_scale)
         return global_loss
 
     def _skipped_over_ranks(self) -> dict[str, int]:
@@ -199,10 +239,18 @@ class Trainer:
             "logit_scale": self.model.logit_scale.exp().item(),
             "lr": self.scheduler.get_last_lr()[0],
             "samples_per_s": samples_per_s,
+            # ranks step in lockstep (the gather), so each rank's share is an equal part
             "samples_per_s_per_rank": samples_per_s / self.dist.world_size,
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
             "skipped_samples": sum(skipped.values()),
             "data_epoch": self.batches.epoch,
+            "grad_norm": self.grad_norm.item(),
+            "nonfinite_skipped": self.guard.skipped,  # steps skipped: non-finite loss/gradients
         }
+        if self.precision.scaler is not None:
+            stats["loss_scale"] = self.precision.loss_scale
+            stats["loss_scale_skipped"] = self.guard.loss_scale_skipped
         stats.update({f"skipped/{reason}": n for reason, n in skipped.items() if n})
         if stats["skipped_samples"]:
             log.info(
@@ -214,27 +262,55 @@ class Trainer:
         self.metrics.log(self.step, stats)
         return stats
 
-    def state_dict(self) -> dict[str, Any]:
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: RNG states, the data stream's position, skip counts."""
+        return {
+            "rng": checkpoint.rng_state(self.dist.device),
+            "data": self.batches.state_dict(),
+            "skipped": dict(self.skipped),
+        }
+
+    def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The whole resumable state; `ranks` holds every rank's `rank_state`, by rank.
+
+        With FSDP (compute.parallel=fsdp) a collective: every rank calls it, rank 0 gets it.
+        """
+        model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)
         return {
             "step": self.step,
             "data_epoch": self.batches.epoch,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scheduler": self.scheduler.state_dict(),
-            "skipped": dict(self.skipped),
             "config": to_dict(self.cfg),
-            "torch_rng": torch.get_rng_state(),
+            "ranks": ranks,
+            "scaler": self.precision.state_dict(),  # fp16's loss scale; empty otherwise
         }
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint; the others wait so no rank runs ahead of a save."""
-        done = checkpoint.checkpoint_path(self.ckpt_dir, self.step).exists()  # e.g. resumed at end
-        if self.dist.is_main and not done:
+        if not model_is_finite(self.model, self.dist):  # every rank takes part, and agrees
+            raise FloatingPointError(
+                f"the model has non-finite parameters at step {self.step}: not checkpointing it"
+            )
+        ranks = self._gather_to_main(self.rank_state())
+        # FSDP gathers the whole weights to rank 0 in a collective: every rank takes part
+        state = self.state_dict(ranks) if self.dist.is_main or is_sharded(self.model) else {}
+        if self.dist.is_main and self.step != self.saved_step:  # e.g. resumed at the end
             path = checkpoint.save_checkpoint(
-                self.ckpt_dir, self.step, self.state_dict(), self.cfg.checkpoint.keep_last
+                self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep_last
             )
             log.info("saved checkpoint %s", path)
+        self.saved_step = self.step
         self._barrier()
+
+    def _gather_to_main(self, obj: Any) -> list[Any]:
+        """[rank 0's obj, rank 1's, ...] on rank 0 (other ranks get an empty list)."""
+        if not self.dist.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size if self.dist.is_main else []
+        dist.gather_object(obj, out if self.dist.is_main else None, dst=0)
+        return out
 
     def _restore(self) -> None:
         found = checkpoint.load_latest(self.ckpt_dir)
@@ -247,22 +323,44 @@ class Trainer:
             raise ValueError(
                 f"{path} is a {saved.model.name} checkpoint, the config says {self.cfg.model.name}"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if saved.compute.parallel != self.cfg.compute.parallel:
+            raise ValueError(
+                f"{path} was saved with compute.parallel={saved.compute.parallel}, this run has "
+                f"{self.cfg.compute.parallel}: their optimizer states are laid out differently"
+            )
+        load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        # The data stream restarts at the next epoch's shuffle: samples of the interrupted
-        # epoch that were not reached yet are not replayed.
-        self.data_epoch = int(state["data_epoch"]) + 1
-        self.skipped = Counter(state.get("skipped", {}))
+        self.precision.load_state_dict(state.get("scaler") or {})
+        self.step = self.saved_step = int(state["step"])
+        ranks = state.get("ranks") or []
+        if len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            checkpoint.set_rng_state(mine["rng"], self.dist.device)
+            self.data_state = mine["data"]  # the stream resumes exactly where it stopped
+            self.skipped = Counter(mine["skipped"])
+        else:
+            # Saved by another number of ranks: positions and RNG streams do not map onto
+            # these ranks, so the data restarts at the next epoch and rank 0 keeps the counts.
+            log.warning(
+                "%s was saved by %d ranks, this run has %d: the data stream restarts at epoch "
+                "%d and the RNGs are not restored",
+                path,
+                len(ranks),
+                self.dist.world_size,
+                int(state["data_epoch"]) + 1,
+            )
+            self.data_epoch = int(state["data_epoch"]) + 1
+            if self.dist.is_main:
+                self.skipped = sum((Counter(r["skipped"]) for r in ranks), Counter[str]())
         log.info("resumed from %s at step %d", path, self.step)
 
     def export(self) -> Path | None:
         """Rank 0 writes the inference artifact to RUN_DIR/artifact."""
         out = None
+        model = self._whole_model()
         if self.dist.is_main:
             out = checkpoint.export_model(
-                self.model,
+                model,
                 self.run_dir / "artifact",
                 {"step": self.step, "config": to_dict(self.cfg)},
             )
@@ -270,10 +368,18 @@ class Trainer:
         return out
 
     def run_eval(self, *, final: bool = False) -> dict[str, float]:
-        """Held-out recall@k and zero-shot accuracy on rank 0 (others wait); logged and saved."""
-        data = self.cfg.data
+        """Held-out recall@k and zero-shot accuracy on rank 0 (others wait); logged and saved.
+
+        Rank 0 alone embeds the val shards: they are small next to training, and one process
+        sees them in order. The others wait at the barrier, within the process group's timeout.
+        """
+        data, eval_cfg = self.cfg.data, self.cfg.eval
+        if not final and self.step == self.cfg.steps:
+            return {}  # the final evaluation follows at this same step
         results: dict[str, float] = {}
-        if self.dist.is_main and data.val_shards:
+        # a sharded (FSDP) model runs its forward on every rank together: all ranks evaluate,
+        # rank 0 logs
+        if (self.dist.is_main or is_sharded(self.model)) and data.val_shards:
             start = time.perf_counter()
             results = evaluate(
                 self.model,
@@ -281,21 +387,37 @@ class Trainer:
                 self.tokenize,
                 data.val_shards,
                 zeroshot_file=data.zeroshot_file,
-                ks=self.cfg.eval.recall_at,
-                batch_size=self.cfg.eval.batch_size,
+                ks=eval_cfg.recall_at,
+                batch_size=eval_cfg.batch_size,
+                chunk_rows=eval_cfg.chunk_rows,
             )
-            results["step"] = self.step
-            self.metrics.log(self.step, results, prefix="eval")
+            results["seconds"] = round(time.perf_counter() - start, 3)
+            self.metrics.log_eval(self.step, results, final=final)
             log.info(
                 "eval at step %d (%.1fs): %s",
                 self.step,
-                time.perf_counter() - start,
+                results["seconds"],
                 {k: round(v, 4) for k, v in results.items()},
             )
-            if final:
-                (self.run_dir / "eval.json").write_text(json.dumps(results, indent=2))
+            results["step"] = self.step
         self._barrier()
         return results
+
+    def _whole_model(self) -> DualEncoder:
+        """The model with whole weights: itself, or for FSDP a CPU copy on rank 0 (a collective;
+        the other ranks get the sharded model back, unused)."""
+        if not is_sharded(self.model):
+            return self.model
+        model_state = full_model_state(self.model)
+        if not self.dist.is_main:
+            return self.model
+        whole = build_model(
+            self.cfg.model.name,
+            init_logit_scale=self.cfg.loss.init_logit_scale,
+            init_logit_bias=self.cfg.loss.init_logit_bias,
+        )
+        whole.load_state_dict(model_state)
+        return whole
 
     def _barrier(self) -> None:
         if self.dist.enabled:

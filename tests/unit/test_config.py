@@ -27,7 +27,7 @@ def test_overrides_parse_each_field_type():
 @pytest.mark.parametrize(
     "assignment, message",
     [
-        ("optim.lrr=1", "unknown config field 'optim.lrr': optim has beta1"),
+        ("optim.lrr=1", "unknown config field 'optim.lrr': optim has accum_steps, beta1"),
         ("steps=many", "cannot set steps='many'"),
         ("logging.progress=maybe", "expected a boolean"),
         ("optim=1", "'optim' is a section"),

@@ -1,26 +1,39 @@
-"""Data stages: shard lists, splits, the end-of-shard marker, bad samples skipped and counted."""
+"""Data stages: shard lists, sources and weights, resampling, exact resume, bad data counted."""
 
+import dataclasses
 import io
+import json
+import logging
 import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from open_clip.transform import PreprocessCfg
 from PIL import Image
 
+import train.data
 from common.preprocess import image_transform, tokenizer
-from common.shards import expand_urls, iter_shards, raw_samples
+from common.shards import count_samples, expand_urls, iter_shards, raw_samples, read_shard
 from train.config import DataConfig
-from train.data import TrainBatches, epoch_pipeline, shuffled_shards, split_by_rank
+from train.data import DataPosition, EpochData, TrainBatches, WorkerEnd
+from train.sampling import (
+    Reader,
+    data_sources,
+    shuffled_shards,
+    split_by_rank,
+    worker_samples,
+)
 
-TRANSFORM = image_transform(PreprocessCfg(size=32), train=True)
+TRANSFORM = image_transform(PreprocessCfg(size=32), train=True)  # random crops: seeded per sample
 TOKENIZE = tokenizer("duet-micro")
 
 
-def jpeg(color: tuple[int, int, int]) -> bytes:
+def jpeg(color: tuple[int, int, int], size: int = 40) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (40, 40), color).save(buf, format="JPEG")
+    Image.new("RGB", (size, size), color).save(buf, format="JPEG")
     return buf.getvalue()
 
 
@@ -37,27 +50,47 @@ def write_shard(path: Path, samples: list[dict[str, bytes]]) -> Path:
     return path
 
 
-def good(key: str) -> dict:
-    return {"__key__": key, "jpg": jpeg((200, 10, 10)), "txt": b"a red square", "json": b"{}"}
+def good(key: str, caption: bytes = b"a red square") -> dict:
+    return {"__key__": key, "jpg": jpeg((200, 10, 10)), "txt": caption, "json": b"{}"}
 
 
-@pytest.fixture
-def shard_with_bad_samples(tmp_path: Path) -> Path:
-    # each bad sample is followed by a good one, so its count rides on a batch
-    return write_shard(
-        tmp_path / "bad.tar",
-        [
-            good("000"),
-            {"__key__": "001", "jpg": b"\xff\xd8 this is not a jpeg", "txt": b"broken image"},
-            good("002"),
-            {"__key__": "003", "jpg": jpeg((0, 0, 255))},  # no caption
-            good("004"),
-            {"__key__": "005", "jpg": jpeg((0, 255, 0)), "txt": b"   "},  # empty caption
-            good("006"),
-            {"__key__": "007", "txt": b"a caption without image"},
-            good("008"),
-        ],
-    )
+def varied(key: str, i: int) -> dict:
+    """A good sample with an image of noise (so random crops differ) and its own caption."""
+    pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return {"__key__": key, "jpg": buf.getvalue(), "txt": f"sample {key}".encode()}
+
+
+def cut_inside(path: Path, member: str) -> None:
+    """Truncate the tar at `path` half-way through the data of `member`."""
+    whole = path.read_bytes()
+    path.write_bytes(whole[: whole.index(member.encode()) + 512 + 300])
+
+
+def shards(tmp_path: Path, name: str, count: int, per_shard: int) -> str:
+    """`count` shards of `per_shard` varied samples; returns their brace pattern."""
+    for s in range(count):
+        samples = [varied(f"{name}{s:02d}{i:03d}", s * per_shard + i) for i in range(per_shard)]
+        write_shard(tmp_path / f"{name}-{s}.tar", samples)
+    return f"{tmp_path}/{name}-{{0..{count - 1}}}.tar"
+
+
+def epoch_items(cfg: DataConfig) -> list:
+    """Everything one in-process worker delivers in epoch 0: its batches, then its WorkerEnd."""
+    position = DataPosition.start_of(0, 1)
+    data = EpochData(
+        cfg, data_sources(cfg), TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1,
+        position=position, batch_quota=None,
+    )  # fmt: skip
+    return list(data)
+
+
+def total_skipped(items: list) -> Counter:
+    return sum((Counter(item.skipped) for item in items), Counter())
+
+
+# -- shard lists, order and sources ------------------------------------------------------------
 
 
 def test_expand_urls_braces_and_several_sources(tmp_path):
@@ -66,6 +99,7 @@ def test_expand_urls_braces_and_several_sources(tmp_path):
     write_shard(tmp_path / "b.tar", [good("0")])
     urls = expand_urls(f"{tmp_path}/a-{{0..2}}.tar::{tmp_path}/b.tar")
     assert urls == [f"{tmp_path}/a-{i}.tar" for i in range(3)] + [f"{tmp_path}/b.tar"]
+    assert expand_urls("pipe:cat /nowhere.tar") == ["pipe:cat /nowhere.tar"]  # not checked
     with pytest.raises(FileNotFoundError, match="1 of 2 shards not found"):
         expand_urls(f"{tmp_path}/a-0.tar::{tmp_path}/missing.tar")
     with pytest.raises(ValueError, match="no shards"):
@@ -91,55 +125,256 @@ def test_end_of_shard_markers_do_not_end_or_break_the_stream(tmp_path):
     assert list(raw_samples([{}, {}], skipped)) == [] and not skipped
 
 
-def test_bad_samples_are_skipped_and_counted(shard_with_bad_samples):
+def test_sources_are_interleaved_in_proportion_to_their_weights(tmp_path):
+    a = shards(tmp_path, "a", 2, 20)
+    b = shards(tmp_path, "b", 2, 20)
     cfg = DataConfig(
-        train_shards=str(shard_with_bad_samples), batch_size_per_rank=1, workers=0, shuffle_buffer=0
+        train_shards=f"{a}::{b}", train_weights=(3.0, 1.0), resampled=True, shuffle_buffer=50
     )
-    pipeline = epoch_pipeline(
-        cfg,
-        [str(shard_with_bad_samples)],
-        TRANSFORM,
-        TOKENIZE,
-        seed=0,
-        epoch=0,
-        rank=0,
-        world_size=1,
+    reader = Reader(seed=0, epoch=0, rank=0, world_size=1, worker=0, workers=1)
+    stream = worker_samples(cfg, data_sources(cfg), reader, Counter())
+    sources = Counter(next(stream)["__key__"][0] for _ in range(4000))
+    assert sources["a"] / 4000 == pytest.approx(0.75, abs=0.03), sources
+
+    # epoch mode: the weights set the interleaving; every sample is still read once per epoch
+    cfg = DataConfig(train_shards=f"{a}::{b}", train_weights=(3.0, 1.0), shuffle_buffer=0)
+    keys = [s["__key__"] for s in worker_samples(cfg, data_sources(cfg), reader, Counter())]
+    assert len(keys) == 80 and len(set(keys)) == 80
+    first_half = Counter(k[0] for k in keys[:40])
+    assert first_half["a"] > first_half["b"]  # a is drawn three times as often while both last
+
+
+def test_bad_weights_fail_clearly():
+    with pytest.raises(ValueError, match="data.train_weights: has 1 weights for 2 '::' sources"):
+        DataConfig(train_shards="a.tar::b.tar", train_weights=(1.0,))
+    with pytest.raises(ValueError, match="data.train_weights: every weight must be"):
+        DataConfig(train_shards="a.tar::b.tar", train_weights=(1.0, 0.0))
+
+
+# -- sample accounting -------------------------------------------------------------------------
+
+
+def test_samples_per_epoch_from_sizes_json_img2dataset_stats_or_a_scan(tmp_path):
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    write_shard(synth / "shard-0.tar", [good("0"), good("1")])
+    (synth / "sizes.json").write_text(json.dumps({"shard-0.tar": 250}))  # train.synth's layout
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    write_shard(i2d / "00000.tar", [good("0")])
+    (i2d / "00000_stats.json").write_text(json.dumps({"count": 12, "successes": 9}))
+    bare = write_shard(tmp_path / "bare.tar", [good("0"), {"__key__": "1", "txt": b"x"}])
+
+    counted = count_samples([str(synth / "shard-0.tar"), str(i2d / "00000.tar"), str(bare)])
+    assert counted is not None and counted.samples == 250 + 9 + 2
+    assert (
+        counted.method == "sizes.json (1 shards), img2dataset stats (1 shards), tar scan (1 shards)"
     )
-    batches = list(pipeline)
-    assert len(batches) == 5
-    assert batches[0].images.shape == (1, 3, 32, 32) and batches[0].tokens.shape == (1, 20)
-    total = sum((Counter(b.skipped) for b in batches), Counter())
-    assert total == {
+    assert count_samples(["pipe:cat x.tar"]) is None
+
+
+def test_resampled_epochs_have_a_fixed_number_of_steps_and_are_logged(tmp_path, caplog):
+    cfg = DataConfig(
+        train_shards=shards(tmp_path, "a", 2, 10),
+        resampled=True,
+        samples_per_epoch=30,
+        batch_size_per_rank=4,
+        workers=0,
+        shuffle_buffer=10,
+    )
+    with caplog.at_level(logging.INFO, logger="train.data"):
+        batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+        stream = iter(batches)
+        for _ in range(7):  # 30 // 4 = 7 steps per epoch
+            next(stream)
+        assert batches.epoch == 0
+        next(stream)
+        assert batches.epoch == 1
+    assert (
+        "resampled" in caplog.text
+        and "30 samples per epoch (data.samples_per_epoch)" in caplog.text
+    )
+    assert "7 steps per epoch at global batch 4" in caplog.text
+    assert "finished data epoch 0 (7 batches" in caplog.text
+
+    remote = DataConfig(train_shards="pipe:cat x.tar", resampled=True)
+    with pytest.raises(ValueError, match="needs data.samples_per_epoch"):
+        TrainBatches(remote, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+
+
+# -- exact resume ------------------------------------------------------------------------------
+
+
+def take(batches: TrainBatches, n: int) -> list:
+    stream = iter(batches)
+    return [next(stream) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("workers", "resampled", "stop_after"),
+    [(2, False, 7), (0, True, 5)],
+    ids=["two-workers-epoch-mode", "in-process-resampled"],
+)
+def test_a_resumed_stream_continues_with_identical_batches(
+    tmp_path, workers, resampled, stop_after
+):
+    a = shards(tmp_path, "a", 3, 15)
+    b = shards(tmp_path, "b", 2, 15)
+    bad = {"__key__": "bad", "jpg": b"not a jpeg", "txt": b"a caption"}
+    write_shard(tmp_path / "a-1.tar", [*[varied(f"x{i}", i) for i in range(14)], bad])
+    cut_inside(tmp_path / "b-0.tar", "b00004.jpg")  # a shard error met early, before the stop
+    cfg = DataConfig(
+        train_shards=f"{a}::{b}",
+        train_weights=(2.0, 1.0),
+        resampled=resampled,
+        samples_per_epoch=48,
+        batch_size_per_rank=4,
+        workers=workers,
+        shuffle_buffer=8,
+    )
+
+    def make(state: dict | None = None) -> TrainBatches:
+        return TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=3, rank=0, world_size=1, state=state)
+
+    # an odd number of batches: the next one is due from the second worker
+    first = make()
+    before = take(first, stop_after)
+    state = first.state_dict()
+    uninterrupted = take(make(), 20)  # into the next epoch (resampled: 12 steps, else ~17)
+    resumed = take(make(state), 20 - stop_after)
+    for i, (want, got) in enumerate(zip(uninterrupted[stop_after:], resumed, strict=True)):
+        assert torch.equal(want.images, got.images), f"batch {stop_after + i} differs"
+        assert torch.equal(want.tokens, got.tokens), f"batch {stop_after + i} differs"
+        assert want.skipped == got.skipped
+    assert [b.skipped for b in before] == [b.skipped for b in uninterrupted[:stop_after]]
+    assert total_skipped(uninterrupted)["truncated_member"] >= 1
+
+
+def test_replayed_samples_are_not_decoded(tmp_path, monkeypatch):
+    cfg = DataConfig(
+        train_shards=shards(tmp_path, "a", 1, 40),
+        batch_size_per_rank=4,
+        workers=0,
+        shuffle_buffer=8,
+    )
+    first = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    take(first, 6)
+    decoded = []
+    real_load_image = train.data.load_image
+    monkeypatch.setattr(
+        train.data,
+        "load_image",
+        lambda data, **kw: decoded.append(1) or real_load_image(data, **kw),
+    )
+    resumed = TrainBatches(
+        cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, state=first.state_dict()
+    )
+    take(resumed, 2)
+    assert len(decoded) == 2 * 4  # the 24 replayed samples were skipped undecoded
+
+
+def test_a_changed_data_setup_resumes_at_the_next_epoch(tmp_path, caplog):
+    cfg = DataConfig(train_shards=shards(tmp_path, "a", 1, 20), batch_size_per_rank=4, workers=0)
+    first = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    take(first, 2)
+    changed = dataclasses.replace(cfg, shuffle_buffer=7)
+    with caplog.at_level(logging.WARNING):
+        resumed = TrainBatches(
+            changed, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, state=first.state_dict()
+        )
+    assert resumed.position == DataPosition.start_of(1, 1)
+    assert "shuffle_buffer" in caplog.text and "restarts at data epoch 1" in caplog.text
+
+
+# -- bad data ----------------------------------------------------------------------------------
+
+
+def test_bad_samples_and_shards_are_skipped_and_counted_by_kind(tmp_path):
+    mixed = write_shard(
+        tmp_path / "bad.tar",
+        [
+            good("000"),
+            {"__key__": "001", "jpg": b"\xff\xd8 this is not a jpeg", "txt": b"broken image"},
+            {"__key__": "002", "jpg": jpeg((0, 0, 255))},  # no caption
+            {"__key__": "003", "jpg": jpeg((0, 255, 0)), "txt": b"   "},  # empty caption
+            {"__key__": "004", "txt": b"a caption without image"},
+            {"__key__": "005", "jpg": jpeg((0, 255, 0), size=80), "txt": b"too many pixels"},
+            {"__key__": "006", "jpg": jpeg((9, 9, 9)), "txt": b"\xff\xfe not utf-8"},
+            good("007"),
+        ],
+    )
+    cut = write_shard(tmp_path / "cut.tar", [good("c0"), good("c1"), good("c2")])
+    cut_inside(cut, "c1.jpg")
+    not_a_tar = tmp_path / "junk.tar"
+    not_a_tar.write_bytes(b"this is not a tar archive" * 40)
+    cfg = DataConfig(
+        train_shards=f"{mixed}::{cut}::{not_a_tar}::pipe:exit 3",
+        batch_size_per_rank=1,
+        workers=0,
+        shuffle_buffer=0,
+        max_image_pixels=50 * 50,  # the 80 x 80 image is refused from its header
+        shard_retries=1,
+    )
+    items = epoch_items(cfg)
+    assert isinstance(items[-1], WorkerEnd)
+    assert len(items) - 1 == 3  # 000, 007 and c0: c1 is cut, c2 lost with it
+    assert total_skipped(items) == {
         "corrupt_image": 1,
         "missing_caption": 1,
         "empty_caption": 1,
         "missing_image": 1,
+        "image_too_large": 1,
+        "bad_caption": 1,
+        "truncated_member": 1,
+        "failed_shard": 2,  # junk.tar and the failing pipe command
     }
 
 
-def test_counts_come_back_from_worker_processes(tmp_path, shard_with_bad_samples):
+def test_counts_come_back_from_worker_processes(tmp_path):
+    first = write_shard(
+        tmp_path / "a.tar", [good("0"), {"__key__": "1", "jpg": b"no image", "txt": b"x"}]
+    )
     second = write_shard(
-        tmp_path / "bad2.tar", [{"__key__": "x", "jpg": b"not an image", "txt": b"x"}, good("y")]
+        tmp_path / "b.tar", [good("2"), good("3"), {"__key__": "4", "jpg": jpeg((1, 2, 3))}]
     )
     cfg = DataConfig(
-        train_shards=f"{shard_with_bad_samples}::{second}",
-        batch_size_per_rank=1,
-        workers=2,
-        shuffle_buffer=0,
+        train_shards=f"{first}::{second}", batch_size_per_rank=1, workers=2, shuffle_buffer=0
     )
-    stream = iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1))
-    batches = [next(stream) for _ in range(6)]  # one epoch: 5 + 1 good samples
-    total = sum((Counter(b.skipped) for b in batches), Counter())
-    assert total["corrupt_image"] == 2 and sum(total.values()) == 5
+    # one epoch has 3 good samples; skips after a worker's last batch ride on the next batch
+    batches = take(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1), 4)
+    assert total_skipped(batches) == {"corrupt_image": 1, "missing_caption": 1}
+
+
+def test_pipe_urls_read_shards_and_failing_commands_are_retried(tmp_path, caplog):
+    shard = write_shard(tmp_path / "a.tar", [good(str(i)) for i in range(6)])
+    keys = [str(i) for i in range(6)]
+    skipped: Counter[str] = Counter()
+    assert [s.key for s in iter_shards(f"pipe:cat {shard}", skipped)] == keys and not skipped
+
+    # fails on the first attempt half-way through, then works: every sample exactly once
+    mark = tmp_path / "tried"
+    flaky = (
+        f"pipe:if [ -e {mark} ]; then cat {shard}; "
+        f"else touch {mark}; head -c 6000 {shard}; exit 1; fi"
+    )
+    with caplog.at_level(logging.WARNING):
+        assert [s["__key__"] for s in read_shard(flaky, skipped, retries=2)] == keys
+    assert not skipped and "retry 1 of 2" in caplog.text
+
+    # always fails: 1 + retries attempts, then skipped with a warning and counted
+    attempts = tmp_path / "attempts"
+    broken = f"pipe:echo x >> {attempts}; exit 1"
+    assert list(read_shard(broken, skipped, retries=2)) == []
+    assert skipped == {"failed_shard": 1} and len(attempts.read_text().split()) == 3
+    assert f"skipping shard {broken} after 3 attempts" in caplog.text
 
 
 def test_stream_continues_into_the_next_epoch(tmp_path):
     shard = write_shard(tmp_path / "a.tar", [good(str(i)) for i in range(5)])
     cfg = DataConfig(train_shards=str(shard), batch_size_per_rank=2, workers=0, shuffle_buffer=0)
     batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
-    stream = iter(batches)
-    for _ in range(5):  # 2 full batches per epoch (the 5th sample is dropped, not padded)
-        assert next(stream).images.shape[0] == 2
+    for batch in take(batches, 5):  # 2 full batches per epoch (the 5th sample is dropped)
+        assert batch.images.shape == (2, 3, 32, 32) and batch.tokens.shape == (2, 20)
     assert batches.epoch == 2
 
 

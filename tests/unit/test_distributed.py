@@ -1,7 +1,10 @@
-"""Two gloo processes with DDP apply exactly the one-process gradient of the global batch."""
+"""Two gloo processes (DDP or FSDP, one pass or GradCache) apply exactly the one-process
+gradient of the global batch."""
 
+import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
+from common.config import apply_overrides
 from common.model import build_model
 from common.preprocess import tokenizer
-from train.config import LossConfig
-from train.distributed import DistInfo, contrastive_loss, wrap_model
+from train.compute import Precision
+from train.config import LossConfig, smoke
+from train.distributed import DistInfo, contrastive_loss, sync_replicated_grads, wrap_model
+from train.stability import NonFiniteGuard, clip_grad_norm, model_is_finite
+from train.step import forward_backward
+from train.trainer import Trainer
 
 WORLD = 2
 PER_RANK = 6
@@ -40,20 +48,92 @@ def fresh_model(cfg: LossConfig):
     )
 
 
-def worker(rank: int, port: int, out_dir: str, cfg: LossConfig) -> None:
+# Every case runs in one spawn of two processes (starting them costs more than the cases):
+# name -> (loss config, parallelism, GradCache chunk, parameters that must have a gradient)
+CASES = {
+    "ddp_clip": (CLIP, "ddp", 0, ["clip.logit_scale"]),
+    "ddp_siglip": (SIGLIP, "ddp", 0, ["clip.logit_scale", "clip.logit_bias"]),
+    "ddp_grad_cache": (SIGLIP, "ddp", 4, ["clip.logit_scale", "clip.logit_bias"]),
+    "fsdp_clip": (CLIP, "fsdp", 0, ["clip.logit_scale"]),
+    "fsdp_grad_cache": (SIGLIP, "fsdp", 4, ["clip.logit_scale", "clip.logit_bias"]),
+}
+
+
+def run_case(rank: int, name: str, out_dir: str) -> None:
+    cfg, parallel, chunk, _ = CASES[name]
+    info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
+    model = fresh_model(cfg)
+    # DDP's static graph where the trainer uses it: one backward per step
+    wrapped = wrap_model(model, info, parallel=parallel, static_graph=chunk == 0)
+    images, tokens = global_batch()
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    if parallel == "ddp" and not chunk:  # the loss function on its own
+        loss = contrastive_loss(wrapped, images[rows], tokens[rows], info, cfg)
+        loss.backward()
+    else:  # the trainer's step: GradCache chunks of 4 of the 6 samples (no_sync, then sync)
+        fp32 = Precision("fp32", info.device)
+        loss = forward_backward(
+            wrapped, images[rows], tokens[rows], info, cfg, fp32, grad_cache_chunk=chunk
+        )
+    sync_replicated_grads(wrapped, info)
+    norm = clip_grad_norm(model.parameters(), 0.0)
+    # FSDP holds each gradient as this rank's shard (a DTensor): gather the whole one
+    grads = {
+        n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad.clone())
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    assert model_is_finite(model, info)
+    torch.save({"loss": loss.detach(), "grads": grads, "norm": norm}, f"{out_dir}/{name}-{rank}.pt")
+
+
+def check_guard(rank: int, out_dir: str) -> None:
+    """A non-finite loss on rank 0 only, then a non-finite gradient norm on rank 1 only."""
+    guard = NonFiniteGuard(5, DistInfo(rank, WORLD, rank, torch.device("cpu")), scaled_fp16=False)
+    one, bad = torch.tensor(1.0), torch.tensor(math.nan)
+    verdicts = [
+        guard.check(1, bad if rank == 0 else one, one)[1],
+        guard.check(2, one, bad if rank == 1 else one)[1],
+        guard.check(3, one, one)[1],
+    ]
+    torch.save({"verdicts": verdicts, "skipped": guard.skipped}, f"{out_dir}/guard-{rank}.pt")
+
+
+def train_with(parallel: str, synth_dir: str, run_dir: Path, steps: int, resume: bool) -> None:
+    """The trainer itself: GradCache steps, a checkpoint, the export (FSDP gathers for both)."""
+    cfg = apply_overrides(
+        smoke(),
+        [
+            f"run_dir={run_dir}",
+            f"steps={steps}",
+            f"data.train_shards={synth_dir}/train/shard-{{000000..000007}}.tar",
+            "data.val_shards=",
+            "data.zeroshot_file=",
+            "data.batch_size_per_rank=4",
+            "optim.grad_cache_chunk=3",
+            "logging.tensorboard=false",
+            f"compute.parallel={parallel}",
+        ],
+    )
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        trainer.train()
+    finally:
+        trainer.metrics.close()  # the process group stays for the next run
+
+
+def worker(rank: int, port: int, out_dir: str, synth_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        info = DistInfo(rank, WORLD, rank, torch.device("cpu"))
-        model = fresh_model(cfg)
-        ddp = wrap_model(model, info)
-        images, tokens = global_batch()
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        loss = contrastive_loss(ddp, images[rows], tokens[rows], info, cfg)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+        for name in CASES:
+            run_case(rank, name, out_dir)
+        check_guard(rank, out_dir)
+        for parallel in ("ddp", "fsdp"):
+            train_with(parallel, synth_dir, Path(out_dir, parallel), steps=2, resume=False)
+        train_with("fsdp", synth_dir, Path(out_dir, "fsdp"), steps=3, resume=True)
     finally:
         dist.destroy_process_group()
 
@@ -64,9 +144,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_two_processes_equal_one(tmp_path, cfg: LossConfig, temperature_params: list[str]):
-    mp.spawn(worker, args=(free_port(), str(tmp_path), cfg), nprocs=WORLD, join=True)
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path):
+    out = tmp_path_factory.mktemp("two_process")
+    mp.spawn(worker, args=(free_port(), str(out), str(synth_dir)), nprocs=WORLD, join=True)
+    return out
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_apply_the_single_process_gradient(two_process_results, case: str):
+    cfg, _, _, temperature_params = CASES[case]
     model = fresh_model(cfg)
     images, tokens = global_batch()
     info = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -74,24 +162,45 @@ def assert_two_processes_equal_one(tmp_path, cfg: LossConfig, temperature_params
     reference_loss.backward()
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = [torch.load(two_process_results / f"{case}-{r}.pt") for r in range(WORLD)]
     # the ranks' losses average to the global loss ...
     assert_close(sum(r["loss"] for r in results) / WORLD, reference_loss.detach())
-    # ... and after DDP's averaging each rank holds the global batch's gradient, for every
-    # parameter including the temperature (and SigLIP's bias)
+    # ... and after DDP's averaging (FSDP's reduce-scatter) each rank holds the global batch's
+    # gradient, for every parameter including the temperature (and SigLIP's bias)
     assert set(temperature_params) <= reference.keys()
+    assert reference.keys() == {n for n, _ in model.named_parameters()}
     for r in results:
         assert r["grads"].keys() == reference.keys()
         for name, grad in reference.items():
             assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_close(r["norm"], clip_grad_norm(model.parameters(), 0.0), rtol=1e-4, atol=0.0)
 
 
 @pytest.mark.slow
-def test_two_process_gradients_equal_single_process(tmp_path):
-    assert_two_processes_equal_one(tmp_path, CLIP, ["clip.logit_scale"])
+def test_all_ranks_skip_a_step_that_is_non_finite_on_one(two_process_results):
+    for rank in range(WORLD):
+        result = torch.load(two_process_results / f"guard-{rank}.pt")
+        assert result == {"verdicts": [False, False, True], "skipped": 2}
 
 
 @pytest.mark.slow
-def test_two_process_siglip_gradients_equal_single_process(tmp_path):
-    assert fresh_model(SIGLIP).clip.logit_bias.item() == -10.0  # SigLIP's init: t = log 10, b = -10
-    assert_two_processes_equal_one(tmp_path, SIGLIP, ["clip.logit_scale", "clip.logit_bias"])
+def test_the_fsdp_trainer_trains_saves_exports_and_resumes_like_ddp(two_process_results):
+    ddp = torch.load(two_process_results / "ddp/checkpoints/step-00000002.pt", weights_only=False)
+    fsdp = torch.load(two_process_results / "fsdp/checkpoints/step-00000002.pt", weights_only=False)
+    # the checkpoint holds whole tensors under the unsharded model's names, equal to DDP's
+    assert fsdp["model"].keys() == ddp["model"].keys()
+    for name, value in ddp["model"].items():
+        assert_close(fsdp["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert "clip.text_projection" in fsdp["optimizer"]["state"]  # keyed by parameter name
+    assert (two_process_results / "fsdp/artifact/open_clip_model.safetensors").is_file()
+    resumed = torch.load(
+        two_process_results / "fsdp/checkpoints/step-00000003.pt", weights_only=False
+    )
+    assert resumed["step"] == 3
+    assert not torch.equal(
+        resumed["model"]["clip.text_projection"], fsdp["model"]["clip.text_projection"]
+    )
+
+
+def test_siglip_model_starts_from_siglip_init():
+    assert fresh_model(SIGLIP).clip.logit_bias.item() == -10.0  # t = log 10, b = -10
