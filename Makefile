@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-docker lint bench clean
+.PHONY: install demo test test-fast test-docker lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,18 @@ demo: install
 	bash scripts/demo.sh
 
 ## test: the whole suite (unit, integration, end-to-end), except the Docker test
-test: install
+test: install chromium
 	$(BIN)/python -m pytest -m "not docker"
+
+## chromium: the headless browser of the web page's end-to-end test (installed with apt as root)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "error: tests/e2e/test_web_page.py needs chromium: run 'sudo apt-get install -y chromium'" >&2; \
+		exit 1; \
+	fi
 
 ## test-fast: unit tests only
 test-fast: install

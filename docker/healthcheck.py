@@ -1,7 +1,8 @@
-"""Container health check of the serve image: exit 0 when GET /health answers 200, else 1.
+"""Container health check of the serve image: exit 0 when GET /ready answers 200, else 1.
 
-/health answers 503 until the model and index are loaded (and, with the reason, if loading
-failed), so "healthy" means ready to serve. Uses only the standard library: no curl in the image.
+/ready (not /health, which only says the process is alive) answers 503 until the model and
+every index are loaded (and, with the reason, if loading failed), so "healthy" means ready to
+serve. Uses only the standard library: no curl in the image.
 """
 
 import os
@@ -13,7 +14,7 @@ TIMEOUT_S = 4.0
 
 
 def main() -> int:
-    url = f"http://127.0.0.1:{os.environ.get('UVICORN_PORT', '8000')}/health"
+    url = f"http://127.0.0.1:{os.environ.get('UVICORN_PORT', '8000')}/ready"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     try:
         with opener.open(url, timeout=TIMEOUT_S) as response:

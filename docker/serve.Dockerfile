@@ -57,7 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/duet
 EXPOSE 8000
-# Healthy = /health answers 200 = model and index loaded. Loading takes seconds for small models;
+# Healthy = /ready answers 200 = model and indices loaded. Loading takes seconds for small models;
 # give large ones more start period with `docker run --health-start-period`.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/usr/local/bin/duet-healthcheck"]

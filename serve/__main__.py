@@ -37,11 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except pydantic.ValidationError as exc:
         print(f"error: invalid settings: {validation_message(exc.errors())}", file=sys.stderr)
         print(
-            "set DUET_ARTIFACT_DIR and DUET_INDEX_DIR (or pass --artifact-dir/--index-dir)",
+            "set DUET_ARTIFACT_DIR and DUET_INDEX_DIR or DUET_INDICES "
+            "(or pass --artifact-dir/--index-dir)",
             file=sys.stderr,
         )
         return 2
-    for name, path in (("artifact_dir", settings.artifact_dir), ("index_dir", settings.index_dir)):
+    paths = {"artifact_dir": settings.artifact_dir}
+    paths.update({f"index {name!r}": path for name, path in settings.index_paths.items()})
+    for name, path in paths.items():
         if not path.is_dir():
             print(f"error: {name} {str(path)!r} is not a directory", file=sys.stderr)
             return 2
@@ -50,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log.info("API docs at http://%s:%d/docs", settings.host, settings.port)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=not settings.access_log,  # the service logs each request itself, with latency
     )
     return 0
 

@@ -1,31 +1,60 @@
-"""`create_app(settings)`: the FastAPI app; its lifespan loads the model artifact and the index.
+"""`create_app(settings)`: the FastAPI app; its lifespan loads the model artifact and the indices.
 
-Loading runs in a background thread so that /health can answer 503 not_ready while it runs (and
-keeps answering 503 with the reason if it fails), instead of the server not listening at all.
+Loading runs in a background thread so that the server listens at once: /health answers 200
+(the process is alive) and /ready 503 not_ready while it runs — and, with the reason, if it
+fails — instead of the server not listening at all.
+
+Middleware, outermost first: request metrics and access log (so they see every answer, 401s and
+500s included), CORS (preflights answered before the key check), the API key, and the
+catch-all that turns an unexpected exception into a 500 envelope.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import faiss
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from common.artifact import load_artifact
+from serve.auth import ApiKeyMiddleware
+from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
 from serve.index import SearchIndex
-from serve.routes import Service, ServiceState, classify, health, search
+from serve.labels import embed_label_sets
+from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
+from serve.registry import IndexRegistry
+from serve.routes import (
+    Service,
+    ServiceState,
+    classify,
+    clip_retrieval,
+    embed,
+    health,
+    indices,
+    page,
+    search,
+)
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+EXPOSED_HEADERS = ["Retry-After", clip_retrieval.IGNORED_HEADER, clip_retrieval.CLAMPED_HEADER]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service app; nothing is loaded until the server starts it (lifespan)."""
     settings = settings or Settings()  # type: ignore[call-arg]  # paths come from DUET_* env
+    _configure_logging(settings)
     app = FastAPI(
         title="Duet retrieval",
         version="0.1.0",
@@ -34,39 +63,93 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = ServiceState()
+    app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
-    for module in (search, classify, health):
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization"],
+            expose_headers=EXPOSED_HEADERS,
+        )
+    app.add_middleware(
+        RequestMetricsMiddleware, metrics=app.state.metrics, log_requests=settings.access_log
+    )
+    for module in (search, classify, embed, indices, clip_retrieval, health, page):
         app.include_router(module.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _configure_logging(settings: Settings) -> None:
+    """Under `uvicorn --factory` nobody configures the root logger: give ours a handler."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
     loader = threading.Thread(
-        target=load_service, args=(app.state.settings, state), name="duet-loader", daemon=True
+        target=load_service,
+        args=(app.state.settings, state, app.state.metrics),
+        name="duet-loader",
+        daemon=True,
     )
     loader.start()
     yield
     if state.service is not None:
-        state.service.index.close()
+        state.service.close()
 
 
-def load_service(settings: Settings, state: ServiceState) -> None:
-    """Load artifact + index into `state.service`, or record why not in `state.error`."""
+def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetrics) -> None:
+    """Load artifact, indices and label sets into `state.service`, or record why not."""
+    registry = None
+    # Requests search concurrently from the threadpool; one query parallelised by OpenMP over
+    # every core on top of that oversubscribes the CPU (and OpenMP teams spin-wait on each other).
+    faiss.omp_set_num_threads(settings.search_threads)
     try:
         loaded = load_artifact(settings.artifact_dir, device=settings.device)
-        index = SearchIndex.load(settings.index_dir, expected_dim=loaded.model.embed_dim)
+        encoder = Encoder(loaded, settings.device)
+        load_index = functools.partial(
+            _load_index, expected_dim=encoder.embed_dim, model_name=encoder.model_name
+        )
+        registry = IndexRegistry(settings.index_paths, load_index)
+        label_sets = embed_label_sets(encoder, settings.label_sets, settings.default_templates)
     except Exception as exc:  # any failure: the service stays up, not ready, saying why
+        if registry is not None:
+            registry.close()
         state.error = str(exc) or type(exc).__name__
-        log.error("loading failed, /health will answer 503: %s", state.error, exc_info=True)
+        log.error("loading failed, /ready will answer 503: %s", state.error, exc_info=True)
         return
-    _warn_if_other_model(index, loaded.manifest.get("model_name"))
-    state.service = Service(Encoder(loaded, settings.device), index)
-    log.info("ready: model %s, index of %d vectors", loaded.model.name, index.count)
+    batcher = EncodeBatcher(
+        encoder,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_items=settings.max_queue_items,
+        batching=settings.batching,
+        observer=metrics,
+    )
+    state.service = Service(encoder, batcher, registry, label_sets)
+    metrics.set_index_sizes(registry.counts())
+    metrics.ready.set(1)
+    log.info(
+        "ready: model %s, indices %s, label sets %s, batching %s",
+        encoder.model_name,
+        registry.counts(),
+        list(label_sets) or "none",
+        "on" if settings.batching else "off",
+    )
 
 
-def _warn_if_other_model(index: SearchIndex, model_name: str | None) -> None:
+def _load_index(path: Path, *, expected_dim: int, model_name: str) -> SearchIndex:
+    index = SearchIndex.load(path, expected_dim=expected_dim)
     built_by = index.manifest.get("model", {}).get("name")
     if built_by != model_name:
         log.warning(
@@ -76,3 +159,4 @@ def _warn_if_other_model(index: SearchIndex, model_name: str | None) -> None:
             built_by,
             model_name,
         )
+    return index

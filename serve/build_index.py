@@ -1,21 +1,32 @@
-"""`python -m serve.build_index`: embed the images of a shard set and write a search index.
+r"""`python -m serve.build_index`: embed the images of a shard set and write a search index.
 
     python -m serve.build_index --model runs/demo/artifact \
         --data 'data/synth/val/shard-{000000..000001}.tar' --out runs/demo/index \
-        [--batch-size 256] [--device cpu]
+        [--batch-size 256] [--device cpu] [--index-type auto|flat|hnsw|ivfpq] [knobs ...]
 
-Samples are read in shard order, so FAISS row ids follow the shards; samples that cannot be used
-(no image or caption, undecodable image) are skipped and counted by reason in the index manifest.
+    # many shards: one process per device (CPU: gloo, GPU: --device cuda = cuda:LOCAL_RANK)
+    torchrun --standalone --nproc_per_node=4 -m serve.build_index --model ... --data ... --out ...
+
+Samples are read in shard order, so FAISS row ids follow the shards. Under torchrun, rank r embeds
+shards r, r + N, r + 2N, ... and writes its vectors and rows to a part in `--parts-dir`; after a
+barrier rank 0 merges the parts in shard order (so the ids are those of a one-process build),
+builds the index and removes the parts. Samples that cannot be used (no image or caption,
+undecodable image) are skipped, counted by reason, and summed over ranks in the index manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +35,25 @@ from PIL import Image
 
 from common.artifact import load_artifact
 from common.preprocess import ImageTooLargeError, InvalidImageError, load_image
-from common.shards import iter_shards
+from common.shards import expand_urls, iter_shards
 from serve.encoder import Encoder
 from serve.index import IndexRow, write_index
+from serve.vector_search import INDEX_TYPES, IndexSpec
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_BATCHES = 20
+BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait for the slowest
+
+
+@dataclass(slots=True)
+class Embedded:
+    """The embeddings of one process's shards: vectors [n, D], their rows, and each row's shard."""
+
+    vectors: np.ndarray
+    rows: list[IndexRow]
+    shards: list[int]
+    skipped: Counter[str]
 
 
 def build_index(
@@ -40,74 +63,188 @@ def build_index(
     *,
     batch_size: int = 256,
     device: str = "cpu",
+    spec: IndexSpec | None = None,
+    parts_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Embed every usable image in shards `data` with the artifact in `model_dir`; write `out_dir`.
 
+    Under torchrun (WORLD_SIZE > 1) each rank embeds its share of the shards and rank 0 writes
+    the index from every rank's part in `parts_dir` (default: `OUT.parts`, beside `out_dir`).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
-    second of reading + decoding + embedding (model loading not included).
+    second of reading + decoding + embedding (model loading not included); on ranks other than 0
+    the same for that rank's part.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model_dir = Path(model_dir).resolve()
+    urls = expand_urls(data)
     encoder = Encoder(load_artifact(model_dir, device=device), device)
     start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
-    skipped: Counter[str] = Counter()
-    chunks: list[np.ndarray] = []
-    rows: list[IndexRow] = []
-    for batch_number, (images, batch_rows) in enumerate(_batches(data, skipped, batch_size), 1):
-        chunks.append(encoder.encode_images(images))  # [B, D]
-        rows.extend(batch_rows)
-        if batch_number % PROGRESS_EVERY_BATCHES == 0:
-            log.info("embedded %d images (%d skipped)", len(rows), sum(skipped.values()))
-    if not rows:
-        raise ValueError(f"no usable samples in {data!r} (skipped: {dict(skipped) or 'none'})")
+    mine = [(i, url) for i, url in enumerate(urls) if i % world_size == rank]
+    embedded = _embed(encoder, mine, batch_size)
+    if world_size > 1:
+        parts = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
+        embedded = _exchange_parts(embedded, parts, rank, world_size)
+        if rank != 0:
+            return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
+    if not embedded.rows:
+        raise ValueError(
+            f"no usable samples in {data!r} (skipped: {dict(embedded.skipped) or 'none'})"
+        )
     seconds = round(time.perf_counter() - start, 3)
     model = {"name": encoder.model_name, "embed_dim": encoder.embed_dim, "artifact": str(model_dir)}
-    write_index(
-        out_dir,
-        np.concatenate(chunks),
-        rows,
-        {"model": model, "source": data, "skipped": dict(skipped), "build_seconds": seconds},
-    )
+    extra = {
+        "model": model,
+        "source": data,
+        "skipped": dict(embedded.skipped),
+        "build_seconds": seconds,
+        "build_processes": world_size,
+    }
+    write_index(out_dir, embedded.vectors, embedded.rows, extra, spec=spec)
+    if world_size > 1:
+        shutil.rmtree(parts, ignore_errors=True)
+    return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank, seconds=seconds)
+
+
+def _summary(
+    out_dir: str | Path,
+    embedded: Embedded,
+    dim: int,
+    start: float,
+    *,
+    rank: int,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    seconds = seconds if seconds is not None else round(time.perf_counter() - start, 3)
     return {
         "out": str(out_dir),
-        "count": len(rows),
-        "dim": encoder.embed_dim,
-        "skipped": dict(skipped),
+        "rank": rank,
+        "count": len(embedded.rows),
+        "dim": dim,
+        "skipped": dict(embedded.skipped),
         "seconds": seconds,
-        "images_per_second": round(len(rows) / max(seconds, 1e-3), 1),
+        "images_per_second": round(len(embedded.rows) / max(seconds, 1e-3), 1),
     }
 
 
+def _embed(encoder: Encoder, shards: list[tuple[int, str]], batch_size: int) -> Embedded:
+    """Embed the usable images of `shards` (index, url) in order; count the skipped ones."""
+    skipped: Counter[str] = Counter()
+    chunks: list[np.ndarray] = []
+    rows: list[IndexRow] = []
+    shard_of_row: list[int] = []
+    batches = _batches(shards, skipped, batch_size)
+    for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
+        chunks.append(encoder.encode_images(images))  # [B, D]
+        rows.extend(batch_rows)
+        shard_of_row.extend(batch_shards)
+        if batch_number % PROGRESS_EVERY_BATCHES == 0:
+            log.info("embedded %d images (%d skipped)", len(rows), sum(skipped.values()))
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
+    return Embedded(vectors, rows, shard_of_row, skipped)
+
+
 def _batches(
-    data: str, skipped: Counter[str], batch_size: int
-) -> Iterator[tuple[list[Image.Image], list[IndexRow]]]:
-    """Decoded images and their rows, `batch_size` at a time; bad images counted in `skipped`."""
+    shards: list[tuple[int, str]], skipped: Counter[str], batch_size: int
+) -> Iterator[tuple[list[Image.Image], list[IndexRow], list[int]]]:
+    """Decoded images, their rows and shard indices, `batch_size` at a time; bad ones counted."""
     images: list[Image.Image] = []
     rows: list[IndexRow] = []
-    for sample in iter_shards(data, skipped):
-        try:
-            image = load_image(sample.image)
-        except ImageTooLargeError as exc:
-            skipped["image_too_large"] += 1
-            log.debug("skipped %s: %s", sample.key, exc)
-            continue
-        except InvalidImageError as exc:
-            skipped["corrupt_image"] += 1
-            log.debug("skipped %s: %s", sample.key, exc)
-            continue
-        images.append(image)
-        rows.append(IndexRow(sample.key, sample.caption, sample.meta))
-        if len(images) == batch_size:
-            yield images, rows
-            images, rows = [], []
+    shard_of_row: list[int] = []
+    for shard_index, url in shards:
+        for sample in iter_shards(url, skipped):
+            try:
+                image = load_image(sample.image)
+            except ImageTooLargeError as exc:
+                skipped["image_too_large"] += 1
+                log.debug("skipped %s: %s", sample.key, exc)
+                continue
+            except InvalidImageError as exc:
+                skipped["corrupt_image"] += 1
+                log.debug("skipped %s: %s", sample.key, exc)
+                continue
+            images.append(image)
+            rows.append(IndexRow(sample.key, sample.caption, sample.meta))
+            shard_of_row.append(shard_index)
+            if len(images) == batch_size:
+                yield images, rows, shard_of_row
+                images, rows, shard_of_row = [], [], []
     if images:
-        yield images, rows
+        yield images, rows, shard_of_row
+
+
+# --- torchrun: parts on disk, merged by rank 0 -------------------------------------------------
+
+
+def _exchange_parts(embedded: Embedded, parts: Path, rank: int, world_size: int) -> Embedded:
+    """Write this rank's part, wait for every rank; rank 0 gets all parts merged in shard order."""
+    import torch.distributed as dist
+
+    # Only a barrier crosses processes (the data goes through the parts directory, which can be
+    # on storage shared by nodes), so gloo serves whatever device embeds.
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        _write_part(parts, rank, embedded)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return embedded
+    return _merge_parts([_read_part(parts, r) for r in range(world_size)])
+
+
+def _write_part(parts: Path, rank: int, embedded: Embedded) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    stem = parts / f"part-{rank:05d}"
+    np.save(f"{stem}.npy", embedded.vectors)
+    with open(f"{stem}.jsonl", "w") as f:
+        for row, shard in zip(embedded.rows, embedded.shards, strict=True):
+            record = {"shard": shard, "key": row.key, "caption": row.caption, "meta": row.meta}
+            f.write(json.dumps(record) + "\n")
+    done = {"rank": rank, "count": len(embedded.rows), "skipped": dict(embedded.skipped)}
+    # Written last, and renamed into place: its presence says the part is complete.
+    Path(f"{stem}.json.tmp").write_text(json.dumps(done))
+    os.replace(f"{stem}.json.tmp", f"{stem}.json")
+
+
+def _read_part(parts: Path, rank: int) -> Embedded:
+    stem = parts / f"part-{rank:05d}"
+    if not Path(f"{stem}.json").is_file():
+        raise RuntimeError(f"{stem}.json not found: rank {rank} did not finish its part")
+    done = json.loads(Path(f"{stem}.json").read_text())
+    vectors = np.load(f"{stem}.npy")
+    with open(f"{stem}.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    if not len(vectors) == len(records) == done["count"]:
+        raise RuntimeError(f"part {stem}: {len(vectors)} vectors, {len(records)} rows")
+    rows = [IndexRow(r["key"], r["caption"], r["meta"]) for r in records]
+    return Embedded(vectors, rows, [r["shard"] for r in records], Counter(done["skipped"]))
+
+
+def _merge_parts(parts: list[Embedded]) -> Embedded:
+    """One Embedded in shard order: a stable sort by shard keeps each shard's sample order."""
+    shards = np.array([s for part in parts for s in part.shards], dtype=np.int64)
+    order = np.argsort(shards, kind="stable")
+    rows = [row for part in parts for row in part.rows]
+    vectors = np.concatenate([part.vectors for part in parts])[order]
+    skipped: Counter[str] = Counter()
+    for part in parts:
+        skipped.update(part.skipped)
+    return Embedded(vectors, [rows[i] for i in order], shards[order].tolist(), skipped)
+
+
+# --- command line ------------------------------------------------------------------------------
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m serve.build_index", description=__doc__.splitlines()[0]
+        prog="python -m serve.build_index",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
     )
     parser.add_argument("--model", required=True, help="model artifact directory")
     parser.add_argument(
@@ -115,8 +252,44 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", required=True, help="index directory to write (replaced)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda (under torchrun: per rank), cuda:0"
+    )
+    parser.add_argument("--parts-dir", help="torchrun: where ranks write their parts (OUT.parts)")
+    knobs = parser.add_argument_group("index type and knobs (unset: derived from the count)")
+    knobs.add_argument("--index-type", default="auto", choices=INDEX_TYPES)
+    for flag, help_text in (
+        ("--hnsw-m", "hnsw: graph neighbours per node"),
+        ("--ef-construction", "hnsw: candidate list while building"),
+        ("--ef-search", "hnsw: candidate list while searching"),
+        ("--nlist", "ivfpq: k-means cells"),
+        ("--pq-m", "ivfpq: sub-quantisers; must divide D"),
+        ("--nprobe", "ivfpq: cells searched per query"),
+        ("--rerank-factor", "approximate types: exact re-scoring of k x this candidates"),
+    ):
+        knobs.add_argument(flag, type=int, help=help_text)
+    knobs.add_argument(
+        "--pq-nbits", type=int, default=4, help="ivfpq: bits per code (4: fast-scan)"
+    )
+    knobs.add_argument(
+        "--recall-queries", type=int, default=1000, help="sampled queries for recall@10 (0: skip)"
+    )
     return parser.parse_args(argv)
+
+
+def _spec(args: argparse.Namespace) -> IndexSpec:
+    return IndexSpec(
+        index_type=args.index_type,
+        hnsw_m=args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+        nlist=args.nlist,
+        pq_m=args.pq_m,
+        pq_nbits=args.pq_nbits,
+        nprobe=args.nprobe,
+        rerank_factor=args.rerank_factor,
+        recall_queries=args.recall_queries,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,11 +299,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         summary = build_index(
-            args.model, args.data, args.out, batch_size=args.batch_size, device=args.device
+            args.model,
+            args.data,
+            args.out,
+            batch_size=args.batch_size,
+            device=args.device,
+            spec=_spec(args),
+            parts_dir=args.parts_dir,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if summary["rank"] != 0:
+        log.info("rank %d: embedded %d images", summary["rank"], summary["count"])
+        return 0
     print(
         f"indexed {summary['count']} images (dim {summary['dim']}) into {summary['out']} "
         f"in {summary['seconds']:.1f} s ({summary['images_per_second']:.1f} images/s); "

@@ -1,4 +1,7 @@
-"""Encode texts and images with a loaded model artifact; classify images by prompt ensembling."""
+"""Encode texts and images with a loaded model artifact; zero-shot labels by prompt ensembling.
+
+One call, one forward pass; `serve.batching` groups concurrent requests' calls into batches.
+"""
 
 from __future__ import annotations
 
@@ -44,19 +47,16 @@ class Encoder:
         with self._lock, torch.inference_mode():
             return _to_numpy(self._images(images))
 
-    def classify(
-        self, images: Sequence[Image.Image], labels: Sequence[str], templates: Sequence[str]
-    ) -> np.ndarray:
-        """[N_images, N_labels] probabilities: softmax over labels of scaled cosine similarity.
+    @property
+    def logit_scale(self) -> float:
+        """exp of the learned log inverse temperature: the scale of zero-shot logits."""
+        return float(self.loaded.model.logit_scale.detach().exp())
 
-        Labels are embedded by prompt ensembling (`common.model.class_embeddings`).
-        """
+    def label_embeddings(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        """[L, D] zero-shot classifier weights by prompt ensembling (`class_embeddings`)."""
         with self._lock, torch.inference_mode():
             model = self.loaded.model
-            label_features = class_embeddings(model, self.loaded.tokenize, labels, templates)
-            image_features = self._images(images)  # [N, D]
-            logits = model.logit_scale.exp() * image_features @ label_features.T  # [N, L]
-            return _to_numpy(logits.softmax(dim=-1))
+            return _to_numpy(class_embeddings(model, self.loaded.tokenize, labels, templates))
 
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.loaded.tokenize(list(texts)).to(self.device)  # [N, L]
@@ -65,6 +65,17 @@ class Encoder:
     def _images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = torch.stack([self.loaded.transform(image) for image in images])  # [N, 3, H, W]
         return self.loaded.model.encode_image(pixels.to(self.device))
+
+
+def zero_shot_probabilities(
+    image_features: np.ndarray, label_features: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """[N, D] images x [L, D] labels -> [N, L] softmax over labels of scaled cosine similarity."""
+    # float64: float32 rounding could give a probability a hair above 1
+    logits = logit_scale * image_features.astype(np.float64) @ label_features.T.astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)  # stable softmax
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 request validation (pydantic)      422 validation_error
 HTTPException (routing, parsing)   its status; type from the status (404 not_found, ...)
-ApiError (our own)                 its status and type: 400 bad_request, 413 too_large /
-                                   image_too_large, 415 unsupported_media_type / not_an_image,
-                                   503 not_ready
+ApiError (our own)                 its status and type: 400 bad_request, 401 unauthorized,
+                                   404 not_found, 413 too_large / image_too_large,
+                                   415 unsupported_media_type / not_an_image, 503 not_ready
+UnknownIndexError                  404 not_found
+Overloaded (encode queue full)     429 overloaded, with Retry-After
 anything else                      500 internal_error, generic message, logged with traceback
 """
 
@@ -20,6 +22,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.batching import Overloaded
+from serve.registry import UnknownIndexError
 from serve.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ TYPE_BY_STATUS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
     422: "validation_error",
@@ -41,11 +46,14 @@ TYPE_BY_STATUS = {
 class ApiError(Exception):
     """An error of ours with its HTTP status, envelope type and message for the client."""
 
-    def __init__(self, status: int, type: str, message: str) -> None:
+    def __init__(
+        self, status: int, type: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type
         self.message = message
+        self.headers = headers or {}
 
 
 def error_response(status: int, type: str, message: str) -> JSONResponse:
@@ -72,7 +80,21 @@ def validation_message(errors: Sequence[Any]) -> str:
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.type, exc.message)
+    response = error_response(exc.status, exc.type, exc.message)
+    response.headers.update(exc.headers)
+    return response
+
+
+async def _on_unknown_index(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(404, "not_found", str(exc))
+
+
+async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
+    """Refuse now rather than queue: the client retries after Retry-After seconds."""
+    request.app.state.metrics.rejected.inc()
+    response = error_response(429, "overloaded", str(exc))
+    response.headers["Retry-After"] = str(request.app.state.settings.retry_after_s)
+    return response
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -123,6 +145,8 @@ class CatchAllMiddleware:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(UnknownIndexError, _on_unknown_index)
+    app.add_exception_handler(Overloaded, _on_overloaded)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_middleware(CatchAllMiddleware)

@@ -1,14 +1,22 @@
 """HTTP request and response bodies (pydantic, with examples for the OpenAPI page).
 
-Limits that come from the settings (max_k, max_text_chars, max_labels, max_templates) are checked
-by the validators when the settings are passed as validation context: `context={"settings": s}`.
+Limits that come from the settings (max_k, max_text_chars, max_labels, max_templates,
+max_items_per_request) are checked by the validators when the settings are passed as validation
+context: `context={"settings": s}`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from serve.settings import Settings
 
@@ -33,6 +41,48 @@ def _check_length(text: str, what: str, info: ValidationInfo) -> str:
     return text
 
 
+def _check_items(count: int, info: ValidationInfo) -> None:
+    settings = _settings(info)
+    if settings is not None and count > settings.max_items_per_request:
+        raise ValueError(
+            f"{count} texts and images in one request; the limit is "
+            f"{settings.max_items_per_request} (max_items_per_request)"
+        )
+
+
+def _split_labels(labels: Any) -> Any:
+    """One comma-separated value means several labels; repeated fields are taken as they are."""
+    if isinstance(labels, list) and len(labels) == 1 and isinstance(labels[0], str):
+        labels = labels[0].split(",")
+    if isinstance(labels, list):
+        labels = [s.strip() if isinstance(s, str) else s for s in labels]
+        labels = [s for s in labels if s != ""]
+    if labels == []:
+        raise ValueError("give at least one label (field `labels`), or a `label_set`")
+    return labels
+
+
+def _check_labels(labels: list[str], info: ValidationInfo) -> list[str]:
+    settings = _settings(info)
+    if settings is not None and len(labels) > settings.max_labels:
+        raise ValueError(f"{len(labels)} labels; the limit is {settings.max_labels}")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
+    return [_check_length(label, "label", info) for label in labels]
+
+
+def _check_templates(templates: list[str], info: ValidationInfo) -> list[str]:
+    settings = _settings(info)
+    if settings is not None and len(templates) > settings.max_templates:
+        raise ValueError(f"{len(templates)} templates; the limit is {settings.max_templates}")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f'template {template!r} has no "{{}}" where the label goes')
+        _check_length(template, "template", info)
+    return templates
+
+
 class ErrorResponse(BaseModel):
     """The one error envelope: every error the service returns has exactly these two keys."""
 
@@ -46,84 +96,77 @@ class ErrorResponse(BaseModel):
     type: str = Field(description="Machine-readable kind, e.g. validation_error, not_ready.")
 
 
-class SearchRequest(BaseModel):
-    """Search by text (JSON body of POST /search)."""
+# --- /search -----------------------------------------------------------------------------------
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"text": "red circle", "k": 5}]}
-    )
 
-    text: str = Field(description="Query text; surrounding whitespace is ignored.")
+class SearchOptions(BaseModel):
+    """What every search takes besides its query: which index, how many, near-duplicates."""
+
+    index: str | None = Field(None, description="Index name (GET /indices); default: the first.")
     k: int | None = Field(
         None, ge=1, description="Number of results (default: DUET_DEFAULT_K, at most DUET_MAX_K)."
     )
+    dedup: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Drop results whose cosine similarity to a better result is at least this.",
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _k_within_max(cls, k: int | None, info: ValidationInfo) -> int | None:
+        return _check_k(k, info)
+
+
+QUERY_FIELDS = ("text", "image", "embedding", "id")
+
+
+class SearchRequest(SearchOptions):
+    """JSON body of POST /search: exactly one of `text`, `image`, `embedding`, `id`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "red circle", "k": 5},
+                {"id": 17, "k": 5, "dedup": 0.95},
+                {"image": "<base64 of a JPEG/PNG/WebP file>", "index": "default"},
+            ]
+        },
+    )
+
+    text: str | None = Field(None, description="Query text; surrounding whitespace is ignored.")
+    image: str | None = Field(
+        None, description="Query image: base64 of the file's bytes (a data: URL prefix is allowed)."
+    )
+    embedding: list[float] | None = Field(
+        None, description="Query vector of the index's dimension; normalised by the service."
+    )
+    id: int | None = Field(None, ge=0, description='"More like this": the id of an indexed item.')
 
     @field_validator("text")
     @classmethod
-    def _text_not_empty(cls, text: str, info: ValidationInfo) -> str:
+    def _text_not_empty(cls, text: str | None, info: ValidationInfo) -> str | None:
+        if text is None:
+            return None
         text = text.strip()
         if not text:
             raise ValueError("text must not be empty")
         return _check_length(text, "text", info)
 
-    @field_validator("k")
-    @classmethod
-    def _k_within_max(cls, k: int | None, info: ValidationInfo) -> int | None:
-        return _check_k(k, info)
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        given = [name for name in QUERY_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(QUERY_FIELDS)}; got {', '.join(given) or 'none'}"
+            )
+        return self
 
 
-class ImageSearchForm(BaseModel):
+class ImageSearchForm(SearchOptions):
     """The form fields beside the `image` file of a multipart POST /search."""
-
-    k: int | None = Field(None, ge=1)
-
-    @field_validator("k")
-    @classmethod
-    def _k_within_max(cls, k: int | None, info: ValidationInfo) -> int | None:
-        return _check_k(k, info)
-
-
-class ClassifyForm(BaseModel):
-    """The form fields beside the `image` file of POST /classify, after normalising."""
-
-    labels: list[str] = Field(min_length=1)
-    templates: list[str] = Field(min_length=1)
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _split_labels(cls, labels: Any) -> Any:
-        """One comma-separated value means several labels; repeated fields are taken as they are."""
-        if isinstance(labels, list) and len(labels) == 1 and isinstance(labels[0], str):
-            labels = labels[0].split(",")
-        if isinstance(labels, list):
-            labels = [s.strip() if isinstance(s, str) else s for s in labels]
-            labels = [s for s in labels if s != ""]
-        if labels == []:
-            raise ValueError("give at least one label (form field `labels`)")
-        return labels
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_within_limits(cls, labels: list[str], info: ValidationInfo) -> list[str]:
-        settings = _settings(info)
-        if settings is not None and len(labels) > settings.max_labels:
-            raise ValueError(f"{len(labels)} labels; the limit is {settings.max_labels}")
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
-        return [_check_length(label, "label", info) for label in labels]
-
-    @field_validator("templates")
-    @classmethod
-    def _templates_have_slot(cls, templates: list[str], info: ValidationInfo) -> list[str]:
-        settings = _settings(info)
-        if settings is not None and len(templates) > settings.max_templates:
-            raise ValueError(f"{len(templates)} templates; the limit is {settings.max_templates}")
-        for template in templates:
-            if "{}" not in template:
-                raise ValueError(f'template {template!r} has no "{{}}" where the label goes')
-            _check_length(template, "template", info)
-        return templates
 
 
 class SearchHit(BaseModel):
@@ -131,6 +174,7 @@ class SearchHit(BaseModel):
     key: str = Field(description="Sample key from the shards.")
     score: float = Field(description="Cosine similarity to the query, in [-1, 1].")
     caption: str
+    url: str | None = Field(None, description="The sample's `url` from its metadata, if any.")
     metadata: dict[str, Any] = Field(description="The sample's JSON metadata from the shards.")
 
 
@@ -145,9 +189,11 @@ class SearchResponse(BaseModel):
                             "key": "000000_0017",
                             "score": 0.31,
                             "caption": "a small red circle at the top left",
+                            "url": None,
                             "metadata": {"shape": "circle", "color": "red"},
                         }
                     ],
+                    "index": "default",
                     "k": 5,
                     "took_ms": 4.2,
                 }
@@ -156,15 +202,89 @@ class SearchResponse(BaseModel):
     )
 
     results: list[SearchHit] = Field(
-        description="Best first; fewer than k if the index is smaller."
+        description="Best first; fewer than k if the index is smaller or duplicates were dropped."
     )
+    index: str = Field(description="The index that was searched.")
     k: int = Field(description="The k that was used.")
     took_ms: float = Field(description="Time spent encoding and searching, in milliseconds.")
+
+
+# --- /classify ---------------------------------------------------------------------------------
+
+
+class ClassifyLabels(BaseModel):
+    """Labels (+ templates) given in the request, or the name of a configured label set."""
+
+    labels: list[str] | None = Field(
+        None, description="Candidate labels (in a form: repeated, or one comma-separated value)."
+    )
+    templates: list[str] | None = Field(
+        None,
+        description='Prompt templates with "{}" for the label (default: DUET_DEFAULT_TEMPLATES).',
+    )
+    label_set: str | None = Field(
+        None, description="A label set configured at start-up (GET /label-sets), instead of labels."
+    )
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split(cls, labels: Any) -> Any:
+        return None if labels is None else _split_labels(labels)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_within_limits(cls, labels: list[str] | None, info: ValidationInfo) -> Any:
+        return None if labels is None else _check_labels(labels, info)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | None, info: ValidationInfo) -> Any:
+        return None if templates is None else _check_templates(templates, info)
+
+    @model_validator(mode="after")
+    def _labels_or_set(self) -> ClassifyLabels:
+        if (self.labels is None) == (self.label_set is None):
+            raise ValueError("give either labels (with optional templates) or a label_set")
+        if self.label_set is not None and self.templates is not None:
+            raise ValueError("a label_set brings its own templates; do not send templates")
+        return self
+
+
+class ClassifyForm(ClassifyLabels):
+    """The form fields beside the `image` file(s) of a multipart POST /classify."""
+
+
+class ClassifyRequest(ClassifyLabels):
+    """JSON body of POST /classify: base64 images plus labels or a label set."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": ["<base64>"], "labels": ["red circle", "blue square"]},
+                {"images": ["<base64>", "<base64>"], "label_set": "shapes"},
+            ]
+        },
+    )
+
+    images: list[str] = Field(
+        min_length=1, description="Images to classify: base64 of each file's bytes."
+    )
+
+    @field_validator("images")
+    @classmethod
+    def _images_within_limit(cls, images: list[str], info: ValidationInfo) -> list[str]:
+        _check_items(len(images), info)
+        return images
 
 
 class Prediction(BaseModel):
     label: str
     probability: float = Field(ge=0.0, le=1.0)
+
+
+class ImagePredictions(BaseModel):
+    predictions: list[Prediction] = Field(description="One per label, most probable first.")
 
 
 class ClassifyResponse(BaseModel):
@@ -176,23 +296,184 @@ class ClassifyResponse(BaseModel):
                         {"label": "red circle", "probability": 0.91},
                         {"label": "blue square", "probability": 0.09},
                     ],
+                    "results": [
+                        {
+                            "predictions": [
+                                {"label": "red circle", "probability": 0.91},
+                                {"label": "blue square", "probability": 0.09},
+                            ]
+                        }
+                    ],
                     "templates": ["a photo of a {}."],
+                    "label_set": None,
                 }
             ]
         }
     )
 
-    predictions: list[Prediction] = Field(description="One per label, most probable first.")
+    predictions: list[Prediction] = Field(
+        description="The first image's predictions, most probable first (= results[0])."
+    )
+    results: list[ImagePredictions] = Field(description="Per image, in the order sent.")
     templates: list[str] = Field(description="The prompt templates that were ensembled.")
+    label_set: str | None = Field(None, description="The label set used, if one was named.")
 
 
-class HealthResponse(BaseModel):
+class LabelSetInfo(BaseModel):
+    name: str
+    labels: list[str]
+    templates: list[str]
+
+
+# --- /embed ------------------------------------------------------------------------------------
+
+
+class EmbedRequest(BaseModel):
+    """JSON body of POST /embed: texts and/or base64 images."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"texts": ["a red circle", "a blue square"]}]},
+    )
+
+    texts: list[str] = Field(default_factory=list, description="Texts to embed.")
+    images: list[str] = Field(default_factory=list, description="Images: base64 of the files.")
+
+    @field_validator("texts")
+    @classmethod
+    def _texts_valid(cls, texts: list[str], info: ValidationInfo) -> list[str]:
+        texts = [text.strip() for text in texts]
+        if any(not text for text in texts):
+            raise ValueError("texts must not be empty")
+        return [_check_length(text, "text", info) for text in texts]
+
+    @model_validator(mode="after")
+    def _some_items(self, info: ValidationInfo) -> EmbedRequest:
+        if not self.texts and not self.images:
+            raise ValueError("give at least one of texts, images")
+        _check_items(len(self.texts) + len(self.images), info)
+        return self
+
+
+class EmbedResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"status": "ok", "model": "duet-micro", "index_count": 512}]
+            "examples": [
+                {
+                    "model": "duet-tiny",
+                    "dim": 4,
+                    "text_embeddings": [[0.5, 0.5, 0.5, 0.5]],
+                    "image_embeddings": [],
+                }
+            ]
         }
     )
 
-    status: str = Field(description='"ok" once the model and index are loaded.')
+    model: str = Field(description="Name of the model that embedded them.")
+    dim: int = Field(description="Embedding dimension.")
+    text_embeddings: list[list[float]] = Field(description="Unit vectors, one per text, in order.")
+    image_embeddings: list[list[float]] = Field(
+        description="Unit vectors, one per image, in order."
+    )
+
+
+# --- health, readiness, indices ----------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: str = Field(description='"ok": the process is serving (liveness only).')
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "model": "duet-micro",
+                    "index_count": 512,
+                    "indices": {"default": 512},
+                }
+            ]
+        }
+    )
+
+    status: str = Field(description='"ready": the model and every index are loaded.')
     model: str = Field(description="Name of the loaded model.")
-    index_count: int = Field(description="Number of vectors in the loaded index.")
+    index_count: int = Field(description="Number of vectors in the default index.")
+    indices: dict[str, int] = Field(description="Vectors per index, by name.")
+
+
+class IndexInfo(BaseModel):
+    """One index as `SearchIndex.describe()` tells it, with its name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    default: bool = Field(description="Searched when a request names no index.")
+    count: int
+    dim: int
+
+
+class IndicesResponse(BaseModel):
+    indices: list[IndexInfo] = Field(description="Every index, the default first.")
+
+
+# --- clip-retrieval's back end -----------------------------------------------------------------
+
+
+class KnnRequest(BaseModel):
+    """clip-retrieval's /knn-service body; unknown keys are ignored like its back end does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = None
+    image: str | None = None
+    image_url: str | None = None
+    embedding_input: list[float] | None = None
+    modality: str | None = "image"
+    num_images: int | None = Field(None, ge=0)
+    num_result_ids: int | None = Field(None, ge=0)
+    indice_name: str | None = None
+    deduplicate: bool | None = None
+    use_safety_model: bool | None = None
+    use_violence_detector: bool | None = None
+    use_mclip: bool | None = None
+    aesthetic_score: Any = None
+    aesthetic_weight: Any = None
+
+    @field_validator("text")
+    @classmethod
+    def _text_length(cls, text: str | None, info: ValidationInfo) -> str | None:
+        return None if text is None else _check_length(text, "text", info)
+
+    @model_validator(mode="after")
+    def _one_query(self) -> KnnRequest:
+        given = [
+            name
+            for name in ("text", "image", "image_url", "embedding_input")
+            if getattr(self, name) not in (None, "")
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of text, image, image_url, embedding_input; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        return self
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] = Field(description="Ids from /knn-service results.")
+    indice_name: str | None = None
+
+    @field_validator("ids")
+    @classmethod
+    def _ids_within_limit(cls, ids: list[int], info: ValidationInfo) -> list[int]:
+        settings = _settings(info)
+        if settings is not None and len(ids) > settings.max_metadata_ids:
+            raise ValueError(f"{len(ids)} ids; the limit is {settings.max_metadata_ids}")
+        return ids

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
 DEFAULT_TEMPLATES = (
@@ -15,9 +17,63 @@ DEFAULT_TEMPLATES = (
     "an image of a {}.",
     "a {}.",
 )
-# Per form field, besides its text: multipart boundary and part headers.
-FORM_FIELD_OVERHEAD_BYTES = 256
-UTF8_MAX_BYTES_PER_CHAR = 4
+DEFAULT_INDEX_NAME = "default"
+INDEX_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class LabelSet(BaseModel):
+    """A named zero-shot classifier configured at start-up: labels and their prompt templates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] = Field(min_length=1, description="Class names, no duplicates.")
+    templates: list[str] | None = Field(
+        None, description='Prompt templates with "{}" for the label (default: default_templates).'
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[str]) -> list[str]:
+        labels = [label.strip() for label in labels]
+        if any(not label for label in labels):
+            raise ValueError("labels must not be empty strings")
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
+        return labels
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
+        return None if templates is None else _check_templates(templates)
+
+
+def _check_templates(templates: list[str]) -> list[str]:
+    if not templates:
+        raise ValueError("templates must not be empty")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f'template {template!r} has no "{{}}" for the label')
+    return templates
+
+
+def _json_or_file(value: Any, what: str) -> Any:
+    """A JSON object given inline (starts with "{") or as the path of a JSON file."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return {}
+    if not text.startswith("{"):
+        path = Path(text)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what}: not valid JSON: {exc}") from None
 
 
 class Settings(BaseSettings):
@@ -26,7 +82,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore")
 
     artifact_dir: Path = Field(description="Model artifact directory (written by training export).")
-    index_dir: Path = Field(description="Index directory written by `python -m serve.build_index`.")
+    index_dir: Path | None = Field(
+        None, description='Index directory (`python -m serve.build_index`), served as "default".'
+    )
+    indices: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description='More named indices: JSON {"name": "/path/to/index", ...} or a JSON file path.',
+    )
     host: str = Field(default="127.0.0.1", description="Interface `python -m serve` binds to.")
     port: int = Field(
         default=8000, ge=1, le=65535, description="TCP port `python -m serve` listens on."
@@ -34,12 +96,38 @@ class Settings(BaseSettings):
     device: str = Field(
         default="cpu", description="Torch device for the encoders, e.g. cpu or cuda:0."
     )
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, every request except /health, /ready, the page and the docs must "
+        "send it (X-API-Key or Authorization: Bearer).",
+    )
+    # --- search and classify ---
     default_k: int = Field(
         default=10, ge=1, description="Results per search when the request gives no k."
     )
     max_k: int = Field(default=100, ge=1, description="Largest k a search may ask for.")
+    dedup_overfetch: int = Field(
+        default=4,
+        ge=1,
+        description="With near-duplicate removal, a search looks at k x this many candidates.",
+    )
+    label_sets: Annotated[dict[str, LabelSet], NoDecode] = Field(
+        default_factory=dict,
+        description='Named label sets for /classify: JSON {"name": {"labels": [...], '
+        '"templates": [...]}} or a JSON file path; embedded once at start-up.',
+    )
+    default_templates: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TEMPLATES),
+        description='Prompt templates for /classify requests that give none; "{}" is the label.',
+    )
+    # --- request limits ---
     max_upload_bytes: int = Field(
-        default=10 * MIB, ge=1, description="Largest image upload, in bytes."
+        default=10 * MIB, ge=1, description="Largest image (upload, base64-decoded or fetched)."
+    )
+    max_request_bytes: int = Field(
+        default=32 * MIB,
+        ge=1,
+        description="Largest request body: all uploads (base64 included) and fields together.",
     )
     max_image_pixels: int = Field(
         default=40_000_000,
@@ -55,33 +143,95 @@ class Settings(BaseSettings):
     max_templates: int = Field(
         default=32, ge=1, description="Most prompt templates one /classify may give."
     )
-    default_templates: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TEMPLATES),
-        description='Prompt templates for /classify requests that give none; "{}" is the label.',
+    max_items_per_request: int = Field(
+        default=32, ge=1, description="Most texts + images one /embed or /classify may send."
     )
+    max_metadata_ids: int = Field(
+        default=1000, ge=1, description="Most ids one POST /metadata may ask for."
+    )
+    # --- dynamic batching ---
+    batching: bool = Field(
+        default=True,
+        description="Encode concurrent requests together; false: one forward pass per request.",
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Most texts or images encoded in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, description="How long a batch waits for more work after its first item."
+    )
+    max_queue_items: int = Field(
+        default=512,
+        ge=1,
+        description="Most texts + images waiting to be encoded; beyond it requests get 429.",
+    )
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429 answer.")
+    search_threads: int = Field(
+        default=1,
+        ge=1,
+        description="OpenMP threads per FAISS search; concurrent requests bring the parallelism.",
+    )
+    # --- image_url (clip-retrieval's /knn-service) ---
+    image_url_fetch: bool = Field(
+        default=False, description="Allow /knn-service to download image_url (public hosts only)."
+    )
+    image_url_timeout_s: float = Field(
+        default=5.0, gt=0, description="Time limit of one image_url download, in seconds."
+    )
+    # --- web and logs ---
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Origins browsers may call the API from (clip-retrieval's front); [] for none.",
+    )
+    access_log: bool = Field(default=True, description="One log line per request (serve.access).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Log level of the service and of uvicorn."
     )
 
+    @field_validator("indices", mode="before")
+    @classmethod
+    def _indices_json(cls, value: Any) -> Any:
+        return _json_or_file(value, "indices")
+
+    @field_validator("label_sets", mode="before")
+    @classmethod
+    def _label_sets_json(cls, value: Any) -> Any:
+        return _json_or_file(value, "label_sets")
+
+    @field_validator("indices", "label_sets")
+    @classmethod
+    def _names_are_simple(cls, named: dict[str, Any]) -> dict[str, Any]:
+        for name in named:
+            if not INDEX_NAME_PATTERN.fullmatch(name):
+                raise ValueError(
+                    f"name {name!r}: use letters, digits, '_', '.', '-' (at most 64 characters)"
+                )
+        return named
+
     @field_validator("default_templates")
     @classmethod
     def _templates_have_slot(cls, templates: list[str]) -> list[str]:
-        if not templates:
-            raise ValueError("default_templates must not be empty")
-        for template in templates:
-            if "{}" not in template:
-                raise ValueError(f'default template {template!r} has no "{{}}" for the label')
-        return templates
+        return _check_templates(templates)
 
     @model_validator(mode="after")
-    def _default_k_within_max(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
+        if self.max_request_bytes < self.max_upload_bytes:
+            raise ValueError(
+                f"max_request_bytes ({self.max_request_bytes}) must be at least "
+                f"max_upload_bytes ({self.max_upload_bytes})"
+            )
+        if self.index_dir is not None and DEFAULT_INDEX_NAME in self.indices:
+            raise ValueError(
+                f'index_dir is served as "{DEFAULT_INDEX_NAME}"; indices names it again'
+            )
+        if self.index_dir is None and not self.indices:
+            raise ValueError("no index: set index_dir (DUET_INDEX_DIR) or indices (DUET_INDICES)")
         return self
 
     @property
-    def max_request_bytes(self) -> int:
-        """Largest request body: one image upload plus the most form fields allowed beside it."""
-        fields = self.max_labels + self.max_templates + 2  # + k and the image part's headers
-        per_field = self.max_text_chars * UTF8_MAX_BYTES_PER_CHAR + FORM_FIELD_OVERHEAD_BYTES
-        return self.max_upload_bytes + fields * per_field
+    def index_paths(self) -> dict[str, Path]:
+        """Every index by name, the default (the one used when a request names none) first."""
+        first = {} if self.index_dir is None else {DEFAULT_INDEX_NAME: self.index_dir}
+        return {**first, **self.indices}

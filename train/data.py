@@ -218,8 +218,10 @@ class TrainBatches:
         world_size: int,
         start_epoch: int = 0,
         state: dict[str, Any] | None = None,
+        pin_memory: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         self.sources = data_sources(cfg)
         if not cfg.resampled:
             for source in self.sources:
@@ -341,7 +343,7 @@ class TrainBatches:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
-            pin_memory=False,
+            pin_memory=self.pin_memory,
             # its own generator: making worker seeds must not draw from the global RNG
             generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank)),
         )

@@ -132,6 +132,7 @@ class Trainer:
             world_size=self.dist.world_size,
             start_epoch=self.data_epoch,
             state=self.data_state,
+            pin_memory=self.dist.device.type == "cuda",
         )
         self.metrics = MetricsLogger(
             self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard
@@ -197,14 +198,14 @@ class Trainer:
         optimizer or scheduler step, gradients dropped (train/stability.py).
         """
         cfg, device = self.cfg, self.dist.device
-        images = batch.images.to(device)
+        images = batch.images.to(device, non_blocking=True)  # pinned on GPU: overlaps compute
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(
             self.ddp,
             images,
-            batch.tokens.to(device),
+            batch.tokens.to(device, non_blocking=True),
             self.dist,
             cfg.loss,
             self.precision,

@@ -1,26 +1,35 @@
 """What the route modules share: the loaded service, settings and bounded reading of bodies.
 
+Images arrive as multipart files or as base64 strings in JSON; both end as bytes checked against
+`max_upload_bytes`, then decoded off the event loop (`decode_images`) with the pixel limit.
+
 Bodies are read here, by hand, rather than by FastAPI's `Form`/`File` parameters: those spool an
 upload of any size before a handler can refuse it, and /search takes either JSON or multipart.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
 import pydantic
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
 from common.preprocess import ImageTooLargeError, InvalidImageError, load_image
+from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
 from serve.errors import ApiError
-from serve.index import SearchIndex
+from serve.labels import LabelCache, LabelSetEmbeddings
+from serve.registry import IndexRegistry
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,10 +39,17 @@ ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 
 @dataclass(frozen=True, slots=True)
 class Service:
-    """The loaded model and index that every request uses."""
+    """What the loader builds and every request uses: model, batcher, indices, label sets."""
 
     encoder: Encoder
-    index: SearchIndex
+    batcher: EncodeBatcher
+    indices: IndexRegistry
+    label_sets: dict[str, LabelSetEmbeddings]
+    label_cache: LabelCache = field(default_factory=LabelCache)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.indices.close()
 
 
 @dataclass(slots=True)
@@ -87,31 +103,72 @@ def _body_too_large(max_bytes: int) -> ApiError:
     return ApiError(413, "too_large", f"request body is over the limit of {max_bytes} bytes")
 
 
-async def read_form(request: Request, settings: Settings) -> FormData:
-    """Parse a multipart body read within `settings.max_request_bytes`; at most one file."""
+async def read_json(request: Request, model: type[ModelT], settings: Settings) -> ModelT:
+    """A JSON body read within `max_request_bytes`, validated with the settings' limits (422)."""
+    body = await read_body(request, settings.max_request_bytes)
+    try:
+        return model.model_validate_json(body, context={"settings": settings})
+    except pydantic.ValidationError as exc:
+        raise as_request_error(exc) from None
+
+
+async def read_form(request: Request, settings: Settings, max_files: int = 1) -> FormData:
+    """Parse a multipart body read within `settings.max_request_bytes`; at most `max_files`."""
     body = await read_body(request, settings.max_request_bytes)
 
     async def replay() -> Message:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    max_fields = settings.max_labels + settings.max_templates + 2
+    max_fields = settings.max_labels + settings.max_templates + settings.max_items_per_request + 4
     # A Request over the bytes already read: Starlette's parser, with nothing left unbounded.
-    return await Request(request.scope, replay).form(max_files=1, max_fields=max_fields)
+    return await Request(request.scope, replay).form(max_files=max_files, max_fields=max_fields)
 
 
 async def read_upload(form: FormData, field: str, settings: Settings) -> bytes:
     """The bytes of file field `field`: 422 if absent, 413 if over `max_upload_bytes`."""
-    upload = form.get(field)
-    if not isinstance(upload, UploadFile):
-        raise ApiError(422, "validation_error", f"body.{field}: a file field {field!r} is required")
-    data = await upload.read()
-    if len(data) > settings.max_upload_bytes:
-        raise ApiError(
-            413,
-            "too_large",
-            f"upload {field!r} is {len(data)} bytes; the limit is {settings.max_upload_bytes}",
-        )
+    (data,) = await read_uploads(form, field, settings)
     return data
+
+
+async def read_uploads(
+    form: FormData, field: str, settings: Settings, *, required: bool = True
+) -> list[bytes]:
+    """The bytes of every file in field `field` (repeated): 422 if none, 413 if one is too large."""
+    uploads = [upload for upload in form.getlist(field) if isinstance(upload, UploadFile)]
+    if required and not uploads:
+        raise ApiError(422, "validation_error", f"body.{field}: a file field {field!r} is required")
+    files = []
+    for upload in uploads:
+        data = await upload.read()
+        check_image_bytes(len(data), f"upload {field!r}", settings)
+        files.append(data)
+    return files
+
+
+def check_image_bytes(size: int, what: str, settings: Settings) -> None:
+    if size > settings.max_upload_bytes:
+        raise ApiError(
+            413, "too_large", f"{what} is {size} bytes; the limit is {settings.max_upload_bytes}"
+        )
+
+
+def decode_base64(data: str, where: str, settings: Settings) -> bytes:
+    """Base64 text (optionally a `data:...;base64,` URL) -> bytes; 413 if too large, else 422."""
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    data = "".join(data.split())  # line breaks of MIME-style base64
+    check_image_bytes(len(data) // 4 * 3 - 2, f"{where} (decoded)", settings)  # before decoding
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "validation_error", f"{where}: not valid base64") from None
+    check_image_bytes(len(decoded), f"{where} (decoded)", settings)
+    return decoded
+
+
+async def decode_images(files: list[bytes], settings: Settings) -> list[Image.Image]:
+    """Decode images in the threadpool: decoding is CPU work and must not stall the event loop."""
+    return await run_in_threadpool(lambda: [decode_image(data, settings) for data in files])
 
 
 def decode_image(data: bytes, settings: Settings) -> Image.Image:
@@ -128,7 +185,7 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
         ) from exc
 
 
-def validate(model: type[ModelT], data: dict[str, object], settings: Settings) -> ModelT:
+def validate(model: type[ModelT], data: Mapping[str, object], settings: Settings) -> ModelT:
     """Validate form fields against `model` with the settings' limits; errors become a 422."""
     try:
         return model.model_validate(data, context={"settings": settings})

@@ -1,23 +1,41 @@
-"""POST /classify: probabilities of an uploaded image over given labels, by prompt ensembling."""
+"""POST /classify: zero-shot probabilities of one or more images over labels or a named label set.
+
+GET /label-sets lists the label sets configured at start-up (their embeddings are computed once,
+at load); labels sent with a request are embedded on first use and kept in a small LRU cache.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 
+from serve.encoder import zero_shot_probabilities
 from serve.errors import ApiError, error_responses
 from serve.routes import (
+    Service,
     ServiceDep,
     SettingsDep,
-    decode_image,
+    decode_base64,
+    decode_images,
     media_type,
     read_form,
-    read_upload,
+    read_json,
+    read_uploads,
     validate,
 )
-from serve.schemas import ClassifyForm, ClassifyResponse, Prediction
+from serve.schemas import (
+    ClassifyForm,
+    ClassifyLabels,
+    ClassifyRequest,
+    ClassifyResponse,
+    ImagePredictions,
+    LabelSetInfo,
+    Prediction,
+)
+from serve.settings import Settings
 
 router = APIRouter(tags=["classify"])
 
@@ -27,9 +45,13 @@ REQUEST_BODY_DOC = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "required": ["image", "labels"],
+                "required": ["image"],
                 "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "the image"},
+                    "image": {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "the image(s): repeat the field for several",
+                    },
                     "labels": {
                         "type": "array",
                         "items": {"type": "string"},
@@ -42,39 +64,56 @@ REQUEST_BODY_DOC = {
                         "description": 'prompt templates, each with "{}" for the label '
                         "(default: DUET_DEFAULT_TEMPLATES)",
                     },
+                    "label_set": {
+                        "type": "string",
+                        "description": "a configured label set instead of labels",
+                    },
                 },
             },
             "encoding": {"labels": {"style": "form", "explode": True}},
-        }
+        },
+        "application/json": {
+            "schema": ClassifyRequest.model_json_schema(),
+            "example": {"images": ["<base64>"], "labels": ["red circle", "blue square"]},
+        },
     },
 }
 
 
 @dataclass(frozen=True, slots=True)
 class ClassifyQuery:
-    image: bytes
-    labels: list[str]
-    templates: list[str]
+    images: list[bytes]
+    labels: ClassifyLabels
 
 
 async def classify_query(request: Request, settings: SettingsDep) -> ClassifyQuery:
-    """Read the multipart body; async because it only awaits the bytes."""
-    if media_type(request) != "multipart/form-data":
+    """Read a multipart or JSON body; async because it only awaits the bytes."""
+    kind = media_type(request)
+    if kind == "application/json":
+        parsed = await read_json(request, ClassifyRequest, settings)
+        images = [
+            decode_base64(data, f"body.images.{i}", settings)
+            for i, data in enumerate(parsed.images)
+        ]
+        return ClassifyQuery(images, parsed)
+    if kind != "multipart/form-data":
         raise ApiError(
             415,
             "unsupported_media_type",
-            'send multipart/form-data with an "image" file and "labels" fields',
+            'send multipart/form-data with "image" file(s) and "labels" fields, or JSON',
         )
-    form = await read_form(request, settings)
+    form = await read_form(request, settings, max_files=settings.max_items_per_request)
     try:
-        image = await read_upload(form, "image", settings)
-        templates = form.getlist("templates") or settings.default_templates
-        fields = validate(
-            ClassifyForm, {"labels": form.getlist("labels"), "templates": templates}, settings
-        )
+        images = await read_uploads(form, "image", settings)
+        fields = {
+            "labels": form.getlist("labels") or None,
+            "templates": form.getlist("templates") or None,
+            "label_set": form.get("label_set") or None,
+        }
+        labels = validate(ClassifyForm, fields, settings)
     finally:
         await form.close()
-    return ClassifyQuery(image, fields.labels, fields.templates)
+    return ClassifyQuery(images, labels)
 
 
 ClassifyQueryDep = Annotated[ClassifyQuery, Depends(classify_query)]
@@ -83,19 +122,69 @@ ClassifyQueryDep = Annotated[ClassifyQuery, Depends(classify_query)]
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
-    summary="Zero-shot classification of an image over the given labels",
-    responses=error_responses(400, 413, 415, 422, 503),
+    summary="Zero-shot classification of images over labels or a named label set",
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
     openapi_extra={"requestBody": REQUEST_BODY_DOC},
 )
-def classify(
+async def classify(
     service: ServiceDep, query: ClassifyQueryDep, settings: SettingsDep
 ) -> ClassifyResponse:
-    """Multipart: `image` file, `labels` (repeated or comma-separated), optional `templates`."""
-    image = decode_image(query.image, settings)
-    (probabilities,) = service.encoder.classify([image], query.labels, query.templates)  # [L]
+    """Multipart: `image` file(s), `labels` (repeated or comma-separated) or `label_set`,
+    optional `templates`; or JSON with base64 `images`."""
+    labels, templates, label_features = await label_embeddings(service, query.labels, settings)
+    images = await decode_images(query.images, settings)
+    image_features = await service.batcher.encode_images(images)  # [N, D]
+    probabilities = zero_shot_probabilities(
+        image_features, label_features, service.encoder.logit_scale
+    )  # [N, L]
+    results = [ImagePredictions(predictions=ranked(labels, row)) for row in probabilities]
+    return ClassifyResponse(
+        predictions=results[0].predictions,
+        results=results,
+        templates=templates,
+        label_set=query.labels.label_set,
+    )
+
+
+async def label_embeddings(
+    service: Service, request: ClassifyLabels, settings: Settings
+) -> tuple[list[str], list[str], np.ndarray]:
+    """Labels, templates and their [L, D] embeddings: a label set's, cached, or encoded now."""
+    if request.label_set is not None:
+        found = service.label_sets.get(request.label_set)
+        if found is None:
+            known = ", ".join(service.label_sets) or "none are configured"
+            raise ApiError(404, "not_found", f"no label set named {request.label_set!r} ({known})")
+        return found.labels, found.templates, found.embeddings
+    assert request.labels is not None
+    labels, templates = request.labels, request.templates or settings.default_templates
+    cached = service.label_cache.get(labels, templates)
+    if cached is None:
+        cached = await service.batcher.run(
+            lambda: service.encoder.label_embeddings(labels, templates),
+            cost_items=len(labels) * len(templates),
+        )
+        service.label_cache.put(labels, templates, cached)
+    return labels, templates, cached
+
+
+def ranked(labels: list[str], probabilities: np.ndarray) -> list[Prediction]:
     predictions = [
         Prediction(label=label, probability=float(p))
-        for label, p in zip(query.labels, probabilities, strict=True)
+        for label, p in zip(labels, probabilities, strict=True)
     ]
     predictions.sort(key=lambda prediction: prediction.probability, reverse=True)
-    return ClassifyResponse(predictions=predictions, templates=query.templates)
+    return predictions
+
+
+@router.get(
+    "/label-sets",
+    response_model=list[LabelSetInfo],
+    summary="The label sets configured at start-up (DUET_LABEL_SETS)",
+    responses=error_responses(401, 503),
+)
+async def label_sets(service: ServiceDep) -> list[LabelSetInfo]:
+    return [
+        LabelSetInfo(name=s.name, labels=s.labels, templates=s.templates)
+        for s in service.label_sets.values()
+    ]

@@ -1,4 +1,4 @@
-"""POST /search: top-k index entries for a text (JSON body) or an uploaded image (multipart)."""
+"""POST /search: the top k of a named index for a text, an image, an embedding or an indexed id."""
 
 from __future__ import annotations
 
@@ -6,22 +6,27 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-import pydantic
+import numpy as np
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
+from serve import retrieval
 from serve.errors import ApiError, error_responses
+from serve.index import Hit, SearchIndex
 from serve.routes import (
+    Service,
     ServiceDep,
     SettingsDep,
-    as_request_error,
-    decode_image,
+    decode_base64,
+    decode_images,
     media_type,
-    read_body,
     read_form,
+    read_json,
     read_upload,
     validate,
 )
 from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
+from serve.settings import Settings
 
 router = APIRouter(tags=["search"])
 
@@ -39,6 +44,8 @@ REQUEST_BODY_DOC = {
                 "properties": {
                     "image": {"type": "string", "format": "binary", "description": "query image"},
                     "k": {"type": "integer", "minimum": 1, "description": "number of results"},
+                    "index": {"type": "string", "description": "index name"},
+                    "dedup": {"type": "number", "description": "near-duplicate threshold"},
                 },
             }
         },
@@ -48,36 +55,53 @@ REQUEST_BODY_DOC = {
 
 @dataclass(frozen=True, slots=True)
 class SearchQuery:
-    """A parsed search: exactly one of `text` and `image` (undecoded bytes) is set."""
+    """A parsed search: exactly one of `text`, `image` (undecoded bytes), `embedding`, `id`."""
 
     k: int
+    index: str | None = None
+    dedup: float | None = None
     text: str | None = None
     image: bytes | None = None
+    embedding: list[float] | None = None
+    id: int | None = None
 
 
 async def search_query(request: Request, settings: SettingsDep) -> SearchQuery:
     """Read the body by its content type; async because it only awaits the bytes."""
     kind = media_type(request)
     if kind == "application/json":
-        body = await read_body(request, settings.max_request_bytes)
-        try:
-            parsed = SearchRequest.model_validate_json(body, context={"settings": settings})
-        except pydantic.ValidationError as exc:
-            raise as_request_error(exc) from None
-        return SearchQuery(k=parsed.k or settings.default_k, text=parsed.text)
+        parsed = await read_json(request, SearchRequest, settings)
+        image = (
+            None if parsed.image is None else decode_base64(parsed.image, "body.image", settings)
+        )
+        return SearchQuery(
+            k=parsed.k or settings.default_k,
+            index=parsed.index,
+            dedup=parsed.dedup,
+            text=parsed.text,
+            image=image,
+            embedding=parsed.embedding,
+            id=parsed.id,
+        )
     if kind == "multipart/form-data":
         form = await read_form(request, settings)
         try:
             image = await read_upload(form, "image", settings)
-            fields = validate(ImageSearchForm, {"k": form.get("k")}, settings)
+            fields = validate(
+                ImageSearchForm,
+                {name: form.get(name) for name in ("k", "index", "dedup")},
+                settings,
+            )
         finally:
             await form.close()
-        return SearchQuery(k=fields.k or settings.default_k, image=image)
+        return SearchQuery(
+            k=fields.k or settings.default_k, index=fields.index, dedup=fields.dedup, image=image
+        )
     raise ApiError(
         415,
         "unsupported_media_type",
         f"content type {kind or '(none)'!r} is not supported: send application/json with "
-        '{"text": ...} or multipart/form-data with an "image" file',
+        '{"text": ...} (or image, embedding, id) or multipart/form-data with an "image" file',
     )
 
 
@@ -87,25 +111,71 @@ SearchQueryDep = Annotated[SearchQuery, Depends(search_query)]
 @router.post(
     "/search",
     response_model=SearchResponse,
-    summary="Search the index by text or by image",
-    responses=error_responses(400, 413, 415, 422, 503),
+    summary="Search an index by text, image, embedding or indexed id",
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
     openapi_extra={"requestBody": REQUEST_BODY_DOC},
 )
-def search(
-    service: ServiceDep,
-    query: SearchQueryDep,
-    settings: SettingsDep,
+async def search(
+    service: ServiceDep, query: SearchQueryDep, settings: SettingsDep
 ) -> SearchResponse:
-    """JSON `{"text": "red circle", "k": 5}`, or multipart with an `image` file and optional `k`."""
+    """JSON `{"text": "red circle", "k": 5}` (or `image`, `embedding`, `id`), or multipart `image`.
+
+    Async: encoding waits on the batcher's thread and searching runs in the threadpool, so the
+    event loop only routes.
+    """
     start = time.perf_counter()
-    if query.image is not None:
-        embedding = service.encoder.encode_images([decode_image(query.image, settings)])
-    else:
-        embedding = service.encoder.encode_texts([query.text or ""])
-    (hits,) = service.index.search(embedding, query.k)
-    results = [
-        SearchHit(id=h.id, key=h.key, score=h.score, caption=h.caption, metadata=h.meta)
-        for h in hits
-    ]
+    name = service.indices.resolve(query.index)
+    with service.indices.lease(name) as index:
+        vector = await query_vector(service, index, query, settings)  # [1, D]
+        hits = await run_in_threadpool(
+            retrieval.search,
+            index,
+            vector,
+            query.k,
+            dedup_threshold=query.dedup,
+            overfetch=settings.dedup_overfetch,
+            exclude_id=query.id,
+        )
     took_ms = (time.perf_counter() - start) * 1000
-    return SearchResponse(results=results, k=query.k, took_ms=round(took_ms, 2))
+    return SearchResponse(
+        results=[search_hit(hit) for hit in hits], index=name, k=query.k, took_ms=round(took_ms, 2)
+    )
+
+
+async def query_vector(
+    service: Service, index: SearchIndex, query: SearchQuery, settings: Settings
+) -> np.ndarray:
+    """The query as a [1, D] unit vector: encoded, given, or an indexed item's own vector."""
+    if query.image is not None:
+        return await service.batcher.encode_images(await decode_images([query.image], settings))
+    if query.text is not None:
+        return await service.batcher.encode_texts([query.text])
+    if query.embedding is not None:
+        return embedding_query(query.embedding, index.dim)
+    assert query.id is not None
+    try:
+        return index.vectors([query.id])
+    except KeyError:
+        raise ApiError(
+            404, "not_found", f"id {query.id} is not in this index ({index.count} items)"
+        ) from None
+
+
+def embedding_query(values: list[float], dim: int) -> np.ndarray:
+    """A client's embedding as a query, or 422 saying what is wrong with it."""
+    try:
+        return retrieval.normalized_query(values, dim)
+    except retrieval.QueryError as exc:
+        raise ApiError(422, "validation_error", f"body.embedding: {exc}") from None
+
+
+def search_hit(hit: Hit) -> SearchHit:
+    url = hit.meta.get("url")
+    return SearchHit(
+        id=hit.id,
+        key=hit.key,
+        score=hit.score,
+        caption=hit.caption,
+        url=url if isinstance(url, str) else None,
+        metadata=hit.meta,
+    )

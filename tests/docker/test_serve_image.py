@@ -167,7 +167,7 @@ def client(container: str) -> Iterator[httpx.Client]:
         # Each worker loads its own model: ask until several answers in a row say ready.
         ready_in_a_row = 0
         for _ in range(100):
-            ready_in_a_row = ready_in_a_row + 1 if client.get("/health").status_code == 200 else 0
+            ready_in_a_row = ready_in_a_row + 1 if client.get("/ready").status_code == 200 else 0
             if ready_in_a_row == 10:
                 break
             time.sleep(0.2)
@@ -180,10 +180,16 @@ def first_image(model_dir: Path) -> bytes:
         return tar.extractfile(member).read()
 
 
-def test_health(client: httpx.Client) -> None:
-    response = client.get("/health")
+def test_health_and_ready(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    response = client.get("/ready")
     assert response.status_code == 200, response.text
-    assert response.json() == {"status": "ok", "model": "duet-micro", "index_count": SAMPLES}
+    assert response.json() == {
+        "status": "ready",
+        "model": "duet-micro",
+        "index_count": SAMPLES,
+        "indices": {"default": SAMPLES},
+    }
 
 
 def test_text_search(client: httpx.Client) -> None:

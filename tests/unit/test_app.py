@@ -1,4 +1,4 @@
-"""Tests for the HTTP service: readiness, search by text and image, classify, error envelopes."""
+"""The HTTP service: liveness and readiness, search by text and image, classify, error envelopes."""
 
 from __future__ import annotations
 
@@ -67,14 +67,15 @@ def settings(tmp_path_factory: pytest.TempPathFactory, artifact: Path, shard: st
         max_labels=MAX_LABELS,
         max_templates=4,
         max_text_chars=200,
+        max_request_bytes=1 << 20,
     )
 
 
 def _wait_until_loaded(client: TestClient, timeout_s: float = 60.0) -> Response:
-    """/health once loading has finished, either way (or the timeout passed)."""
+    """/ready once loading has finished, either way (or the timeout passed)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        response = client.get("/health")
+        response = client.get("/ready")
         if "still loading" not in response.text or time.monotonic() > deadline:
             return response
         time.sleep(0.05)
@@ -105,23 +106,31 @@ def _png(size: int) -> bytes:
 # --- readiness ---------------------------------------------------------------------------------
 
 
-def test_health_ready_after_load(client: TestClient) -> None:
-    response = client.get("/health")
+def test_health_and_ready_after_load(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    response = client.get("/ready")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "model": "duet-micro", "index_count": SAMPLES}
+    assert response.json() == {
+        "status": "ready",
+        "model": "duet-micro",
+        "index_count": SAMPLES,
+        "indices": {"default": SAMPLES},
+    }
 
 
 def test_not_ready_before_load(settings: Settings) -> None:
     client = TestClient(create_app(settings))  # no `with`: the lifespan never runs
-    body = _assert_envelope(client.get("/health"), 503, "not_ready")
+    assert client.get("/health").status_code == 200  # alive, though not ready
+    body = _assert_envelope(client.get("/ready"), 503, "not_ready")
     assert "loading" in body["error"]
     _assert_envelope(client.post("/search", json={"text": "red circle"}), 503, "not_ready")
 
 
-def test_load_failure_is_reported_by_health(settings: Settings, tmp_path: Path) -> None:
+def test_load_failure_is_reported_by_ready(settings: Settings, tmp_path: Path) -> None:
     broken = settings.model_copy(update={"artifact_dir": tmp_path / "missing"})
     with TestClient(create_app(broken)) as client:
         body = _assert_envelope(_wait_until_loaded(client), 503, "not_ready")
+        assert client.get("/health").status_code == 200
     assert "failed to load" in body["error"] and "missing" in body["error"]
 
 
@@ -140,11 +149,12 @@ def test_search_by_text(client: TestClient) -> None:
     response = client.post("/search", json={"text": "  red circle ", "k": 5})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["k"] == 5 and body["took_ms"] >= 0
+    assert body["k"] == 5 and body["took_ms"] >= 0 and body["index"] == "default"
     scores = [hit["score"] for hit in body["results"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     for hit in body["results"]:
-        assert set(hit) == {"id", "key", "score", "caption", "metadata"}
+        assert set(hit) == {"id", "key", "score", "caption", "url", "metadata"}
+        assert hit["url"] is None  # the synthetic shards have no URLs
         assert {"shape", "color", "classname"} <= set(hit["metadata"])
         assert hit["caption"] == hit["metadata"]["caption"]
 
@@ -199,7 +209,8 @@ def test_openapi_documents_both_search_bodies(client: TestClient) -> None:
     content = spec["paths"]["/search"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     classify_form = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
-    assert {"image", "labels", "templates"} == set(
+    assert set(classify_form) == {"application/json", "multipart/form-data"}
+    assert {"image", "labels", "templates", "label_set"} == set(
         classify_form["multipart/form-data"]["schema"]["properties"]
     )
     assert client.get("/docs").status_code == 200
@@ -271,7 +282,14 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         "unsupported_media_type",
     ),
     ("no content type", "/search", {"content": b"red circle"}, 415, "unsupported_media_type"),
-    ("classify json", "/classify", {"json": {"labels": LABELS}}, 415, "unsupported_media_type"),
+    ("classify json no images", "/classify", {"json": {"labels": LABELS}}, 422, "validation_error"),
+    (
+        "classify text/plain",
+        "/classify",
+        {"content": b"red", "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
     ("multipart no image", "/search", {"files": {"k": (None, "3")}}, 422, "validation_error"),
     (
         "multipart no boundary",

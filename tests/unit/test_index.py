@@ -1,4 +1,7 @@
-"""Tests for serve.index (exact search, metadata, errors) and serve.build_index over shards."""
+"""Tests for serve.index (exact search, metadata, errors) and serve.build_index over shards.
+
+Approximate index types, recall and memory-mapping: test_index_ann.py.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +26,15 @@ from serve.build_index import build_index
 from serve.encoder import Encoder
 from serve.index import (
     FAISS_FILE,
+    MANIFEST_FILE,
     METADATA_FILE,
+    VECTORS_FILE,
     IndexLoadError,
     IndexRow,
     SearchIndex,
     write_index,
 )
+from serve.vector_search import IndexSpec
 from train import synth
 
 DIM = 8
@@ -79,19 +85,49 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
     basis = np.eye(3, dtype=np.float32)
     rows: list[tuple[str, str, dict[str, Any]]] = [
         ("a", "ünïcödé caption", {"nested": {"list": [1, 2.5, None]}, "flag": True}),
-        ("b", "second", {}),
+        ("b", "second", {"url": "https://example.com/b.jpg"}),
         ("c", "third", {"classname": "red circle"}),
     ]
     write_index(tmp_path / "idx", basis, rows, {"skipped": {"corrupt_image": 2}})
     loaded = SearchIndex.load(tmp_path / "idx")
     (hits,) = loaded.search(basis[:1], 3)
     top = hits[0]
-    assert (top.id, top.key, top.caption, top.meta) == (0, *rows[0])
+    assert (top.id, top.key, top.caption, top.meta, top.url) == (0, *rows[0], "")
+    # The url column is filled from the JSON's url (img2dataset's layout) when not given.
+    assert [h.url for h in hits if h.id == 1] == ["https://example.com/b.jpg"]
     assert loaded.manifest["skipped"] == {"corrupt_image": 2}
     assert loaded.manifest["count"] == loaded.count == 3
     assert loaded.manifest["dim"] == loaded.dim == 3
-    assert loaded.manifest["index_type"] == "flat_ip"
+    assert loaded.manifest["index_type"] == "flat"
     loaded.close()
+
+
+def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> None:
+    np.testing.assert_array_equal(index.vectors([3, 0, 3]), vectors[[3, 0, 3]])
+    assert index.vectors([]).shape == (0, DIM)
+    for bad in (20, -1):
+        with pytest.raises(KeyError, match=f"no vector with id {bad}"):
+            index.vectors([1, bad])
+    assert index.rows([2, 99]) == {2: IndexRow("key-002", "caption 2", {"i": 2})}
+    assert index.rows([]) == {}
+    description = index.describe()
+    assert description == {
+        "count": 20,
+        "dim": DIM,
+        "index_type": "flat",
+        "metric": "inner_product",
+        "recall_at_10": 1.0,
+        "model": "hand",
+        "created": index.manifest["created"],
+        "directory": str(index.directory),
+        "mmap": False,
+    }
+
+
+def test_more_like_this_finds_the_row_itself(index: SearchIndex) -> None:
+    (hits,) = index.search(index.vectors([7]), 3)
+    assert hits[0].id == 7
+    assert hits[0].score == pytest.approx(1.0, abs=1e-6)
 
 
 def test_k_larger_than_count_returns_count(index: SearchIndex) -> None:
@@ -108,14 +144,28 @@ def test_dim_mismatch_is_refused(tmp_path: Path, index: SearchIndex) -> None:
         index.search(np.zeros((1, 4), np.float32), 1)
 
 
-@pytest.mark.parametrize("name", [FAISS_FILE, METADATA_FILE, "index.json"])
+@pytest.mark.parametrize("name", [VECTORS_FILE, FAISS_FILE, METADATA_FILE, MANIFEST_FILE])
 def test_missing_or_corrupt_file_is_named(tmp_path: Path, vectors: np.ndarray, name: str) -> None:
-    write_index(tmp_path / "idx", vectors, _rows(len(vectors)))
+    write_index(tmp_path / "idx", vectors, _rows(len(vectors)), spec=IndexSpec(index_type="hnsw"))
     (tmp_path / "idx" / name).write_bytes(b"\x00garbage" * 10)
     with pytest.raises(IndexLoadError, match=name.replace(".", r"\.")):
         SearchIndex.load(tmp_path / "idx")
     (tmp_path / "idx" / name).unlink()
     with pytest.raises(IndexLoadError, match=name.replace(".", r"\.")):
+        SearchIndex.load(tmp_path / "idx")
+
+
+def test_inconsistent_files_are_refused(tmp_path: Path, vectors: np.ndarray) -> None:
+    write_index(tmp_path / "idx", vectors, _rows(len(vectors)))
+    np.save(tmp_path / "idx" / VECTORS_FILE, vectors[:5])
+    with pytest.raises(IndexLoadError, match=r"vectors\.npy has 5 vectors.* 20 rows"):
+        SearchIndex.load(tmp_path / "idx")
+    np.save(tmp_path / "idx" / VECTORS_FILE, vectors.astype(np.float64))
+    with pytest.raises(IndexLoadError, match=r"float64 array .*expected C-ordered float32"):
+        SearchIndex.load(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / MANIFEST_FILE).read_text())
+    (tmp_path / "idx" / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(IndexLoadError, match=r"format 1 is not supported .*rebuild"):
         SearchIndex.load(tmp_path / "idx")
 
 
@@ -188,3 +238,19 @@ def test_build_index_cli(
     assert SearchIndex.load(tmp_path / "index").count == 13
     assert build_index_cli.main([*argv[:2], "--data", str(tmp_path / "none.tar"), *argv[4:]]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_build_index_cli_index_type_and_knobs(
+    tmp_path: Path, artifact: Path, shards: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(artifact), "--data", shards, "--out", str(tmp_path / "index")]
+    assert build_index_cli.main([*argv, "--index-type", "hnsw", "--ef-search", "50"]) == 0
+    manifest = json.loads((tmp_path / "index" / "index.json").read_text())
+    assert (manifest["index_type"], manifest["search_params"]) == ("hnsw", {"efSearch": 50})
+    assert manifest["recall_queries"] == 13 and manifest["recall_at_10"] is not None
+    capsys.readouterr()
+    # 13 vectors are too few to train an IVF-PQ index: a clear error, not a FAISS crash.
+    assert build_index_cli.main([*argv, "--index-type", "ivfpq"]) == 2
+    assert "needs at least 16 vectors, got 13; use --index-type flat" in capsys.readouterr().err
+    assert build_index_cli.main([*argv, "--index-type", "hnsw", "--rerank-factor", "0"]) == 2
+    assert "rerank_factor must be >= 1, got 0" in capsys.readouterr().err

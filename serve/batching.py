@@ -1,0 +1,217 @@
+"""Dynamic batching: concurrent requests' texts and images share forward passes on one thread.
+
+Requests await `EncodeBatcher.encode_texts/encode_images`; each call becomes a job on a bounded
+queue. One worker thread (so encoding never runs on the event loop, and forward passes never
+interleave) takes the oldest job and adds queued jobs of the same kind until the batch holds
+`max_batch_size` items, then encodes the batch once and hands each job its own rows.
+
+When to wait for more: only while the service is busy (the previous batch held more than one
+job) does a batch wait up to `max_wait_ms` for company; a lone request at low load is encoded at
+once instead of paying the wait. Under load, jobs also pile up while a batch is being encoded,
+so batches fill without waiting at all.
+
+With `batching=False` every job is encoded on its own (the same thread and queue, one job per
+forward pass), which is the baseline the benchmark compares against.
+
+The queue is bounded in items (texts + images): a job that would take it over `max_queue_items`
+is refused with `Overloaded` (HTTP 429 with Retry-After) instead of making everyone wait longer.
+A job is admitted into an empty queue whatever its size, so no request is refused forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from serve.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+JobKind = Literal["text", "image", "call"]
+
+
+class Overloaded(RuntimeError):
+    """The encode queue is full: the request should be retried later (HTTP 429)."""
+
+
+class BatchObserver(Protocol):
+    """Where batch sizes and queue depth go (the Prometheus metrics, or nothing)."""
+
+    def observe_batch(self, kind: str, items: int, jobs: int) -> None: ...
+
+    def set_queue_depth(self, items: int) -> None: ...
+
+
+class _NoObserver:
+    def observe_batch(self, kind: str, items: int, jobs: int) -> None:
+        pass
+
+    def set_queue_depth(self, items: int) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Job:
+    kind: JobKind
+    items: Sequence[Any]  # texts or images; for "call", empty
+    size: int  # what the job counts against the queue bound
+    call: Callable[[], Any] | None = None
+    future: Future[Any] = field(default_factory=Future)
+
+
+class EncodeBatcher:
+    """Encodes texts and images for many concurrent callers, batching them (see module doc)."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue_items: int = 512,
+        batching: bool = True,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_items < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch_size and max_queue_items must be >= 1, max_wait_ms >= 0")
+        self.encoder = encoder
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue_items = max_queue_items
+        self.batching = batching
+        self._observer = observer or _NoObserver()
+        self._queue: deque[_Job] = deque()
+        self._pending_items = 0  # queued or being encoded
+        self._busy = False  # the previous batch held more than one job
+        self._closed = False
+        self._cond = threading.Condition()
+        self._worker = threading.Thread(target=self._run, name="duet-encoder", daemon=True)
+        self._worker.start()
+
+    @property
+    def pending_items(self) -> int:
+        with self._cond:
+            return self._pending_items
+
+    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """N texts -> [N, D] unit vectors, encoded together with other callers' texts."""
+        return await self._await(_Job("text", list(texts), len(texts)))
+
+    async def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """N RGB images -> [N, D] unit vectors, encoded together with other callers' images."""
+        return await self._await(_Job("image", list(images), len(images)))
+
+    async def run(self, call: Callable[[], T], cost_items: int) -> T:
+        """Run `call` alone on the encoder thread (e.g. embedding a request's label prompts)."""
+        result: T = await self._await(_Job("call", [], max(1, cost_items), call=call))
+        return result
+
+    def close(self) -> None:
+        """Stop the worker once the queued jobs are done; later calls raise RuntimeError."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+
+    async def _await(self, job: _Job) -> Any:
+        if job.kind != "call" and not job.items:
+            return np.zeros((0, self.encoder.embed_dim), np.float32)
+        self._submit(job)
+        return await asyncio.wrap_future(job.future)
+
+    def _submit(self, job: _Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the encoder is shut down")
+            if self._pending_items > 0 and self._pending_items + job.size > self.max_queue_items:
+                raise Overloaded(
+                    f"{self._pending_items} items are waiting to be encoded (limit "
+                    f"{self.max_queue_items}); retry shortly"
+                )
+            self._queue.append(job)
+            self._pending_items += job.size
+            self._observer.set_queue_depth(self._pending_items)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            outcome = self._execute(live) if live else None
+            with self._cond:  # before the results: a caller that has its result sees it counted
+                self._pending_items -= sum(job.size for job in batch)
+                self._observer.set_queue_depth(self._pending_items)
+            for job, result in zip(live, outcome or [], strict=True):
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+
+    def _next_batch(self) -> list[_Job] | None:
+        """The oldest job plus queued jobs of its kind, up to max_batch_size items."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            batch = [self._queue.popleft()]
+            if batch[0].kind == "call" or not self.batching:
+                return batch
+            size = batch[0].size
+            deadline = time.monotonic() + (self.max_wait_s if self._busy else 0.0)
+            while size < self.max_batch_size:
+                job = self._take_fitting(batch[0].kind, self.max_batch_size - size)
+                if job is not None:
+                    batch.append(job)
+                    size += job.size
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            self._busy = len(batch) > 1
+            return batch
+
+    def _take_fitting(self, kind: JobKind, room: int) -> _Job | None:
+        for job in self._queue:
+            if job.kind == kind and job.size <= room:
+                self._queue.remove(job)
+                return job
+        return None
+
+    def _execute(self, live: list[_Job]) -> list[Any]:
+        """Each job's result (its rows, or the call's value), or the exception for every job."""
+        try:
+            if live[0].kind == "call":
+                assert live[0].call is not None
+                return [live[0].call()]
+            items = [item for job in live for item in job.items]
+            self._observer.observe_batch(live[0].kind, len(items), len(live))
+            encode = (
+                self.encoder.encode_texts if live[0].kind == "text" else self.encoder.encode_images
+            )
+            # A job larger than the batch size (alone in its batch) is encoded in slices.
+            vectors = np.concatenate(
+                [
+                    encode(items[start : start + self.max_batch_size])
+                    for start in range(0, len(items), self.max_batch_size)
+                ]
+            )  # [sum of job sizes, D]
+        except Exception as exc:  # handed to every caller of the batch; the worker goes on
+            log.exception("encoding a batch of %d jobs failed", len(live))
+            return [exc] * len(live)
+        offsets = np.cumsum([0] + [job.size for job in live])
+        return [vectors[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]

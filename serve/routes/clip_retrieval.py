@@ -1,0 +1,182 @@
+"""clip-retrieval's back-end API, so its `ClipClient` and its web front work against this service.
+
+    POST /knn-service   {text | image (base64) | image_url | embedding_input, modality,
+                         num_images, num_result_ids, indice_name, deduplicate, ...}
+                        -> [{id, similarity, caption, url, key, <metadata>...}, ...]
+    GET  /indices-list  -> ["default", ...]
+    POST /metadata      {ids, indice_name} -> [{id, metadata: {caption, url, ...}}, ...]
+
+Like clip-retrieval's back end, bodies are read as JSON whatever the Content-Type (its client
+sends none), and /knn-service returns `num_result_ids` results of which the first `num_images`
+carry metadata (its front fetches the rest from /metadata as the user scrolls). Options this
+service does not have (safety and violence filters, multilingual CLIP, aesthetic re-weighting,
+a separate text index for modality "text") are accepted and ignored; the response names the
+ones that were asked for in `X-Duet-Ignored`. `num_result_ids` above DUET_MAX_K is lowered to it
+and reported in `X-Duet-Clamped`. Errors use the service's own JSON envelope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pydantic
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from serve import retrieval
+from serve.errors import ApiError, error_responses
+from serve.fetch import FetchError, fetch_image
+from serve.index import SearchIndex
+from serve.routes import (
+    ModelT,
+    Service,
+    ServiceDep,
+    SettingsDep,
+    as_request_error,
+    decode_base64,
+    decode_images,
+    read_body,
+)
+from serve.routes.search import embedding_query
+from serve.schemas import KnnRequest, MetadataRequest
+from serve.settings import Settings
+
+router = APIRouter(tags=["clip-retrieval"])
+
+IGNORED_HEADER = "X-Duet-Ignored"
+CLAMPED_HEADER = "X-Duet-Clamped"
+
+
+async def _read_json_any_type(request: Request, model: type[ModelT], settings: Settings) -> ModelT:
+    """The body as JSON whatever the Content-Type header says (or that there is none)."""
+    body = await read_body(request, settings.max_request_bytes)
+    try:
+        return model.model_validate_json(body, context={"settings": settings})
+    except pydantic.ValidationError as exc:
+        raise as_request_error(exc) from None
+
+
+def ignored_options(query: KnnRequest) -> list[str]:
+    """The unsupported options the request actually asked for (set, and not off)."""
+    asked = [
+        name
+        for name in ("use_safety_model", "use_violence_detector", "use_mclip")
+        if getattr(query, name)
+    ]
+    asked += [
+        name
+        for name in ("aesthetic_score", "aesthetic_weight")
+        if getattr(query, name) not in (None, "")
+    ]
+    if query.modality == "text":
+        asked.append("modality")
+    return asked
+
+
+@router.post(
+    "/knn-service",
+    summary="clip-retrieval: nearest neighbours of a text, image, image URL or embedding",
+    responses=error_responses(400, 401, 404, 413, 422, 429, 503),
+)
+async def knn_service(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    query = await _read_json_any_type(request, KnnRequest, settings)
+    if query.modality not in (None, "image", "text"):
+        raise ApiError(422, "validation_error", 'body.modality: must be "image" or "text"')
+    wanted = query.num_result_ids or query.num_images or settings.default_k
+    num_result_ids = min(wanted, settings.max_k)
+    num_images = min(query.num_images if query.num_images is not None else wanted, num_result_ids)
+    name = service.indices.resolve(query.indice_name)
+    with service.indices.lease(name) as index:
+        vector = await _query_vector(service, index, query, settings)
+        hits = await run_in_threadpool(
+            retrieval.search,
+            index,
+            vector,
+            num_result_ids,
+            dedup_threshold=retrieval.CLIP_RETRIEVAL_DEDUP_THRESHOLD if query.deduplicate else None,
+            overfetch=settings.dedup_overfetch,
+        )
+    results: list[dict[str, Any]] = []
+    for rank, hit in enumerate(hits):
+        entry: dict[str, Any] = {}
+        if rank < num_images:
+            entry.update(_flat_metadata(hit.key, hit.caption, hit.meta))
+        entry.update(id=hit.id, similarity=hit.score)
+        results.append(entry)
+    headers = {}
+    if ignored := ignored_options(query):
+        headers[IGNORED_HEADER] = ",".join(ignored)
+    if wanted > num_result_ids:
+        headers[CLAMPED_HEADER] = f"num_result_ids={num_result_ids}"
+    return JSONResponse(results, headers=headers)
+
+
+async def _query_vector(
+    service: Service, index: SearchIndex, query: KnnRequest, settings: Settings
+) -> np.ndarray:
+    if query.text:
+        return await service.batcher.encode_texts([query.text])
+    if query.embedding_input is not None:
+        return embedding_query(query.embedding_input, index.dim)
+    if query.image:
+        data = decode_base64(query.image, "body.image", settings)
+    else:
+        assert query.image_url
+        data = await _download(query.image_url, settings)
+    return await service.batcher.encode_images(await decode_images([data], settings))
+
+
+async def _download(url: str, settings: Settings) -> bytes:
+    if not settings.image_url_fetch:
+        raise ApiError(
+            400,
+            "bad_request",
+            "image_url fetching is off on this service (DUET_IMAGE_URL_FETCH); send the image "
+            "itself as base64 in `image`",
+        )
+    try:
+        return await run_in_threadpool(
+            fetch_image,
+            url,
+            max_bytes=settings.max_upload_bytes,
+            timeout_s=settings.image_url_timeout_s,
+        )
+    except FetchError as exc:
+        raise ApiError(exc.status, exc.type, str(exc)) from None
+
+
+def _flat_metadata(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """clip-retrieval's result shape: metadata columns at the top level, caption and url first."""
+    url = meta.get("url")
+    return {**meta, "caption": caption, "url": url if isinstance(url, str) else None, "key": key}
+
+
+@router.get(
+    "/indices-list",
+    response_model=list[str],
+    summary="clip-retrieval: the index names",
+    responses=error_responses(401, 503),
+)
+async def indices_list(service: ServiceDep) -> list[str]:
+    return service.indices.names
+
+
+@router.post(
+    "/metadata",
+    summary="clip-retrieval: metadata of result ids",
+    responses=error_responses(401, 404, 413, 422, 503),
+)
+async def metadata(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    """Ids that are not in the index are left out of the answer."""
+    query = await _read_json_any_type(request, MetadataRequest, settings)
+    with service.indices.lease(query.indice_name) as index:
+        rows = await run_in_threadpool(index.rows, query.ids)
+    return JSONResponse(
+        [
+            {"id": i, "metadata": _flat_metadata(rows[i].key, rows[i].caption, rows[i].meta)}
+            for i in query.ids
+            if i in rows
+        ]
+    )

@@ -1,0 +1,49 @@
+"""GET /indices (what each named index holds) and POST /indices/{name}/reload (swap from disk)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from serve.errors import ApiError, error_responses
+from serve.index import IndexLoadError
+from serve.routes import ServiceDep
+from serve.schemas import IndexInfo, IndicesResponse
+
+router = APIRouter(tags=["indices"])
+
+
+@router.get(
+    "/indices",
+    response_model=IndicesResponse,
+    summary="The named indices: size, dimension, type, the model that built them",
+    responses=error_responses(401, 503),
+)
+def indices(service: ServiceDep) -> IndicesResponse:
+    """Plain `def`: describing an index may read its files."""
+    return IndicesResponse(
+        indices=[IndexInfo(**info) for info in service.indices.describe().values()]
+    )
+
+
+@router.post(
+    "/indices/{name}/reload",
+    response_model=IndexInfo,
+    summary="Load index `name` from its directory again and swap it in atomically",
+    responses=error_responses(401, 404, 409, 503),
+)
+async def reload_index(name: str, service: ServiceDep) -> IndexInfo:
+    """Requests in flight finish on the old version; it is closed after the last of them.
+
+    If the directory no longer holds a usable index (409), the loaded version keeps serving.
+    """
+    service.indices.resolve(name)  # 404 before any work
+    try:
+        info: dict[str, Any] = await run_in_threadpool(service.indices.reload, name)
+    except (IndexLoadError, OSError) as exc:
+        raise ApiError(
+            409, "reload_failed", f"index {name!r} was not reloaded, the loaded one stays: {exc}"
+        ) from exc
+    return IndexInfo(name=name, default=name == service.indices.default_name, **info)

@@ -1,0 +1,261 @@
+"""Vector search: which FAISS index suits N vectors of dimension D; building and searching it.
+
+    flat    exact inner product over the stored vectors: no build, no approximation; search
+            reads every vector, so it suits up to ~`AUTO_FLAT_MAX_COUNT` vectors
+    hnsw    `HNSW{M},SQ8`: a graph over 8-bit scalar-quantised vectors (D bytes each + the graph's
+            2·M neighbour ids); fast and accurate, the graph lives in memory
+    ivfpq   `IVF{nlist},PQ{m}x4fs`: k-means cells of product-quantised codes, m/2 bytes each
+            (4-bit codes searched with FAISS' SIMD "fast scan"; `PQ{m}x8` for 8 bits), the
+            smallest in memory, for the largest sets
+
+Both approximate types re-rank k × rerank_factor candidates exactly against the stored float32
+vectors, so compressed codes only have to get the right rows into the candidate list. Knobs left
+as None are derived from N; the defaults were tuned with `bench/index.py` (docs/benchmarks.md).
+Everything here works on numpy arrays (in memory or memory-mapped); files and metadata are
+`serve/index.py`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+AUTO, FLAT, HNSW, IVFPQ = "auto", "flat", "hnsw", "ivfpq"
+INDEX_TYPES = (AUTO, FLAT, HNSW, IVFPQ)
+AUTO_FLAT_MAX_COUNT = 50_000
+"""`auto` builds flat below this many vectors: exact search is then a few ms per query."""
+AUTO_HNSW_MAX_COUNT = 1_000_000
+"""`auto` builds hnsw below this many vectors, ivfpq from here on: at 1M (D = 128) IVF-PQ + re-rank
+searched 2.5x faster batched and 2.4x one at a time at recall@10 0.986 (HNSW 0.997), built in a
+sixth of the time, and its index is a ninth of the size (docs/benchmarks.md)."""
+RECALL_K = 10
+RERANK_QUERY_CHUNK = 256  # queries re-ranked at once: bounds the [chunk, k', D] candidate block
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexSpec:
+    """What the user asks for; every None knob is derived from the number of vectors."""
+
+    index_type: str = AUTO
+    """auto | flat | hnsw | ivfpq; auto chooses by size (see the module docstring)."""
+    hnsw_m: int | None = None
+    """hnsw: graph neighbours per node (default 32)."""
+    ef_construction: int | None = None
+    """hnsw: candidate list while building (default 80)."""
+    ef_search: int | None = None
+    """hnsw: candidate list while searching (default 128, 256 from 1M vectors)."""
+    nlist: int | None = None
+    """ivfpq: k-means cells (default ~4·sqrt(N), a power of two, at most N/39)."""
+    pq_m: int | None = None
+    """ivfpq: sub-quantisers; must divide D (default D/2: 2-dimensional sub-vectors)."""
+    pq_nbits: int = 4
+    """ivfpq: bits per sub-quantiser code; 4 uses FAISS' fast-scan kernels."""
+    nprobe: int | None = None
+    """ivfpq: cells searched per query (default nlist/128, at least 32)."""
+    rerank_factor: int | None = None
+    """approximate types: candidates re-scored exactly = k x this (default hnsw 2, ivfpq 20)."""
+    recall_queries: int = 1000
+    """stored vectors used as queries to measure recall@10 after the build (0: skip)."""
+    seed: int = 0
+    """seed of the training and recall samples."""
+
+    def __post_init__(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(
+                f"index_type must be one of {', '.join(INDEX_TYPES)}, got {self.index_type!r}"
+            )
+        knobs = ("hnsw_m", "ef_construction", "ef_search", "nlist", "pq_m", "nprobe")
+        for name in (*knobs, "rerank_factor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 1 <= self.pq_nbits <= 16:
+            raise ValueError(f"pq_nbits must be in 1..16, got {self.pq_nbits}")
+        if self.recall_queries < 0:
+            raise ValueError(f"recall_queries must be >= 0, got {self.recall_queries}")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexPlan:
+    """A resolved spec: what `write_index` builds and what the manifest records."""
+
+    index_type: str
+    factory: str | None = None
+    """FAISS index_factory string; None for flat."""
+    search_params: dict[str, int] = field(default_factory=dict)
+    """FAISS ParameterSpace settings applied at load (efSearch, nprobe)."""
+    rerank_factor: int = 1
+    train_size: int = 0
+    ef_construction: int | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "index_type": self.index_type,
+            "factory": self.factory,
+            "search_params": self.search_params,
+            "rerank_factor": self.rerank_factor,
+        }
+
+
+def plan_index(spec: IndexSpec, count: int, dim: int) -> IndexPlan:
+    """Resolve `spec` for `count` vectors of dimension `dim`; ValueError when it cannot be built."""
+    index_type = spec.index_type
+    if index_type == AUTO:
+        if count < AUTO_FLAT_MAX_COUNT:
+            index_type = FLAT
+        else:
+            index_type = HNSW if count < AUTO_HNSW_MAX_COUNT else IVFPQ
+    if index_type == FLAT:
+        return IndexPlan(FLAT)
+    if index_type == HNSW:
+        return _plan_hnsw(spec, count)
+    return _plan_ivfpq(spec, count, dim)
+
+
+def _plan_hnsw(spec: IndexSpec, count: int) -> IndexPlan:
+    m = spec.hnsw_m or 32
+    ef_search = spec.ef_search or (128 if count < 1_000_000 else 256)
+    return IndexPlan(
+        HNSW,
+        factory=f"HNSW{m},SQ8",
+        search_params={"efSearch": ef_search},
+        rerank_factor=spec.rerank_factor or 2,
+        train_size=min(count, 65_536),  # SQ8 learns a min/max per dimension: a sample suffices
+        ef_construction=spec.ef_construction or 80,
+    )
+
+
+def _plan_ivfpq(spec: IndexSpec, count: int, dim: int) -> IndexPlan:
+    max_nlist = max(1, count // 39)  # FAISS' k-means wants >= 39 training points per cell
+    nlist = spec.nlist or min(max_nlist, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count)))))
+    # 4-bit codes of 2-dimensional sub-vectors (D/4 bytes): as small as 8-bit codes of 4
+    # dimensions, but FAISS trains them in a second where those take minutes, and scans them
+    # with SIMD; at 100k vectors (D = 128) they also found more of the true top 10.
+    pq_m = spec.pq_m or max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
+    if dim % pq_m:
+        raise ValueError(f"pq_m must divide the dimension {dim}, got {pq_m}")
+    if count < max(nlist, 2**spec.pq_nbits):
+        raise ValueError(
+            f"ivfpq with nlist={nlist}, pq_nbits={spec.pq_nbits} needs at least "
+            f"{max(nlist, 2**spec.pq_nbits)} vectors, got {count}; use --index-type flat"
+        )
+    nprobe = min(nlist, spec.nprobe or max(32, nlist // 128))
+    codes = f"PQ{pq_m}x4fs" if spec.pq_nbits == 4 else f"PQ{pq_m}x{spec.pq_nbits}"
+    return IndexPlan(
+        IVFPQ,
+        factory=f"IVF{nlist},{codes}",
+        search_params={"nprobe": nprobe},
+        rerank_factor=spec.rerank_factor or 20,
+        # k-means costs train_size x nlist x D per iteration: FAISS warns below 39 points per
+        # cell, and the PQ codebooks' own k-means want as many per code
+        train_size=min(count, 40 * max(nlist, 2**spec.pq_nbits)),
+    )
+
+
+def build_faiss_index(plan: IndexPlan, vectors: np.ndarray) -> faiss.Index | None:
+    """The approximate index of `plan` over `vectors`, trained on a sample; None for flat."""
+    if plan.factory is None:  # flat: exact search needs no index
+        return None
+    index = faiss.index_factory(vectors.shape[1], plan.factory, faiss.METRIC_INNER_PRODUCT)
+    inner: Any = faiss.downcast_index(index)  # the concrete type, whose knobs we set
+    if plan.ef_construction is not None:
+        inner.hnsw.efConstruction = plan.ef_construction
+    if hasattr(inner, "do_polysemous_training"):
+        # Polysemous codes speed up Hamming pre-filtering, which the search does not use; their
+        # training costs minutes (137 s of a 139 s IVF-PQ build at 20k vectors).
+        inner.do_polysemous_training = False
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(vectors), min(len(vectors), plan.train_size), replace=False))
+    index.train(np.ascontiguousarray(vectors[sample]))
+    index.add(vectors)
+    return index
+
+
+def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> dict[str, Any]:
+    """recall@10 of `searcher` against exact search, over `queries` stored vectors as queries.
+
+    Each query is a stored vector, which both searches find first; it is left out of both lists,
+    so the figure is about its 10 nearest *other* vectors and not inflated by the self-match.
+    """
+    vectors = searcher.vectors
+    n = min(queries, len(vectors))
+    if searcher.exact or n == 0 or len(vectors) <= RECALL_K:
+        return {"recall_at_10": 1.0 if searcher.exact else None, "recall_queries": 0}
+    ids = np.sort(np.random.default_rng(seed).choice(len(vectors), n, replace=False))
+    sample = np.ascontiguousarray(vectors[ids])
+    _, exact = faiss.knn(sample, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    _, approx = searcher.search(sample, RECALL_K + 1)
+    hits = 0
+    for query_id, truth, found in zip(ids, exact, approx, strict=True):
+        truth_set = set(truth[truth != query_id][:RECALL_K].tolist())
+        hits += len(truth_set & set(found[found != query_id][:RECALL_K].tolist()))
+    recall = round(hits / (n * RECALL_K), 4)
+    log.info("recall@%d = %.4f over %d sampled queries", RECALL_K, recall, n)
+    return {"recall_at_10": recall, "recall_queries": n}
+
+
+class VectorSearcher:
+    """Top-k row ids by inner product: exact, or approximate candidates re-scored exactly.
+
+    Read-only after construction (search parameters are set once, here), so one instance serves
+    many threads: FAISS CPU searches and numpy reads do not modify shared state.
+    """
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        index: faiss.Index | None,
+        *,
+        search_params: dict[str, int] | None = None,
+        rerank_factor: int = 1,
+    ) -> None:
+        self.vectors = vectors  # [N, D] float32, in memory or memory-mapped
+        self._index = index
+        self.rerank_factor = rerank_factor
+        for name, value in (search_params or {}).items():
+            if index is None:
+                raise ValueError(f"search parameter {name} given for an exact (flat) index")
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Queries [Q, D] -> (scores, ids), each [Q, k], best first; id -1 where fewer found."""
+        if self._index is None:
+            scores, ids = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+            return scores, ids
+        k_candidates = min(k * self.rerank_factor, len(self.vectors))
+        _, candidates = self._index.search(queries, k_candidates)  # [Q, k'], approximate order
+        scores = np.empty((len(queries), k), np.float32)
+        ids = np.empty((len(queries), k), np.int64)
+        for start in range(0, len(queries), RERANK_QUERY_CHUNK):
+            chunk = slice(start, start + RERANK_QUERY_CHUNK)
+            scores[chunk], ids[chunk] = _rerank(queries[chunk], candidates[chunk], self.vectors, k)
+        return scores, ids
+
+    @property
+    def exact(self) -> bool:
+        return self._index is None
+
+
+def _rerank(
+    queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores of the candidate ids [Q, k'] (-1 = none) against the stored vectors; top k."""
+    found = candidates >= 0
+    rows = vectors[np.where(found, candidates, 0).ravel()]  # [Q * k', D]; a memmap reads pages
+    scores = np.einsum("qd,qcd->qc", queries, rows.reshape(*candidates.shape, -1))  # [Q, k']
+    scores = np.where(found, scores, -np.inf).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top_scores = np.take_along_axis(scores, order, axis=1)
+    top_ids = np.where(np.isfinite(top_scores), np.take_along_axis(candidates, order, axis=1), -1)
+    if top_ids.shape[1] < k:  # fewer candidates than k: pad like FAISS does
+        pad = k - top_ids.shape[1]
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return top_scores, top_ids

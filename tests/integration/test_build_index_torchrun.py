@@ -1,0 +1,71 @@
+"""`torchrun -m serve.build_index` with two gloo processes equals the one-process build."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.artifact import write_artifact
+from common.model import build_model
+from serve.build_index import build_index
+from serve.index import SearchIndex
+from tests.conftest import REPO_ROOT, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def _bad_shard(path: Path, name: str) -> Path:
+    """A shard with one undecodable image and one good one."""
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 90)).save(png, format="PNG")
+    members = {
+        f"{name}-0.jpg": b"not a jpeg",
+        f"{name}-0.txt": b"broken",
+        f"{name}-1.png": png.getvalue(),
+        f"{name}-1.txt": f"good image of {name}".encode(),
+    }
+    with tarfile.open(path, "w") as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_two_process_build_equals_one_process_build(tmp_path: Path, synth_dir: Path) -> None:
+    artifact = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    val = sorted((synth_dir / "val").glob("shard-*.tar"))
+    # Ranks take shards 0, 2 and 1, 3: each gets one bad sample, and rows interleave by shard.
+    bad_a, bad_b = _bad_shard(tmp_path / "a.tar", "a"), _bad_shard(tmp_path / "b.tar", "b")
+    shards = [val[0], bad_a, bad_b, *val[1:]]
+    data = "::".join(str(s) for s in shards)
+
+    one = build_index(artifact, data, tmp_path / "one", batch_size=64)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    build = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "two")]
+    command = [*torchrun, "-m", "serve.build_index", *build, "--batch-size", "64"]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"indexed {one['count']} images" in result.stdout
+    assert not (tmp_path / "two.parts").exists()  # rank 0 removed the parts after merging
+
+    a, b = SearchIndex.load(tmp_path / "one"), SearchIndex.load(tmp_path / "two")
+    assert a.count == b.count == one["count"] == 500 + 2
+    assert a.manifest["skipped"] == b.manifest["skipped"] == {"corrupt_image": 2}
+    assert b.manifest["build_processes"] == 2
+    ids = list(range(a.count))
+    rows_a, rows_b = a.rows(ids), b.rows(ids)
+    assert [rows_a[i].key for i in ids] == [rows_b[i].key for i in ids]  # same ids, shard order
+    assert rows_a[250].key == "a-1" and rows_a[251].key == "b-1"
+    np.testing.assert_allclose(b.vectors(ids), a.vectors(ids), rtol=0, atol=1e-5)
+    a.close()
+    b.close()

@@ -1,0 +1,162 @@
+"""Dynamic batching: concurrent callers share forward passes, get their own rows; bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from common.artifact import load_artifact
+from common.preprocess import load_image
+from serve.batching import EncodeBatcher, Overloaded
+from serve.encoder import Encoder
+from tests.serve_support import make_artifact, make_shard, read_samples
+
+TEXTS = [
+    f"a {size} {color} circle"
+    for size in ("small", "large")
+    for color in ("red", "blue", "green", "pink")
+]
+
+
+class Recorder:
+    """A BatchObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int, int]] = []
+        self.depths: list[int] = []
+
+    def observe_batch(self, kind: str, items: int, jobs: int) -> None:
+        self.batches.append((kind, items, jobs))
+
+    def set_queue_depth(self, items: int) -> None:
+        self.depths.append(items)
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    return Encoder(load_artifact(make_artifact(tmp_path_factory.mktemp("model"))))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list:
+    shard = make_shard(tmp_path_factory.mktemp("synth"), samples=6)
+    return [load_image(sample.image) for sample in read_samples(shard)]
+
+
+class GatedEncoder:
+    """Wraps an encoder; its first call blocks until `release`, so work piles up behind it."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.inner = encoder
+        self.embed_dim = encoder.embed_dim
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def encode_texts(self, texts):  # type: ignore[no-untyped-def]
+        self.started.set()
+        assert self.release.wait(30)
+        return self.inner.encode_texts(texts)
+
+    def encode_images(self, images):  # type: ignore[no-untyped-def]
+        self.started.set()
+        assert self.release.wait(30)
+        return self.inner.encode_images(images)
+
+
+async def _concurrently(batcher: EncodeBatcher, gate: GatedEncoder) -> list[np.ndarray]:
+    """One text first (it occupies the worker), then the rest while it is stuck."""
+    first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
+    await asyncio.to_thread(gate.started.wait, 30)
+    rest = [asyncio.ensure_future(batcher.encode_texts([text])) for text in TEXTS[1:]]
+    await asyncio.sleep(0.05)
+    gate.release.set()
+    return await asyncio.gather(first, *rest)
+
+
+def test_concurrent_texts_share_a_batch_and_get_their_own_rows(encoder: Encoder) -> None:
+    gate, recorder = GatedEncoder(encoder), Recorder()
+    batcher = EncodeBatcher(gate, max_batch_size=32, max_wait_ms=0, observer=recorder)  # type: ignore[arg-type]
+    try:
+        results = asyncio.run(_concurrently(batcher, gate))
+    finally:
+        batcher.close()
+    assert recorder.batches == [("text", 1, 1), ("text", len(TEXTS) - 1, len(TEXTS) - 1)]
+    alone = encoder.encode_texts(TEXTS)
+    for i, vector in enumerate(results):
+        assert vector.shape == (1, encoder.embed_dim)
+        torch.testing.assert_close(
+            vector[0], encoder.encode_texts([TEXTS[i]])[0], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(vector[0], alone[i], atol=1e-5, rtol=0)
+    assert recorder.depths[-1] == 0
+
+
+def test_batching_off_encodes_each_request_alone(encoder: Encoder) -> None:
+    gate, recorder = GatedEncoder(encoder), Recorder()
+    batcher = EncodeBatcher(gate, batching=False, observer=recorder)  # type: ignore[arg-type]
+    try:
+        results = asyncio.run(_concurrently(batcher, gate))
+    finally:
+        batcher.close()
+    assert [items for _, items, _ in recorder.batches] == [1] * len(TEXTS)
+    torch.testing.assert_close(
+        np.concatenate(results), encoder.encode_texts(TEXTS), atol=1e-5, rtol=0
+    )
+
+
+def test_images_batch_and_oversized_job_is_sliced(encoder: Encoder, images: list) -> None:
+    recorder = Recorder()
+    batcher = EncodeBatcher(encoder, max_batch_size=4, observer=recorder)
+    try:
+        vectors = asyncio.run(batcher.encode_images(images))  # 6 images, batches of at most 4
+    finally:
+        batcher.close()
+    assert vectors.shape == (len(images), encoder.embed_dim)
+    torch.testing.assert_close(vectors, encoder.encode_images(images), atol=1e-5, rtol=0)
+    for one, image in zip(vectors, images, strict=True):
+        torch.testing.assert_close(one, encoder.encode_images([image])[0], atol=1e-5, rtol=0)
+
+
+def test_full_queue_refuses_instead_of_waiting(encoder: Encoder) -> None:
+    gate = GatedEncoder(encoder)
+    batcher = EncodeBatcher(gate, max_queue_items=3)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.encode_texts(["a", "b"]))  # 2 pending
+        await asyncio.to_thread(gate.started.wait, 30)
+        second = asyncio.ensure_future(batcher.encode_texts(["c"]))  # 3 pending: at the limit
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="limit 3"):
+            await batcher.encode_texts(["d"])
+        assert batcher.pending_items == 3
+        gate.release.set()
+        await asyncio.gather(first, second)
+        assert batcher.pending_items == 0
+        # an empty queue takes a job of any size
+        assert (await batcher.encode_texts(["x"] * 5)).shape == (5, encoder.embed_dim)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.close()
+
+
+def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on(encoder: Encoder) -> None:
+    batcher = EncodeBatcher(encoder)
+
+    async def scenario() -> None:
+        failing = batcher.run(lambda: 1 / 0, cost_items=1)
+        with pytest.raises(ZeroDivisionError):
+            await failing
+        assert (await batcher.encode_texts(["still works"])).shape == (1, encoder.embed_dim)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.close()
+    with pytest.raises(RuntimeError, match="shut down"):
+        asyncio.run(batcher.encode_texts(["after close"]))

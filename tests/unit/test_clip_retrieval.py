@@ -1,0 +1,273 @@
+"""clip-retrieval compatibility: requests as its ClipClient and web front send them; image_url."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve import fetch
+from serve.app import create_app
+from serve.settings import Settings
+from tests.serve_support import (
+    assert_envelope,
+    b64,
+    make_artifact,
+    make_index,
+    make_shard,
+    png,
+    read_samples,
+    wait_until_loaded,
+)
+
+SAMPLES = 16
+MAX_K = 10
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("clip-retrieval")
+    shard = make_shard(root / "synth", SAMPLES)
+    artifact = make_artifact(root)
+    settings = Settings(
+        artifact_dir=artifact,
+        indices={"synth": make_index(artifact, shard, root / "index")},
+        max_k=MAX_K,
+        max_upload_bytes=64 * 1024,
+    )
+    return {"settings": settings, "samples": read_samples(shard)}
+
+
+@pytest.fixture(scope="module")
+def client(setup: dict[str, Any]) -> Iterator[TestClient]:
+    with TestClient(create_app(setup["settings"])) as test_client:
+        assert wait_until_loaded(test_client).status_code == 200
+        yield test_client
+
+
+def client_body(**query: Any) -> bytes:
+    """The body ClipClient posts (json.dumps, every key, unused ones null), as bytes."""
+    body = {
+        "text": None,
+        "image": None,
+        "image_url": None,
+        "embedding_input": None,
+        "deduplicate": True,
+        "use_safety_model": True,
+        "use_violence_detector": True,
+        "indice_name": "synth",
+        "use_mclip": False,
+        "aesthetic_score": 9,
+        "aesthetic_weight": 0.5,
+        "modality": "image",
+        "num_images": 4,
+        "num_result_ids": 4,
+    }
+    body.update(query)
+    return json.dumps(body).encode()
+
+
+def post(client: TestClient, path: str, body: bytes) -> Any:
+    """POST without a Content-Type header, as clip-retrieval's client and front do."""
+    response = client.post(path, content=body)
+    assert "content-type" not in response.request.headers
+    return response
+
+
+def test_text_query_as_clip_client_sends_it(client: TestClient) -> None:
+    response = post(client, "/knn-service", client_body(text="a red circle"))
+    assert response.status_code == 200, response.text
+    results = response.json()
+    # deduplicate=True (ClipClient's default) may drop near-copies among a random tiny model's
+    # results, so up to num_images come back, each id once
+    assert isinstance(results, list) and 1 <= len(results) <= 4
+    assert len({r["id"] for r in results}) == len(results)
+    for result in results:
+        assert {"id", "similarity", "caption", "url", "key"} <= set(result)
+        assert result["url"] is None and isinstance(result["caption"], str)
+    similarities = [r["similarity"] for r in results]
+    assert similarities == sorted(similarities, reverse=True)
+    ignored = response.headers["x-duet-ignored"].split(",")
+    assert ignored == [
+        "use_safety_model",
+        "use_violence_detector",
+        "aesthetic_score",
+        "aesthetic_weight",
+    ]
+
+
+def test_image_query_returns_ids_beyond_num_images_without_metadata(
+    client: TestClient, setup: dict[str, Any]
+) -> None:
+    sample = setup["samples"][2]
+    body = client_body(
+        image=b64(sample.image),
+        num_images=2,
+        num_result_ids=6,
+        deduplicate=False,
+        use_safety_model=False,
+        use_violence_detector=False,
+        aesthetic_score="",
+        aesthetic_weight="",
+    )  # the web front's shape: empty strings for unset aesthetic options
+    response = post(client, "/knn-service", body)
+    assert response.status_code == 200, response.text
+    results = response.json()
+    assert len(results) == 6 and "x-duet-ignored" not in response.headers
+    assert results[0]["key"] == sample.key and results[0]["similarity"] == pytest.approx(
+        1, abs=1e-4
+    )
+    assert all("caption" in r for r in results[:2])
+    assert all(set(r) == {"id", "similarity"} for r in results[2:])
+    metadata = post(
+        client,
+        "/metadata",
+        json.dumps(
+            {"ids": [r["id"] for r in results[2:]] + [999], "indice_name": "synth"}
+        ).encode(),
+    )
+    assert metadata.status_code == 200
+    assert [m["id"] for m in metadata.json()] == [r["id"] for r in results[2:]]  # 999 left out
+    assert all(m["metadata"]["caption"] for m in metadata.json())
+
+
+def test_embedding_input_default_index_and_clamping(client: TestClient) -> None:
+    vector = client.post("/embed", json={"texts": ["a blue square"]}).json()["text_embeddings"][0]
+    by_text = post(
+        client, "/knn-service", client_body(text="a blue square", deduplicate=False)
+    ).json()
+    body = client_body(
+        embedding_input=vector, indice_name=None, deduplicate=False, num_result_ids=50
+    )
+    response = post(client, "/knn-service", body)
+    assert response.status_code == 200, response.text
+    assert response.headers["x-duet-clamped"] == f"num_result_ids={MAX_K}"
+    results = response.json()
+    assert len(results) == MAX_K and [r["id"] for r in results[:4]] == [r["id"] for r in by_text]
+
+
+def test_modality_text_is_ignored_and_said_so(client: TestClient) -> None:
+    response = post(
+        client, "/knn-service", client_body(text="a star", modality="text", use_safety_model=False)
+    )
+    assert response.status_code == 200
+    assert "modality" in response.headers["x-duet-ignored"].split(",")
+
+
+def test_indices_list(client: TestClient) -> None:
+    assert client.get("/indices-list").json() == ["synth"]
+
+
+BAD: list[tuple[str, bytes, int, str]] = [
+    ("no query", client_body(), 422, "validation_error"),
+    ("text and image", client_body(text="a", image=b64(png(8))), 422, "validation_error"),
+    ("unknown index", client_body(text="a", indice_name="laion5B"), 404, "not_found"),
+    ("not json", b"text=a red circle", 422, "validation_error"),
+    ("image_url when off", client_body(image_url="http://example.com/a.jpg"), 400, "bad_request"),
+    ("bad modality", client_body(text="a", modality="audio"), 422, "validation_error"),
+    ("wrong embedding size", client_body(embedding_input=[0.1, 0.2]), 422, "validation_error"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "type_"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_knn_requests(client: TestClient, body: bytes, status: int, type_: str) -> None:
+    assert_envelope(post(client, "/knn-service", body), status, type_)
+
+
+# --- image_url -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2001:4860:4860::8888", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),  # cloud metadata endpoints
+        ("100.64.0.1", False),  # carrier-grade NAT
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+    ],
+)
+def test_public_address_check(address: str, public: bool) -> None:
+    assert fetch.is_public_address(address) is public
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:1/a.jpg",
+        "http://localhost/a.jpg",
+        "http://[::1]/a.jpg",
+        "ftp://example.com/a",
+        "file:///etc/passwd",
+        "http://10.0.0.1/a.jpg",
+    ],
+)
+def test_image_url_to_private_hosts_or_other_schemes_is_refused(
+    client: TestClient, setup: dict[str, Any], url: str
+) -> None:
+    app = client.app
+    app.state.settings = setup["settings"].model_copy(update={"image_url_fetch": True})  # type: ignore[attr-defined]
+    try:
+        body = assert_envelope(
+            post(client, "/knn-service", client_body(image_url=url)), 400, "bad_request"
+        )
+    finally:
+        app.state.settings = setup["settings"]  # type: ignore[attr-defined]
+    assert "non-public" in body["error"] or "http://" in body["error"]
+
+
+class ImageServer(http.server.BaseHTTPRequestHandler):
+    """Serves /image.png, /big (over the limit), /redirect-out (to another loopback address)."""
+
+    image = png(16)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/redirect-out":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.2:{self.server.server_port}/image.png")
+            self.end_headers()
+            return
+        data = self.image if self.path == "/image.png" else b"\xff" * 100_000
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.end_headers()  # no Content-Length: the size limit must count
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_fetch_image_reads_within_limits_and_rechecks_redirects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Only 127.0.0.1 counts as "public" here, so a loopback server can stand in for a web host.
+    monkeypatch.setattr(fetch, "is_public_address", lambda address: address == "127.0.0.1")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        assert (
+            fetch.fetch_image(f"{base}/image.png", max_bytes=10_000, timeout_s=5)
+            == ImageServer.image
+        )
+        with pytest.raises(fetch.FetchError, match="over the limit") as too_large:
+            fetch.fetch_image(f"{base}/big", max_bytes=10_000, timeout_s=5)
+        assert too_large.value.status == 413
+        with pytest.raises(fetch.FetchError, match="non-public"):
+            fetch.fetch_image(f"{base}/redirect-out", max_bytes=10_000, timeout_s=5)
+    finally:
+        server.shutdown()
