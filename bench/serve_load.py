@@ -39,7 +39,7 @@ from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.model import build_model  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.index import SearchIndex, write_index  # noqa: E402
-from serve.index_spec import IndexSpec  # noqa: E402
+from serve.vector_search import IndexSpec  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
