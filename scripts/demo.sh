@@ -43,6 +43,7 @@ cat <<CURL
        -d '{"text": "a red circle", "k": 5}'
   curl -s -X POST http://127.0.0.1:$PORT/classify -F image=@$RUN/example.jpg \\
        -F labels="red circle" -F labels="blue square" -F labels="green star" -F labels="yellow triangle"
+  Web page (search box, image drop zone, zero-shot panel): http://127.0.0.1:$PORT/
   API docs: http://127.0.0.1:$PORT/docs
 CURL
 export DUET_ARTIFACT_DIR="$RUN/artifact" DUET_INDEX_DIR="$RUN/index" DUET_PORT="$PORT"
