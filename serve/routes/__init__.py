@@ -167,7 +167,10 @@ def decode_base64(data: str, where: str, settings: Settings) -> bytes:
 
 
 async def decode_images(files: list[bytes], settings: Settings) -> list[Image.Image]:
-    """Decode images in the threadpool: decoding is CPU work and must not stall the event loop."""
+    """Decode images in the threadpool: decoding is CPU work and must not stall the event loop.
+    Text-only requests have nothing to hand off."""
+    if not files:
+        return []
     return await run_in_threadpool(lambda: [decode_image(data, settings) for data in files])
 
 
