@@ -1,5 +1,7 @@
 """Fixtures shared by the suite: a small synthetic dataset, written once per session."""
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,52 @@ def run_torchrun(nproc: int, *train_args: str, timeout_s: float = 600):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_service(artifact: Path, index: Path, timeout_s: float = 120) -> Iterator[str]:
+    """`python -m serve` on 127.0.0.1:<free port> until /ready answers 200; its base URL.
+
+    Stopped when the block ends; if it exits before it is ready, the test fails with its stderr.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    env = subprocess_env(
+        DUET_ARTIFACT_DIR=str(artifact), DUET_INDEX_DIR=str(index), DUET_PORT=str(port)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
+            while True:
+                assert proc.poll() is None, f"server exited: {proc.stderr.read()[-3000:]}"  # type: ignore[union-attr]
+                try:
+                    if client.get("/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the server did not become ready")
+                time.sleep(0.3)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tarfile
 import time
@@ -28,7 +27,7 @@ import pytest
 from common.artifact import write_artifact
 from common.model import build_model
 from serve.build_index import build_index
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from train import synth
 
 pytestmark = pytest.mark.docker
@@ -109,12 +108,6 @@ def image() -> Iterator[str]:
         yield tag
     finally:
         docker("image", "rm", "--force", tag, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,18 +2,16 @@
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, data_overrides, run_torchrun, subprocess_env
+from tests.conftest import REPO_ROOT, data_overrides, run_torchrun, running_service, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -64,50 +62,14 @@ def run_dir(tmp_path_factory, synth_dir) -> Path:
     return run
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(run_dir) -> Iterator[httpx.Client]:
     """`python -m serve` on 127.0.0.1:<free port>, ready; stopped when the module is done."""
-    port = free_port()
-    env = subprocess_env(
-        DUET_ARTIFACT_DIR=str(run_dir / "artifact"),
-        DUET_INDEX_DIR=str(run_dir / "index"),
-        DUET_PORT=str(port),
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    try:
-        wait_until_ready(client, proc)
+    with (
+        running_service(run_dir / "artifact", run_dir / "index") as base,
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
         yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def wait_until_ready(client: httpx.Client, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited: {proc.stderr.read()[-3000:]}"
-        try:
-            if client.get("/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.3)
-    raise TimeoutError("the server did not become ready")
 
 
 def held_out_samples(synth_dir: Path, count: int) -> list[tuple[bytes, dict]]:

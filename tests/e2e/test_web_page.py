@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.conftest import running_service
 from tests.serve_support import make_artifact, make_index, make_shard
 
 pytestmark = pytest.mark.slow
@@ -30,47 +26,14 @@ def chromium() -> str:
     pytest.fail("no chromium: install it (apt-get install -y chromium; `make test` does as root)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m serve` with a tiny random model and 24 synthetic images; its base URL."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
     index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
-    port = free_port()
-    env = subprocess_env(
-        DUET_ARTIFACT_DIR=str(artifact), DUET_INDEX_DIR=str(index), DUET_PORT=str(port)
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, proc)
+    with running_service(artifact, index) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def wait_until_ready(base: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, f"server exited: {proc.stderr.read()[-3000:]}"  # type: ignore[union-attr]
-            try:
-                if client.get("/ready").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass  # not listening yet
-            time.sleep(0.3)
-    raise TimeoutError("the server did not become ready")
 
 
 def rendered_dom(url: str, profile: Path) -> str:

@@ -3,7 +3,6 @@ gradient of the global batch."""
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from torch.testing import assert_close
 from common.config import apply_overrides
 from common.model import build_model
 from common.preprocess import tokenizer
+from tests.conftest import free_port
 from train.compute import Precision
 from train.config import LossConfig, smoke
 from train.distributed import DistInfo, contrastive_loss, sync_replicated_grads, wrap_model
@@ -136,12 +136,6 @@ def worker(rank: int, port: int, out_dir: str, synth_dir: str) -> None:
         train_with("fsdp", synth_dir, Path(out_dir, "fsdp"), steps=3, resume=True)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
