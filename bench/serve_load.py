@@ -1,22 +1,26 @@
 """Load test of the retrieval service: /search text queries over HTTP, dynamic batching on and off.
 
-    python bench/serve_load.py [--vectors 100000] [--duration-s 10] [--clients 1,8,32]
-                               [--model duet-tiny] [--index-type auto]
+    python bench/serve_load.py [--vectors 100000] [--duration-s 5] [--rounds 3]
+                               [--clients 1,8,32] [--model duet-tiny] [--index-type auto]
 
 Builds a random-init artifact of `--model` and an index of `--vectors` synthetic unit vectors
-(random directions: the index's size and shape matter here, not its content), then for each of
-batching on and off starts `python -m serve` on a loopback port and drives POST /search
-{"text": ..., "k": 10} from C concurrent clients (one httpx.AsyncClient, C tasks) for a fixed
-time. Prints req/s, latency percentiles and errors per row, then the in-process time of encode +
-search for one query (the same Encoder and SearchIndex, no HTTP), so HTTP's overhead is visible,
-and the targets: 0 errors; batching >= 2x the req/s of per-request encoding at 32 clients; p99 <=
-3x p50 at 8 clients; HTTP overhead <= 20% of the in-process time at 1 client.
+(random directions: the index's size and shape matter here, not its content), starts
+`python -m serve` twice on loopback ports, with dynamic batching on and off, and drives POST
+/search {"text": ..., "k": 10} from C concurrent keep-alive connections (asyncio, one task
+each; see `Connection`) for a fixed time per row. Each round runs every row, on and off
+back to back in alternating order, so that a change in the machine's speed hits both alike;
+rounds are pooled. Prints req/s, latency percentiles and errors per row, and the in-process
+time of encode + search for one query (the same Encoder and SearchIndex, no HTTP; measured
+in every round next to the 1-client rows), so HTTP's overhead is visible, and the targets:
+0 errors; batching >= 2x the req/s of per-request encoding at 32 clients; p99 <= 3x p50 at 8
+clients; HTTP overhead <= 20% of the in-process time at 1 client.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import socket
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import httpx
 import numpy as np
 
@@ -39,12 +44,14 @@ from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.model import build_model  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.index import SearchIndex, write_index  # noqa: E402
+from serve.settings import Settings  # noqa: E402
 from serve.vector_search import IndexSpec  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLACES = ("top left", "top right", "bottom left", "bottom right", "center")
 K = 10
+HOST = "127.0.0.1"
 
 
 def queries(count: int, seed: int = 0) -> list[str]:
@@ -81,37 +88,105 @@ class Result:
     seconds: float
     latencies_ms: list[float]
 
+    @classmethod
+    def merge(cls, results: list[Result]) -> Result:
+        """Several rounds' runs of one row as one: requests, errors, time and latencies pooled."""
+        return cls(
+            sum(r.requests for r in results),
+            sum(r.errors for r in results),
+            sum(r.seconds for r in results),
+            [ms for r in results for ms in r.latencies_ms],
+        )
+
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
             return float("nan")
         return float(np.percentile(self.latencies_ms, q))
 
 
-async def drive(base: str, clients: int, duration_s: float, texts: list[str]) -> Result:
-    """`clients` tasks posting /search back to back until `duration_s` has passed."""
+class Connection:
+    """One keep-alive HTTP/1.1 connection that posts prepared requests and reads the answers.
+
+    A load generator on the same two cores as the server must cost little per request, or it
+    measures itself: this one sends bytes built once per query and parses only the status line
+    and Content-Length (~0.1 ms per request, against ~1 ms for an httpx client). Each answer's
+    JSON is still read and its result count checked.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one request; (status, body) of its answer."""
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        length = next(
+            (
+                int(line.split(":", 1)[1])
+                for line in lines[1:]
+                if line.lower().startswith("content-length:")
+            ),
+            None,
+        )
+        if length is None:
+            raise ConnectionError(f"answer without Content-Length: {lines[0]!r}")
+        return status, await self.reader.readexactly(length)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def search_request(host: str, port: int, text: str) -> bytes:
+    body = json.dumps({"text": text, "k": K}).encode()
+    head = (
+        f"POST /search HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def answered(status: int, body: bytes) -> bool:
+    return status == 200 and len(json.loads(body)["results"]) == K
+
+
+async def drive(host: str, port: int, clients: int, duration_s: float, texts: list[str]) -> Result:
+    """`clients` connections posting /search back to back until `duration_s` has passed."""
+    requests = [search_request(host, port, text) for text in texts]
     latencies: list[float] = []
     errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits, trust_env=False) as c:
-        start = time.perf_counter()
-        deadline = start + duration_s
+    connections = [await Connection.open(host, port) for _ in range(clients)]
+    start = time.perf_counter()
+    deadline = start + duration_s
 
-        async def client(i: int) -> None:
-            nonlocal errors
-            n = i
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                try:
-                    response = await c.post("/search", json={"text": texts[n % len(texts)], "k": K})
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                latencies.append((time.perf_counter() - t0) * 1000)
-                errors += not ok
-                n += clients
+    async def client(i: int, connection: Connection) -> None:
+        nonlocal errors
+        n = i
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                ok = answered(*await connection.request(requests[n % len(requests)]))
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                ok = False
+                print(f"client {i}: {exc!r}", file=sys.stderr)
+                connection.close()
+                connection = connections[i] = await Connection.open(host, port)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            errors += not ok
+            n += clients
 
-        await asyncio.gather(*(client(i) for i in range(clients)))
-        seconds = time.perf_counter() - start
+    try:
+        await asyncio.gather(*(client(i, c) for i, c in enumerate(connections)))
+    finally:
+        for connection in connections:
+            connection.close()
+    seconds = time.perf_counter() - start
     return Result(len(latencies), errors, seconds, latencies)
 
 
@@ -121,7 +196,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subprocess.Popen, str]:
+def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -135,7 +210,7 @@ def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subproces
         DUET_MAX_QUEUE_ITEMS="4096",  # this measures latency under load, not refusals
     )
     proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=env)
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
     with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
         while time.monotonic() < deadline:
@@ -145,7 +220,7 @@ def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subproces
                 if client.get("/ready").status_code == 200:
                     for text in queries(20, seed=99):  # warm up
                         client.post("/search", json={"text": text, "k": K})
-                    return proc, base
+                    return proc, port
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
@@ -153,45 +228,74 @@ def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subproces
     raise TimeoutError("the server did not become ready")
 
 
-def in_process_ms(artifact: Path, index_dir: Path, texts: list[str]) -> float:
-    """Median time of encode + search for one query, in this process, no HTTP."""
-    encoder = Encoder(load_artifact(artifact))
-    index = SearchIndex.load(index_dir, expected_dim=encoder.embed_dim)
-    times = []
-    for i, text in enumerate(texts):
-        t0 = time.perf_counter()
-        index.search(encoder.encode_texts([text]), K)
-        if i >= 10:  # warm-up excluded
-            times.append((time.perf_counter() - t0) * 1000)
-    index.close()
-    return statistics.median(times)
+class InProcess:
+    """Encode + search for one query in this process, no HTTP: the same Encoder and SearchIndex.
+
+    FAISS gets the service's threads per search (`search_threads`): with its default of every
+    core, its OpenMP team would spin against torch's and slow both.
+    """
+
+    def __init__(self, artifact: Path, index_dir: Path) -> None:
+        faiss.omp_set_num_threads(Settings.model_fields["search_threads"].default)
+        self.encoder = Encoder(load_artifact(artifact))
+        self.index = SearchIndex.load(index_dir, expected_dim=self.encoder.embed_dim)
+
+    def times_ms(self, texts: list[str], warmup: int = 10) -> list[float]:
+        times = []
+        for i, text in enumerate(texts):
+            t0 = time.perf_counter()
+            self.index.search(self.encoder.encode_texts([text]), K)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000)
+        return times
+
+    def close(self) -> None:
+        self.index.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vectors", type=int, default=100_000)
-    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--duration-s", type=float, default=5.0, help="seconds per row and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--model", default="duet-tiny")
     parser.add_argument("--index-type", default="auto", help="auto | flat | hnsw | ivfpq")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     texts = queries(1000)
-    rows: dict[tuple[str, int], Result] = {}
+    rows: dict[tuple[str, int], list[Result]] = {}
+    local_ms: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         print(f"building {args.model} artifact and an index of {args.vectors} vectors ...")
         artifact, index = build(Path(tmp), args.model, args.vectors, args.index_type)
-        for batching in (True, False):
-            mode = "on" if batching else "off"
-            proc, base = start_server(artifact, index, batching)
-            try:
+        servers = {"on": start_server(artifact, index, True)}
+        servers["off"] = start_server(artifact, index, False)
+        local = InProcess(artifact, index)
+        try:
+            for round_index in range(args.rounds):
+                modes = ["on", "off"] if round_index % 2 == 0 else ["off", "on"]
                 for clients in levels:
-                    rows[mode, clients] = asyncio.run(drive(base, clients, args.duration_s, texts))
-            finally:
+                    if clients == 1:  # the in-process reference, next to the rows it is for
+                        local_ms += local.times_ms(texts[:210])
+                    for mode in modes:
+                        result = asyncio.run(
+                            drive(HOST, servers[mode][1], clients, args.duration_s, texts)
+                        )
+                        rows.setdefault((mode, clients), []).append(result)
+                        print(
+                            f"round {round_index + 1}: batching {mode}, {clients} clients: "
+                            f"{result.requests / result.seconds:.1f} req/s",
+                            flush=True,
+                        )
+        finally:
+            local.close()
+            for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-        local_ms = in_process_ms(artifact, index, texts[:110])
-    print_table(rows, args, local_ms)
+    order = sorted(rows, key=lambda key: (key[0] != "on", key[1]))
+    merged = {key: Result.merge(rows[key]) for key in order}
+    print_table(merged, args, statistics.median(local_ms) if local_ms else float("nan"))
     return 0
 
 
@@ -200,7 +304,8 @@ def print_table(
 ) -> None:
     print(
         f"\n{args.model}, {args.vectors} vectors ({args.index_type}), k={K}, "
-        f"{args.duration_s:.0f} s per row, {os.cpu_count()} CPUs\n"
+        f"{args.rounds} rounds x {args.duration_s:.0f} s per row (on and off alternating), "
+        f"{os.cpu_count()} CPUs\n"
     )
     print("| batching | clients | req/s | p50 ms | p95 ms | p99 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -209,7 +314,7 @@ def print_table(
             f"| {mode} | {clients} | {r.requests / r.seconds:.1f} | {r.percentile(50):.1f} | "
             f"{r.percentile(95):.1f} | {r.percentile(99):.1f} | {r.errors} |"
         )
-    print(f"\nin-process encode + search, one query: {local_ms:.2f} ms (median)")
+    print(f"\nin-process encode + search, one query: {local_ms:.2f} ms (median, all rounds)")
     errors = sum(r.errors for r in rows.values())
     print(f"- errors: {errors} (target 0)")
     top = max(c for _, c in rows)

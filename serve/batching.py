@@ -10,6 +10,10 @@ job) does a batch wait up to `max_wait_ms` for company; a lone request at low lo
 once instead of paying the wait. Under load, jobs also pile up while a batch is being encoded,
 so batches fill without waiting at all.
 
+A job may carry `then`, a function of its own rows run on the worker thread right after the
+forward pass (the search of a /search request): the caller gets `then`'s value, and the request
+makes one thread hand-off instead of two. An exception in `then` fails that job only.
+
 With `batching=False` every job is encoded on its own (the same thread and queue, one job per
 forward pass), which is the baseline the benchmark compares against.
 
@@ -67,6 +71,7 @@ class _Job:
     items: Sequence[Any]  # texts or images; for "call", empty
     size: int  # what the job counts against the queue bound
     call: Callable[[], Any] | None = None
+    then: Callable[[np.ndarray], Any] | None = None  # applied to the job's rows, on the worker
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -111,6 +116,15 @@ class EncodeBatcher:
     async def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """N RGB images -> [N, D] unit vectors, encoded together with other callers' images."""
         return await self._await(_Job("image", list(images), len(images)))
+
+    async def encode_then(
+        self, kind: Literal["text", "image"], items: Sequence[Any], then: Callable[[np.ndarray], T]
+    ) -> T:
+        """`then([N, D] vectors of items)`, run on the worker thread after the batch's encoding."""
+        if not items:
+            raise ValueError("encode_then needs at least one text or image")
+        result: T = await self._await(_Job(kind, list(items), len(items), then=then))
+        return result
 
     async def run(self, call: Callable[[], T], cost_items: int) -> T:
         """Run `call` alone on the encoder thread (e.g. embedding a request's label prompts)."""
@@ -214,4 +228,15 @@ class EncodeBatcher:
             log.exception("encoding a batch of %d jobs failed", len(live))
             return [exc] * len(live)
         offsets = np.cumsum([0] + [job.size for job in live])
-        return [vectors[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        rows = [vectors[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        return [_finish(job, job_rows) for job, job_rows in zip(live, rows, strict=True)]
+
+
+def _finish(job: _Job, rows: np.ndarray) -> Any:
+    """The job's rows, or `job.then(rows)`; an exception there is this job's result alone."""
+    if job.then is None:
+        return rows
+    try:
+        return job.then(rows)
+    except Exception as exc:
+        return exc

@@ -12,10 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
+import numpy as np
 import pydantic
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +36,7 @@ from serve.settings import Settings
 log = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,29 @@ class ServiceState:
 
     service: Service | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySource:
+    """A search's query: a text or a decoded image still to encode, or a [1, D] unit vector."""
+
+    text: str | None = None
+    image: Image.Image | None = None
+    vector: np.ndarray | None = None
+
+
+async def search_with(service: Service, source: QuerySource, find: Callable[[np.ndarray], T]) -> T:
+    """`find(query vector [1, D])` off the event loop.
+
+    A text or image is searched on the batcher's thread right after its batch is encoded, so a
+    request hands off to another thread once, not twice; a given vector in the threadpool.
+    """
+    if source.text is not None:
+        return await service.batcher.encode_then("text", [source.text], find)
+    if source.image is not None:
+        return await service.batcher.encode_then("image", [source.image], find)
+    assert source.vector is not None
+    return await run_in_threadpool(find, source.vector)
 
 
 async def get_service(request: Request) -> Service:

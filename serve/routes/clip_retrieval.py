@@ -28,16 +28,17 @@ from starlette.concurrency import run_in_threadpool
 from serve import retrieval
 from serve.errors import ApiError, error_responses
 from serve.fetch import FetchError, fetch_image
-from serve.index import SearchIndex
+from serve.index import Hit, SearchIndex
 from serve.routes import (
     ModelT,
-    Service,
+    QuerySource,
     ServiceDep,
     SettingsDep,
     as_request_error,
     decode_base64,
     decode_images,
     read_body,
+    search_with,
 )
 from serve.routes.search import embedding_query
 from serve.schemas import KnnRequest, MetadataRequest
@@ -88,16 +89,19 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
     num_result_ids = min(wanted, settings.max_k)
     num_images = min(query.num_images if query.num_images is not None else wanted, num_result_ids)
     name = service.indices.resolve(query.indice_name)
+    dedup = retrieval.CLIP_RETRIEVAL_DEDUP_THRESHOLD if query.deduplicate else None
     with service.indices.lease(name) as index:
-        vector = await _query_vector(service, index, query, settings)
-        hits = await run_in_threadpool(
-            retrieval.search,
-            index,
-            vector,
-            num_result_ids,
-            dedup_threshold=retrieval.CLIP_RETRIEVAL_DEDUP_THRESHOLD if query.deduplicate else None,
-            overfetch=settings.dedup_overfetch,
-        )
+
+        def find(vector: np.ndarray) -> list[Hit]:
+            return retrieval.search(
+                index,
+                vector,
+                num_result_ids,
+                dedup_threshold=dedup,
+                overfetch=settings.dedup_overfetch,
+            )
+
+        hits = await search_with(service, await _query_source(index, query, settings), find)
     results: list[dict[str, Any]] = []
     for rank, hit in enumerate(hits):
         entry: dict[str, Any] = {}
@@ -113,19 +117,18 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
     return JSONResponse(results, headers=headers)
 
 
-async def _query_vector(
-    service: Service, index: SearchIndex, query: KnnRequest, settings: Settings
-) -> np.ndarray:
+async def _query_source(index: SearchIndex, query: KnnRequest, settings: Settings) -> QuerySource:
     if query.text:
-        return await service.batcher.encode_texts([query.text])
+        return QuerySource(text=query.text)
     if query.embedding_input is not None:
-        return embedding_query(query.embedding_input, index.dim)
+        return QuerySource(vector=embedding_query(query.embedding_input, index.dim))
     if query.image:
         data = decode_base64(query.image, "body.image", settings)
     else:
         assert query.image_url
         data = await _download(query.image_url, settings)
-    return await service.batcher.encode_images(await decode_images([data], settings))
+    (image,) = await decode_images([data], settings)
+    return QuerySource(image=image)
 
 
 async def _download(url: str, settings: Settings) -> bytes:

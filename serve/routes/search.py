@@ -8,13 +8,12 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from serve import retrieval
 from serve.errors import ApiError, error_responses
 from serve.index import Hit, SearchIndex
 from serve.routes import (
-    Service,
+    QuerySource,
     ServiceDep,
     SettingsDep,
     decode_base64,
@@ -23,6 +22,7 @@ from serve.routes import (
     read_form,
     read_json,
     read_upload,
+    search_with,
     validate,
 )
 from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
@@ -120,41 +120,42 @@ async def search(
 ) -> SearchResponse:
     """JSON `{"text": "red circle", "k": 5}` (or `image`, `embedding`, `id`), or multipart `image`.
 
-    Async: encoding waits on the batcher's thread and searching runs in the threadpool, so the
-    event loop only routes.
+    Async: a text or image is encoded and searched on the batcher's thread (`search_with`), so
+    the event loop only routes.
     """
     start = time.perf_counter()
     name = service.indices.resolve(query.index)
     with service.indices.lease(name) as index:
-        vector = await query_vector(service, index, query, settings)  # [1, D]
-        hits = await run_in_threadpool(
-            retrieval.search,
-            index,
-            vector,
-            query.k,
-            dedup_threshold=query.dedup,
-            overfetch=settings.dedup_overfetch,
-            exclude_id=query.id,
-        )
+
+        def find(vector: np.ndarray) -> list[Hit]:
+            return retrieval.search(
+                index,
+                vector,
+                query.k,
+                dedup_threshold=query.dedup,
+                overfetch=settings.dedup_overfetch,
+                exclude_id=query.id,
+            )
+
+        hits = await search_with(service, await query_source(index, query, settings), find)
     took_ms = (time.perf_counter() - start) * 1000
     return SearchResponse(
         results=[search_hit(hit) for hit in hits], index=name, k=query.k, took_ms=round(took_ms, 2)
     )
 
 
-async def query_vector(
-    service: Service, index: SearchIndex, query: SearchQuery, settings: Settings
-) -> np.ndarray:
-    """The query as a [1, D] unit vector: encoded, given, or an indexed item's own vector."""
+async def query_source(index: SearchIndex, query: SearchQuery, settings: Settings) -> QuerySource:
+    """The query to encode (text, decoded image), or as a vector (given, or an indexed item's)."""
     if query.image is not None:
-        return await service.batcher.encode_images(await decode_images([query.image], settings))
+        (image,) = await decode_images([query.image], settings)
+        return QuerySource(image=image)
     if query.text is not None:
-        return await service.batcher.encode_texts([query.text])
+        return QuerySource(text=query.text)
     if query.embedding is not None:
-        return embedding_query(query.embedding, index.dim)
+        return QuerySource(vector=embedding_query(query.embedding, index.dim))
     assert query.id is not None
     try:
-        return index.vectors([query.id])
+        return QuerySource(vector=index.vectors([query.id]))
     except KeyError:
         raise ApiError(
             404, "not_found", f"id {query.id} is not in this index ({index.count} items)"

@@ -160,3 +160,41 @@ def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on(encoder: Encod
         batcher.close()
     with pytest.raises(RuntimeError, match="shut down"):
         asyncio.run(batcher.encode_texts(["after close"]))
+
+
+def test_then_runs_on_the_worker_per_job_and_fails_only_its_own_job(encoder: Encoder) -> None:
+    gate, recorder = GatedEncoder(encoder), Recorder()
+    batcher = EncodeBatcher(gate, max_batch_size=32, max_wait_ms=0, observer=recorder)  # type: ignore[arg-type]
+    threads: list[str] = []
+
+    def norm_and_thread(rows: np.ndarray) -> float:
+        threads.append(threading.current_thread().name)
+        return float(np.linalg.norm(rows))
+
+    def failing(rows: np.ndarray) -> float:
+        raise KeyError("no such row")
+
+    async def scenario() -> list:
+        first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
+        await asyncio.to_thread(gate.started.wait, 30)
+        # queued behind the stuck first job: these three share the next forward pass
+        jobs = [
+            asyncio.ensure_future(batcher.encode_then("text", TEXTS[1:3], norm_and_thread)),
+            asyncio.ensure_future(batcher.encode_then("text", TEXTS[3:4], failing)),
+            asyncio.ensure_future(batcher.encode_texts(TEXTS[4:5])),
+        ]
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        return await asyncio.gather(first, *jobs, return_exceptions=True)
+
+    try:
+        _, norm, error, rows = asyncio.run(scenario())
+        with pytest.raises(ValueError, match="at least one"):
+            asyncio.run(batcher.encode_then("text", [], norm_and_thread))
+    finally:
+        batcher.close()
+    assert recorder.batches == [("text", 1, 1), ("text", 4, 3)]
+    assert norm == pytest.approx(np.sqrt(2), abs=1e-5)  # two unit rows
+    assert threads == ["duet-encoder"]
+    assert isinstance(error, KeyError)
+    torch.testing.assert_close(rows, encoder.encode_texts(TEXTS[4:5]), atol=1e-5, rtol=0)
