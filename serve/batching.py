@@ -30,8 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -72,7 +71,9 @@ class _Job:
     size: int  # what the job counts against the queue bound
     call: Callable[[], Any] | None = None
     then: Callable[[np.ndarray], Any] | None = None  # applied to the job's rows, on the worker
-    future: Future[Any] = field(default_factory=Future)
+    # set by the caller's event loop; the worker hands results back to that loop
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[Any] | None = None
 
 
 class EncodeBatcher:
@@ -141,8 +142,10 @@ class EncodeBatcher:
     async def _await(self, job: _Job) -> Any:
         if job.kind != "call" and not job.items:
             return np.zeros((0, self.encoder.embed_dim), np.float32)
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
         self._submit(job)
-        return await asyncio.wrap_future(job.future)
+        return await job.future
 
     def _submit(self, job: _Job) -> None:
         with self._cond:
@@ -163,16 +166,13 @@ class EncodeBatcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            outcome = self._execute(live) if live else None
+            # a caller that went away (its task cancelled: the client disconnected) is skipped
+            live = [job for job in batch if job.future is not None and not job.future.cancelled()]
+            outcome = self._execute(live) if live else []
             with self._cond:  # before the results: a caller that has its result sees it counted
                 self._pending_items -= sum(job.size for job in batch)
                 self._observer.set_queue_depth(self._pending_items)
-            for job, result in zip(live, outcome or [], strict=True):
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+            _hand_back(list(zip(live, outcome, strict=True)))
 
     def _next_batch(self) -> list[_Job] | None:
         """The oldest job plus queued jobs of its kind, up to max_batch_size items."""
@@ -230,6 +230,32 @@ class EncodeBatcher:
         offsets = np.cumsum([0] + [job.size for job in live])
         rows = [vectors[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         return [_finish(job, job_rows) for job, job_rows in zip(live, rows, strict=True)]
+
+
+def _hand_back(results: list[tuple[_Job, Any]]) -> None:
+    """Resolve the jobs' futures on their event loops: one wake-up per loop, not per job."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = {}
+    for job, result in results:
+        assert job.loop is not None
+        by_loop.setdefault(job.loop, []).append((job, result))
+    for loop, jobs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, jobs)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            log.debug("dropping %d results for a closed event loop", len(jobs))
+
+
+def _resolve(jobs: list[tuple[_Job, Any]]) -> None:
+    """On the event loop: each job's future gets its result or exception (unless cancelled)."""
+    for job, result in jobs:
+        future = job.future
+        assert future is not None
+        if future.done():
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def _finish(job: _Job, rows: np.ndarray) -> Any:
