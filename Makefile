@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-docker lint bench clean chromium
+.PHONY: install demo test test-fast test-docker lint bench clean system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,16 +19,21 @@ demo: install
 	bash scripts/demo.sh
 
 ## test: the whole suite (unit, integration, end-to-end), except the Docker test
-test: install chromium
+test: install system-packages
 	$(BIN)/python -m pytest -m "not docker"
 
-## chromium: the headless browser of the web page's end-to-end test (installed with apt as root)
-chromium:
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+## system-packages: what some tests need from Debian, installed with apt (as root) when missing:
+## chromium, the headless browser of tests/e2e/test_web_page.py, and g++, with which
+## torch.compile builds its CPU kernels (tests/integration/test_compile.py)
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing="chromium"; \
+	command -v g++ >/dev/null || missing="$$missing g++"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	else \
-		echo "error: tests/e2e/test_web_page.py needs chromium: run 'sudo apt-get install -y chromium'" >&2; \
+		echo "error: the tests need:$$missing; run 'sudo apt-get install -y $$missing'" >&2; \
 		exit 1; \
 	fi
 

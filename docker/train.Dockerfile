@@ -44,6 +44,13 @@ COPY serve serve
 RUN sh /tmp/build/install-venv.sh package
 
 FROM python
+# compute.compile: Triton builds its kernel launchers with a C compiler against Python's headers,
+# and inductor's CPU kernels need g++. hadolint DL3008: as above.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        gcc g++ libc6-dev python3-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --uid 10001 --user-group --create-home --shell /bin/bash duet \
     && mkdir -p /workspace \
     && chown duet:duet /workspace
