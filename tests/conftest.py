@@ -5,7 +5,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from common.model import DualEncoder, build_model
+from common.preprocess import tokenizer
+from train.compute import prepare_model
+from train.config import ComputeConfig
 from train.synth import generate
 
 
@@ -122,3 +127,22 @@ def running_service(artifact: Path, index: Path, timeout_s: float = 120) -> Iter
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def micro_step_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed duet-micro batch for comparing training-step variants: images [6, 3, 32, 32] and
+    tokens [6, L]."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, 32, 32, generator=g)
+    return images, tokenizer("duet-micro")([f"a {c} shape" for c in "abcdef"])
+
+
+def micro_models(*computes: ComputeConfig) -> list[DualEncoder]:
+    """One duet-micro per compute config, all with the same initial weights, prepared on CPU."""
+    models = []
+    for compute in computes:
+        torch.manual_seed(0)
+        model = build_model("duet-micro")
+        prepare_model(model, compute, torch.device("cpu"))
+        models.append(model)
+    return models

@@ -7,9 +7,8 @@ missing). Compiling duet-micro's forward and backward takes ~40 s here.
 import torch
 from torch.testing import assert_close
 
-from common.model import build_model
-from common.preprocess import tokenizer
-from train.compute import Precision, prepare_model
+from tests.conftest import micro_models, micro_step_inputs
+from train.compute import Precision
 from train.config import ComputeConfig, LossConfig
 from train.distributed import DistInfo
 from train.step import one_pass
@@ -19,16 +18,8 @@ CPU = torch.device("cpu")
 
 def test_compiled_step_equals_eager_and_keeps_the_state_dict_keys():
     cfg, fp32 = LossConfig(kind="clip"), Precision("fp32", CPU)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(6, 3, 32, 32, generator=g)
-    tokens = tokenizer("duet-micro")([f"a {c} shape" for c in "abcdef"])
-    models = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        model = build_model("duet-micro")
-        prepare_model(model, ComputeConfig(compile=compiled), CPU)
-        models.append(model)
-    eager, compiled = models
+    images, tokens = micro_step_inputs()
+    eager, compiled = micro_models(ComputeConfig(), ComputeConfig(compile=True))
     assert_close(
         one_pass(compiled, images, tokens, DistInfo(0, 1, 0, CPU), cfg, fp32),
         one_pass(eager, images, tokens, DistInfo(0, 1, 0, CPU), cfg, fp32),

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from common.config import apply_overrides
 from common.model import build_model
 from common.preprocess import tokenizer
+from tests.conftest import micro_models, micro_step_inputs
 from train import checkpoint
 from train.compute import Precision, has_conv_image_tower, prepare_model, uses_channels_last
 from train.config import ComputeConfig, LossConfig, TrainConfig, smoke
@@ -68,15 +69,8 @@ def test_bf16_trains_on_cpu(synth_dir: Path, tmp_path: Path):
 
 def test_grad_checkpointing_gives_the_same_gradients():
     cfg = LossConfig(kind="clip")
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(6, 3, 32, 32, generator=g)
-    tokens = tokenizer("duet-micro")([f"a {c} shape" for c in "abcdef"])
-    models = []
-    for checkpointing in (False, True):
-        torch.manual_seed(0)
-        model = build_model("duet-micro")
-        prepare_model(model, ComputeConfig(grad_checkpointing=checkpointing), CPU)
-        models.append(model)
+    images, tokens = micro_step_inputs()
+    models = micro_models(ComputeConfig(), ComputeConfig(grad_checkpointing=True))
     assert models[1].clip.transformer.grad_checkpointing
     assert not models[0].clip.transformer.grad_checkpointing
     fp32 = Precision("fp32", CPU)
