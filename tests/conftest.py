@@ -1,6 +1,7 @@
 """Fixtures shared by the suite: a small synthetic dataset, written once per session."""
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,10 +67,19 @@ def data_overrides(synth: Path) -> list[str]:
 
 def run_torchrun(nproc: int, *train_args: str, timeout_s: float = 600):
     """Run `torchrun ... -m train ARGS` to completion; fail the test with its stderr if it fails."""
+    return run_command(torchrun_command(nproc, *train_args), timeout_s)
+
+
+def run_module(*args: str, timeout_s: float = 600):
+    """Run `python -m ARGS` to completion; fail the test with its stderr if it fails."""
+    return run_command([sys.executable, "-m", *args], timeout_s)
+
+
+def run_command(command: list[str], timeout_s: float):
     import subprocess
 
     result = subprocess.run(
-        torchrun_command(nproc, *train_args),
+        command,
         cwd=REPO_ROOT,
         env=subprocess_env(),
         capture_output=True,

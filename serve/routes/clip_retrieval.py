@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pydantic
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -30,14 +29,12 @@ from serve.errors import ApiError, error_responses
 from serve.fetch import FetchError, fetch_image
 from serve.index import Hit, SearchIndex
 from serve.routes import (
-    ModelT,
     QuerySource,
     ServiceDep,
     SettingsDep,
-    as_request_error,
     decode_base64,
     decode_images,
-    read_body,
+    read_json,
     search_with,
 )
 from serve.routes.search import embedding_query
@@ -48,15 +45,6 @@ router = APIRouter(tags=["clip-retrieval"])
 
 IGNORED_HEADER = "X-Duet-Ignored"
 CLAMPED_HEADER = "X-Duet-Clamped"
-
-
-async def _read_json_any_type(request: Request, model: type[ModelT], settings: Settings) -> ModelT:
-    """The body as JSON whatever the Content-Type header says (or that there is none)."""
-    body = await read_body(request, settings.max_request_bytes)
-    try:
-        return model.model_validate_json(body, context={"settings": settings})
-    except pydantic.ValidationError as exc:
-        raise as_request_error(exc) from None
 
 
 def ignored_options(query: KnnRequest) -> list[str]:
@@ -82,7 +70,7 @@ def ignored_options(query: KnnRequest) -> list[str]:
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
 )
 async def knn_service(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
-    query = await _read_json_any_type(request, KnnRequest, settings)
+    query = await read_json(request, KnnRequest, settings)  # any Content-Type, or none
     if query.modality not in (None, "image", "text"):
         raise ApiError(422, "validation_error", 'body.modality: must be "image" or "text"')
     wanted = query.num_result_ids or query.num_images or settings.default_k
@@ -173,7 +161,7 @@ async def indices_list(service: ServiceDep) -> list[str]:
 )
 async def metadata(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     """Ids that are not in the index are left out of the answer."""
-    query = await _read_json_any_type(request, MetadataRequest, settings)
+    query = await read_json(request, MetadataRequest, settings)
     with service.indices.lease(query.indice_name) as index:
         rows = await run_in_threadpool(index.rows, query.ids)
     return JSONResponse(

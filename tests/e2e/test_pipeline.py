@@ -2,8 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,24 +9,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, data_overrides, run_torchrun, running_service, subprocess_env
+from tests.conftest import (
+    data_overrides,
+    run_module,
+    run_torchrun,
+    running_service,
+)
 
 pytestmark = pytest.mark.slow
 
 TRAIN_STEPS = 200
-
-
-def run_module(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
