@@ -18,7 +18,7 @@ from typing import Annotated, TypeVar
 
 import numpy as np
 import pydantic
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -85,7 +85,7 @@ async def search_with(service: Service, source: QuerySource, find: Callable[[np.
     return await run_in_threadpool(find, source.vector)
 
 
-async def get_service(request: Request) -> Service:
+def service_of(request: Request) -> Service:
     """The loaded service, or 503 not_ready (with the load failure's reason if there was one)."""
     state: ServiceState = request.app.state.service
     if state.service is not None:
@@ -95,13 +95,27 @@ async def get_service(request: Request) -> Service:
     raise ApiError(503, "not_ready", "model and index are still loading")
 
 
-async def get_settings(request: Request) -> Settings:
+def settings_of(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
+async def get_service(request: Request) -> Service:
+    return service_of(request)
+
+
+async def get_settings(request: Request) -> Settings:
+    return settings_of(request)
+
+
 ServiceDep = Annotated[Service, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def json_response(body: pydantic.BaseModel, headers: Mapping[str, str] | None = None) -> Response:
+    """`body` serialised once by pydantic-core, skipping FastAPI's re-validation of a return value
+    against `response_model` (which stays on the route for the API docs)."""
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def media_type(request: Request) -> str:

@@ -4,25 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request, Response
 
 from serve import retrieval
 from serve.errors import ApiError, error_responses
 from serve.index import Hit, SearchIndex
 from serve.routes import (
     QuerySource,
-    ServiceDep,
-    SettingsDep,
     decode_base64,
     decode_images,
+    json_response,
     media_type,
     read_form,
     read_json,
     read_upload,
     search_with,
+    service_of,
+    settings_of,
     validate,
 )
 from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
@@ -66,7 +66,7 @@ class SearchQuery:
     id: int | None = None
 
 
-async def search_query(request: Request, settings: SettingsDep) -> SearchQuery:
+async def search_query(request: Request, settings: Settings) -> SearchQuery:
     """Read the body by its content type; async because it only awaits the bytes."""
     kind = media_type(request)
     if kind == "application/json":
@@ -105,9 +105,6 @@ async def search_query(request: Request, settings: SettingsDep) -> SearchQuery:
     )
 
 
-SearchQueryDep = Annotated[SearchQuery, Depends(search_query)]
-
-
 @router.post(
     "/search",
     response_model=SearchResponse,
@@ -115,15 +112,17 @@ SearchQueryDep = Annotated[SearchQuery, Depends(search_query)]
     responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
     openapi_extra={"requestBody": REQUEST_BODY_DOC},
 )
-async def search(
-    service: ServiceDep, query: SearchQueryDep, settings: SettingsDep
-) -> SearchResponse:
+async def search(request: Request) -> Response:
     """JSON `{"text": "red circle", "k": 5}` (or `image`, `embedding`, `id`), or multipart `image`.
 
     Async: a text or image is encoded and searched on the batcher's thread (`search_with`), so
-    the event loop only routes.
+    the event loop only routes. The hottest route takes the bare request instead of dependencies
+    and serialises its answer once (`json_response`): FastAPI's dependency solving and response
+    re-validation cost ~0.3 ms a request, a tenth of a tiny model's encode + search.
     """
     start = time.perf_counter()
+    service, settings = service_of(request), settings_of(request)
+    query = await search_query(request, settings)
     name = service.indices.resolve(query.index)
     with service.indices.lease(name) as index:
 
@@ -139,8 +138,13 @@ async def search(
 
         hits = await search_with(service, await query_source(index, query, settings), find)
     took_ms = (time.perf_counter() - start) * 1000
-    return SearchResponse(
-        results=[search_hit(hit) for hit in hits], index=name, k=query.k, took_ms=round(took_ms, 2)
+    return json_response(
+        SearchResponse(
+            results=[search_hit(hit) for hit in hits],
+            index=name,
+            k=query.k,
+            took_ms=round(took_ms, 2),
+        )
     )
 
 
