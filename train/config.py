@@ -42,6 +42,10 @@ class DataConfig:
     """Samples per step on each rank; the global batch is this x world size."""
     workers: int = 1
     """DataLoader worker processes per rank (0 = load in the training process)."""
+    worker_niceness: int = 10
+    """Added to each data worker's Unix niceness (0-19; 0 = the training process's priority).
+    When the CPU is short, the training step runs first and workers take the idle cycles; on 2
+    cores this halves the first step, which otherwise competes with workers filling their queue."""
     shuffle_buffer: int = 1000
     """Samples held in the in-stream shuffle buffer of each worker."""
     max_image_pixels: int = 64 * 1024 * 1024
@@ -51,6 +55,7 @@ class DataConfig:
         _require(bool(self.train_shards.strip()), "data.train_shards", "must name shards")
         _require(self.batch_size_per_rank >= 1, "data.batch_size_per_rank", "must be >= 1")
         _require(self.workers >= 0, "data.workers", "must be >= 0")
+        _require(0 <= self.worker_niceness <= 19, "data.worker_niceness", "must be in 0..19")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
         sources = [part for part in self.train_shards.split("::") if part.strip()]

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
+import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -204,6 +206,11 @@ def _tracked(src: Iterable[tuple[int, T]], cursor: list[int]) -> Iterator[tuple[
         yield position, item
 
 
+def _lower_priority(niceness: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: raise this worker's niceness (`data.worker_niceness`)."""
+    os.nice(niceness)
+
+
 class TrainBatches:
     """An endless stream of this rank's batches, epoch after epoch, resumable from `state_dict`."""
 
@@ -338,11 +345,14 @@ class TrainBatches:
             batch_quota=self._batch_quota(),
         )
         workers = self.cfg.workers
+        niceness = self.cfg.worker_niceness
+        init = functools.partial(_lower_priority, niceness) if workers and niceness else None
         return DataLoader(
             dataset,
             batch_size=None,
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            worker_init_fn=init,
             pin_memory=self.pin_memory,
             # its own generator: making worker seeds must not draw from the global RNG
             generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank)),

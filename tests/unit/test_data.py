@@ -4,6 +4,8 @@ import dataclasses
 import io
 import json
 import logging
+import multiprocessing
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -385,3 +387,21 @@ def test_too_few_shards_or_samples_fail_clearly(tmp_path):
         TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=2)
     with pytest.raises(RuntimeError, match="produced no full batch"):
         next(iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)))
+
+
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_data_workers_run_at_the_configured_niceness(tmp_path, niceness):
+    cfg = DataConfig(
+        train_shards=shards(tmp_path, "n", 1, 8),
+        batch_size_per_rank=2,
+        workers=1,
+        worker_niceness=niceness,
+        shuffle_buffer=0,
+    )
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    stream = iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1))
+    next(stream)  # the worker has started and made a batch
+    (worker,) = multiprocessing.active_children()
+    assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, own + niceness)
+    stream.close()  # shuts the DataLoader's worker down
+    assert not multiprocessing.active_children()
