@@ -211,6 +211,10 @@ def _lower_priority(niceness: int, worker_id: int) -> None:
     os.nice(niceness)
 
 
+PREFETCH_BATCHES = 4
+"""Batches each DataLoader worker makes ahead of the trainer (the DataLoader's prefetch_factor)."""
+
+
 class TrainBatches:
     """An endless stream of this rank's batches, epoch after epoch, resumable from `state_dict`."""
 
@@ -332,7 +336,21 @@ class TrainBatches:
         share, extra = divmod(self.steps_per_epoch, self.workers)
         return [share + (worker < extra) for worker in range(self.workers)]
 
-    def _loader(self) -> DataLoader:
+    def _next_epoch_due(self, pos: DataPosition) -> bool:
+        """Whether to start the next epoch's workers now: this epoch's last batches are in flight.
+
+        A new DataLoader's workers take a while to start, fill their shuffle buffers and make a
+        first batch. Started while the trainer works through the batches the current workers
+        already made, they do that (niced, on idle cycles) before the epoch ends, rather than
+        stalling the first step of the next. Not with data.workers=0, nor when the epoch's length
+        is unknown (remote shards, epoch mode).
+        """
+        if not self.cfg.workers or self.steps_per_epoch is None:
+            return False
+        in_flight = (PREFETCH_BATCHES + 1) * self.cfg.workers
+        return pos.batches >= max(1, self.steps_per_epoch - in_flight)
+
+    def _loader(self, position: DataPosition) -> DataLoader:
         dataset = EpochData(
             self.cfg,
             self.sources,
@@ -341,7 +359,7 @@ class TrainBatches:
             seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,
-            position=DataPosition(**dataclasses.asdict(self.position)),  # a snapshot
+            position=DataPosition(**dataclasses.asdict(position)),  # a snapshot
             batch_quota=self._batch_quota(),
         )
         workers = self.cfg.workers
@@ -351,15 +369,18 @@ class TrainBatches:
             dataset,
             batch_size=None,
             num_workers=workers,
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=PREFETCH_BATCHES if workers else None,
             worker_init_fn=init,
             pin_memory=self.pin_memory,
             # its own generator: making worker seeds must not draw from the global RNG
-            generator=torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank)),
+            generator=torch.Generator().manual_seed(
+                derived_seed(self.seed, position.epoch, self.rank)
+            ),
         )
 
     def __iter__(self) -> Iterator[Batch]:
         pending: Counter[str] = Counter()  # skips reported by WorkerEnds, for the next batch
+        upcoming: Iterator[Batch | WorkerEnd] | None = None  # the next epoch's, started early
         while True:
             pos = self.position
             if pos.batches == 0 and not any(pos.consumed):
@@ -373,7 +394,9 @@ class TrainBatches:
                     pos.batches,
                     sum(pos.consumed),
                 )
-            for item in self._loader():
+            items = upcoming if upcoming is not None else iter(self._loader(pos))
+            upcoming = None
+            for item in items:
                 pos.next_worker = (item.worker + 1) % self.workers
                 pos.consumed[item.worker] = item.consumed
                 pending.update(item.skipped)
@@ -384,6 +407,9 @@ class TrainBatches:
                 pos.batches += 1
                 item.skipped = dict(pending)
                 pending.clear()
+                if upcoming is None and self._next_epoch_due(pos):
+                    following = DataPosition.start_of(pos.epoch + 1, self.workers)
+                    upcoming = iter(self._loader(following))
                 yield item
             if pos.batches == 0:
                 raise RuntimeError(

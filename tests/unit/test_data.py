@@ -389,19 +389,51 @@ def test_too_few_shards_or_samples_fail_clearly(tmp_path):
         next(iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)))
 
 
+def started_since(others: set[int]) -> list[multiprocessing.process.BaseProcess]:
+    """Live child processes (DataLoader workers) other than those in `others`."""
+    return [child for child in multiprocessing.active_children() if child.pid not in others]
+
+
 @pytest.mark.parametrize("niceness", [0, 7])
 def test_data_workers_run_at_the_configured_niceness(tmp_path, niceness):
     cfg = DataConfig(
-        train_shards=shards(tmp_path, "n", 1, 8),
+        train_shards=shards(tmp_path, "n", 1, 40),  # 20 steps: no next epoch started yet
         batch_size_per_rank=2,
         workers=1,
         worker_niceness=niceness,
         shuffle_buffer=0,
     )
     own = os.getpriority(os.PRIO_PROCESS, 0)
+    others = {child.pid for child in multiprocessing.active_children()}
     stream = iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1))
     next(stream)  # the worker has started and made a batch
-    (worker,) = multiprocessing.active_children()
+    (worker,) = started_since(others)
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, own + niceness)
     stream.close()  # shuts the DataLoader's worker down
-    assert not multiprocessing.active_children()
+    assert not started_since(others)
+
+
+def test_the_next_epochs_worker_starts_before_the_epoch_ends_and_streams_the_same(tmp_path):
+    cfg = DataConfig(
+        train_shards=shards(tmp_path, "e", 2, 20), batch_size_per_rank=2, workers=1
+    )  # 20 steps per epoch; the next epoch's worker starts at batch 20 - (4 + 1) = 15
+    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    others = {child.pid for child in multiprocessing.active_children()}
+    stream = iter(batches)
+    for _ in range(14):
+        next(stream)
+    assert len(started_since(others)) == 1
+    next(stream)  # batch 15: the next epoch's worker starts now, this one's still delivering
+    assert len(started_since(others)) == 2
+    rest_of_epoch_0 = [next(stream) for _ in range(5)]
+    epoch_1 = [next(stream) for _ in range(20)]
+    assert batches.epoch == 1 and sum(b.worker == 0 for b in rest_of_epoch_0) == 5
+    stream.close()
+
+    # the early-started epoch is the one a stream begun at that epoch delivers
+    fresh = take(
+        TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, start_epoch=1), 20
+    )
+    for early, reference in zip(epoch_1, fresh, strict=True):
+        torch.testing.assert_close(early.images, reference.images)
+        assert torch.equal(early.tokens, reference.tokens)
