@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from common.artifact import write_artifact
 from common.model import build_model
@@ -21,6 +18,7 @@ from serve.app import create_app
 from serve.build_index import build_index
 from serve.index import write_index
 from serve.settings import Settings
+from tests.serve_support import assert_envelope, png, wait_until_loaded
 from train import synth
 
 SAMPLES = 24
@@ -29,8 +27,6 @@ MAX_UPLOAD_BYTES = 64 * 1024
 MAX_IMAGE_PIXELS = 100 * 100  # the synthetic images are 32 x 32
 MAX_LABELS = 8
 LABELS = ["red circle", "blue square", "green star"]
-# Starlette's TestClient answers with httpx2's or httpx's Response, whichever is installed.
-Response = Any
 
 
 @pytest.fixture(scope="module")
@@ -71,36 +67,11 @@ def settings(tmp_path_factory: pytest.TempPathFactory, artifact: Path, shard: st
     )
 
 
-def _wait_until_loaded(client: TestClient, timeout_s: float = 60.0) -> Response:
-    """/ready once loading has finished, either way (or the timeout passed)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        response = client.get("/ready")
-        if "still loading" not in response.text or time.monotonic() > deadline:
-            return response
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as test_client:  # `with`: the lifespan runs
-        assert _wait_until_loaded(test_client).status_code == 200
+        assert wait_until_loaded(test_client).status_code == 200
         yield test_client
-
-
-def _assert_envelope(response: Response, status: int, type_: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error", "type"}
-    assert body["type"] == type_
-    assert isinstance(body["error"], str) and body["error"]
-    return body
-
-
-def _png(size: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --- readiness ---------------------------------------------------------------------------------
@@ -121,15 +92,15 @@ def test_health_and_ready_after_load(client: TestClient) -> None:
 def test_not_ready_before_load(settings: Settings) -> None:
     client = TestClient(create_app(settings))  # no `with`: the lifespan never runs
     assert client.get("/health").status_code == 200  # alive, though not ready
-    body = _assert_envelope(client.get("/ready"), 503, "not_ready")
+    body = assert_envelope(client.get("/ready"), 503, "not_ready")
     assert "loading" in body["error"]
-    _assert_envelope(client.post("/search", json={"text": "red circle"}), 503, "not_ready")
+    assert_envelope(client.post("/search", json={"text": "red circle"}), 503, "not_ready")
 
 
 def test_load_failure_is_reported_by_ready(settings: Settings, tmp_path: Path) -> None:
     broken = settings.model_copy(update={"artifact_dir": tmp_path / "missing"})
     with TestClient(create_app(broken)) as client:
-        body = _assert_envelope(_wait_until_loaded(client), 503, "not_ready")
+        body = assert_envelope(wait_until_loaded(client), 503, "not_ready")
         assert client.get("/health").status_code == 200
     assert "failed to load" in body["error"] and "missing" in body["error"]
 
@@ -138,7 +109,7 @@ def test_index_of_other_dim_is_refused(settings: Settings, tmp_path: Path) -> No
     write_index(tmp_path / "index8", np.eye(8, dtype=np.float32), [("k", "c", {})] * 8)
     mismatched = settings.model_copy(update={"index_dir": tmp_path / "index8"})
     with TestClient(create_app(mismatched)) as client:
-        body = _assert_envelope(_wait_until_loaded(client), 503, "not_ready")
+        body = assert_envelope(wait_until_loaded(client), 503, "not_ready")
     assert "dim 8" in body["error"] and "embed_dim is 64" in body["error"]
 
 
@@ -256,14 +227,14 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
     (
         "form k>max_k",
         "/search",
-        {"files": _image(_png(8)), "data": {"k": str(MAX_K + 1)}},
+        {"files": _image(png(8)), "data": {"k": str(MAX_K + 1)}},
         422,
         "validation_error",
     ),
     (
         "form k not int",
         "/search",
-        {"files": _image(_png(8)), "data": {"k": "many"}},
+        {"files": _image(png(8)), "data": {"k": "many"}},
         422,
         "validation_error",
     ),
@@ -316,26 +287,26 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
         413,
         "too_large",
     ),
-    ("too many pixels", "/search", {"files": _image(_png(200))}, 413, "image_too_large"),
-    ("no labels", "/classify", {"files": _image(_png(8))}, 422, "validation_error"),
+    ("too many pixels", "/search", {"files": _image(png(200))}, 413, "image_too_large"),
+    ("no labels", "/classify", {"files": _image(png(8))}, 422, "validation_error"),
     (
         "blank labels",
         "/classify",
-        {"files": _image(_png(8)), "data": {"labels": " , "}},
+        {"files": _image(png(8)), "data": {"labels": " , "}},
         422,
         "validation_error",
     ),
     (
         "too many labels",
         "/classify",
-        {"files": _image(_png(8)), "data": {"labels": [f"l{i}" for i in range(MAX_LABELS + 1)]}},
+        {"files": _image(png(8)), "data": {"labels": [f"l{i}" for i in range(MAX_LABELS + 1)]}},
         422,
         "validation_error",
     ),
     (
         "template without {}",
         "/classify",
-        {"files": _image(_png(8)), "data": {"labels": LABELS, "templates": ["a photo"]}},
+        {"files": _image(png(8)), "data": {"labels": LABELS, "templates": ["a photo"]}},
         422,
         "validation_error",
     ),
@@ -350,20 +321,20 @@ BAD_REQUESTS: list[tuple[str, str, dict[str, Any], int, str]] = [
 def test_bad_request_gets_envelope(
     client: TestClient, path: str, kwargs: dict[str, Any], status: int, type_: str
 ) -> None:
-    _assert_envelope(client.post(path, **kwargs), status, type_)
+    assert_envelope(client.post(path, **kwargs), status, type_)
 
 
 def test_limits_are_named_in_messages(client: TestClient) -> None:
     body = client.post("/search", json={"text": "red", "k": MAX_K + 1}).json()
     assert f"at most {MAX_K}" in body["error"]
-    files = _image(_png(8))
+    files = _image(png(8))
     body = client.post("/classify", files=files, data={"labels": LABELS, "templates": ["x"]}).json()
     assert "{}" in body["error"]
 
 
 def test_routing_errors_get_envelope(client: TestClient) -> None:
-    _assert_envelope(client.get("/nowhere"), 404, "not_found")
-    _assert_envelope(client.get("/search"), 405, "method_not_allowed")
+    assert_envelope(client.get("/nowhere"), 404, "not_found")
+    assert_envelope(client.get("/search"), 405, "method_not_allowed")
 
 
 def test_unexpected_error_is_generic_500(settings: Settings) -> None:
@@ -373,7 +344,7 @@ def test_unexpected_error_is_generic_500(settings: Settings) -> None:
     def boom() -> None:
         raise RuntimeError("secret internals")
 
-    body = _assert_envelope(TestClient(app).get("/boom"), 500, "internal_error")
+    body = assert_envelope(TestClient(app).get("/boom"), 500, "internal_error")
     assert "secret" not in body["error"]
 
 
