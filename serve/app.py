@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import faiss
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -111,14 +110,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetrics) -> None:
     """Load artifact, indices and label sets into `state.service`, or record why not."""
     registry = None
-    # Requests search concurrently from the threadpool; one query parallelised by OpenMP over
-    # every core on top of that oversubscribes the CPU (and OpenMP teams spin-wait on each other).
-    faiss.omp_set_num_threads(settings.search_threads)
     try:
         loaded = load_artifact(settings.artifact_dir, device=settings.device)
         encoder = Encoder(loaded, settings.device)
         load_index = functools.partial(
-            _load_index, expected_dim=encoder.embed_dim, model_name=encoder.model_name
+            _load_index,
+            expected_dim=encoder.embed_dim,
+            model_name=encoder.model_name,
+            threads=settings.search_threads,
         )
         registry = IndexRegistry(settings.index_paths, load_index)
         label_sets = embed_label_sets(encoder, settings.label_sets, settings.default_templates)
@@ -148,8 +147,11 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     )
 
 
-def _load_index(path: Path, *, expected_dim: int, model_name: str) -> SearchIndex:
-    index = SearchIndex.load(path, expected_dim=expected_dim)
+def _load_index(path: Path, *, expected_dim: int, model_name: str, threads: int) -> SearchIndex:
+    # Searches run on the batcher's thread and in the threadpool, concurrently; one query
+    # parallelised by OpenMP over every core on top of that oversubscribes the CPU (and OpenMP
+    # teams spin-wait against torch's).
+    index = SearchIndex.load(path, expected_dim=expected_dim, threads=threads)
     built_by = index.manifest.get("model", {}).get("name")
     if built_by != model_name:
         log.warning(

@@ -213,9 +213,17 @@ class SearchIndex:
 
     @classmethod
     def load(
-        cls, directory: str | Path, *, expected_dim: int | None = None, mmap: bool | None = None
+        cls,
+        directory: str | Path,
+        *,
+        expected_dim: int | None = None,
+        mmap: bool | None = None,
+        threads: int | None = None,
     ) -> SearchIndex:
         """Open an index; `expected_dim` (the model's embed_dim) must match its dimension.
+
+        `threads`: OpenMP threads per FAISS search, on whichever thread searches (None: every
+        core; see `VectorSearcher`).
 
         `mmap`: memory-map the vectors and the FAISS index instead of reading them into memory
         (pages load on first use and are shared by every process that maps the same files);
@@ -235,6 +243,7 @@ class SearchIndex:
                 index,
                 search_params=manifest.get("search_params"),
                 rerank_factor=int(manifest.get("rerank_factor", 1)),
+                threads=threads,
             )
         except BaseException:
             db.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -87,6 +89,27 @@ def test_health_and_ready_after_load(client: TestClient) -> None:
         "index_count": SAMPLES,
         "indices": {"default": SAMPLES},
     }
+
+
+def test_searches_run_with_the_configured_faiss_threads(settings: Settings) -> None:
+    """`search_threads` holds on the batcher's thread, where /search runs its FAISS search:
+    OpenMP keeps the setting per thread, so setting it once on the loading thread misses it."""
+    threads = fresh_thread_faiss_threads() + 1  # not what that thread would get by default
+    app = create_app(settings.model_copy(update={"search_threads": threads}))
+    with TestClient(app) as client:
+        assert wait_until_loaded(client).status_code == 200
+        assert client.post("/search", json={"text": "red circle", "k": 3}).status_code == 200
+        batcher = app.state.service.service.batcher
+        assert client.portal.call(batcher.run, faiss.omp_get_max_threads, 1) == threads
+
+
+def fresh_thread_faiss_threads() -> int:
+    """FAISS's OpenMP threads in a thread that never set them."""
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: seen.append(faiss.omp_get_max_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
 
 
 def test_not_ready_before_load(settings: Settings) -> None:

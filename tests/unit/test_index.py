@@ -9,10 +9,12 @@ import io
 import json
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -135,6 +137,30 @@ def test_k_larger_than_count_returns_count(index: SearchIndex) -> None:
     assert len(hits) == index.count == 20
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_searches_use_the_loaded_thread_count_on_any_thread(
+    tmp_path: Path, vectors: np.ndarray
+) -> None:
+    """OpenMP keeps its thread count per thread: a search from a thread that never set it (the
+    service's batcher and threadpool threads) still runs with the index's `threads`."""
+    write_index(tmp_path / "idx", vectors, _rows(len(vectors)), {})
+    threads = in_new_thread(faiss.omp_get_max_threads) + 1  # not a new thread's default
+
+    def search_then_read() -> int:
+        loaded.search(vectors[:1], 3)
+        return faiss.omp_get_max_threads()
+
+    loaded = SearchIndex.load(tmp_path / "idx", threads=threads)
+    try:
+        assert in_new_thread(search_then_read) == threads
+    finally:
+        loaded.close()
+
+
+def in_new_thread(call: Callable[[], int]) -> int:
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result()
 
 
 def test_dim_mismatch_is_refused(tmp_path: Path, index: SearchIndex) -> None:
