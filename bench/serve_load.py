@@ -12,7 +12,10 @@ back to back in alternating order, so that a change in the machine's speed hits 
 rounds are pooled. Prints req/s, latency percentiles and errors per row, and the in-process
 time of encode + search for one query (the same Encoder and SearchIndex, no HTTP) next to the
 same queries over HTTP from one client, in alternating blocks every round (`paired_ms`), so
-HTTP's overhead is visible apart from the machine's drift, and the targets:
+HTTP's overhead is visible apart from the machine's drift. The same blocks go to a third
+server, `bench/bare_search.py` (the same encode + search on a worker thread behind uvicorn,
+no framework), whose overhead is the floor under the service's on this machine. Then the
+targets:
 0 errors; batching >= 2x the req/s of per-request encoding at 32 clients; p99 <= 3x p50 at 8
 clients; HTTP overhead <= 20% of the in-process time at 1 client.
 """
@@ -33,7 +36,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import httpx
 import numpy as np
 
@@ -53,6 +55,7 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 PLACES = ("top left", "top right", "bottom left", "bottom right", "center")
 K = 10
 HOST = "127.0.0.1"
+SEARCH_THREADS = Settings.model_fields["search_threads"].default
 
 
 def queries(count: int, seed: int = 0) -> list[str]:
@@ -125,23 +128,53 @@ class Connection:
     async def request(self, raw: bytes) -> tuple[int, bytes]:
         """Send one request; (status, body) of its answer."""
         self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        length = next(
-            (
-                int(line.split(":", 1)[1])
-                for line in lines[1:]
-                if line.lower().startswith("content-length:")
-            ),
-            None,
-        )
-        if length is None:
-            raise ConnectionError(f"answer without Content-Length: {lines[0]!r}")
+        status, length = parse_head(await self.reader.readuntil(b"\r\n\r\n"))
         return status, await self.reader.readexactly(length)
 
     def close(self) -> None:
         self.writer.close()
+
+
+class BlockingConnection:
+    """The same, with a blocking socket: for one client, whose own cost lands in the latency it
+    measures. asyncio's streams add 0.1-0.3 ms a request on this machine; this adds ~0.03 ms.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pending = b""  # bytes read past the previous answer
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(raw)
+        data = self.pending
+        while (end := data.find(b"\r\n\r\n")) < 0:
+            data += self._recv()
+        status, length = parse_head(data[: end + 4])
+        start = end + 4
+        while len(data) < start + length:
+            data += self._recv()
+        self.pending = data[start + length :]
+        return status, data[start : start + length]
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def parse_head(head: bytes) -> tuple[int, int]:
+    """An answer's status line and headers -> (status, Content-Length)."""
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    for line in lines[1:]:
+        if line.lower().startswith("content-length:"):
+            return status, int(line.split(":", 1)[1])
+    raise ConnectionError(f"answer without Content-Length: {lines[0]!r}")
 
 
 def search_request(host: str, port: int, text: str) -> bytes:
@@ -191,35 +224,37 @@ async def drive(host: str, port: int, clients: int, duration_s: float, texts: li
     return Result(len(latencies), errors, seconds, latencies)
 
 
-async def paired_ms(
-    local: InProcess, port: int, texts: list[str], blocks: int = 10
-) -> tuple[list[float], list[float]]:
-    """The same queries in-process and over HTTP (one client, batching on), in alternating blocks.
+def paired_ms(
+    local: InProcess, ports: dict[str, int], texts: list[str], blocks: int = 10
+) -> dict[str, list[float]]:
+    """The same queries in-process and over HTTP to each of `ports` (one client), alternating.
 
     The machine's speed drifts by tens of percent within minutes here; blocks of a few dozen
-    queries each way see it at the same speed, so the ratio of the two medians is HTTP's overhead
-    and not the drift. Returns (in-process ms, HTTP ms) per query, after a warm-up block of each.
+    queries each way see it at the same speed, so the ratio of two medians is HTTP's overhead
+    and not the drift. Returns ms per query by name ("in-process" and each of `ports`), after
+    a warm-up block of each.
     """
-    connection = await Connection.open(HOST, port)
+    connections = {name: BlockingConnection(HOST, port) for name, port in ports.items()}
     block = max(1, len(texts) // blocks)
-    local_ms: list[float] = []
-    http_ms: list[float] = []
+    times: dict[str, list[float]] = {"in-process": [], **{name: [] for name in ports}}
     try:
         for b in range(blocks + 1):
             chunk = texts[b * block % len(texts) :][:block]
-            in_process = local.times_ms(chunk, warmup=0)
-            over_http = []
-            for raw in [search_request(HOST, port, text) for text in chunk]:
-                t0 = time.perf_counter()
-                if not answered(*await connection.request(raw)):
-                    raise RuntimeError("the service did not answer a paired query")
-                over_http.append((time.perf_counter() - t0) * 1000)
-            if b > 0:  # the first block warms both up
-                local_ms += in_process
-                http_ms += over_http
+            block_ms = {"in-process": local.times_ms(chunk, warmup=0)}
+            for name, connection in connections.items():
+                block_ms[name] = []
+                for raw in [search_request(HOST, ports[name], text) for text in chunk]:
+                    t0 = time.perf_counter()
+                    if not answered(*connection.request(raw)):
+                        raise RuntimeError(f"{name} did not answer a paired query")
+                    block_ms[name].append((time.perf_counter() - t0) * 1000)
+            if b > 0:  # the first block warms them up
+                for name, ms in block_ms.items():
+                    times[name] += ms
     finally:
-        connection.close()
-    return local_ms, http_ms
+        for connection in connections.values():
+            connection.close()
+    return times
 
 
 def free_port() -> int:
@@ -228,7 +263,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subprocess.Popen, int]:
+def start_server(
+    artifact: Path, index: Path, batching: bool, command: list[str] | None = None
+) -> tuple[subprocess.Popen, int]:
+    """`python -m serve` (or `command`) on a free loopback port, once /ready and warmed up."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -241,7 +279,8 @@ def start_server(artifact: Path, index: Path, batching: bool) -> tuple[subproces
         DUET_LOG_LEVEL="warning",
         DUET_MAX_QUEUE_ITEMS="4096",  # this measures latency under load, not refusals
     )
-    proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=env)
+    command = command or [sys.executable, "-m", "serve"]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
     base = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
     with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
@@ -268,9 +307,10 @@ class InProcess:
     """
 
     def __init__(self, artifact: Path, index_dir: Path) -> None:
-        faiss.omp_set_num_threads(Settings.model_fields["search_threads"].default)
         self.encoder = Encoder(load_artifact(artifact))
-        self.index = SearchIndex.load(index_dir, expected_dim=self.encoder.embed_dim)
+        self.index = SearchIndex.load(
+            index_dir, expected_dim=self.encoder.embed_dim, threads=SEARCH_THREADS
+        )
 
     def times_ms(self, texts: list[str], warmup: int = 10) -> list[float]:
         times = []
@@ -297,24 +337,23 @@ def main() -> int:
     levels = [int(c) for c in args.clients.split(",")]
     texts = queries(1000)
     rows: dict[tuple[str, int], list[Result]] = {}
-    local_ms: list[float] = []
-    paired_http_ms: list[float] = []
+    paired: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         print(f"building {args.model} artifact and an index of {args.vectors} vectors ...")
         artifact, index = build(Path(tmp), args.model, args.vectors, args.index_type)
         servers = {"on": start_server(artifact, index, True)}
         servers["off"] = start_server(artifact, index, False)
+        bare = [sys.executable, str(Path(__file__).with_name("bare_search.py"))]
+        servers["bare"] = start_server(artifact, index, True, command=bare)
         local = InProcess(artifact, index)
         try:
             for round_index in range(args.rounds):
                 modes = ["on", "off"] if round_index % 2 == 0 else ["off", "on"]
                 for clients in levels:
                     if clients == 1:  # the in-process reference, paired with HTTP queries
-                        in_process, over_http = asyncio.run(
-                            paired_ms(local, servers["on"][1], texts[:400])
-                        )
-                        local_ms += in_process
-                        paired_http_ms += over_http
+                        ports = {"service": servers["on"][1], "bare": servers["bare"][1]}
+                        for name, ms in paired_ms(local, ports, texts[:400]).items():
+                            paired.setdefault(name, []).extend(ms)
                     for mode in modes:
                         result = asyncio.run(
                             drive(HOST, servers[mode][1], clients, args.duration_s, texts)
@@ -332,15 +371,14 @@ def main() -> int:
                 proc.wait(timeout=30)
     order = sorted(rows, key=lambda key: (key[0] != "on", key[1]))
     merged = {key: Result.merge(rows[key]) for key in order}
-    print_table(merged, args, local_ms, paired_http_ms)
+    print_table(merged, args, paired)
     return 0
 
 
 def print_table(
     rows: dict[tuple[str, int], Result],
     args: argparse.Namespace,
-    local_ms: list[float],
-    paired_http_ms: list[float],
+    paired: dict[str, list[float]],
 ) -> None:
     print(
         f"\n{args.model}, {args.vectors} vectors ({args.index_type}), k={K}, "
@@ -354,11 +392,13 @@ def print_table(
             f"| {mode} | {clients} | {r.requests / r.seconds:.1f} | {r.percentile(50):.1f} | "
             f"{r.percentile(95):.1f} | {r.percentile(99):.1f} | {r.errors} |"
         )
-    if local_ms:
-        local_p50, http_p50 = statistics.median(local_ms), statistics.median(paired_http_ms)
+    p50 = {name: statistics.median(ms) for name, ms in paired.items()}
+    if p50:
         print(
-            f"\none query, paired blocks (median of {len(local_ms)} each): in-process encode + "
-            f"search {local_p50:.2f} ms, over HTTP {http_p50:.2f} ms"
+            f"\none query, one client, paired blocks (median of {len(paired['in-process'])} "
+            f"each): in-process encode + search {p50['in-process']:.2f} ms, over HTTP "
+            f"{p50['service']:.2f} ms (the service), {p50['bare']:.2f} ms (bare_search.py: "
+            "uvicorn + one thread hand-off, no framework: the floor)"
         )
     errors = sum(r.errors for r in rows.values())
     print(f"- errors: {errors} (target 0)")
@@ -371,9 +411,12 @@ def print_table(
         print(
             f"- p99/p50 at 8 clients, batching on: {r.percentile(99) / r.percentile(50):.2f} (<= 3)"
         )
-    if local_ms:
-        overhead = http_p50 / local_p50 - 1
-        print(f"- HTTP overhead at 1 client (paired p50s): {100 * overhead:.0f}% (<= 20%)")
+    if p50:
+        overhead, floor = (p50[name] / p50["in-process"] - 1 for name in ("service", "bare"))
+        print(
+            f"- HTTP overhead at 1 client (paired p50s): {100 * overhead:.0f}% (<= 20%); "
+            f"the bare floor: {100 * floor:.0f}%"
+        )
 
 
 if __name__ == "__main__":
