@@ -17,6 +17,11 @@ def _require(ok: bool, name: str, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
+def _require_finite(value: float, name: str) -> None:
+    """A float field must be a number: inf and nan pass every `>` test they should fail."""
+    _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     train_shards: str = "data/synth/train/shard-{000000..000015}.tar"
@@ -120,6 +125,7 @@ class LossConfig:
             f"must be one of {', '.join(LOSS_IMPLEMENTATIONS)}",
         )
         _require(self.block_size >= 1, "loss.block_size", "must be >= 1")
+        _require_finite(self.max_logit_scale, "loss.max_logit_scale")
         _require(self.max_logit_scale >= 1, "loss.max_logit_scale", "must be >= 1")
         for name in ("init_temperature", "siglip_init_temperature"):
             _require(
@@ -179,11 +185,13 @@ class OptimConfig:
     the run with an error naming the steps."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip_norm"):
+            _require_finite(getattr(self, name), f"optim.{name}")
         _require(self.lr > 0, "optim.lr", "must be > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _require(
-            0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)"
-        )
+        _require(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        _require(self.eps > 0, "optim.eps", "must be > 0")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(self.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0")
         _require(self.grad_cache_chunk >= 0, "optim.grad_cache_chunk", "must be >= 0 (0 = off)")
