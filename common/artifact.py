@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
-from common.model import DualEncoder, model_config
+from common.model import DualEncoder
 from common.preprocess import (
     Tokenizer,
     Transform,
@@ -58,16 +59,25 @@ class LoadedModel:
     manifest: dict[str, Any]
 
 
-def write_artifact(model: DualEncoder, out_dir: str | Path, *, provenance: dict[str, Any]) -> Path:
-    """Export `model` to `out_dir` (replaced if it exists) and return the path."""
+def write_artifact(
+    model: DualEncoder,
+    out_dir: str | Path,
+    *,
+    provenance: dict[str, Any],
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Export `model` to `out_dir` (replaced if it exists) and return the path.
+
+    `extra_files(dir)` adds files (a Hugging Face tokenizer's) to the artifact before it is
+    renamed into place.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model_cfg = dict(model_config(model.name))
+    model_cfg = dict(model.config)
     if getattr(model.clip, "logit_bias", None) is not None:
         # open_clip creates the learned bias (SigLIP) only when the config asks for one
         model_cfg["init_logit_bias"] = float(model.clip.logit_bias.detach().reshape(-1)[0])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a service running as another user
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
@@ -89,6 +99,9 @@ def write_artifact(model: DualEncoder, out_dir: str | Path, *, provenance: dict[
             "provenance": provenance,
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
+        if extra_files is not None:
+            extra_files(tmp)
+        make_readable(tmp)
         _fsync_dir(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -116,16 +129,28 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
 
 
 def load_artifact(artifact_dir: str | Path, *, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an artifact for inference (eval mode) through open_clip's own local-dir loader."""
+    """Load an artifact for inference, in eval mode, through open_clip's own local-dir loader.
+
+    Eval mode matters: a tower with BatchNorm (duet-tiny's ResNet, open_clip's RN50) normalises
+    with the batch's statistics in train mode, which changes every embedding.
+    """
     artifact_dir = Path(artifact_dir).resolve()
     manifest = read_manifest(artifact_dir)
     clip = open_clip.create_model(
         f"local-dir:{artifact_dir}", device=device, pretrained_image=False, pretrained_text=False
     )
-    clip.eval()
-    model = DualEncoder(clip, manifest["model_name"], int(manifest["embed_dim"]))
+    config = json.loads((artifact_dir / OPEN_CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    model = DualEncoder(clip, manifest["model_name"], int(manifest["embed_dim"]), config).eval()
     transform = image_transform(preprocess_config(clip), train=False)
     return LoadedModel(model, transform, tokenizer(f"local-dir:{artifact_dir}"), manifest)
+
+
+def make_readable(root: Path) -> None:
+    """Files 0644 and folders 0755 under `root`: a service may run as another user than the
+    writer, and temp files (mkstemp, safetensors' own) are created owner-only."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -6,10 +6,11 @@ build, the service) gets unit vectors from `DualEncoder`, so inner product == co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,19 @@ def model_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+@contextlib.contextmanager
+def quiet_open_clip() -> Iterator[None]:
+    """Hide open_clip's INFO chatter and its "no pretrained weights loaded" warning (it logs to
+    the root logger) while a model is built whose weights are loaded right after."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """L2-normalise along the last dimension (embeddings, and means of embeddings)."""
     return F.normalize(x, dim=-1)
@@ -51,13 +67,18 @@ class DualEncoder(nn.Module):
     """An open_clip model whose encoders return L2-normalised embeddings.
 
     `clip` is the unmodified open_clip module, so its state dict is exactly what open_clip loads.
+    `config` is its open_clip model config (embed_dim, vision_cfg, text_cfg), which the artifact
+    records; by default the registered config of `name`.
     """
 
-    def __init__(self, clip: nn.Module, name: str, embed_dim: int) -> None:
+    def __init__(
+        self, clip: nn.Module, name: str, embed_dim: int, config: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.clip: Any = clip  # open_clip.CLIP / CustomTextCLIP
         self.name = name
         self.embed_dim = embed_dim
+        self.config = dict(config) if config is not None else model_config(name)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -99,31 +120,29 @@ def build_model(
 ) -> DualEncoder:
     """Create model `name` with random weights, or weights from a local file `pretrained`.
 
-    Nothing is ever downloaded: a `pretrained` that is not an existing file is an error, and the
-    towers' own base weights (timm / Hugging Face) are not fetched. `init_logit_bias` gives the
-    model open_clip's learned `logit_bias` (SigLIP); without it the model has none.
+    `pretrained` is any weights file or folder `common.weights.read_weights` reads (a state dict,
+    safetensors, an open_clip_train or duet checkpoint, an artifact or hub-layout folder); it is
+    loaded strictly and what was loaded is logged. Nothing is ever downloaded: the towers' own
+    base weights (timm / Hugging Face) are not fetched either. `init_logit_bias` gives the model
+    open_clip's learned `logit_bias` (SigLIP); without it the model has none.
     """
     cfg = model_config(name)  # validates the name with a helpful message
+    weights = read_weights(pretrained) if pretrained else None  # a bad file fails before building
     kwargs: dict[str, Any] = {}
     if init_logit_scale is not None:
         kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = init_logit_bias
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise FileNotFoundError(
-            f"pretrained weights {str(pretrained)!r} not found: give a local file "
-            "(weights are never downloaded at run time)"
+    with quiet_open_clip():
+        clip = open_clip.create_model(
+            name, device="cpu", pretrained_image=False, pretrained_text=False, **kwargs
         )
-    clip = open_clip.create_model(
-        name,
-        pretrained=str(pretrained) if pretrained else None,
-        device=device,
-        pretrained_image=False,
-        pretrained_text=False,
-        **kwargs,
-    )
+    if weights is not None:
+        report = load_weights(clip, weights)
+        log.info("model.pretrained %s: %s", weights.path, report.describe())
+    clip.to(device)
     log.info("built %s (%.2fM parameters)", name, count_parameters(clip) / 1e6)
-    return DualEncoder(clip, name, int(cfg["embed_dim"]))
+    return DualEncoder(clip, name, int(cfg["embed_dim"]), cfg)
 
 
 def count_parameters(module: nn.Module) -> int:
