@@ -24,11 +24,74 @@ class InvalidImageError(ValueError):
 
 
 class ImageTooLargeError(InvalidImageError):
-    """An image whose header announces more pixels than allowed."""
+    """An image whose header announces more pixels than allowed (decoded, or after the resize)."""
 
 
-def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode image bytes to RGB; the pixel count is checked from the header before decoding."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResizeLimit:
+    """A bound on an image's pixels after the eval transform's resize to `cfg.size`.
+
+    A shortest-side resize scales a thin image up along its long side: 1 x 100,000 pixels become
+    64 x 6,400,000 for a 64-pixel model. The decoded-pixel limit cannot see that.
+    """
+
+    cfg: PreprocessCfg
+    max_pixels: int
+
+
+def resized_pixels(width: int, height: int, cfg: PreprocessCfg) -> int:
+    """Pixels of a `width` x `height` image after the resize step of `image_transform(cfg)`.
+
+    "shortest" keeps the aspect ratio and scales the image until it covers the target (then
+    crops); "longest" and "squash" never produce more than the target's pixels.
+    """
+    size = cfg.size
+    target_h, target_w = (size[0], size[1]) if isinstance(size, tuple | list) else (size, size)
+    if cfg.resize_mode != "shortest":
+        return target_h * target_w
+    scale = max(target_h / max(height, 1), target_w / max(width, 1))
+    return max(round(width * scale), 1) * max(round(height * scale), 1)
+
+
+def check_image_size(
+    width: int, height: int, *, max_pixels: int, resize: ResizeLimit | None = None
+) -> None:
+    """`ImageTooLargeError` if the decoded or (with `resize`) the resized image is too large."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if resize is not None:
+        after = resized_pixels(width, height, resize.cfg)
+        if after > resize.max_pixels:
+            raise ImageTooLargeError(
+                f"image is {width}x{height}: resized for the model it would be {after} pixels; "
+                f"the limit is {resize.max_pixels} (the aspect ratio is too extreme)"
+            )
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels."""
+    if not data:
+        raise InvalidImageError("empty image data")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the size
+            width, height = Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image is over PIL's pixel limit: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise InvalidImageError("not a decodable image: unknown or corrupt image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"not a decodable image: {exc}") from exc
+    return width, height
+
+
+def load_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, resize: ResizeLimit | None = None
+) -> Image.Image:
+    """Decode image bytes to RGB; pixel counts (and, with `resize`, the pixels after the model's
+    resize) are checked from the header before decoding."""
     if not data:
         raise InvalidImageError("empty image data")
     try:
@@ -36,11 +99,7 @@ def load_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels}"
-                )
+            check_image_size(width, height, max_pixels=max_pixels, resize=resize)
             return image.convert("RGB")
     except InvalidImageError:
         raise
