@@ -4,6 +4,10 @@ Loading runs in a background thread so that the server listens at once: /health 
 (the process is alive) and /ready 503 not_ready while it runs — and, with the reason, if it
 fails — instead of the server not listening at all.
 
+The API docs (/docs, /redoc) load Swagger UI and ReDoc from files installed with the service
+(the `fastapi-offline` package's copies, served under /docs-assets), not from a CDN: they work
+offline and leak no visit to a third party.
+
 Middleware, outermost first: request metrics and access log (so they see every answer, 401s and
 500s included), CORS (preflights answered before the key check), the API key, and the
 catch-all that turns an unexpected exception into a 500 envelope.
@@ -15,11 +19,19 @@ import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from common.artifact import load_artifact
@@ -28,25 +40,17 @@ from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
 from serve.index import SearchIndex
-from serve.labels import embed_label_sets
+from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
 from serve.registry import IndexRegistry
-from serve.routes import (
-    Service,
-    ServiceState,
-    classify,
-    clip_retrieval,
-    embed,
-    health,
-    indices,
-    page,
-    search,
-)
+from serve.routes import classify, clip_retrieval, embed, health, indices, page, search
+from serve.service import Service, ServiceState, public_reason
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI and ReDoc files
 EXPOSED_HEADERS = ["Retry-After", clip_retrieval.IGNORED_HEADER, clip_retrieval.CLAMPED_HEADER]
 
 
@@ -59,6 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Image–text retrieval and zero-shot classification with a Duet model.",
         lifespan=_lifespan,
+        docs_url=None,  # served by _add_docs from local files
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.service = ServiceState()
@@ -80,7 +86,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (search, classify, embed, indices, clip_retrieval, health, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_docs(app)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/docs and /redoc with their JavaScript and CSS served from /docs-assets (FastAPI's
+    self-hosting recipe)."""
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
+    title = f"{app.title} - API docs"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=title,
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon.png",
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title=title,
+            redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url="/docs-assets/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -124,8 +163,8 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     except Exception as exc:  # any failure: the service stays up, not ready, saying why
         if registry is not None:
             registry.close()
-        state.error = str(exc) or type(exc).__name__
-        log.error("loading failed, /ready will answer 503: %s", state.error, exc_info=True)
+        state.error = public_reason(exc)  # clients see no absolute paths; the log has them
+        log.error("loading failed, /ready will answer 503: %s", exc, exc_info=True)
         return
     batcher = EncodeBatcher(
         encoder,
@@ -135,7 +174,14 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
         batching=settings.batching,
         observer=metrics,
     )
-    state.service = Service(encoder, batcher, registry, label_sets)
+    state.service = Service(
+        encoder,
+        batcher,
+        registry,
+        label_sets,
+        prompt_cache=PromptCache(settings.prompt_cache_entries),
+        decoder=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="duet-decode"),
+    )
     metrics.set_index_sizes(registry.counts())
     metrics.ready.set(1)
     log.info(

@@ -16,9 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serve.errors import error_response
 
 PUBLIC_PATHS = frozenset(
-    {"/health", "/ready", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json"}
+    {"/health", "/ready", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
-PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PREFIXES = ("/static/", "/docs-assets/")
 
 
 def is_public(path: str) -> bool:

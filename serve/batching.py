@@ -14,12 +14,19 @@ A job may carry `then`, a function of its own rows run on the worker thread righ
 forward pass (the search of a /search request): the caller gets `then`'s value, and the request
 makes one thread hand-off instead of two. An exception in `then` fails that job only.
 
+Failure isolation: images arrive already preprocessed (model-sized tensors), so an image that
+cannot be decoded or resized fails its own request before it is queued. If a batched forward pass
+still fails, the batch is split in halves and retried until only the guilty job fails.
+
 With `batching=False` every job is encoded on its own (the same thread and queue, one job per
 forward pass), which is the baseline the benchmark compares against.
 
-The queue is bounded in items (texts + images): a job that would take it over `max_queue_items`
-is refused with `Overloaded` (HTTP 429 with Retry-After) instead of making everyone wait longer.
-A job is admitted into an empty queue whatever its size, so no request is refused forever.
+The queue is bounded by cost, in encode items (one text or one image each; see `serve.cost`): a
+job that would take it over `max_queue_items` is refused with `Overloaded` (HTTP 429 with
+Retry-After) instead of making everyone wait longer. A job is admitted into an empty queue
+whatever its size, so no request is refused forever. Bulk work (a /classify's label prompts) is
+submitted in small chunks, one at a time, so it waits its turn between other requests instead of
+filling the queue.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
-from PIL import Image
+import torch
 
 from serve.encoder import Encoder
 
@@ -67,7 +74,7 @@ class _NoObserver:
 @dataclass(slots=True)
 class _Job:
     kind: JobKind
-    items: Sequence[Any]  # texts or images; for "call", empty
+    items: Sequence[Any]  # texts or preprocessed [3, H, W] images; for "call", empty
     size: int  # what the job counts against the queue bound
     call: Callable[[], Any] | None = None
     then: Callable[[np.ndarray], Any] | None = None  # applied to the job's rows, on the worker
@@ -114,9 +121,10 @@ class EncodeBatcher:
         """N texts -> [N, D] unit vectors, encoded together with other callers' texts."""
         return await self._await(_Job("text", list(texts), len(texts)))
 
-    async def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """N RGB images -> [N, D] unit vectors, encoded together with other callers' images."""
-        return await self._await(_Job("image", list(images), len(images)))
+    async def encode_images(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """N preprocessed [3, H, W] images (`Encoder.preprocess`) -> [N, D] unit vectors, encoded
+        together with other callers' images."""
+        return await self._await(_Job("image", list(pixels), len(pixels)))
 
     async def encode_then(
         self, kind: Literal["text", "image"], items: Sequence[Any], then: Callable[[np.ndarray], T]
@@ -207,29 +215,46 @@ class EncodeBatcher:
         return None
 
     def _execute(self, live: list[_Job]) -> list[Any]:
-        """Each job's result (its rows, or the call's value), or the exception for every job."""
-        try:
-            if live[0].kind == "call":
-                assert live[0].call is not None
+        """Each job's result (its rows, or the call's value), or its own exception."""
+        if live[0].kind == "call":
+            assert live[0].call is not None
+            try:
                 return [live[0].call()]
-            items = [item for job in live for item in job.items]
-            self._observer.observe_batch(live[0].kind, len(items), len(live))
-            encode = (
-                self.encoder.encode_texts if live[0].kind == "text" else self.encoder.encode_images
-            )
-            # A job larger than the batch size (alone in its batch) is encoded in slices.
-            vectors = np.concatenate(
-                [
-                    encode(items[start : start + self.max_batch_size])
-                    for start in range(0, len(items), self.max_batch_size)
-                ]
-            )  # [sum of job sizes, D]
-        except Exception as exc:  # handed to every caller of the batch; the worker goes on
-            log.exception("encoding a batch of %d jobs failed", len(live))
-            return [exc] * len(live)
-        offsets = np.cumsum([0] + [job.size for job in live])
+            except Exception as exc:  # handed to its caller; the worker goes on
+                log.exception("a call on the encoder thread failed")
+                return [exc]
+        self._observer.observe_batch(live[0].kind, sum(job.size for job in live), len(live))
+        return self._encode_isolated(live)
+
+    def _encode_isolated(self, jobs: list[_Job]) -> list[Any]:
+        """Encode `jobs` together; if that fails, halve and retry, so only the guilty job fails.
+
+        Items are preprocessed before they are queued, so a failure here is rare; but one
+        request's item must never fail the other requests of its batch.
+        """
+        try:
+            vectors = self._encode(jobs[0].kind, [item for job in jobs for item in job.items])
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("encoding one job of %d items failed", jobs[0].size)
+                return [exc]
+            log.warning("a batch of %d jobs failed (%s); retrying in halves", len(jobs), exc)
+            half = len(jobs) // 2
+            return self._encode_isolated(jobs[:half]) + self._encode_isolated(jobs[half:])
+        offsets = np.cumsum([0] + [job.size for job in jobs])
         rows = [vectors[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        return [_finish(job, job_rows) for job, job_rows in zip(live, rows, strict=True)]
+        return [_finish(job, job_rows) for job, job_rows in zip(jobs, rows, strict=True)]
+
+    def _encode(self, kind: JobKind, items: list[Any]) -> np.ndarray:
+        """[len(items), D]: texts, or preprocessed images, in slices of at most max_batch_size
+        (a job larger than the batch size is alone in its batch)."""
+        encode = self.encoder.encode_texts if kind == "text" else self.encoder.encode_pixels
+        return np.concatenate(
+            [
+                encode(items[start : start + self.max_batch_size])
+                for start in range(0, len(items), self.max_batch_size)
+            ]
+        )
 
 
 def _hand_back(results: list[tuple[_Job, Any]]) -> None:

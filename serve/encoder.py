@@ -14,6 +14,7 @@ from PIL import Image
 
 from common.artifact import LoadedModel
 from common.model import class_embeddings
+from common.preprocess import PreprocessCfg, preprocess_config
 
 
 class Encoder:
@@ -27,6 +28,8 @@ class Encoder:
     def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu") -> None:
         self.loaded = loaded
         self.device = torch.device(device)
+        # the eval transform's size and resize mode: what a request's image is resized to
+        self.preprocess_cfg: PreprocessCfg = preprocess_config(loaded.model.clip)
         self._lock = threading.Lock()
 
     @property
@@ -44,8 +47,22 @@ class Encoder:
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """N RGB images -> [N, D] unit vectors (the artifact's eval transform is applied here)."""
+        return self.encode_pixels([self.preprocess(image) for image in images])
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image -> its model-sized [3, H, W] input (the artifact's eval transform).
+
+        No lock: transforms are per item and run on the caller's thread, so a decoded image can
+        be dropped as soon as its small tensor exists.
+        """
+        pixels: torch.Tensor = self.loaded.transform(image)
+        return pixels
+
+    def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """N preprocessed [3, H, W] images -> [N, D] unit vectors."""
         with self._lock, torch.inference_mode():
-            return _to_numpy(self._images(images))
+            batch = torch.stack(list(pixels)).to(self.device)  # [N, 3, H, W]
+            return _to_numpy(self.loaded.model.encode_image(batch))
 
     @property
     def logit_scale(self) -> float:
@@ -61,10 +78,6 @@ class Encoder:
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.loaded.tokenize(list(texts)).to(self.device)  # [N, L]
         return self.loaded.model.encode_text(tokens)
-
-    def _images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = torch.stack([self.loaded.transform(image) for image in images])  # [N, 3, H, W]
-        return self.loaded.model.encode_image(pixels.to(self.device))
 
 
 def zero_shot_probabilities(

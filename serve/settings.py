@@ -134,6 +134,22 @@ class Settings(BaseSettings):
         ge=1,
         description="Largest decoded image (width x height), checked before decoding.",
     )
+    max_resized_pixels: int = Field(
+        default=4_000_000,
+        ge=1,
+        description="Largest image after the model's resize (a thin image grows along its long "
+        "side), checked from the header before decoding.",
+    )
+    max_request_pixels: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Most decoded pixels of all the images of one request together.",
+    )
+    decode_threads: int = Field(
+        default=2,
+        ge=1,
+        description="Images decoded at once (all requests): bounds the full-size images in memory.",
+    )
     max_text_chars: int = Field(
         default=1000, ge=1, description="Longest query text, label or template."
     )
@@ -142,6 +158,16 @@ class Settings(BaseSettings):
     )
     max_templates: int = Field(
         default=32, ge=1, description="Most prompt templates one /classify may give."
+    )
+    max_classify_prompts: int = Field(
+        default=2048,
+        ge=1,
+        description="Most labels x templates one /classify may ask to encode.",
+    )
+    prompt_cache_entries: int = Field(
+        default=16384,
+        ge=0,
+        description="Prompt embeddings kept for /classify (LRU over (model, label in template)).",
     )
     max_items_per_request: int = Field(
         default=32, ge=1, description="Most texts + images one /embed or /classify may send."
@@ -176,12 +202,32 @@ class Settings(BaseSettings):
         default=False, description="Allow /knn-service to download image_url (public hosts only)."
     )
     image_url_timeout_s: float = Field(
-        default=5.0, gt=0, description="Time limit of one image_url download, in seconds."
+        default=5.0,
+        gt=0,
+        description="Time limit of one whole image_url download (connect, headers, body), in s.",
     )
+    # --- HTTP connections ---
+    header_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A request's headers must arrive within this time of its first byte (or of "
+        "the connection), else the connection is closed with 408.",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's body must arrive within this time of its headers, else 408 "
+        "and the connection is closed.",
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="Largest request line + headers, in bytes (431)."
+    )
+    max_header_count: int = Field(default=100, ge=1, description="Most request headers (431).")
     # --- web and logs ---
     cors_origins: list[str] = Field(
-        default_factory=lambda: ["*"],
-        description="Origins browsers may call the API from (clip-retrieval's front); [] for none.",
+        default_factory=list,
+        description='Origins web pages may call the API from, e.g. ["https://rom1504.github.io"] '
+        "for clip-retrieval's hosted front; none by default.",
     )
     access_log: bool = Field(default=True, description="One log line per request (serve.access).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(

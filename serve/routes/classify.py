@@ -1,7 +1,10 @@
 """POST /classify: zero-shot probabilities of one or more images over labels or a named label set.
 
 GET /label-sets lists the label sets configured at start-up (their embeddings are computed once,
-at load); labels sent with a request are embedded on first use and kept in a small LRU cache.
+at load). Labels sent with a request cost labels x templates prompts (`max_classify_prompts`);
+each prompt is embedded on first use and kept in an LRU cache (`prompt_cache_entries`), and the
+prompts not yet cached are encoded in chunks of at most `max_batch_size`, one chunk at a time,
+so a large label set takes its turns between other requests instead of holding the encoder.
 """
 
 from __future__ import annotations
@@ -12,20 +15,12 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
+from serve.body import decode_base64, media_type, read_form, read_json, read_uploads, validate
+from serve.cost import charge_prompts
 from serve.encoder import zero_shot_probabilities
 from serve.errors import ApiError, error_responses
-from serve.routes import (
-    Service,
-    ServiceDep,
-    SettingsDep,
-    decode_base64,
-    decode_images,
-    media_type,
-    read_form,
-    read_json,
-    read_uploads,
-    validate,
-)
+from serve.images import prepare_images
+from serve.labels import ensemble, prompts
 from serve.schemas import (
     ClassifyForm,
     ClassifyLabels,
@@ -35,6 +30,7 @@ from serve.schemas import (
     LabelSetInfo,
     Prediction,
 )
+from serve.service import Service, ServiceDep, SettingsDep
 from serve.settings import Settings
 
 router = APIRouter(tags=["classify"])
@@ -132,8 +128,8 @@ async def classify(
     """Multipart: `image` file(s), `labels` (repeated or comma-separated) or `label_set`,
     optional `templates`; or JSON with base64 `images`."""
     labels, templates, label_features = await label_embeddings(service, query.labels, settings)
-    images = await decode_images(query.images, settings)
-    image_features = await service.batcher.encode_images(images)  # [N, D]
+    pixels = await prepare_images(query.images, service, settings)
+    image_features = await service.batcher.encode_images(pixels)  # [N, D]
     probabilities = zero_shot_probabilities(
         image_features, label_features, service.encoder.logit_scale
     )  # [N, L]
@@ -158,14 +154,29 @@ async def label_embeddings(
         return found.labels, found.templates, found.embeddings
     assert request.labels is not None
     labels, templates = request.labels, request.templates or settings.default_templates
-    cached = service.label_cache.get(labels, templates)
-    if cached is None:
-        cached = await service.batcher.run(
-            lambda: service.encoder.label_embeddings(labels, templates),
-            cost_items=len(labels) * len(templates),
-        )
-        service.label_cache.put(labels, templates, cached)
-    return labels, templates, cached
+    charge_prompts(len(labels), len(templates), settings)
+    vectors = await prompt_embeddings(service, prompts(labels, templates))  # [L * T, D]
+    return labels, templates, ensemble(vectors, len(labels))
+
+
+async def prompt_embeddings(service: Service, texts: list[str]) -> np.ndarray:
+    """[N, D] embeddings of `texts`: cached ones as they are, the others encoded in chunks."""
+    model = service.encoder.model_name
+    found = service.prompt_cache.get_many(model, texts)
+    missing = sorted({text for text, vector in zip(texts, found, strict=True) if vector is None})
+    encoded: dict[str, np.ndarray] = {}
+    chunk = service.batcher.max_batch_size
+    for start in range(0, len(missing), chunk):
+        part = missing[start : start + chunk]
+        vectors = await service.batcher.encode_texts(part)  # [<= chunk, D]
+        service.prompt_cache.put_many(model, part, vectors)
+        encoded.update(zip(part, vectors, strict=True))
+    return np.stack(
+        [
+            vector if vector is not None else encoded[text]
+            for text, vector in zip(texts, found, strict=True)
+        ]
+    )
 
 
 def ranked(labels: list[str], probabilities: np.ndarray) -> list[Prediction]:

@@ -25,20 +25,20 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from serve import retrieval
+from serve.body import decode_base64, read_json
 from serve.errors import ApiError, error_responses
 from serve.fetch import FetchError, fetch_image
+from serve.images import prepare_images
 from serve.index import Hit, SearchIndex
-from serve.routes import (
+from serve.schemas import KnnRequest, MetadataRequest
+from serve.service import (
     QuerySource,
+    Service,
     ServiceDep,
     SettingsDep,
-    decode_base64,
-    decode_images,
-    read_json,
+    embedding_query,
     search_with,
 )
-from serve.routes.search import embedding_query
-from serve.schemas import KnnRequest, MetadataRequest
 from serve.settings import Settings
 
 router = APIRouter(tags=["clip-retrieval"])
@@ -89,7 +89,8 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
                 overfetch=settings.dedup_overfetch,
             )
 
-        hits = await search_with(service, await _query_source(index, query, settings), find)
+        source = await _query_source(service, index, query, settings)
+        hits = await search_with(service, source, find)
     results: list[dict[str, Any]] = []
     for rank, hit in enumerate(hits):
         entry: dict[str, Any] = {}
@@ -105,18 +106,21 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
     return JSONResponse(results, headers=headers)
 
 
-async def _query_source(index: SearchIndex, query: KnnRequest, settings: Settings) -> QuerySource:
+async def _query_source(
+    service: Service, index: SearchIndex, query: KnnRequest, settings: Settings
+) -> QuerySource:
     if query.text:
         return QuerySource(text=query.text)
     if query.embedding_input is not None:
-        return QuerySource(vector=embedding_query(query.embedding_input, index.dim))
+        vector = embedding_query(query.embedding_input, index.dim, "body.embedding_input")
+        return QuerySource(vector=vector)
     if query.image:
         data = decode_base64(query.image, "body.image", settings)
     else:
         assert query.image_url
         data = await _download(query.image_url, settings)
-    (image,) = await decode_images([data], settings)
-    return QuerySource(image=image)
+    (pixels,) = await prepare_images([data], service, settings)
+    return QuerySource(image=pixels)
 
 
 async def _download(url: str, settings: Settings) -> bytes:

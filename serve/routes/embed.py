@@ -6,19 +6,11 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
+from serve.body import decode_base64, media_type, read_form, read_json, read_uploads, validate
 from serve.errors import ApiError, error_responses
-from serve.routes import (
-    ServiceDep,
-    SettingsDep,
-    decode_base64,
-    decode_images,
-    media_type,
-    read_form,
-    read_json,
-    read_uploads,
-    validate,
-)
+from serve.images import prepare_images
 from serve.schemas import EmbedRequest, EmbedResponse
+from serve.service import ServiceDep, SettingsDep
 
 router = APIRouter(tags=["embed"])
 
@@ -87,7 +79,7 @@ async def _read(request: Request, settings: SettingsDep) -> tuple[list[str], lis
 async def embed(request: Request, service: ServiceDep, settings: SettingsDep) -> EmbedResponse:
     """Unit vectors in the order sent; the same vectors the indices hold and /search uses."""
     texts, files = await _read(request, settings)
-    images = await decode_images(files, settings)
+    images = await prepare_images(files, service, settings)
     text_vectors, image_vectors = await asyncio.gather(
         service.batcher.encode_texts(texts), service.batcher.encode_images(images)
     )

@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from serve.errors import ApiError, error_responses
 from serve.index import IndexLoadError
-from serve.routes import ServiceDep
 from serve.schemas import IndexInfo, IndicesResponse
+from serve.service import ServiceDep
 
 router = APIRouter(tags=["indices"])
 

@@ -9,23 +9,27 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from serve import retrieval
-from serve.errors import ApiError, error_responses
-from serve.index import Hit, SearchIndex
-from serve.routes import (
-    QuerySource,
+from serve.body import (
     decode_base64,
-    decode_images,
     json_response,
     media_type,
     read_form,
     read_json,
     read_upload,
+    validate,
+)
+from serve.errors import ApiError, error_responses
+from serve.images import prepare_images
+from serve.index import Hit, SearchIndex
+from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
+from serve.service import (
+    QuerySource,
+    Service,
+    embedding_query,
     search_with,
     service_of,
     settings_of,
-    validate,
 )
-from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
 from serve.settings import Settings
 
 router = APIRouter(tags=["search"])
@@ -136,7 +140,8 @@ async def search(request: Request) -> Response:
                 exclude_id=query.id,
             )
 
-        hits = await search_with(service, await query_source(index, query, settings), find)
+        source = await query_source(service, index, query, settings)
+        hits = await search_with(service, source, find)
     took_ms = (time.perf_counter() - start) * 1000
     return json_response(
         SearchResponse(
@@ -148,15 +153,18 @@ async def search(request: Request) -> Response:
     )
 
 
-async def query_source(index: SearchIndex, query: SearchQuery, settings: Settings) -> QuerySource:
-    """The query to encode (text, decoded image), or as a vector (given, or an indexed item's)."""
+async def query_source(
+    service: Service, index: SearchIndex, query: SearchQuery, settings: Settings
+) -> QuerySource:
+    """The query to encode (text, preprocessed image), or as a vector (given, or an indexed
+    item's)."""
     if query.image is not None:
-        (image,) = await decode_images([query.image], settings)
-        return QuerySource(image=image)
+        (pixels,) = await prepare_images([query.image], service, settings)
+        return QuerySource(image=pixels)
     if query.text is not None:
         return QuerySource(text=query.text)
     if query.embedding is not None:
-        return QuerySource(vector=embedding_query(query.embedding, index.dim))
+        return QuerySource(vector=embedding_query(query.embedding, index.dim, "body.embedding"))
     assert query.id is not None
     try:
         return QuerySource(vector=index.vectors([query.id]))
@@ -164,14 +172,6 @@ async def query_source(index: SearchIndex, query: SearchQuery, settings: Setting
         raise ApiError(
             404, "not_found", f"id {query.id} is not in this index ({index.count} items)"
         ) from None
-
-
-def embedding_query(values: list[float], dim: int) -> np.ndarray:
-    """A client's embedding as a query, or 422 saying what is wrong with it."""
-    try:
-        return retrieval.normalized_query(values, dim)
-    except retrieval.QueryError as exc:
-        raise ApiError(422, "validation_error", f"body.embedding: {exc}") from None
 
 
 def search_hit(hit: Hit) -> SearchHit:

@@ -47,6 +47,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list:
     return [load_image(sample.image) for sample in read_samples(shard)]
 
 
+@pytest.fixture(scope="module")
+def pixels(encoder: Encoder, images: list) -> list[torch.Tensor]:
+    """The images as the batcher takes them: model-sized [3, H, W] tensors."""
+    return [encoder.preprocess(image) for image in images]
+
+
 class GatedEncoder:
     """Wraps an encoder; its first call blocks until `release`, so work piles up behind it."""
 
@@ -61,10 +67,10 @@ class GatedEncoder:
         assert self.release.wait(30)
         return self.inner.encode_texts(texts)
 
-    def encode_images(self, images):  # type: ignore[no-untyped-def]
+    def encode_pixels(self, pixels):  # type: ignore[no-untyped-def]
         self.started.set()
         assert self.release.wait(30)
-        return self.inner.encode_images(images)
+        return self.inner.encode_pixels(pixels)
 
 
 async def _concurrently(batcher: EncodeBatcher, gate: GatedEncoder) -> list[np.ndarray]:
@@ -108,11 +114,13 @@ def test_batching_off_encodes_each_request_alone(encoder: Encoder) -> None:
     )
 
 
-def test_images_batch_and_oversized_job_is_sliced(encoder: Encoder, images: list) -> None:
+def test_images_batch_and_oversized_job_is_sliced(
+    encoder: Encoder, images: list, pixels: list[torch.Tensor]
+) -> None:
     recorder = Recorder()
     batcher = EncodeBatcher(encoder, max_batch_size=4, observer=recorder)
     try:
-        vectors = asyncio.run(batcher.encode_images(images))  # 6 images, batches of at most 4
+        vectors = asyncio.run(batcher.encode_images(pixels))  # 6 images, batches of at most 4
     finally:
         batcher.close()
     assert vectors.shape == (len(images), encoder.embed_dim)
@@ -198,3 +206,33 @@ def test_then_runs_on_the_worker_per_job_and_fails_only_its_own_job(encoder: Enc
     assert threads == ["duet-encoder"]
     assert isinstance(error, KeyError)
     torch.testing.assert_close(rows, encoder.encode_texts(TEXTS[4:5]), atol=1e-5, rtol=0)
+
+
+def test_a_failing_item_fails_only_its_own_job_in_a_shared_batch(
+    encoder: Encoder, pixels: list[torch.Tensor]
+) -> None:
+    """A wrong-sized image in a batch of five jobs: the batch is split and retried, so the four
+    valid jobs get their own rows and only the guilty job fails."""
+    gate, recorder = GatedEncoder(encoder), Recorder()
+    batcher = EncodeBatcher(gate, max_batch_size=32, max_wait_ms=0, observer=recorder)  # type: ignore[arg-type]
+    wrong = torch.zeros(3, 7, 7)  # not the model's input size: torch.stack of the batch fails
+
+    async def scenario() -> list:
+        first = asyncio.ensure_future(batcher.encode_images(pixels[:1]))
+        await asyncio.to_thread(gate.started.wait, 30)
+        jobs = [asyncio.ensure_future(batcher.encode_images([p])) for p in pixels[1:3]]
+        jobs.append(asyncio.ensure_future(batcher.encode_images([wrong])))
+        jobs += [asyncio.ensure_future(batcher.encode_images([p])) for p in pixels[3:5]]
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        return await asyncio.gather(first, *jobs, return_exceptions=True)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    assert recorder.batches[1] == ("image", 5, 5)  # they did share one batch
+    assert isinstance(results[3], RuntimeError)
+    valid = [results[0], *results[1:3], *results[4:]]
+    for rows, one in zip(valid, pixels[:5], strict=True):
+        torch.testing.assert_close(rows, encoder.encode_pixels([one]), atol=1e-5, rtol=0)

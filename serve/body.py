@@ -1,0 +1,132 @@
+"""Bounded reading of request bodies (JSON, multipart, base64 images) and writing of answers.
+
+Bodies are read here, by hand, rather than by FastAPI's `Form`/`File` parameters: those spool an
+upload of any size before a handler can refuse it, and /search takes either JSON or multipart.
+Every read stops at `max_request_bytes` (413) and every image at `max_upload_bytes` (413); how
+long a body may take to arrive is bounded by the HTTP server (`serve.http`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from typing import TypeVar
+
+import pydantic
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import FormData, UploadFile
+from starlette.types import Message
+
+from serve.errors import ApiError
+from serve.settings import Settings
+
+ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
+
+
+def json_response(body: pydantic.BaseModel, headers: Mapping[str, str] | None = None) -> Response:
+    """`body` serialised once by pydantic-core, skipping FastAPI's re-validation of a return value
+    against `response_model` (which stays on the route for the API docs)."""
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def media_type(request: Request) -> str:
+    """`multipart/form-data; boundary=...` -> `multipart/form-data`."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing with 413 by Content-Length up front or as soon as more arrives."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _body_too_large(max_bytes)
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise _body_too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _body_too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, "too_large", f"request body is over the limit of {max_bytes} bytes")
+
+
+async def read_json(request: Request, model: type[ModelT], settings: Settings) -> ModelT:
+    """A JSON body read within `max_request_bytes`, validated with the settings' limits (422)."""
+    body = await read_body(request, settings.max_request_bytes)
+    try:
+        return model.model_validate_json(body, context={"settings": settings})
+    except pydantic.ValidationError as exc:
+        raise as_request_error(exc) from None
+
+
+async def read_form(request: Request, settings: Settings, max_files: int = 1) -> FormData:
+    """Parse a multipart body read within `settings.max_request_bytes`; at most `max_files`."""
+    body = await read_body(request, settings.max_request_bytes)
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    max_fields = settings.max_labels + settings.max_templates + settings.max_items_per_request + 4
+    # A Request over the bytes already read: Starlette's parser, with nothing left unbounded.
+    return await Request(request.scope, replay).form(max_files=max_files, max_fields=max_fields)
+
+
+async def read_upload(form: FormData, field: str, settings: Settings) -> bytes:
+    """The bytes of file field `field`: 422 if absent, 413 if over `max_upload_bytes`."""
+    (data,) = await read_uploads(form, field, settings)
+    return data
+
+
+async def read_uploads(
+    form: FormData, field: str, settings: Settings, *, required: bool = True
+) -> list[bytes]:
+    """The bytes of every file in field `field` (repeated): 422 if none, 413 if one is too large."""
+    uploads = [upload for upload in form.getlist(field) if isinstance(upload, UploadFile)]
+    if required and not uploads:
+        raise ApiError(422, "validation_error", f"body.{field}: a file field {field!r} is required")
+    files = []
+    for upload in uploads:
+        data = await upload.read()
+        check_image_bytes(len(data), f"upload {field!r}", settings)
+        files.append(data)
+    return files
+
+
+def check_image_bytes(size: int, what: str, settings: Settings) -> None:
+    if size > settings.max_upload_bytes:
+        raise ApiError(
+            413, "too_large", f"{what} is {size} bytes; the limit is {settings.max_upload_bytes}"
+        )
+
+
+def decode_base64(data: str, where: str, settings: Settings) -> bytes:
+    """Base64 text (optionally a `data:...;base64,` URL) -> bytes; 413 if too large, else 422."""
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    data = "".join(data.split())  # line breaks of MIME-style base64
+    check_image_bytes(len(data) // 4 * 3 - 2, f"{where} (decoded)", settings)  # before decoding
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, "validation_error", f"{where}: not valid base64") from None
+    check_image_bytes(len(decoded), f"{where} (decoded)", settings)
+    return decoded
+
+
+def validate(model: type[ModelT], data: Mapping[str, object], settings: Settings) -> ModelT:
+    """Validate form fields against `model` with the settings' limits; errors become a 422."""
+    try:
+        return model.model_validate(data, context={"settings": settings})
+    except pydantic.ValidationError as exc:
+        raise as_request_error(exc) from None
+
+
+def as_request_error(exc: pydantic.ValidationError) -> RequestValidationError:
+    """A body's validation error, located under `body` like FastAPI's own."""
+    errors = exc.errors(include_url=False)
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])

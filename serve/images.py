@@ -1,0 +1,88 @@
+"""Request images -> model-sized tensors, charged by the cost model before anything is decoded.
+
+Each image is decoded and preprocessed on the service's decode pool (`decode_threads` threads),
+one image per hand-off: a request's full-size image lives only until its small [3, H, W] tensor
+exists, so N images in one request never mean N full-size images in memory, and a request with
+many images waits between its images while other requests' images are decoded. An image that
+cannot be decoded or resized fails its own request (413/415) before anything is batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from common.preprocess import (
+    ImageTooLargeError,
+    InvalidImageError,
+    ResizeLimit,
+    image_size,
+    load_image,
+)
+from serve.cost import charge_image_sizes, resize_limit
+from serve.encoder import Encoder
+from serve.errors import ApiError
+from serve.service import Service
+from serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NOT_AN_IMAGE = "the upload is not a decodable image (send JPEG, PNG or WebP)"
+
+
+async def prepare_images(
+    files: list[bytes], service: Service, settings: Settings
+) -> list[torch.Tensor]:
+    """Each image's model input [3, H, W], in order; 413/415 before decoding where possible.
+
+    Text-only requests have nothing to hand off.
+    """
+    if not files:
+        return []
+    limit = resize_limit(settings, service.encoder.preprocess_cfg)
+    if len(files) > 1:  # the request's total is charged before its first image is decoded
+        sizes = await run_in_threadpool(lambda: [header_size(data) for data in files])
+        charge_image_sizes(sizes, settings, limit)
+    loop = asyncio.get_running_loop()
+    pixels = []
+    for data in files:
+        pixels.append(
+            await loop.run_in_executor(
+                service.decoder, preprocess_image, data, service.encoder, settings, limit
+            )
+        )
+    return pixels
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header; 415 if it is not an image. Cheap: nothing is decoded."""
+    try:
+        return image_size(data)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, "image_too_large", str(exc)) from exc
+    except InvalidImageError as exc:
+        log.info("refused upload: %s", exc)
+        raise ApiError(415, "not_an_image", NOT_AN_IMAGE) from exc
+
+
+def preprocess_image(
+    data: bytes, encoder: Encoder, settings: Settings, limit: ResizeLimit
+) -> torch.Tensor:
+    """Bytes -> the model's [3, H, W] input; the decoded image is dropped on return. CPU work."""
+    try:
+        image = load_image(data, max_pixels=settings.max_image_pixels, resize=limit)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, "image_too_large", str(exc)) from exc
+    except InvalidImageError as exc:
+        # PIL's reason names internal objects ("cannot identify image file <_io.BytesIO ...>").
+        log.info("refused upload: %s", exc)
+        raise ApiError(415, "not_an_image", NOT_AN_IMAGE) from exc
+    try:
+        return encoder.preprocess(image)
+    except (OSError, ValueError, OverflowError, MemoryError) as exc:
+        # e.g. a truncated file that PIL only notices while resizing: this request's fault alone
+        log.info("an upload could not be preprocessed: %r", exc)
+        raise ApiError(415, "not_an_image", f"{NOT_AN_IMAGE}; it could not be resized") from exc

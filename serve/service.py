@@ -1,0 +1,125 @@
+"""The loaded service every request uses, its FastAPI dependencies, and query dispatch.
+
+`Service` is what the background loader builds (model, batcher, indices, label sets, caches and
+the image-decoding pool); `ServiceState` holds it or the reason loading failed. A search's query
+(`QuerySource`) is a text, a preprocessed image or a vector, and `search_with` runs the search on
+the right thread for each.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, TypeVar
+
+import numpy as np
+import torch
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from serve import retrieval
+from serve.batching import EncodeBatcher
+from serve.encoder import Encoder
+from serve.errors import ApiError
+from serve.labels import LabelSetEmbeddings, PromptCache
+from serve.registry import IndexRegistry
+from serve.settings import Settings
+
+T = TypeVar("T")
+
+# an absolute path in an error message: shown to clients by its last part only
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\":,/]+/)*([^\s'\":,/]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """What the loader builds and every request uses: model, batcher, indices, label sets."""
+
+    encoder: Encoder
+    batcher: EncodeBatcher
+    indices: IndexRegistry
+    label_sets: dict[str, LabelSetEmbeddings]
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
+    # decodes and resizes request images: its size bounds how many full-size images are alive
+    decoder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="duet-decode")
+    )
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.indices.close()
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(slots=True)
+class ServiceState:
+    """Set once by the background loader: `service` when loaded, or `error` saying why not."""
+
+    service: Service | None = None
+    error: str | None = None
+
+
+def public_reason(exc: BaseException) -> str:
+    """A load failure's reason for clients: absolute paths cut to their last part."""
+    return _ABSOLUTE_PATH.sub(r"…/\1", str(exc) or type(exc).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class QuerySource:
+    """A search's query: a text or a preprocessed [3, H, W] image still to encode, or a [1, D]
+    unit vector."""
+
+    text: str | None = None
+    image: torch.Tensor | None = None
+    vector: np.ndarray | None = None
+
+
+async def search_with(service: Service, source: QuerySource, find: Callable[[np.ndarray], T]) -> T:
+    """`find(query vector [1, D])` off the event loop.
+
+    A text or image is searched on the batcher's thread right after its batch is encoded, so a
+    request hands off to another thread once, not twice; a given vector in the threadpool.
+    """
+    if source.text is not None:
+        return await service.batcher.encode_then("text", [source.text], find)
+    if source.image is not None:
+        return await service.batcher.encode_then("image", [source.image], find)
+    assert source.vector is not None
+    return await run_in_threadpool(find, source.vector)
+
+
+def embedding_query(values: list[float], dim: int, where: str) -> np.ndarray:
+    """A client's embedding as a [1, dim] query, or 422 saying what is wrong with it."""
+    try:
+        return retrieval.normalized_query(values, dim)
+    except retrieval.QueryError as exc:
+        raise ApiError(422, "validation_error", f"{where}: {exc}") from None
+
+
+def service_of(request: Request) -> Service:
+    """The loaded service, or 503 not_ready (with the load failure's reason if there was one)."""
+    state: ServiceState = request.app.state.service
+    if state.service is not None:
+        return state.service
+    if state.error is not None:
+        raise ApiError(503, "not_ready", f"model or index failed to load: {state.error}")
+    raise ApiError(503, "not_ready", "model and index are still loading")
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+async def get_service(request: Request) -> Service:
+    return service_of(request)
+
+
+async def get_settings(request: Request) -> Settings:
+    return settings_of(request)
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
