@@ -90,7 +90,8 @@ class Source:
 def resolve_source(source: str, model: str | None = None, name: str | None = None) -> Source:
     """A file, a hub-layout folder or `hf-hub:ORG/NAME` (from the local cache) -> Source."""
     if source.startswith(HF_HUB_PREFIX):
-        return _folder_source(cached_hub_folder(source[len(HF_HUB_PREFIX) :]), model, name)
+        repo_id = source[len(HF_HUB_PREFIX) :]
+        return _folder_source(cached_hub_folder(repo_id), model, name or repo_id.split("/")[-1])
     path = Path(source)
     if path.is_dir():
         return _folder_source(path, model, name)

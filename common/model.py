@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,42 @@ class DualEncoder(nn.Module):
         self.logit_scale.clamp_(0.0, math.log(max_scale))
 
 
+@dataclass(frozen=True, slots=True)
+class TowerLocks:
+    """Which towers fine-tuning leaves frozen, as open_clip_train's --lock-image/--lock-text.
+
+    LiT (Zhai et al. 2022) locks a pretrained image tower and trains the text tower to match it;
+    unlocking the last few groups of a locked tower is the usual middle ground.
+    """
+
+    image: bool = False
+    image_unlocked_groups: int = 0  # the last N layer groups of a locked image tower still train
+    image_freeze_bn_stats: bool = False  # BatchNorm running statistics frozen too (ResNet towers)
+    text: bool = False
+    text_unlocked_layers: int = 0  # the last N layer groups of a locked text tower still train
+
+
+def lock_towers(clip: Any, locks: TowerLocks) -> None:
+    """Freeze what `locks` asks for in the open_clip model `clip` (its own lock methods)."""
+    try:
+        if locks.image:
+            clip.lock_image_tower(
+                unlocked_groups=locks.image_unlocked_groups,
+                freeze_bn_stats=locks.image_freeze_bn_stats,
+            )
+        if locks.text:
+            clip.lock_text_tower(unlocked_layers=locks.text_unlocked_layers)
+    except (AssertionError, NotImplementedError) as exc:  # e.g. partial locking of a ResNet
+        raise ValueError(f"cannot lock this model's towers as asked ({locks}): {exc}") from None
+    frozen = sum(p.numel() for p in clip.parameters() if not p.requires_grad)
+    if frozen:
+        log.info(
+            "locked towers: %.2fM of %.2fM parameters frozen",
+            frozen / 1e6,
+            count_parameters(clip) / 1e6,
+        )
+
+
 def build_model(
     name: str,
     *,
@@ -117,6 +154,7 @@ def build_model(
     device: str | torch.device = "cpu",
     init_logit_scale: float | None = None,
     init_logit_bias: float | None = None,
+    locks: TowerLocks | None = None,
 ) -> DualEncoder:
     """Create model `name` with random weights, or weights from a local file `pretrained`.
 
@@ -124,7 +162,8 @@ def build_model(
     safetensors, an open_clip_train or duet checkpoint, an artifact or hub-layout folder); it is
     loaded strictly and what was loaded is logged. Nothing is ever downloaded: the towers' own
     base weights (timm / Hugging Face) are not fetched either. `init_logit_bias` gives the model
-    open_clip's learned `logit_bias` (SigLIP); without it the model has none.
+    open_clip's learned `logit_bias` (SigLIP); without it the model has none. `locks` freezes
+    towers after the weights are loaded (frozen parameters have requires_grad=False).
     """
     cfg = model_config(name)  # validates the name with a helpful message
     weights = read_weights(pretrained) if pretrained else None  # a bad file fails before building
@@ -140,6 +179,8 @@ def build_model(
     if weights is not None:
         report = load_weights(clip, weights)
         log.info("model.pretrained %s: %s", weights.path, report.describe())
+    if locks is not None:
+        lock_towers(clip, locks)
     clip.to(device)
     log.info("built %s (%.2fM parameters)", name, count_parameters(clip) / 1e6)
     return DualEncoder(clip, name, int(cfg["embed_dim"]), cfg)

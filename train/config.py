@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from common.model import TowerLocks
+
 
 def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
@@ -83,10 +85,41 @@ class ModelConfig:
     name: str = "duet-tiny"
     """open_clip architecture name, or a bundled tiny config (duet-tiny, duet-micro)."""
     pretrained: str = ""
-    """Local weights file to start from ('' = random init). Nothing is downloaded."""
+    """Local weights to start from ('' = random init): a state dict, .safetensors, an
+    open_clip_train or duet checkpoint, or an artifact / hub-layout folder. Loaded strictly, and
+    what was loaded is logged. Nothing is downloaded."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT); frozen parameters are not in the optimizer or DDP's sync."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: the last N layer groups of the image tower stay trainable."""
+    lock_image_freeze_bn_stats: bool = False
+    """With lock_image: BatchNorm running statistics are frozen too (ResNet towers)."""
+    lock_text: bool = False
+    """Freeze the text tower."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: the last N layer groups of the text tower stay trainable."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", "must be set")
+        for field_name in ("lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            _require(getattr(self, field_name) >= 0, f"model.{field_name}", "must be >= 0")
+        _require(
+            not (self.lock_image and self.lock_text)
+            or self.lock_image_unlocked_groups + self.lock_text_unlocked_layers > 0,
+            "model.lock_text",
+            "with model.lock_image too, nothing but the temperature would train",
+        )
+
+    @property
+    def locks(self) -> TowerLocks:
+        """The tower locks as `common.model.build_model` takes them."""
+        return TowerLocks(
+            image=self.lock_image,
+            image_unlocked_groups=self.lock_image_unlocked_groups,
+            image_freeze_bn_stats=self.lock_image_freeze_bn_stats,
+            text=self.lock_text,
+            text_unlocked_layers=self.lock_text_unlocked_layers,
+        )
 
 
 LOSS_KINDS = ("clip", "nt_xent", "siglip", "debiased", "hard_negative", "multi_positive")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from common.config import from_dict, to_dict
+from common.config import to_dict
 from common.model import DualEncoder, build_model
 from common.preprocess import image_transform, preprocess_config, tokenizer
 from common.shards import SKIP_REASONS
 from train import checkpoint
 from train.compute import Precision, prepare_model, uses_channels_last
 from train.config import OptimConfig, TrainConfig
-from train.data import Batch, TrainBatches
+from train.data import Batch, TrainBatches, bounded_tokenizer
 from train.distributed import (
     DistInfo,
     close_distributed,
@@ -37,6 +39,14 @@ from train.distributed import (
 )
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
+from train.preemption import StopSignals
+from train.resume import (
+    apply_optimizer_changes,
+    check_changes,
+    config_changes,
+    needs_optimizer_changes,
+)
+from train.rundir import RunDirError, RunDirLock, acquire_lock, check_reuse, log_to_file
 from train.stability import NonFiniteGuard, clip_grad_norm, model_is_finite
 from train.step import forward_backward
 
@@ -75,14 +85,47 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+@dataclass(slots=True)
+class _Window:
+    """Timings of the steps since the last metrics record, and that record's values."""
+
+    start: float = field(default_factory=time.perf_counter)
+    data_wait_s: list[float] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, global_batch: int) -> dict[str, float]:
+        """samples/s, and the wait for input per step: mean, max, share of the window's time."""
+        elapsed = time.perf_counter() - self.start
+        waited = sum(self.data_wait_s)
+        return {
+            "samples_per_s": len(self.data_wait_s) * global_batch / elapsed,
+            "data_wait_s": waited / len(self.data_wait_s),
+            "data_wait_max_s": max(self.data_wait_s),
+            "data_wait_fraction": waited / elapsed,
+        }
+
+    def postfix(self) -> dict[str, str]:
+        """The progress bar's: the last record's loss and samples/s, this step's input wait."""
+        shown = {"data": f"{self.data_wait_s[-1]:.3f}s"}
+        if self.stats:
+            shown["loss"] = f"{self.stats['loss']:.3f}"
+            shown["samples_per_s"] = f"{self.stats['samples_per_s']:.0f}"
+        return shown
+
+
 class Trainer:
     """Owns the model, optimizer, data stream and run directory of one (distributed) run."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, *, resume: bool | Path = False, overwrite: bool = False
+    ) -> None:
+        """`resume`: True = the newest readable checkpoint in run_dir (none: start at step 0),
+        a path = that checkpoint. `overwrite`: delete an earlier run's outputs in run_dir."""
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.lock = self._claim_run_dir(resume=bool(resume), overwrite=overwrite)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model: DualEncoder = build_model(
             cfg.model.name,
@@ -116,13 +159,16 @@ class Trainer:
         )
         self.step, self.skipped = 0, Counter[str]()
         self.saved_step = -1  # the step whose state is on disk (restored or last saved)
+        self.saved_path: Path | None = None  # and its file
+        self.stop = StopSignals()
+        self.stopped_by = 0  # the signal that ended the run early; 0 = it ran to the end
         self.data_state: dict[str, Any] | None = None  # this rank's stream position, restored
         self.data_epoch = 0  # where the stream starts without a restored position
         if resume:
-            self._restore()
+            self._restore(None if resume is True else Path(resume))
         preprocess = preprocess_config(self.model.clip)
         self.eval_transform = image_transform(preprocess, train=False)
-        self.tokenize = tokenizer(cfg.model.name)
+        self.tokenize = bounded_tokenizer(tokenizer(cfg.model.name))
         self.batches = TrainBatches(
             cfg.data,
             image_transform(preprocess, train=True),
@@ -167,27 +213,38 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.dist.is_main and cfg.logging.progress),
         )
-        window_start, window_steps = time.perf_counter(), 0
+        window = _Window()
+        self.stop.install()
         while self.step < cfg.steps:
-            batch = next(data)
+            waited = time.perf_counter()
+            batch = next(data)  # the time spent here is the step's wait for input
+            window.data_wait_s.append(time.perf_counter() - waited)
             loss = self.train_step(batch)
             self.step += 1
-            window_steps += 1
             self.skipped.update(batch.skipped)
             progress.update(1)
+            progress.set_postfix(window.postfix(), refresh=False)
             if self.step % cfg.logging.every_steps == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                stats = self._log_train(loss, window_steps * self.global_batch / elapsed)
-                progress.set_postfix(
-                    loss=f"{stats['loss']:.3f}", samples_per_s=f"{stats['samples_per_s']:.0f}"
-                )
-                window_start, window_steps = time.perf_counter(), 0
+                window.stats = self._log_train(loss, window.summary(self.global_batch))
+                window = _Window(stats=window.stats)
+            # every rank stops at the same step, also if the signal reached only some of them
+            self.stopped_by = self.stop.requested(self.dist.device, self.dist.enabled)
+            if self.stopped_by:
+                break
             if self.step % cfg.checkpoint.every_steps == 0 and self.step < cfg.steps:
                 self.save()
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0:
                 self.run_eval()
         progress.close()
         self.save()
+        if self.stopped_by:
+            log.warning(
+                "stopped by %s after step %d of %d: checkpoint saved; continue with --resume",
+                signal.Signals(self.stopped_by).name,
+                self.step,
+                cfg.steps,
+            )
+            return {}
         self.export()
         return self.run_eval(final=True)
 
@@ -217,6 +274,7 @@ class Trainer:
         self.grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip_norm)
         global_loss, ok = self.guard.check(self.step + 1, loss, self.grad_norm)
         if not ok:
+            self._keep_last_good()
             self.precision.skip()
             self.optimizer.zero_grad(set_to_none=True)
             return global_loss
@@ -232,8 +290,25 @@ class Trainer:
             dist.all_reduce(counts)
         return dict(zip(SKIP_REASONS, counts.tolist(), strict=True))
 
-    def _log_train(self, loss: torch.Tensor, samples_per_s: float) -> dict[str, Any]:
+    def _keep_last_good(self) -> None:
+        """At the run's first non-finite step, protect the newest checkpoint from rotation: the
+        ones written while the run goes on may hold weights already on their way to blowing up."""
+        if self.guard.skipped or self.saved_path is None or not self.dist.is_main:
+            return  # the guard counts this step after us: 0 means it is the first
+        kept = checkpoint.keep_as_last_good(self.ckpt_dir, self.saved_path)
+        log.warning(
+            "step %d is non-finite: %s (step %d) kept as %s; to go back to it, resume with "
+            "--resume %s (e.g. with a lower optim.lr)",
+            self.step + 1,
+            self.saved_path.name,
+            self.saved_step,
+            kept,
+            kept,
+        )
+
+    def _log_train(self, loss: torch.Tensor, window: dict[str, float]) -> dict[str, Any]:
         skipped = self._skipped_over_ranks()
+        samples_per_s = window.pop("samples_per_s")
         stats: dict[str, Any] = {
             "loss": loss.item(),
             "temperature": 1.0 / self.model.logit_scale.exp().item(),
@@ -248,6 +323,7 @@ class Trainer:
             "data_epoch": self.batches.epoch,
             "grad_norm": self.grad_norm.item(),
             "nonfinite_skipped": self.guard.skipped,  # steps skipped: non-finite loss/gradients
+            **window,  # data_wait_s and friends: how long the steps waited for input
         }
         if self.precision.scaler is not None:
             stats["loss_scale"] = self.precision.loss_scale
@@ -298,10 +374,10 @@ class Trainer:
         # FSDP gathers the whole weights to rank 0 in a collective: every rank takes part
         state = self.state_dict(ranks) if self.dist.is_main or is_sharded(self.model) else {}
         if self.dist.is_main and self.step != self.saved_step:  # e.g. resumed at the end
-            path = checkpoint.save_checkpoint(
+            self.saved_path = checkpoint.save_checkpoint(
                 self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep_last
             )
-            log.info("saved checkpoint %s", path)
+            log.info("saved checkpoint %s", self.saved_path)
         self.saved_step = self.step
         self._barrier()
 
@@ -313,26 +389,29 @@ class Trainer:
         dist.gather_object(obj, out if self.dist.is_main else None, dst=0)
         return out
 
-    def _restore(self) -> None:
-        found = checkpoint.load_latest(self.ckpt_dir)
-        if found is None:
-            log.info("no checkpoint in %s: starting from step 0", self.ckpt_dir)
-            return
-        state, path = found
-        saved = from_dict(TrainConfig, state["config"])
-        if saved.model.name != self.cfg.model.name:
-            raise ValueError(
-                f"{path} is a {saved.model.name} checkpoint, the config says {self.cfg.model.name}"
-            )
-        if saved.compute.parallel != self.cfg.compute.parallel:
-            raise ValueError(
-                f"{path} was saved with compute.parallel={saved.compute.parallel}, this run has "
-                f"{self.cfg.compute.parallel}: their optimizer states are laid out differently"
-            )
+    def _restore(self, path: Path | None) -> None:
+        """Load the checkpoint at `path` (None: the newest readable one, if any)."""
+        if path is None:
+            found = checkpoint.load_latest(self.ckpt_dir)
+            if found is None:
+                log.info("no checkpoint in %s: starting from step 0", self.ckpt_dir)
+                return
+            state, path = found
+        else:
+            state = checkpoint.load_checkpoint(path)
+        changes = config_changes(state["config"], self.cfg)
+        check_changes(changes, path)  # refuses what the restored state would undo
         load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if needs_optimizer_changes(changes):
+            apply_optimizer_changes(self.optimizer, self.scheduler, state["config"], self.cfg)
         self.precision.load_state_dict(state.get("scaler") or {})
         self.step = self.saved_step = int(state["step"])
+        self.saved_path = path
+        self._barrier()  # every rank has read the checkpoints before any is moved
+        if self.dist.is_main:
+            for moved in checkpoint.set_aside_newer(self.ckpt_dir, self.step):
+                log.warning("newer than the resumed checkpoint: moved to %s", moved)
         ranks = state.get("ranks") or []
         if len(ranks) == self.dist.world_size:
             mine = ranks[self.dist.rank]
@@ -424,6 +503,37 @@ class Trainer:
         if self.dist.enabled:
             dist.barrier()
 
-    def close(self) -> None:
+    def _claim_run_dir(self, *, resume: bool, overwrite: bool) -> RunDirLock | None:
+        """Rank 0 locks run_dir and checks this run may use it; every rank learns the verdict.
+
+        From here on each rank's log also goes to RUN_DIR/logs/rank-R.log.
+        """
+        lock, error = None, ""
+        if self.dist.is_main:
+            try:
+                lock = acquire_lock(self.run_dir)
+                check_reuse(self.run_dir, resume=resume, overwrite=overwrite)
+            except RunDirError as exc:
+                error = str(exc)
+        if self.dist.enabled:
+            verdict = [error]
+            dist.broadcast_object_list(verdict, src=0)
+            error = verdict[0]
+        if error:
+            if lock is not None:
+                lock.release()
+            raise RunDirError(error)
+        self.log_file = log_to_file(self.run_dir, self.dist.rank)
+        return lock
+
+    def close(self, *, keep_process_group: bool = False) -> None:
+        """Release what the run holds: signal handlers, metrics files, the process group (unless
+        kept, for another trainer in this process), the run_dir lock, the log file."""
+        self.stop.restore()
         self.metrics.close()
-        close_distributed()
+        if not keep_process_group:
+            close_distributed()
+        if self.lock is not None:
+            self.lock.release()
+        logging.getLogger().removeHandler(self.log_file)
+        self.log_file.close()

@@ -1,6 +1,7 @@
 """Config tree: typed `--set` overrides, validation naming the field, dict round trip."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -63,8 +64,15 @@ def test_cli_reports_bad_overrides_as_usage_errors(capsys):
         parse_args(["--recipe", "smoke", "--set", "optim.lr=-1"])
     assert exit_info.value.code == 2
     assert "optim.lr: must be > 0" in capsys.readouterr().err
-    cfg, resume = parse_args(["--recipe", "demo", "--set", "steps=5", "--resume"])
-    assert cfg.steps == 5 and resume and cfg.run_dir == "runs/demo"
+    cfg, options = parse_args(["--recipe", "demo", "--set", "steps=5", "--resume"])
+    assert cfg.steps == 5 and options.resume is True and cfg.run_dir == "runs/demo"
+    _, options = parse_args(["--recipe", "demo", "--resume", "runs/x/last-good.pt"])
+    assert options.resume == Path("runs/x/last-good.pt")
+    _, options = parse_args(["--recipe", "demo", "--resume-step", "300"])
+    assert options.resume == Path("runs/demo/checkpoints/step-00000300.pt")
+    assert parse_args(["--recipe", "demo", "--overwrite"])[1].overwrite
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "demo", "--resume", "--overwrite"])
 
 
 def test_training_with_missing_shards_exits_with_a_message(tmp_path, caplog):

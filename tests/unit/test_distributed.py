@@ -119,7 +119,7 @@ def train_with(parallel: str, synth_dir: str, run_dir: Path, steps: int, resume:
     try:
         trainer.train()
     finally:
-        trainer.metrics.close()  # the process group stays for the next run
+        trainer.close(keep_process_group=True)  # for the next run
 
 
 def worker(rank: int, port: int, out_dir: str, synth_dir: str) -> None:

@@ -1,0 +1,70 @@
+"""Replacing an index: a build killed at any moment leaves the old or the new index, never none;
+the next build removes what killed builds left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from serve.index import SearchIndex, write_index
+from tests.conftest import REPO_ROOT, subprocess_env
+
+DIM = 8
+
+
+def unit_vectors(count: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def rows(count: int) -> list[tuple[str, str, dict]]:
+    return [(f"k{i}", f"caption {i}", {}) for i in range(count)]
+
+
+# A child that rewrites the index with 80 rows, again and again, until it is killed.
+REBUILD_FOREVER = f"""
+import sys
+import numpy as np
+from serve.index import write_index
+vectors = np.eye(80, {DIM}, dtype=np.float32)
+vectors[{DIM}:, 0] = 1.0
+print("ready", flush=True)
+while True:
+    write_index(sys.argv[1], vectors, [(f"k{{i}}", "c", {{}}) for i in range(80)])
+"""
+
+
+def test_a_build_killed_at_any_moment_leaves_a_loadable_index(tmp_path: Path):
+    out = tmp_path / "index"
+    write_index(out, unit_vectors(50, seed=0), rows(50))
+    leftovers = 0
+    for delay_s in (0.05, 0.13, 0.29, 0.41):
+        child = subprocess.Popen(
+            [sys.executable, "-c", REBUILD_FOREVER, str(out)],
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        time.sleep(delay_s)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        index = SearchIndex.load(out)  # the old index (50) or a new one (80), whole
+        assert index.count in (50, 80)
+        index.close()
+        leftovers += len(list(tmp_path.glob(".index.*")))
+    assert leftovers, "no kill landed inside a build: the cleanup below was not exercised"
+
+    running = tmp_path / f".index.build-{socket.gethostname().replace('-', '_')}-{os.getpid()}-live"
+    running.mkdir()  # a build of a live process (this one): not to be touched
+    write_index(out, unit_vectors(30, seed=1), rows(30))
+    assert [p.name for p in tmp_path.glob(".index.*")] == [running.name]
+    assert SearchIndex.load(out).count == 30
