@@ -133,6 +133,7 @@ class Trainer:
             device=self.dist.device,
             init_logit_scale=cfg.loss.init_logit_scale,
             init_logit_bias=cfg.loss.init_logit_bias,  # SigLIP's learned bias; None otherwise
+            locks=cfg.model.locks,  # frozen parameters stay out of the optimizer (requires_grad)
         )
         self.model.train()
         self.precision = Precision(cfg.compute.precision, self.dist.device)
@@ -495,6 +496,7 @@ class Trainer:
             self.cfg.model.name,
             init_logit_scale=self.cfg.loss.init_logit_scale,
             init_logit_bias=self.cfg.loss.init_logit_bias,
+            locks=self.cfg.model.locks,  # the same modules (a locked ResNet's frozen BatchNorm)
         )
         whole.load_state_dict(model_state)
         return whole
