@@ -34,9 +34,11 @@ SKIP_REASONS = (
     "image_too_large",
     "truncated_member",
     "failed_shard",
+    "unreadable_file",
 )
 """Why something is skipped; every skip is counted under exactly one of these. All count samples
-except `failed_shard`, which counts whole shards that could not be read after their retries."""
+except `failed_shard`, which counts whole shards (or parquet files) that could not be read after
+their retries; `unreadable_file` is an image file of a folder that could not be read."""
 
 DEFAULT_SHARD_RETRIES = 2
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext

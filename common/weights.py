@@ -106,8 +106,10 @@ def read_weights(path: str | Path) -> Weights:
     elif isinstance(content, dict) and isinstance(content.get("model"), dict) and "step" in content:
         state, source_format = content["model"], "duet trainer checkpoint"
         name = (content.get("config") or {}).get("model", {}).get("name")
-    elif isinstance(content, dict) and content and all(
-        isinstance(v, torch.Tensor) for v in content.values()
+    elif (
+        isinstance(content, dict)
+        and content
+        and all(isinstance(v, torch.Tensor) for v in content.values())
     ):
         state, source_format, name = content, "state dict", None
     else:

@@ -1,17 +1,21 @@
-r"""`python -m serve.build_index`: embed the images of a shard set and write a search index.
+r"""`python -m serve.build_index`: embed the images of shards, folders or parquet into an index.
 
     python -m serve.build_index --model runs/demo/artifact \
         --data 'data/synth/val/shard-{000000..000001}.tar' --out runs/demo/index \
         [--batch-size 256] [--device cpu] [--index-type auto|flat|hnsw|ivfpq] [knobs ...]
+    python -m serve.build_index --model artifacts/vit-b-32 --data ~/Pictures --out runs/photos
+    python -m serve.build_index --model ... --data 'laion/{00000..00099}.parquet' --out ...
 
-    # many shards: one process per device (CPU: gloo, GPU: --device cuda = cuda:LOCAL_RANK)
+    # many inputs: one process per device (CPU: gloo, GPU: --device cuda = cuda:LOCAL_RANK)
     torchrun --standalone --nproc_per_node=4 -m serve.build_index --model ... --data ... --out ...
 
-Samples are read in shard order, so FAISS row ids follow the shards. Under torchrun, rank r embeds
-shards r, r + N, r + 2N, ... and writes its vectors and rows to a part in `--parts-dir`; after a
-barrier rank 0 merges the parts in shard order (so the ids are those of a one-process build),
-builds the index and removes the parts. Samples that cannot be used (no image or caption,
-undecodable image) are skipped, counted by reason, and summed over ranks in the index manifest.
+`--data` takes webdataset shards, folders of image files and img2dataset parquet files, joined by
+`::` (serve/sources.py). They are read part by part (a shard, a parquet file, 1000 files of a
+folder), so FAISS row ids follow the parts. Under torchrun, rank r embeds parts r, r + N, ... and
+writes its vectors and rows to `--parts-dir`; after a barrier rank 0 merges them in part order (so
+the ids are those of a one-process build), builds the index and removes the parts. Samples that
+cannot be used (no image, undecodable image, unreadable file) are skipped, counted by reason, and
+summed over ranks in the index manifest.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from PIL import Image
 
 from common.artifact import load_artifact
 from common.preprocess import ImageTooLargeError, InvalidImageError, load_image
-from common.shards import expand_urls, iter_shards
 from serve.encoder import Encoder
 from serve.index import IndexRow, write_index
+from serve.sources import Part, list_parts, read_part
 from serve.vector_search import INDEX_TYPES, IndexSpec
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,7 @@ BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait
 
 @dataclass(slots=True)
 class Embedded:
-    """The embeddings of one process's shards: vectors [n, D], their rows, and each row's shard."""
+    """The embeddings of one process's parts: vectors [n, D], their rows, and each row's part."""
 
     vectors: np.ndarray
     rows: list[IndexRow]
@@ -66,9 +70,9 @@ def build_index(
     spec: IndexSpec | None = None,
     parts_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Embed every usable image in shards `data` with the artifact in `model_dir`; write `out_dir`.
+    """Embed every usable image in `data` with the artifact in `model_dir`; write `out_dir`.
 
-    Under torchrun (WORLD_SIZE > 1) each rank embeds its share of the shards and rank 0 writes
+    Under torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 writes
     the index from every rank's part in `parts_dir` (default: `OUT.parts`, beside `out_dir`).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
     second of reading + decoding + embedding (model loading not included); on ranks other than 0
@@ -80,14 +84,14 @@ def build_index(
     if world_size > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model_dir = Path(model_dir).resolve()
-    urls = expand_urls(data)
+    parts = list_parts(data)  # before the model loads: a wrong input fails at once
     encoder = Encoder(load_artifact(model_dir, device=device), device)
     start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
-    mine = [(i, url) for i, url in enumerate(urls) if i % world_size == rank]
+    mine = [(i, part) for i, part in enumerate(parts) if i % world_size == rank]
     embedded = _embed(encoder, mine, batch_size)
     if world_size > 1:
-        parts = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
-        embedded = _exchange_parts(embedded, parts, rank, world_size)
+        parts_path = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
+        embedded = _exchange_parts(embedded, parts_path, rank, world_size)
         if rank != 0:
             return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
     if not embedded.rows:
@@ -105,7 +109,7 @@ def build_index(
     }
     write_index(out_dir, embedded.vectors, embedded.rows, extra, spec=spec)
     if world_size > 1:
-        shutil.rmtree(parts, ignore_errors=True)
+        shutil.rmtree(parts_path, ignore_errors=True)
     return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank, seconds=seconds)
 
 
@@ -130,8 +134,8 @@ def _summary(
     }
 
 
-def _embed(encoder: Encoder, shards: list[tuple[int, str]], batch_size: int) -> Embedded:
-    """Embed the usable images of `shards` (index, url) in order; count the skipped ones."""
+def _embed(encoder: Encoder, shards: list[tuple[int, Part]], batch_size: int) -> Embedded:
+    """Embed the usable images of `shards` (index, part) in order; count the skipped ones."""
     skipped: Counter[str] = Counter()
     chunks: list[np.ndarray] = []
     rows: list[IndexRow] = []
@@ -148,14 +152,14 @@ def _embed(encoder: Encoder, shards: list[tuple[int, str]], batch_size: int) -> 
 
 
 def _batches(
-    shards: list[tuple[int, str]], skipped: Counter[str], batch_size: int
+    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int
 ) -> Iterator[tuple[list[Image.Image], list[IndexRow], list[int]]]:
-    """Decoded images, their rows and shard indices, `batch_size` at a time; bad ones counted."""
+    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones counted."""
     images: list[Image.Image] = []
     rows: list[IndexRow] = []
     shard_of_row: list[int] = []
-    for shard_index, url in shards:
-        for sample in iter_shards(url, skipped):
+    for shard_index, part in shards:
+        for sample in read_part(part, skipped):
             try:
                 image = load_image(sample.image)
             except ImageTooLargeError as exc:
@@ -248,7 +252,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="model artifact directory")
     parser.add_argument(
-        "--data", required=True, help="shards: brace patterns, several joined by '::'"
+        "--data",
+        required=True,
+        help="shards (brace patterns), folders of images, img2dataset .parquet; joined by '::'",
     )
     parser.add_argument("--out", required=True, help="index directory to write (replaced)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")

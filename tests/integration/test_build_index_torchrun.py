@@ -1,4 +1,5 @@
-"""`torchrun -m serve.build_index` with two gloo processes equals the one-process build."""
+"""`torchrun -m serve.build_index` with two gloo processes equals the one-process build, over
+shards, a folder of pictures and an img2dataset parquet file together."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from common.model import build_model
 from serve.build_index import build_index
 from serve.index import SearchIndex
 from tests.conftest import REPO_ROOT, subprocess_env
+from tests.unit.test_sources import img2dataset_parquet, photo_folder
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +47,10 @@ def test_two_process_build_equals_one_process_build(tmp_path: Path, synth_dir: P
     # Ranks take shards 0, 2 and 1, 3: each gets one bad sample, and rows interleave by shard.
     bad_a, bad_b = _bad_shard(tmp_path / "a.tar", "a"), _bad_shard(tmp_path / "b.tar", "b")
     shards = [val[0], bad_a, bad_b, *val[1:]]
-    data = "::".join(str(s) for s in shards)
+    # then a folder (one part: 6 good pictures, 1 broken) and a parquet file (3 good rows)
+    folder = photo_folder(tmp_path / "photos")
+    parquet = img2dataset_parquet(tmp_path / "00000.parquet")
+    data = "::".join(str(s) for s in [*shards, folder, parquet])
 
     one = build_index(artifact, data, tmp_path / "one", batch_size=64)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -59,13 +64,16 @@ def test_two_process_build_equals_one_process_build(tmp_path: Path, synth_dir: P
     assert not (tmp_path / "two.parts").exists()  # rank 0 removed the parts after merging
 
     a, b = SearchIndex.load(tmp_path / "one"), SearchIndex.load(tmp_path / "two")
-    assert a.count == b.count == one["count"] == 500 + 2
-    assert a.manifest["skipped"] == b.manifest["skipped"] == {"corrupt_image": 2}
+    assert a.count == b.count == one["count"] == 500 + 2 + 6 + 3
+    skipped = {"corrupt_image": 2 + 1 + 1, "missing_image": 1}
+    assert a.manifest["skipped"] == b.manifest["skipped"] == skipped
     assert b.manifest["build_processes"] == 2
     ids = list(range(a.count))
     rows_a, rows_b = a.rows(ids), b.rows(ids)
     assert [rows_a[i].key for i in ids] == [rows_b[i].key for i in ids]  # same ids, shard order
     assert rows_a[250].key == "a-1" and rows_a[251].key == "b-1"
+    assert rows_b[502].meta["source"] == "2024/summer/photo1.png"
+    assert rows_b[510].meta["url"] == "https://example.com/4.jpg"
     np.testing.assert_allclose(b.vectors(ids), a.vectors(ids), rtol=0, atol=1e-5)
     a.close()
     b.close()

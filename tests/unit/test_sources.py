@@ -1,0 +1,149 @@
+"""serve.sources and the index builder over a folder of pictures and img2dataset parquet files."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from common.artifact import write_artifact
+from common.model import build_model
+from serve import build_index as build_index_cli
+from serve.build_index import build_index
+from serve.index import SearchIndex
+from serve.sources import UnsupportedInputError, list_parts, read_part
+
+FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}
+
+
+def image_bytes(color: tuple[int, int, int], fmt: str = "PNG", size=(40, 30)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format=fmt)
+    return out.getvalue()
+
+
+def photo_folder(root: Path) -> Path:
+    """Nested folders of pictures in five formats, some with captions and metadata, one corrupt
+    file, one hidden file and a file that is no image."""
+    (root / "2024" / "summer").mkdir(parents=True)
+    (root / ".thumbnails").mkdir()
+    for i, (suffix, fmt) in enumerate(FORMATS.items()):
+        folder = root / "2024" / "summer" if i % 2 else root
+        (folder / f"photo{i}{suffix}").write_bytes(image_bytes((40 * i, 90, 200 - 30 * i), fmt))
+    (root / "photo0.txt").write_text("a blue picture\n")
+    (root / "photo0.json").write_text('{"camera": "x100"}')
+    (root / "2024" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / ".thumbnails" / "t.png").write_bytes(image_bytes((1, 2, 3)))
+    (root / "notes.txt").write_text("not a picture")
+    Image.new("RGB", (30, 40), (9, 9, 9)).save(root / "scan.TIFF", format="TIFF")
+    return root
+
+
+def img2dataset_parquet(path: Path, count: int = 5, with_images: bool = True) -> Path:
+    """A file as img2dataset --output_format parquet writes it: key, jpg, txt and metadata;
+    a failed download is a row with null bytes, and one image is corrupt."""
+    rows = {
+        "key": [f"{i:09d}" for i in range(count)],
+        "url": [f"https://example.com/{i}.jpg" for i in range(count)],
+        "status": ["success"] * count,
+        "width": [40] * count,
+        "txt": [f"caption {i}" for i in range(count)],
+    }
+    if with_images:
+        images = [image_bytes((50 * i % 255, 10, 10), "JPEG") for i in range(count)]
+        images[1] = None  # a failed download
+        images[2] = b"corrupt"
+        rows["jpg"] = images
+    pq.write_table(pa.table(rows), path, row_group_size=2)
+    return path
+
+
+def test_a_folder_is_read_recursively_with_optional_captions_and_metadata(tmp_path: Path):
+    folder = photo_folder(tmp_path / "photos")
+    skipped: Counter[str] = Counter()
+    samples = [s for part in list_parts(str(folder)) for s in read_part(part, skipped)]
+    sources = [s.meta["source"] for s in samples]
+    assert sources == sorted(sources) and len(samples) == 7  # 5 formats + tiff + broken file
+    assert "notes.txt" not in sources and not any(".thumbnails" in s for s in sources)
+    first = next(s for s in samples if s.meta["source"] == "photo0.jpg")
+    assert first.caption == "a blue picture" and first.meta["camera"] == "x100"
+    assert first.key == "photo0"
+    assert next(s for s in samples if s.key == "2024/summer/photo1").caption == ""
+
+
+def test_parts_split_big_folders_and_keep_order(tmp_path: Path, monkeypatch):
+    import serve.sources
+
+    folder = photo_folder(tmp_path / "photos")
+    monkeypatch.setattr(serve.sources, "FOLDER_PART_FILES", 3)
+    parts = list_parts(f"{folder}::{folder}")
+    assert [len(p.files) for p in parts] == [3, 3, 1, 3, 3, 1]
+
+
+def test_parquet_rows_become_samples_and_bad_rows_are_counted(tmp_path: Path):
+    path = img2dataset_parquet(tmp_path / "00000.parquet")
+    skipped: Counter[str] = Counter()
+    (part,) = list_parts(str(path))
+    samples = list(read_part(part, skipped))
+    assert [s.key for s in samples] == ["000000000", "000000002", "000000003", "000000004"]
+    assert skipped == {"missing_image": 1}  # the corrupt image is the decoder's to count
+    assert samples[0].caption == "caption 0" and samples[0].meta["url"].endswith("/0.jpg")
+    assert "jpg" not in samples[0].meta and "txt" not in samples[0].meta
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.with_suffix(".zip").write_bytes(b"PK\x03\x04rest"), "a zip archive"),
+        (lambda p: p.with_suffix(".jpg").write_bytes(image_bytes((1, 1, 1), "JPEG")), "JPEG"),
+        (lambda p: p.with_suffix(".bin").write_bytes(b"\x00" * 600), r"unknown format \(\.bin\)"),
+    ],
+)
+def test_unsupported_inputs_get_one_line_naming_the_format(tmp_path: Path, make, message: str):
+    make(tmp_path / "input")
+    (path,) = list(tmp_path.iterdir())
+    with pytest.raises(UnsupportedInputError, match=message):
+        list_parts(str(path))
+
+
+def test_metadata_only_parquet_and_empty_folders_are_refused(tmp_path: Path):
+    path = img2dataset_parquet(tmp_path / "00000.parquet", with_images=False)
+    (part,) = list_parts(str(path))
+    with pytest.raises(UnsupportedInputError, match="without image bytes.*index the shards"):
+        list(read_part(part, Counter()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UnsupportedInputError, match="no image files"):
+        list_parts(str(tmp_path / "empty"))
+
+
+def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_path: Path, capsys):
+    artifact = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    folder = photo_folder(tmp_path / "photos")
+    good = img2dataset_parquet(tmp_path / "00000.parquet")
+    truncated = tmp_path / "00001.parquet"
+    truncated.write_bytes(good.read_bytes()[:200])  # starts like parquet, breaks off
+    data = f"{folder}::{good}::{truncated}"
+    argv = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "index")]
+    assert build_index_cli.main([*argv, "--batch-size", "4"]) == 0
+    assert "indexed 9 images" in capsys.readouterr().out  # 7 - 1 pictures, 5 - 2 parquet rows
+    index = SearchIndex.load(tmp_path / "index")
+    assert index.manifest["skipped"] == {
+        "corrupt_image": 2,
+        "missing_image": 1,
+        "failed_shard": 1,
+    }
+    rows = index.rows(list(range(index.count)))
+    assert rows[0].meta["source"] == "2024/summer/photo1.png"
+    assert rows[8].meta["url"] == "https://example.com/4.jpg"
+    index.close()
+    bad = ["--model", str(artifact), "--data", str(tmp_path / "x.zip"), "--out", "x"]
+    (tmp_path / "x.zip").write_bytes(b"PK\x03\x04")
+    assert build_index_cli.main(bad) == 2
+    assert "a zip archive" in capsys.readouterr().err
+    with pytest.raises(UnsupportedInputError):
+        build_index(artifact, str(tmp_path / "x.zip"), tmp_path / "never")
