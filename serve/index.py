@@ -48,6 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from common.artifact import make_readable
 from serve.vector_search import (
     FLAT,
     RECALL_K,
@@ -120,7 +121,6 @@ def write_index(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=_build_prefix(out_dir, "build"), dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from a service running as another user
     try:
         np.save(tmp / VECTORS_FILE, vectors)
         start = time.perf_counter()
@@ -145,6 +145,7 @@ def write_index(
             **(manifest_extra or {}),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        make_readable(tmp)  # mkdtemp's 0700 would hide it from a service running as another user
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -131,6 +132,8 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     argv = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "index")]
     assert build_index_cli.main([*argv, "--batch-size", "4"]) == 0
     assert "indexed 9 images" in capsys.readouterr().out  # 7 - 1 pictures, 5 - 2 parquet rows
+    for path in [tmp_path / "index", *(tmp_path / "index").rglob("*")]:  # another user may serve it
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
     index = SearchIndex.load(tmp_path / "index")
     assert index.manifest["skipped"] == {
         "corrupt_image": 2,
