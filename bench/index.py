@@ -1,17 +1,17 @@
 """Benchmark the index types of serve.index on clustered unit vectors: build, memory, q/s, recall.
 
-    python bench/index.py [--count 1000000] [--dim 128] [--types flat,hnsw,ivfpq]
-                          [--ef-search N] [--nprobe N] [--rerank-factor N]
+    python bench/index.py [--count 1000000] [--dim 128 | --model ARTIFACT_OR_NAME]
+                          [--types flat,hnsw,ivfpq] [--ef-search N] [--nprobe N] [--rerank-factor N]
 
 The vectors are a Gaussian mixture on the unit sphere: count/1000 centers drawn uniformly on the
 sphere, each vector a center plus isotropic noise of the center's norm, normalised (cosine to its
 center ~0.7, to a random vector ~0). Queries are fresh draws from the same mixture. D = 128 is
-duet-tiny's embed_dim. Each type is built with the defaults `auto` would derive for `count`
-(knobs given on the command line override them), then searched through `VectorSearcher`, the
-code the service runs: top 10, batched (all queries at once, after one untimed warm-up pass) and
-one query at a time. Recall@10 is against exact search on the same queries. Memory is what a
-loaded index holds: the FAISS index (serialised size) and the float32 vectors that exact search
-and the re-rank read.
+duet-tiny's embed_dim; `--model` takes D from a model artifact or an open_clip name (ViT-B-32: 512).
+Each type is built with the defaults `auto` would derive for `count` (knobs given on the command
+line override them), then searched through `VectorSearcher`, the code the service runs: top 10,
+batched (all queries at once, after one untimed warm-up pass) and one query at a time. Recall@10 is
+against exact search on the same queries. Memory is what a loaded index holds: the FAISS index
+(serialised size) and the float32 vectors that exact search and the re-rank read.
 """
 
 from __future__ import annotations
@@ -66,6 +66,17 @@ def _queries_per_second(searcher: VectorSearcher, queries: np.ndarray, single: i
     return ids, batched, single / (time.perf_counter() - start)
 
 
+def embed_dim(model: str) -> int:
+    """The embedding width of a model artifact directory or an open_clip model name."""
+    if Path(model).is_dir():
+        from common.artifact import read_manifest
+
+        return int(read_manifest(model)["embed_dim"])
+    from common.model import model_config
+
+    return int(model_config(model)["embed_dim"])
+
+
 def _recall(ids: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, truth, strict=True)]))
 
@@ -74,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--model", help="artifact directory or open_clip name: D = its embed_dim")
     parser.add_argument("--queries", type=int, default=1000, help="batched queries")
     parser.add_argument("--single", type=int, default=200, help="one-at-a-time queries")
     parser.add_argument("--types", default="flat,hnsw,ivfpq")
@@ -82,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rerank-factor", type=int)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.model:
+        args.dim = embed_dim(args.model)
 
     rng = np.random.default_rng(args.seed)
     centers = rng.standard_normal((max(1, args.count // 1000), args.dim), dtype=np.float32)
