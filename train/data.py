@@ -23,6 +23,8 @@ import itertools
 import logging
 import os
 import random
+import signal
+import threading
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -226,9 +228,43 @@ def _tracked(src: Iterable[tuple[int, T]], cursor: list[int]) -> Iterator[tuple[
         yield position, item
 
 
-def _lower_priority(niceness: int, worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: raise this worker's niceness (`data.worker_niceness`)."""
-    os.nice(niceness)
+WORKER_STOP_GRACE_S = 120
+"""How long a data worker outlives a scheduler's SIGTERM: longer than the rank needs to finish
+its step and save (after the scheduler's grace period, SIGKILL ends everything anyway)."""
+
+
+def _init_worker(niceness: int, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: raise this worker's niceness (`data.worker_niceness`), and
+    let it outlive a scheduler's stop signal."""
+    if niceness:
+        os.nice(niceness)
+    _outlive_stop_signals()
+
+
+def _outlive_stop_signals() -> None:
+    """Keep serving batches after SIGTERM / SIGUSR1 from anyone but the rank itself.
+
+    torchrun passes a SIGTERM on to each rank's whole process group, SLURM to every process:
+    the workers get it with their rank. A worker that died of it would fail the batch its rank
+    is waiting for, and the rank its last step, instead of finishing the step and saving
+    (train/preemption.py). Python's handlers cannot see who sent a signal, so the signals are
+    blocked and a thread takes them with their sender: the rank's own SIGTERM (the DataLoader
+    ending a worker) exits at once, as torch's handler does; another's sets an alarm that ends
+    the worker after WORKER_STOP_GRACE_S, should its rank not have ended it by then.
+    """
+    stops = {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # before any other thread of the worker
+    threading.Thread(target=_take_stop_signals, args=(stops,), daemon=True).start()
+
+
+def _take_stop_signals(stops: set[signal.Signals]) -> None:
+    while True:
+        info = signal.sigwaitinfo(stops)
+        if info.si_signo != signal.SIGTERM:
+            continue  # SLURM's early warning: nothing to do here
+        if info.si_pid == os.getppid():
+            os._exit(0)
+        signal.alarm(WORKER_STOP_GRACE_S)  # SIGALRM's default action ends the process
 
 
 PREFETCH_BATCHES = 4
@@ -384,7 +420,7 @@ class TrainBatches:
         )
         workers = self.cfg.workers
         niceness = self.cfg.worker_niceness
-        init = functools.partial(_lower_priority, niceness) if workers and niceness else None
+        init = functools.partial(_init_worker, niceness) if workers else None
         return DataLoader(
             dataset,
             batch_size=None,

@@ -161,6 +161,7 @@ class Trainer:
         self.step, self.skipped = 0, Counter[str]()
         self.saved_step = -1  # the step whose state is on disk (restored or last saved)
         self.saved_path: Path | None = None  # and its file
+        self.last_good_kept = False  # whether this run's first non-finite step came yet
         self.stop = StopSignals()
         self.stopped_by = 0  # the signal that ended the run early; 0 = it ran to the end
         self.data_state: dict[str, Any] | None = None  # this rank's stream position, restored
@@ -294,8 +295,11 @@ class Trainer:
     def _keep_last_good(self) -> None:
         """At the run's first non-finite step, protect the newest checkpoint from rotation: the
         ones written while the run goes on may hold weights already on their way to blowing up."""
-        if self.guard.skipped or self.saved_path is None or not self.dist.is_main:
-            return  # the guard counts this step after us: 0 means it is the first
+        if self.last_good_kept or not self.guard.skipped:  # not fp16's loss-scale skips
+            return
+        self.last_good_kept = True
+        if self.saved_path is None or not self.dist.is_main:
+            return
         kept = checkpoint.keep_as_last_good(self.ckpt_dir, self.saved_path)
         log.warning(
             "step %d is non-finite: %s (step %d) kept as %s; to go back to it, resume with "

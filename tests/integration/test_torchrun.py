@@ -3,8 +3,10 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,9 +88,42 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, synth_dir):
-    """kill -9 mid-epoch after a checkpoint, --resume: every later step's loss is the one the
-    uninterrupted run logged (same batches, augmentations, optimizer state and RNG states)."""
+def start_torchrun(log: Path, *train_args: str) -> subprocess.Popen:
+    """torchrun in the background, its stderr to `log`."""
+    with open(log, "w") as stderr:
+        return subprocess.Popen(
+            torchrun_command(2, *train_args),
+            cwd=REPO_ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+
+def signal_tree(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def running(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (a zombie, dead but not yet reaped, counts as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def test_preempted_and_killed_runs_resume_exactly_where_they_stopped(tmp_path, synth_dir):
+    """SIGTERM: the run saves at the step it is on and stops; meanwhile a second run on its
+    run_dir is refused. kill -9 of the torchrun agent: its ranks die with it. Each --resume
+    continues so that every step's loss is the one the uninterrupted run logged (same batches,
+    augmentations, optimizer state and RNG states)."""
     # 4 shards of 250: each of a rank's 2 workers reads 1 shard, 7 batches of 32: 14 per epoch
     steps = 24
     args = [
@@ -109,26 +144,55 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path, synth_dir):
     ]
     reference = tmp_path / "reference"
     run_torchrun(2, *args, "--set", f"run_dir={reference}")
+    run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    run_args = [*args, "--set", f"run_dir={run}"]
 
-    run = tmp_path / "run"
-    proc = subprocess.Popen(
-        torchrun_command(2, *args, "--set", f"run_dir={run}"),
-        cwd=REPO_ROOT,
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # 1. preemption: SIGTERM to torchrun, which passes it on to the ranks
+    proc = start_torchrun(tmp_path / "1.log", *run_args)
     try:
-        wait_for(run / "checkpoints" / "step-00000008.pt", proc, timeout_s=240)
+        wait_for(ckpt / "step-00000008.pt", proc, timeout_s=240)
+        tree = process_tree(proc.pid)
+        signal_tree(tree, signal.SIGSTOP)  # hold it mid-run while a second run tries
+        second = subprocess.run(
+            [sys.executable, "-m", "train", *run_args, "--resume"],
+            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        signal_tree(tree, signal.SIGCONT)
+        proc.wait(timeout=120)
     finally:
         kill_hard(proc)
-    killed_at = max(int(p.stem.split("-")[1]) for p in (run / "checkpoints").glob("step-*.pt"))
-    assert 8 <= killed_at < steps
+    assert second.returncode == 2, second.stderr
+    holder = re.search(r"is in use by another run \(pid (\d+) on host ", second.stderr)
+    assert holder and int(holder.group(1)) in tree, second.stderr  # rank 0 of the first run
+    stopped_at = max(train_losses(run))
+    assert 8 <= stopped_at < 16
+    stop_line = f"stopped by SIGTERM after step {stopped_at} of {steps}: checkpoint saved"
+    assert stop_line in (tmp_path / "1.log").read_text()
+    assert (ckpt / f"step-{stopped_at:08d}.pt").is_file()
 
-    result = run_torchrun(2, *args, "--set", f"run_dir={run}", "--resume")
-    assert f"at step {killed_at}" in result.stderr
-    assert f"steps {killed_at} -> {steps}" in result.stderr
+    # 2. kill -9 of the agent alone, after the next checkpoint: no rank outlives it
+    proc = start_torchrun(tmp_path / "2.log", *run_args, "--resume")
+    try:
+        wait_for(ckpt / "step-00000016.pt", proc, timeout_s=240)
+        tree = process_tree(proc.pid)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while running(tree[1:]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(tree[1:]), "ranks outlived their torchrun agent"
+    finally:
+        signal_tree(tree, signal.SIGKILL)
+    assert f"at step {stopped_at}" in (tmp_path / "2.log").read_text()
+
+    # 3. to the end
+    result = run_torchrun(2, *run_args, "--resume")
+    assert f"steps 16 -> {steps}" in result.stderr
     expected, resumed = train_losses(reference), train_losses(run)  # the resumed run's win
     assert sorted(resumed) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    waits = [json.loads(line).get("train/data_wait_s") for line in lines]
+    assert all(w is not None and w >= 0 for w in waits)  # every step's wait for input
