@@ -15,6 +15,7 @@ import uvicorn
 
 from serve.app import create_app
 from serve.errors import validation_message
+from serve.http import ConnectionLimits, guarded_protocol
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=not settings.access_log,  # the service logs each request itself, with latency
+        http=guarded_protocol(ConnectionLimits.from_settings(settings)),  # slowloris deadlines
     )
     return 0
 

@@ -5,6 +5,7 @@ HTTPException (routing, parsing)   its status; type from the status (404 not_fou
 ApiError (our own)                 its status and type: 400 bad_request, 401 unauthorized,
                                    404 not_found, 413 too_large / image_too_large,
                                    415 unsupported_media_type / not_an_image, 503 not_ready
+HTTP server limits (serve.http)    408 timeout, 431 headers_too_large, 400 bad_request
 UnknownIndexError                  404 not_found
 Overloaded (encode queue full)     429 overloaded, with Retry-After
 anything else                      500 internal_error, generic message, logged with traceback
@@ -20,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.batching import Overloaded
@@ -33,11 +35,13 @@ TYPE_BY_STATUS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     409: "conflict",
     413: "too_large",
     415: "unsupported_media_type",
     422: "validation_error",
     429: "overloaded",
+    431: "headers_too_large",
     500: "internal_error",
     503: "not_ready",
 }
@@ -134,6 +138,8 @@ class CatchAllMiddleware:
 
         try:
             await self.app(scope, receive, send_tracking)
+        except ClientDisconnect:  # e.g. closed by a body deadline (serve.http): nobody to answer
+            log.info("client went away during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:  # too late for an envelope; let the server close the connection

@@ -5,7 +5,9 @@ Off unless `DUET_IMAGE_URL_FETCH=true`. Then: http and https only; the host is r
 unspecified ones), and the connection goes to an address that was checked — not to a second
 resolution, which a rebinding DNS server could point elsewhere. Redirects are followed by hand
 (at most `MAX_REDIRECTS`), each target checked the same way. The body is read up to the byte
-limit and the whole download must finish within the time limit.
+limit and the whole download — connect, headers, every redirect and the body — must finish
+within the time limit: each step gets the time that is left, and the body is checked against the
+deadline at every piece that arrives, so a server trickling a byte at a time cannot stretch it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 MAX_REDIRECTS = 3
-CHUNK_BYTES = 64 * 1024
 
 
 class FetchError(Exception):
@@ -61,7 +62,7 @@ def fetch_image(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            request = _pinned_request(client, url)
+            request = _pinned_request(client, url, _time_left(deadline))
             try:
                 response = client.send(request, stream=True)
             except httpx.HTTPError as exc:
@@ -82,20 +83,32 @@ def fetch_image(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     raise FetchError(400, "bad_request", f"image_url redirected more than {MAX_REDIRECTS} times")
 
 
-def _pinned_request(client: httpx.Client, url: str) -> httpx.Request:
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise FetchError(400, "bad_request", "image_url took too long to download")
+    return left
+
+
+def _pinned_request(client: httpx.Client, url: str, timeout_s: float) -> httpx.Request:
     """A GET of `url` sent to a checked address of its host (Host header and TLS name kept)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)  # ValueError if not 0-65535
+        url_object = httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise FetchError(400, "bad_request", f"image_url is not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FetchError(400, "bad_request", "image_url must be an http:// or https:// URL")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     address = public_addresses(parts.hostname, port)[0].split("%", 1)[0]
-    pinned = httpx.URL(url).copy_with(host=address)
+    pinned = url_object.copy_with(host=address)
     host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
     return client.build_request(
         "GET",
         pinned,
         headers={"Host": host_header, "Accept": "image/*"},
         extensions={"sni_hostname": parts.hostname},
+        timeout=timeout_s,
     )
 
 
@@ -108,7 +121,7 @@ def _read_limited(response: httpx.Response, max_bytes: int, deadline: float) -> 
     chunks: list[bytes] = []
     received = 0
     try:
-        for chunk in response.iter_bytes(CHUNK_BYTES):
+        for chunk in response.iter_bytes():  # as each piece arrives, not once 64 KiB have
             received += len(chunk)
             if received > max_bytes:
                 raise FetchError(

@@ -17,6 +17,7 @@ and reported in `X-Duet-Clamped`. Errors use the service's own JSON envelope.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -131,15 +132,19 @@ async def _download(url: str, settings: Settings) -> bytes:
             "image_url fetching is off on this service (DUET_IMAGE_URL_FETCH); send the image "
             "itself as base64 in `image`",
         )
+    download = run_in_threadpool(
+        fetch_image,
+        url,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.image_url_timeout_s,
+    )
     try:
-        return await run_in_threadpool(
-            fetch_image,
-            url,
-            max_bytes=settings.max_upload_bytes,
-            timeout_s=settings.image_url_timeout_s,
-        )
+        # fetch_image keeps its own deadline; this one also covers a name lookup that hangs
+        return await asyncio.wait_for(download, settings.image_url_timeout_s + 0.5)
     except FetchError as exc:
         raise ApiError(exc.status, exc.type, str(exc)) from None
+    except TimeoutError:
+        raise ApiError(400, "bad_request", "image_url took too long to download") from None
 
 
 def _flat_metadata(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,6 +237,17 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
     image = png(16)
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/trickle":  # one byte every 0.2 s: each read is quick, the whole is not
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(100):
+                try:
+                    self.wfile.write(b"\x00")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+            return
         if self.path == "/redirect-out":
             self.send_response(302)
             self.send_header("Location", f"http://127.0.0.2:{self.server.server_port}/image.png")
@@ -269,5 +281,19 @@ def test_fetch_image_reads_within_limits_and_rechecks_redirects(
         assert too_large.value.status == 413
         with pytest.raises(fetch.FetchError, match="non-public"):
             fetch.fetch_image(f"{base}/redirect-out", max_bytes=10_000, timeout_s=5)
+        start = time.monotonic()
+        with pytest.raises(fetch.FetchError, match="too long") as slow:
+            fetch.fetch_image(f"{base}/trickle", max_bytes=10_000, timeout_s=1.0)
+        assert slow.value.status == 400
+        assert time.monotonic() - start < 2.0  # the limit is on the whole download
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:65536/", "http://[::1/", "http://host:port/", "https://[zz::1]/"]
+)
+def test_unparseable_image_urls_are_400(url: str) -> None:
+    with pytest.raises(fetch.FetchError, match="not a valid URL") as refused:
+        fetch.fetch_image(url, max_bytes=10_000, timeout_s=1)
+    assert refused.value.status == 400

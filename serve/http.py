@@ -1,0 +1,162 @@
+"""Connection limits uvicorn lacks: deadlines for a request's headers and body, header limits.
+
+uvicorn closes idle keep-alive connections, but a connection that has sent part of a request's
+headers, or part of its body, stays open for as long as the client trickles bytes (slowloris):
+a few hundred such connections hold every file descriptor and buffer. `guarded_protocol(limits)`
+is uvicorn's httptools protocol with:
+
+- a header deadline: a request's line and headers must be complete `header_timeout_s` after the
+  connection opened or the request's first byte arrived, else 408 and the connection is closed;
+- a body deadline: its body must be complete `body_timeout_s` after its headers, else 408 (or,
+  if an answer has started, just the close) — the handler waiting for it sees a disconnect;
+- header limits: more than `max_header_count` headers, or a request line plus headers over
+  `max_header_bytes`, get 431 and the connection is closed;
+- malformed HTTP gets the service's JSON error envelope (400) instead of uvicorn's plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from serve.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    header_timeout_s: float
+    body_timeout_s: float
+    max_header_bytes: int
+    max_header_count: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            header_timeout_s=settings.header_timeout_s,
+            body_timeout_s=settings.body_timeout_s,
+            max_header_bytes=settings.max_header_bytes,
+            max_header_count=settings.max_header_count,
+        )
+
+
+class _HeadersTooLarge(Exception):
+    """Raised from a parser callback to stop parsing; answered with 431."""
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol class with `limits` (pass it as `uvicorn.run(http=...)`)."""
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """See the module doc; `limits` is set by `guarded_protocol`."""
+
+    limits: ConnectionLimits
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._header_bytes = 0
+        self._header_count = 0
+        self._refusal: tuple[int, str, str] | None = None
+
+    # --- deadlines ---
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.limits.header_timeout_s, "headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_bytes = self._header_count = 0
+        if self._deadline is None:  # a later request on a kept-alive connection
+            self._arm(self.limits.header_timeout_s, "headers")
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self._arm(self.limits.body_timeout_s, "body")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def _arm(self, timeout_s: float, what: str) -> None:
+        self._deadline = self.loop.call_later(timeout_s, self._expired, timeout_s, what)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, timeout_s: float, what: str) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        log.info(
+            "closing a connection from %s: its %s took over %s s", self.client, what, timeout_s
+        )
+        answering = self.cycle is not None and self.cycle.response_started
+        if what == "body" and not answering or what == "headers" and not self._in_progress():
+            message = f"the request's {what} did not arrive within {timeout_s:g} s"
+            self._write_error(408, "timeout", message)
+        self.transport.close()
+
+    def _in_progress(self) -> bool:
+        """An answer is being written (the headers of a pipelined request are late)."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    # --- header limits and malformed requests ---
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_header_count:
+            self._refuse(f"more than {self.limits.max_header_count} headers")
+        self._count_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(
+                f"the request line and headers are over {self.limits.max_header_bytes} bytes"
+            )
+
+    def _refuse(self, message: str) -> None:
+        self._refusal = (431, "headers_too_large", message)
+        raise _HeadersTooLarge(message)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parser error: here, the envelope (431 for our header limits)."""
+        self._disarm()
+        status, type_, message = self._refusal or (400, "bad_request", "malformed HTTP request")
+        self._write_error(status, type_, message)
+        self.transport.close()
+
+    def _write_error(self, status: int, type_: str, message: str) -> None:
+        body = json.dumps({"error": message, "type": type_}).encode()
+        head = [STATUS_LINE[status]]
+        head += [
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        ]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
