@@ -39,7 +39,8 @@ from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
-from serve.index import SearchIndex
+from serve.images import return_large_frees_to_os
+from serve.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
 from serve.registry import IndexRegistry
@@ -134,6 +135,8 @@ def _configure_logging(settings: Settings) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServiceState = app.state.service
+    if not return_large_frees_to_os():
+        log.info("not glibc: memory of large decoded images may stay with the process")
     loader = threading.Thread(
         target=load_service,
         args=(app.state.settings, state, app.state.metrics),
@@ -194,11 +197,22 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
 
 
 def _load_index(path: Path, *, expected_dim: int, model_name: str, threads: int) -> SearchIndex:
+    """`SearchIndex.load`, where any failure (a manifest of the wrong shape as much as a missing
+    file) is an `IndexLoadError`: a reload answers 409 and the loaded version keeps serving."""
     # Searches run on the batcher's thread and in the threadpool, concurrently; one query
     # parallelised by OpenMP over every core on top of that oversubscribes the CPU (and OpenMP
     # teams spin-wait against torch's).
-    index = SearchIndex.load(path, expected_dim=expected_dim, threads=threads)
-    built_by = index.manifest.get("model", {}).get("name")
+    try:
+        index = SearchIndex.load(path, expected_dim=expected_dim, threads=threads)
+    except (IndexLoadError, OSError):
+        raise
+    except Exception as exc:  # e.g. {"search_params": [1]}: a ValueError deep in the loader
+        raise IndexLoadError(f"{path} is not a usable index: {exc!r}") from exc
+    try:
+        built_by = index.describe()["model"]  # what GET /indices will show must be readable
+    except Exception as exc:  # e.g. {"model": [1]}
+        index.close()
+        raise IndexLoadError(f"{path} has a manifest of the wrong shape: {exc!r}") from exc
     if built_by != model_name:
         log.warning(
             "index %s was built by model %r but the service runs %r: same dimension, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("serve.access")
@@ -24,6 +24,8 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux)
+        ProcessCollector(registry=self.registry)
         labels = ("route", "method", "status")
         self.requests = Counter(
             "duet_http_requests", "HTTP requests answered", labels, registry=self.registry

@@ -7,7 +7,7 @@ context: `context={"settings": s}`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,19 @@ from pydantic import (
 )
 
 from serve.settings import Settings
+
+INT64_MAX = 2**63 - 1  # ids are int64 in FAISS and SQLite
+# JSON-only numbers: `true` is not 1, `5.0` is not an id, and an id fits in int64
+StrictId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
+StrictCount = Annotated[int, Field(strict=True, ge=0)]
+StrictFloat = Annotated[float, Field(strict=True)]
+
+
+def _not_bool(value: Any) -> Any:
+    """For numbers that may also come from form fields (strings), so cannot be strict."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
 
 
 def _settings(info: ValidationInfo) -> Settings | None:
@@ -113,6 +126,11 @@ class SearchOptions(BaseModel):
         description="Drop results whose cosine similarity to a better result is at least this.",
     )
 
+    @field_validator("k", "dedup", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        return _not_bool(value)
+
     @field_validator("k")
     @classmethod
     def _k_within_max(cls, k: int | None, info: ValidationInfo) -> int | None:
@@ -140,10 +158,10 @@ class SearchRequest(SearchOptions):
     image: str | None = Field(
         None, description="Query image: base64 of the file's bytes (a data: URL prefix is allowed)."
     )
-    embedding: list[float] | None = Field(
+    embedding: list[StrictFloat] | None = Field(
         None, description="Query vector of the index's dimension; normalised by the service."
     )
-    id: int | None = Field(None, ge=0, description='"More like this": the id of an indexed item.')
+    id: StrictId | None = Field(None, description='"More like this": the id of an indexed item.')
 
     @field_validator("text")
     @classmethod
@@ -432,10 +450,10 @@ class KnnRequest(BaseModel):
     text: str | None = None
     image: str | None = None
     image_url: str | None = None
-    embedding_input: list[float] | None = None
+    embedding_input: list[StrictFloat] | None = None
     modality: str | None = "image"
-    num_images: int | None = Field(None, ge=0)
-    num_result_ids: int | None = Field(None, ge=0)
+    num_images: StrictCount | None = None
+    num_result_ids: StrictCount | None = None
     indice_name: str | None = None
     deduplicate: bool | None = None
     use_safety_model: bool | None = None
@@ -467,7 +485,7 @@ class KnnRequest(BaseModel):
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[int] = Field(description="Ids from /knn-service results.")
+    ids: list[StrictId] = Field(description="Ids from /knn-service results.")
     indice_name: str | None = None
 
     @field_validator("ids")

@@ -100,10 +100,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_service(artifact: Path, index: Path, timeout_s: float = 120) -> Iterator[str]:
+def running_service(
+    artifact: Path, index: Path, timeout_s: float = 120, env: dict[str, str] | None = None
+) -> Iterator[str]:
     """`python -m serve` on 127.0.0.1:<free port> until /ready answers 200; its base URL.
 
-    Stopped when the block ends; if it exits before it is ready, the test fails with its stderr.
+    `env`: more DUET_* settings. Stopped when the block ends; if it exits before it is ready, the
+    test fails with its stderr.
     """
     import subprocess
     import sys
@@ -112,12 +115,12 @@ def running_service(artifact: Path, index: Path, timeout_s: float = 120) -> Iter
     import httpx
 
     port = free_port()
-    env = subprocess_env(
-        DUET_ARTIFACT_DIR=str(artifact), DUET_INDEX_DIR=str(index), DUET_PORT=str(port)
-    )
+    settings = dict(env or {}, DUET_PORT=str(port))
+    settings.setdefault("DUET_ARTIFACT_DIR", str(artifact))
+    settings.setdefault("DUET_INDEX_DIR", str(index))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=subprocess_env(**settings),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,29 @@ def assert_envelope(response: Any, status: int, type_: str) -> dict[str, Any]:
     assert body["type"] == type_
     assert isinstance(body["error"], str) and body["error"]
     return body
+
+
+def black_png(width: int, height: int, color_type: int = 0) -> bytes:
+    """A valid black PNG of any size, built row by row: never the whole image in memory.
+
+    color_type 0 is 8-bit grayscale, 2 is 8-bit RGB. Zeros compress ~1000:1, so a
+    6000 x 6000 image is a few KB that decodes to ~100 MB: what a decompression attack sends.
+    """
+    channels = {0: 1, 2: 3}[color_type]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + width * channels)  # filter byte + pixels
+    rows_per_piece = max(1, (1 << 24) // len(row))
+    pieces = [
+        compressor.compress(row * min(rows_per_piece, height - start))
+        for start in range(0, height, rows_per_piece)
+    ]
+    pixels = b"".join(pieces) + compressor.flush()
+    signature = b"\x89PNG\r\n\x1a\n"
+    return signature + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
