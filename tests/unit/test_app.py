@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -126,6 +127,7 @@ def test_load_failure_is_reported_by_ready(settings: Settings, tmp_path: Path) -
         body = assert_envelope(wait_until_loaded(client), 503, "not_ready")
         assert client.get("/health").status_code == 200
     assert "failed to load" in body["error"] and "missing" in body["error"]
+    assert str(tmp_path) not in body["error"]  # clients see no absolute paths of the host
 
 
 def test_index_of_other_dim_is_refused(settings: Settings, tmp_path: Path) -> None:
@@ -207,7 +209,14 @@ def test_openapi_documents_both_search_bodies(client: TestClient) -> None:
     assert {"image", "labels", "templates", "label_set"} == set(
         classify_form["multipart/form-data"]["schema"]["properties"]
     )
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+    assert assets and all(a.startswith("/docs-assets/") for a in assets), assets  # no CDN
+    for asset in assets:
+        assert client.get(asset).status_code == 200
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "cdn" not in redoc.text.lower()
 
 
 # --- bad requests ------------------------------------------------------------------------------
@@ -378,3 +387,15 @@ def test_still_serves_after_bad_requests(client: TestClient, samples: list[RawSa
     assert response.status_code == 200 and len(response.json()["results"]) == 3
     response = client.post("/search", files=_image(samples[5].image))
     assert response.json()["results"][0]["key"] == samples[5].key
+
+
+def test_cors_is_off_by_default(client: TestClient) -> None:
+    """A web page the user visits must not read a key-less local service."""
+    headers = {"Origin": "http://any-page.example", "Access-Control-Request-Method": "POST"}
+    preflight = client.options("/search", headers=headers)
+    assert "access-control-allow-origin" not in preflight.headers
+    search = client.post(
+        "/search", json={"text": "red circle"}, headers={"Origin": headers["Origin"]}
+    )
+    assert search.status_code == 200
+    assert "access-control-allow-origin" not in search.headers
