@@ -274,6 +274,20 @@ def test_classify_several_images_with_a_label_set(
     ]
 
 
+def test_label_prompts_are_cached_one_by_one(client: TestClient) -> None:
+    """A label added to a known set costs only its own prompts; the cache is bounded."""
+    service: Service = client.app.state.service.service  # type: ignore[attr-defined]
+    cache = service.prompt_cache
+    labels = ["cached circle", "cached square"]
+    body = {"images": [b64(png(8))], "labels": labels, "templates": TEMPLATES}
+    assert client.post("/classify", json=body).status_code == 200
+    before = len(cache)
+    body["labels"] = [*labels, "cached star"]
+    assert client.post("/classify", json=body).status_code == 200
+    assert len(cache) == min(before + len(TEMPLATES), cache.entries)
+    assert cache.get_many(service.encoder.model_name, ["a cached star shape."])[0] is not None
+
+
 BAD_CLASSIFIES: list[tuple[str, dict[str, Any], int, str]] = [
     ("unknown label set", {"images": [b64(png(8))], "label_set": "nope"}, 404, "not_found"),
     (
