@@ -3,6 +3,7 @@
 
 import json
 import logging
+import shutil
 import stat
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from common import export as export_module
 from common.artifact import load_artifact
 from common.config import validate
 from common.export import ExportError, export, probe_image
-from common.model import TowerLocks, build_model, normalize
+from common.model import TowerLocks, build_model, model_config, normalize
 from common.weights import WeightsError, read_weights
 from train.config import OptimConfig, smoke
 from train.trainer import Trainer, build_optimizer
@@ -288,3 +289,40 @@ def test_fine_tuning_from_an_artifact_with_a_locked_image_tower(synth_dir: Path,
     base_images, _ = artifact_embeddings(tmp_path / "base")
     tuned_images, _ = artifact_embeddings(tmp_path / "run" / "artifact")
     torch.testing.assert_close(tuned_images, base_images, atol=1e-6, rtol=0)
+
+
+def test_a_hugging_face_tokenizer_travels_inside_the_artifact(tmp_path: Path, monkeypatch):
+    """A model whose tokenizer is a Hugging Face one, from the local cache: its files are copied
+    into the artifact, which then tokenizes with the cache gone."""
+    import huggingface_hub.constants
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["red", "blue", "green", "circle", "square", "triangle"]
+    words += ["a", "photo", "of", "the", "dog"]
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}, "[EOT]": 14}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]")
+    model_cfg = model_config("duet-micro")
+    model_cfg["text_cfg"].update(vocab_size=len(vocab) + 1, hf_tokenizer_name="someone/words")
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo = cache / "models--someone--duet-words"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ab" * 20)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {}}
+    (snapshot / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    clip = open_clip.create_model(f"local-dir:{snapshot}")
+    save_file(dict(clip.state_dict()), str(snapshot / "open_clip_model.safetensors"))
+    fast.save_pretrained(snapshot)  # an open_clip hub repo carries its tokenizer's files
+
+    summary = export("hf-hub:someone/duet-words", tmp_path / "artifact")
+    assert summary["max_abs_difference"] <= 1e-5
+    assert (tmp_path / "artifact" / "tokenizer.json").is_file()
+    shutil.rmtree(cache)
+    tokens = load_artifact(tmp_path / "artifact").tokenize(["a red circle"])
+    assert tokens[0, :3].tolist() == fast("a red circle")["input_ids"][:3]
