@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         trainer.train()
     except Exception as exc:
-        log.error("training failed at step %d: %s", trainer.step, _one_line(exc), exc_info=True)
+        log.error("training failed after step %d: %s", trainer.step, _one_line(exc), exc_info=True)
         sys.exit(1)
     finally:
         trainer.close()

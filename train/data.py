@@ -40,7 +40,7 @@ from common.preprocess import (
     Transform,
     load_image,
 )
-from common.shards import SampleError, count_samples, to_raw_sample
+from common.shards import SampleError, count_samples, expand_urls, to_raw_sample
 from train.config import DataConfig
 from train.sampling import (
     Reader,
@@ -199,6 +199,20 @@ class EpochData(IterableDataset):
             yield Batch(torch.stack(images), self.tokenize(list(captions)), delta, w, cursor[0])
             batches_left = None if batches_left is None else batches_left - 1
         yield WorkerEnd(w, cursor[0], dict(skipped))
+
+
+def check_eval_paths(cfg: DataConfig) -> None:
+    """Fail before the first step if the evaluation's local inputs are missing, rather than at
+    the final evaluation, hours later. FileNotFoundError naming the field."""
+    hint = "set it to '' to skip that evaluation"
+    if not cfg.val_shards:
+        return  # no evaluation at all: zeroshot_file, which labels val images, is unused
+    try:
+        expand_urls(cfg.val_shards)
+    except (FileNotFoundError, ValueError) as exc:
+        raise FileNotFoundError(f"data.val_shards: {exc}; {hint}") from None
+    if cfg.zeroshot_file and not os.path.isfile(cfg.zeroshot_file):
+        raise FileNotFoundError(f"data.zeroshot_file: {cfg.zeroshot_file!r} not found; {hint}")
 
 
 CHARS_PER_TOKEN_BOUND = 16

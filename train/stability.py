@@ -114,5 +114,6 @@ class NonFiniteGuard:
                 f"non-finite loss or gradients in {self.consecutive} consecutive steps "
                 f"({step - self.consecutive + 1}..{step}, optim.max_consecutive_nonfinite="
                 f"{self.max_consecutive}): stopping. Lower optim.lr, set optim.grad_clip_norm, "
-                "or train in bf16 instead of fp16; the last checkpoint holds finite weights."
+                "or train in bf16 instead of fp16; checkpoints/last-good.pt, if written, is the "
+                "checkpoint before the first non-finite step (resume with --resume PATH)."
             )

@@ -1,11 +1,15 @@
 """Config tree: typed `--set` overrides, validation naming the field, dict round trip."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.config import apply_overrides, from_dict, to_dict
+from tests.conftest import REPO_ROOT, subprocess_env
 from train.__main__ import parse_args
 from train.config import RECIPES, TrainConfig
 
@@ -75,19 +79,60 @@ def test_cli_reports_bad_overrides_as_usage_errors(capsys):
         parse_args(["--recipe", "demo", "--resume", "--overwrite"])
 
 
-def test_training_with_missing_shards_exits_with_a_message(tmp_path, caplog):
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("data.train_shards", "4 of 4 shards not found"),
+        ("data.val_shards", "data.val_shards: 4 of 4 shards not found"),
+        ("data.zeroshot_file", "data.zeroshot_file: '"),
+    ],
+)
+def test_training_with_missing_inputs_exits_before_the_first_step(
+    tmp_path, synth_dir, caplog, field, message
+):
     from train.__main__ import main
 
+    inputs = {
+        "data.train_shards": f"{synth_dir}/train/shard-{{000000..000007}}.tar",
+        "data.val_shards": f"{synth_dir}/val/shard-{{000000..000001}}.tar",
+        "data.zeroshot_file": f"{synth_dir}/zeroshot.json",
+        field: f"{tmp_path}/nope-{{0..3}}.tar",  # the default recipe's paths, never made here
+    }
     with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "--recipe",
-                "smoke",
-                "--set",
-                f"run_dir={tmp_path}",
-                "--set",
-                f"data.train_shards={tmp_path}/nope-{{0..3}}.tar",
-            ]
-        )
+        main(["--recipe", "smoke", "--set", f"run_dir={tmp_path}"] + [
+            f"--set={name}={value}" for name, value in inputs.items()
+        ])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "4 of 4 shards not found" in caplog.text
+    assert message in caplog.text
+
+
+def test_failures_end_in_one_line_and_the_traceback_goes_to_the_log(tmp_path, synth_dir):
+    """A failure at start (exit 2) and one while running (exit 1): one ERROR line each on the
+    console, no traceback there; the traceback is in RUN_DIR/logs/rank-0.log."""
+    shards = f"data.train_shards={synth_dir}/train/shard-{{000000..000001}}.tar"
+    base = [
+        "--recipe",
+        "smoke",
+        "--set",
+        shards,
+        "--set",
+        "data.val_shards=",
+        "--set",
+        "data.zeroshot_file=",
+    ]
+    cases = [
+        (["--set", "data.batch_size_per_rank=600"], 1, "epoch 0 produced no full batch of 600"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--set", "device=cuda"], 2, "device=cuda was asked for"))
+    for i, (args, code, message) in enumerate(cases):
+        run_dir = tmp_path / str(i)
+        result = subprocess.run(
+            [sys.executable, "-m", "train", *base, "--set", f"run_dir={run_dir}", *args],
+            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+        assert result.returncode == code and len(errors) == 1, result.stderr
+        assert message in errors[0] and "Traceback" not in result.stderr
+        if code == 1:
+            assert "Traceback" in (run_dir / "logs" / "rank-0.log").read_text()
