@@ -1,9 +1,11 @@
 """Load test of the retrieval service: /search text queries over HTTP, dynamic batching on and off.
 
     python bench/serve_load.py [--vectors 100000] [--duration-s 5] [--rounds 3]
-                               [--clients 1,8,32] [--model duet-tiny] [--index-type auto]
+                               [--clients 1,8,32] [--model duet-tiny|ViT-B-32|ARTIFACT_DIR]
+                               [--index-type auto]
 
-Builds a random-init artifact of `--model` and an index of `--vectors` synthetic unit vectors
+Builds a random-init artifact of `--model` (an open_clip name; random weights cost what trained
+ones do) or uses the artifact directory it names, and an index of `--vectors` synthetic unit vectors
 (random directions: the index's size and shape matter here, not its content), starts
 `python -m serve` twice on loopback ports, with dynamic batching on and off, and drives POST
 /search {"text": ..., "k": 10} from C concurrent keep-alive connections (asyncio, one task
@@ -44,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from common.artifact import load_artifact, write_artifact  # noqa: E402
+from common.export import probe_image  # noqa: E402
 from common.model import build_model  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.index import SearchIndex, write_index  # noqa: E402
@@ -68,8 +71,12 @@ def queries(count: int, seed: int = 0) -> list[str]:
 
 
 def build(root: Path, model: str, vectors: int, index_type: str) -> tuple[Path, Path]:
-    """A random-init artifact and an index of `vectors` random unit vectors of its dimension."""
-    artifact = write_artifact(build_model(model), root / "artifact", provenance={})
+    """An artifact (`model`'s directory, or a random-init one of that name) and an index of
+    `vectors` random unit vectors of its dimension."""
+    if Path(model).is_dir():
+        artifact = Path(model)
+    else:
+        artifact = write_artifact(build_model(model), root / "artifact", provenance={})
     dim = load_artifact(artifact).model.embed_dim
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((vectors, dim), dtype=np.float32)
@@ -321,6 +328,25 @@ class InProcess:
                 times.append((time.perf_counter() - t0) * 1000)
         return times
 
+    def encode_ms(self, repeats: int = 30, warmup: int = 3) -> dict[str, float]:
+        """Median in-process encode time of one text and of one image (a 320x240 photo-sized
+        probe, resized by the artifact's own transform), without search."""
+        text, image = queries(1, seed=7)[0], probe_image()
+        calls = {
+            "text": lambda: self.encoder.encode_texts([text]),
+            "image": lambda: self.encoder.encode_images([image]),
+        }
+        medians = {}
+        for kind, call in calls.items():
+            times = []
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                call()
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1000)
+            medians[kind] = statistics.median(times)
+        return medians
+
     def close(self) -> None:
         self.index.close()
 
@@ -346,6 +372,7 @@ def main() -> int:
         bare = [sys.executable, str(Path(__file__).with_name("bare_search.py"))]
         servers["bare"] = start_server(artifact, index, True, command=bare)
         local = InProcess(artifact, index)
+        encode = local.encode_ms()
         try:
             for round_index in range(args.rounds):
                 modes = ["on", "off"] if round_index % 2 == 0 else ["off", "on"]
@@ -372,6 +399,10 @@ def main() -> int:
     order = sorted(rows, key=lambda key: (key[0] != "on", key[1]))
     merged = {key: Result.merge(rows[key]) for key in order}
     print_table(merged, args, paired)
+    print(
+        f"- in-process encode, batch 1 (median): text {encode['text']:.1f} ms, "
+        f"image {encode['image']:.1f} ms"
+    )
     return 0
 
 
