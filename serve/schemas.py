@@ -20,6 +20,11 @@ from pydantic import (
 
 from serve.settings import Settings
 
+# an 8 x 8 red PNG: examples in the API docs that work when sent as they are
+EXAMPLE_IMAGE_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFElEQVR4nGM8ISfHgA0wYRUdtB"
+    "IA0MoBFD5jqJkAAAAASUVORK5CYII="
+)
 INT64_MAX = 2**63 - 1  # ids are int64 in FAISS and SQLite
 # JSON-only numbers: `true` is not 1, `5.0` is not an id, and an id fits in int64
 StrictId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
@@ -149,7 +154,7 @@ class SearchRequest(SearchOptions):
             "examples": [
                 {"text": "red circle", "k": 5},
                 {"id": 17, "k": 5, "dedup": 0.95},
-                {"image": "<base64 of a JPEG/PNG/WebP file>", "index": "default"},
+                {"image": EXAMPLE_IMAGE_BASE64, "index": "default"},
             ]
         },
     )
@@ -279,8 +284,7 @@ class ClassifyRequest(ClassifyLabels):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"images": ["<base64>"], "labels": ["red circle", "blue square"]},
-                {"images": ["<base64>", "<base64>"], "label_set": "shapes"},
+                {"images": [EXAMPLE_IMAGE_BASE64], "labels": ["red circle", "blue square"]},
             ]
         },
     )
@@ -443,9 +447,18 @@ class IndicesResponse(BaseModel):
 
 
 class KnnRequest(BaseModel):
-    """clip-retrieval's /knn-service body; unknown keys are ignored like its back end does."""
+    """clip-retrieval's /knn-service body: exactly one of text, image (base64), image_url,
+    embedding_input; unknown keys are ignored like its back end does."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {"text": "red circle", "modality": "image", "num_images": 5},
+                {"image": EXAMPLE_IMAGE_BASE64, "num_images": 3, "num_result_ids": 10},
+            ]
+        },
+    )
 
     text: str | None = None
     image: str | None = None
@@ -483,7 +496,11 @@ class KnnRequest(BaseModel):
 
 
 class MetadataRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """clip-retrieval's /metadata body: the ids whose metadata to return."""
+
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"ids": [0, 1, 2], "indice_name": None}]}
+    )
 
     ids: list[StrictId] = Field(description="Ids from /knn-service results.")
     indice_name: str | None = None

@@ -22,6 +22,7 @@ from serve.errors import ApiError, error_responses
 from serve.images import prepare_images
 from serve.labels import ensemble, prompts
 from serve.schemas import (
+    EXAMPLE_IMAGE_BASE64,
     ClassifyForm,
     ClassifyLabels,
     ClassifyRequest,
@@ -70,7 +71,7 @@ REQUEST_BODY_DOC = {
         },
         "application/json": {
             "schema": ClassifyRequest.model_json_schema(),
-            "example": {"images": ["<base64>"], "labels": ["red circle", "blue square"]},
+            "example": {"images": [EXAMPLE_IMAGE_BASE64], "labels": ["red circle", "blue square"]},
         },
     },
 }

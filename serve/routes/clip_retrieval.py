@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from serve import retrieval
@@ -65,10 +66,21 @@ def ignored_options(query: KnnRequest) -> list[str]:
     return asked
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that reads its JSON itself (`read_json`)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
 @router.post(
     "/knn-service",
     summary="clip-retrieval: nearest neighbours of a text, image, image URL or embedding",
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
+    openapi_extra=_json_body(KnnRequest),
 )
 async def knn_service(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     query = await read_json(request, KnnRequest, settings)  # any Content-Type, or none
@@ -167,6 +179,7 @@ async def indices_list(service: ServiceDep) -> list[str]:
     "/metadata",
     summary="clip-retrieval: metadata of result ids",
     responses=error_responses(401, 404, 413, 422, 503),
+    openapi_extra=_json_body(MetadataRequest),
 )
 async def metadata(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
     """Ids that are not in the index are left out of the answer."""

@@ -209,6 +209,8 @@ def test_openapi_documents_both_search_bodies(client: TestClient) -> None:
     assert {"image", "labels", "templates", "label_set"} == set(
         classify_form["multipart/form-data"]["schema"]["properties"]
     )
+    for path in ("/knn-service", "/metadata", "/embed"):  # every body is described
+        assert "application/json" in spec["paths"][path]["post"]["requestBody"]["content"]
     docs = client.get("/docs")
     assert docs.status_code == 200
     assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
