@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from common.model import build_model
-from train.config import OptimConfig
 from common.preprocess import tokenizer
+from train.config import OptimConfig
 from train.data import bounded_tokenizer
 from train.trainer import build_optimizer, warmup_cosine
 
