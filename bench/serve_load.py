@@ -20,12 +20,20 @@ no framework), whose overhead is the floor under the service's on this machine. 
 targets:
 0 errors; batching >= 2x the req/s of per-request encoding at 32 clients; p99 <= 3x p50 at 8
 clients; HTTP overhead <= 20% of the in-process time at 1 client.
+
+Under attack (`--attack-clients 8`, 0 to skip): the same C clients against the batching-on
+server while one more client sends, back to back, the costliest requests the default limits
+allow (`attack_payloads`): /classify with max_classify_prompts prompts never seen before, /classify
+with max_request_pixels of images, /embed with max_items_per_request texts of max_text_chars.
+Target: normal traffic keeps >= 70% of its req/s and p99 <= 3x its unloaded p99, in the same
+rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import random
@@ -52,6 +60,7 @@ from serve.encoder import Encoder  # noqa: E402
 from serve.index import SearchIndex, write_index  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 from serve.vector_search import IndexSpec  # noqa: E402
+from tests.serve_support import black_png  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -231,6 +240,78 @@ async def drive(host: str, port: int, clients: int, duration_s: float, texts: li
     return Result(len(latencies), errors, seconds, latencies)
 
 
+def json_request(host: str, port: int, path: str, body: object) -> bytes:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data
+
+
+def attack_payloads(host: str, port: int, rounds: int) -> list[bytes]:
+    """The costliest requests the default limits allow, `rounds` of each kind, cycled.
+
+    Every /classify uses labels never sent before, so the prompt cache does not help it.
+    """
+    defaults = Settings.model_fields
+    prompts = defaults["max_classify_prompts"].default
+    templates = [f"photo {i} of a {{}}." for i in range(defaults["max_templates"].default)]
+    labels_per_request = max(1, prompts // len(templates))
+    side = int(defaults["max_image_pixels"].default ** 0.5)  # ~6324 x 6324, decoded ~120 MB
+    images = defaults["max_request_pixels"].default // (side * side)
+    image = base64.b64encode(black_png(side, side, color_type=2)).decode()
+    long_text = ("a long text " * 100)[: defaults["max_text_chars"].default]
+    small = base64.b64encode(black_png(32, 32, color_type=2)).decode()
+    payloads = []
+    for r in range(rounds):
+        labels = [f"attack {r} label {i}" for i in range(labels_per_request)]
+        payloads += [
+            json_request(
+                host,
+                port,
+                "/classify",
+                {"images": [small], "labels": labels, "templates": templates},
+            ),
+            json_request(
+                host, port, "/classify", {"images": [image] * images, "labels": ["a", "b"]}
+            ),
+            json_request(
+                host,
+                port,
+                "/embed",
+                {"texts": [long_text] * defaults["max_items_per_request"].default},
+            ),
+        ]
+    return payloads
+
+
+async def attacker(host: str, port: int, deadline: float, payloads: list[bytes]) -> list[int]:
+    """Send `payloads` one after another until `deadline`; their statuses."""
+    connection = await Connection.open(host, port)
+    statuses = []
+    try:
+        for raw in payloads:
+            if time.perf_counter() >= deadline:
+                break
+            statuses.append((await connection.request(raw))[0])
+    finally:
+        connection.close()
+    return statuses
+
+
+async def drive_under_attack(
+    host: str, port: int, clients: int, duration_s: float, texts: list[str], payloads: list[bytes]
+) -> tuple[Result, list[int]]:
+    """`drive` while one more connection sends `payloads`; the normal traffic's result and the
+    attack's statuses."""
+    deadline = time.perf_counter() + duration_s
+    normal, statuses = await asyncio.gather(
+        drive(host, port, clients, duration_s, texts), attacker(host, port, deadline, payloads)
+    )
+    return normal, statuses
+
+
 def paired_ms(
     local: InProcess, ports: dict[str, int], texts: list[str], blocks: int = 10
 ) -> dict[str, list[float]]:
@@ -359,11 +440,15 @@ def main() -> int:
     parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--model", default="duet-tiny")
     parser.add_argument("--index-type", default="auto", help="auto | flat | hnsw | ivfpq")
+    parser.add_argument(
+        "--attack-clients", type=int, default=8, help="clients of the under-attack row (0: none)"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     texts = queries(1000)
     rows: dict[tuple[str, int], list[Result]] = {}
     paired: dict[str, list[float]] = {}
+    attack_statuses: list[int] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         print(f"building {args.model} artifact and an index of {args.vectors} vectors ...")
         artifact, index = build(Path(tmp), args.model, args.vectors, args.index_type)
@@ -391,6 +476,21 @@ def main() -> int:
                             f"{result.requests / result.seconds:.1f} req/s",
                             flush=True,
                         )
+                    if clients == args.attack_clients:
+                        port = servers["on"][1]
+                        payloads = attack_payloads(HOST, port, rounds=50)
+                        result, statuses = asyncio.run(
+                            drive_under_attack(
+                                HOST, port, clients, args.duration_s, texts, payloads
+                            )
+                        )
+                        rows.setdefault(("on, under attack", clients), []).append(result)
+                        attack_statuses += statuses
+                        print(
+                            f"round {round_index + 1}: under attack, {clients} clients: "
+                            f"{result.requests / result.seconds:.1f} req/s; attack {statuses}",
+                            flush=True,
+                        )
         finally:
             local.close()
             for proc, _ in servers.values():
@@ -399,6 +499,8 @@ def main() -> int:
     order = sorted(rows, key=lambda key: (key[0] != "on", key[1]))
     merged = {key: Result.merge(rows[key]) for key in order}
     print_table(merged, args, paired)
+    if attack_statuses:
+        print_attack(merged, args.attack_clients, attack_statuses)
     print(
         f"- in-process encode, batch 1 (median): text {encode['text']:.1f} ms, "
         f"image {encode['image']:.1f} ms"
@@ -448,6 +550,19 @@ def print_table(
             f"- HTTP overhead at 1 client (paired p50s): {100 * overhead:.0f}% (<= 20%); "
             f"the bare floor: {100 * floor:.0f}%"
         )
+
+
+def print_attack(rows: dict[tuple[str, int], Result], clients: int, statuses: list[int]) -> None:
+    """The under-attack row against the unloaded one at the same concurrency."""
+    calm, attacked = rows["on", clients], rows["on, under attack", clients]
+    kept = (attacked.requests / attacked.seconds) / max(calm.requests / calm.seconds, 1e-9)
+    p99_ratio = attacked.percentile(99) / max(calm.percentile(99), 1e-9)
+    counts = {status: statuses.count(status) for status in sorted(set(statuses))}
+    print(
+        f"- under attack at {clients} clients: {kept:.0%} of the unloaded req/s (target >= 70%), "
+        f"p99 {p99_ratio:.2f}x the unloaded p99 (target <= 3x); attack requests by status: "
+        f"{counts}"
+    )
 
 
 if __name__ == "__main__":
