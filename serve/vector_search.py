@@ -233,9 +233,22 @@ class VectorSearcher:
             faiss.ParameterSpace().set_index_parameter(index, name, value)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Queries [Q, D] -> (scores, ids), each [Q, k], best first; id -1 where fewer found."""
-        if self.threads is not None:
-            faiss.omp_set_num_threads(self.threads)  # this thread's setting; ~1 us
+        """Queries [Q, D] -> (scores, ids), each [Q, k], best first; id -1 where fewer found.
+
+        The thread's OpenMP setting is put back afterwards: torch imported first shares FAISS's
+        OpenMP runtime, so leaving it at `threads` would also leave every later forward pass on
+        this thread (the batcher's) with that many threads.
+        """
+        if self.threads is None:
+            return self._search(queries, k)
+        previous = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(self.threads)  # this thread's setting; ~1 us
+        try:
+            return self._search(queries, k)
+        finally:
+            faiss.omp_set_num_threads(previous)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._index is None:
             scores, ids = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
             return scores, ids

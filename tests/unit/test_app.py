@@ -12,6 +12,7 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from common.artifact import write_artifact
@@ -92,16 +93,30 @@ def test_health_and_ready_after_load(client: TestClient) -> None:
     }
 
 
-def test_searches_run_with_the_configured_faiss_threads(settings: Settings) -> None:
-    """`search_threads` holds on the batcher's thread, where /search runs its FAISS search:
-    OpenMP keeps the setting per thread, so setting it once on the loading thread misses it."""
+def test_searches_run_with_the_configured_faiss_threads(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`search_threads` holds on the batcher's thread while /search runs its FAISS search (OpenMP
+    keeps the setting per thread, so setting it once on the loading thread misses it), and is
+    put back afterwards: torch shares FAISS's OpenMP runtime, so a count left at 1 there would
+    run every later forward pass of the batcher on one core."""
     threads = fresh_thread_faiss_threads() + 1  # not what that thread would get by default
+    during: list[int] = []
+    knn = faiss.knn
+
+    def observed_knn(*args: object, **kwargs: object) -> object:
+        during.append(faiss.omp_get_max_threads())
+        return knn(*args, **kwargs)
+
+    monkeypatch.setattr(faiss, "knn", observed_knn)  # the exact index's search, observed
     app = create_app(settings.model_copy(update={"search_threads": threads}))
     with TestClient(app) as client:
         assert wait_until_loaded(client).status_code == 200
-        assert client.post("/search", json={"text": "red circle", "k": 3}).status_code == 200
         batcher = app.state.service.service.batcher
-        assert client.portal.call(batcher.run, faiss.omp_get_max_threads, 1) == threads
+        torch_threads = client.portal.call(batcher.run, torch.get_num_threads, 1)
+        assert client.post("/search", json={"text": "red circle", "k": 3}).status_code == 200
+        assert during == [threads]
+        assert client.portal.call(batcher.run, torch.get_num_threads, 1) == torch_threads
 
 
 def fresh_thread_faiss_threads() -> int:

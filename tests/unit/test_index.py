@@ -140,20 +140,30 @@ def test_k_larger_than_count_returns_count(index: SearchIndex) -> None:
 
 
 def test_searches_use_the_loaded_thread_count_on_any_thread(
-    tmp_path: Path, vectors: np.ndarray
+    tmp_path: Path, vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """OpenMP keeps its thread count per thread: a search from a thread that never set it (the
     service's batcher and threadpool threads) still runs with the index's `threads`."""
     write_index(tmp_path / "idx", vectors, _rows(len(vectors)), {})
     threads = in_new_thread(faiss.omp_get_max_threads) + 1  # not a new thread's default
 
+    during: list[int] = []
+    knn = faiss.knn
+
+    def observed_knn(*args: object, **kwargs: object) -> object:
+        during.append(faiss.omp_get_max_threads())
+        return knn(*args, **kwargs)
+
     def search_then_read() -> int:
         loaded.search(vectors[:1], 3)
         return faiss.omp_get_max_threads()
 
+    monkeypatch.setattr(faiss, "knn", observed_knn)  # the exact search, observed
     loaded = SearchIndex.load(tmp_path / "idx", threads=threads)
     try:
-        assert in_new_thread(search_then_read) == threads
+        default = in_new_thread(faiss.omp_get_max_threads)
+        assert in_new_thread(search_then_read) == default  # put back: torch shares OpenMP
+        assert during == [threads]
     finally:
         loaded.close()
 
