@@ -138,10 +138,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     die_with_launcher()
     from train.trainer import Trainer  # heavy imports after argument errors are reported
 
+    handlers = list(logging.getLogger().handlers)
     try:
         trainer = Trainer(cfg, resume=options.resume, overwrite=options.overwrite)
     except Exception as exc:  # bad config, data, weights, device or run_dir: one line
         log.error("cannot start training: %s", _one_line(exc), exc_info=True)
+        for added in set(logging.getLogger().handlers) - set(handlers):  # RUN_DIR/logs/
+            logging.getLogger().removeHandler(added)
+            added.close()
         sys.exit(2)
     try:
         trainer.train()
