@@ -12,6 +12,10 @@ is uvicorn's httptools protocol with:
 - header limits: more than `max_header_count` headers, or a request line plus headers over
   `max_header_bytes`, get 431 and the connection is closed;
 - malformed HTTP gets the service's JSON error envelope (400) instead of uvicorn's plain text.
+
+`python -m serve` passes `guarded_protocol(...)` to uvicorn; under the `uvicorn` command (the
+Docker image) use `--http serve.http:GuardedHttpToolsProtocol` (`UVICORN_HTTP=...`), which reads
+its limits from the DUET_* settings.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -56,12 +60,15 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """See the module doc; `limits` is set by `guarded_protocol`."""
+    """See the module doc; `limits` is set by `guarded_protocol`, or read from the settings."""
 
-    limits: ConnectionLimits
+    limits: ClassVar[ConnectionLimits | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if type(self).limits is None:  # the uvicorn command: from DUET_* variables, once
+            type(self).limits = ConnectionLimits.from_settings(Settings())  # type: ignore[call-arg]
+        self._limits: ConnectionLimits = type(self).limits  # type: ignore[assignment]
         self._deadline: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._header_count = 0
@@ -71,7 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self.limits.header_timeout_s, "headers")
+        self._arm(self._limits.header_timeout_s, "headers")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -81,11 +88,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._header_bytes = self._header_count = 0
         if self._deadline is None:  # a later request on a kept-alive connection
-            self._arm(self.limits.header_timeout_s, "headers")
+            self._arm(self._limits.header_timeout_s, "headers")
 
     def on_headers_complete(self) -> None:
         self._disarm()
-        self._arm(self.limits.body_timeout_s, "body")
+        self._arm(self._limits.body_timeout_s, "body")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -125,16 +132,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
-        if self._header_count > self.limits.max_header_count:
-            self._refuse(f"more than {self.limits.max_header_count} headers")
+        if self._header_count > self._limits.max_header_count:
+            self._refuse(f"more than {self._limits.max_header_count} headers")
         self._count_header_bytes(len(name) + len(value) + 4)
         super().on_header(name, value)
 
     def _count_header_bytes(self, size: int) -> None:
         self._header_bytes += size
-        if self._header_bytes > self.limits.max_header_bytes:
+        if self._header_bytes > self._limits.max_header_bytes:
             self._refuse(
-                f"the request line and headers are over {self.limits.max_header_bytes} bytes"
+                f"the request line and headers are over {self._limits.max_header_bytes} bytes"
             )
 
     def _refuse(self, message: str) -> None:
