@@ -39,7 +39,7 @@ from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
-from serve.images import return_large_frees_to_os
+from serve.images import lower_decode_priority, return_large_frees_to_os
 from serve.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
@@ -183,7 +183,11 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
         registry,
         label_sets,
         prompt_cache=PromptCache(settings.prompt_cache_entries),
-        decoder=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="duet-decode"),
+        decoder=ThreadPoolExecutor(
+            settings.decode_threads,
+            thread_name_prefix="duet-decode",
+            initializer=lower_decode_priority,
+        ),
     )
     metrics.set_index_sizes(registry.counts())
     metrics.ready.set(1)

@@ -25,8 +25,9 @@ The queue is bounded by cost, in encode items (one text or one image each; see `
 job that would take it over `max_queue_items` is refused with `Overloaded` (HTTP 429 with
 Retry-After) instead of making everyone wait longer. A job is admitted into an empty queue
 whatever its size, so no request is refused forever. Bulk work (a /classify's label prompts) is
-submitted in small chunks, one at a time, so it waits its turn between other requests instead of
-filling the queue.
+submitted in small chunks, one at a time, so it never fills the queue; a bulk chunk gives way to
+interactive jobs queued after it until it has waited `BULK_MAX_WAIT_S`, and only joins other bulk
+chunks in a batch, so a large label set slows others' searches by little.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 JobKind = Literal["text", "image", "call"]
+# A bulk job waits at most this long for interactive jobs queued after it: with chunks of a few
+# milliseconds of encoding, bulk work gets a small share of a saturated encoder and never starves.
+BULK_MAX_WAIT_S = 0.05
 
 
 class Overloaded(RuntimeError):
@@ -81,6 +85,8 @@ class _Job:
     # set by the caller's event loop; the worker hands results back to that loop
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[Any] | None = None
+    bulk: bool = False  # yields to interactive jobs (see `_take_first`)
+    queued_at_s: float = field(default_factory=time.monotonic)
 
 
 class EncodeBatcher:
@@ -117,9 +123,13 @@ class EncodeBatcher:
         with self._cond:
             return self._pending_items
 
-    async def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """N texts -> [N, D] unit vectors, encoded together with other callers' texts."""
-        return await self._await(_Job("text", list(texts), len(texts)))
+    async def encode_texts(self, texts: Sequence[str], *, bulk: bool = False) -> np.ndarray:
+        """N texts -> [N, D] unit vectors, encoded together with other callers' texts.
+
+        `bulk`: part of a large piece of work (a /classify's label prompts) that should give way
+        to interactive requests; it is still encoded within `BULK_MAX_WAIT_S` of being queued.
+        """
+        return await self._await(_Job("text", list(texts), len(texts), bulk=bulk))
 
     async def encode_images(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
         """N preprocessed [3, H, W] images (`Encoder.preprocess`) -> [N, D] unit vectors, encoded
@@ -189,13 +199,13 @@ class EncodeBatcher:
                 if self._closed:
                     return None
                 self._cond.wait()
-            batch = [self._queue.popleft()]
+            batch = [self._take_first()]
             if batch[0].kind == "call" or not self.batching:
                 return batch
             size = batch[0].size
             deadline = time.monotonic() + (self.max_wait_s if self._busy else 0.0)
             while size < self.max_batch_size:
-                job = self._take_fitting(batch[0].kind, self.max_batch_size - size)
+                job = self._take_fitting(batch[0].kind, self.max_batch_size - size, batch[0].bulk)
                 if job is not None:
                     batch.append(job)
                     size += job.size
@@ -207,9 +217,21 @@ class EncodeBatcher:
             self._busy = len(batch) > 1
             return batch
 
-    def _take_fitting(self, kind: JobKind, room: int) -> _Job | None:
+    def _take_first(self) -> _Job:
+        """The oldest job, but a bulk job only if no interactive job waits or it has waited
+        `BULK_MAX_WAIT_S`: interactive requests go first, bulk work still progresses."""
+        oldest = self._queue[0]
+        if oldest.bulk and time.monotonic() - oldest.queued_at_s < BULK_MAX_WAIT_S:
+            interactive = next((job for job in self._queue if not job.bulk), None)
+            if interactive is not None:
+                self._queue.remove(interactive)
+                return interactive
+        return self._queue.popleft()
+
+    def _take_fitting(self, kind: JobKind, room: int, bulk: bool) -> _Job | None:
+        """A queued job of `kind` that fits in `room`; bulk jobs only join bulk batches."""
         for job in self._queue:
-            if job.kind == kind and job.size <= room:
+            if job.kind == kind and job.size <= room and (bulk or not job.bulk):
                 self._queue.remove(job)
                 return job
         return None

@@ -13,6 +13,8 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
+import threading
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -33,8 +35,22 @@ from serve.settings import Settings
 log = logging.getLogger(__name__)
 
 NOT_AN_IMAGE = "the upload is not a decodable image (send JPEG, PNG or WebP)"
+DECODE_NICENESS = 10  # decode threads yield the CPU to the encoder and the event loop
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
+
+
+def lower_decode_priority() -> None:
+    """Run this thread (a decode pool's) at niceness +DECODE_NICENESS, where the OS allows.
+
+    Decoding a large image is seconds of CPU; at equal priority a stream of them takes the cores
+    from the encoder that every request waits on. Niced, decoding uses what the encoder leaves.
+    Linux schedules threads apart, so this touches the calling thread only.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICENESS)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        log.debug("decode threads keep their priority: %s", exc)
 
 
 def return_large_frees_to_os() -> bool:

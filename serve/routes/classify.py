@@ -3,8 +3,9 @@
 GET /label-sets lists the label sets configured at start-up (their embeddings are computed once,
 at load). Labels sent with a request cost labels x templates prompts (`max_classify_prompts`);
 each prompt is embedded on first use and kept in an LRU cache (`prompt_cache_entries`), and the
-prompts not yet cached are encoded in chunks of at most `max_batch_size`, one chunk at a time,
-so a large label set takes its turns between other requests instead of holding the encoder.
+prompts not yet cached are encoded as bulk work (`EncodeBatcher`) in chunks of a quarter of
+`max_batch_size`, one chunk at a time, so a large label set takes its turns between other
+requests instead of holding the encoder.
 """
 
 from __future__ import annotations
@@ -166,10 +167,10 @@ async def prompt_embeddings(service: Service, texts: list[str]) -> np.ndarray:
     found = service.prompt_cache.get_many(model, texts)
     missing = sorted({text for text, vector in zip(texts, found, strict=True) if vector is None})
     encoded: dict[str, np.ndarray] = {}
-    chunk = service.batcher.max_batch_size
+    chunk = max(1, service.batcher.max_batch_size // 4)  # a few ms of encoding at a time
     for start in range(0, len(missing), chunk):
         part = missing[start : start + chunk]
-        vectors = await service.batcher.encode_texts(part)  # [<= chunk, D]
+        vectors = await service.batcher.encode_texts(part, bulk=True)  # [<= chunk, D]
         service.prompt_cache.put_many(model, part, vectors)
         encoded.update(zip(part, vectors, strict=True))
     return np.stack(

@@ -11,6 +11,7 @@ import torch
 
 from common.artifact import load_artifact
 from common.preprocess import load_image
+from serve import batching
 from serve.batching import EncodeBatcher, Overloaded
 from serve.encoder import Encoder
 from tests.serve_support import make_artifact, make_shard, read_samples
@@ -236,3 +237,34 @@ def test_a_failing_item_fails_only_its_own_job_in_a_shared_batch(
     valid = [results[0], *results[1:3], *results[4:]]
     for rows, one in zip(valid, pixels[:5], strict=True):
         torch.testing.assert_close(rows, encoder.encode_pixels([one]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("max_wait_s", "bulk_first"), [(30.0, False), (0.0, True)])
+def test_bulk_work_gives_way_to_interactive_jobs_queued_after_it(
+    encoder: Encoder, monkeypatch: pytest.MonkeyPatch, max_wait_s: float, bulk_first: bool
+) -> None:
+    """A /classify's prompt chunk queued first is encoded after a search queued later, in a
+    batch of its own — unless it has waited BULK_MAX_WAIT_S; both get their own rows."""
+    monkeypatch.setattr(batching, "BULK_MAX_WAIT_S", max_wait_s)
+    gate, recorder = GatedEncoder(encoder), Recorder()
+    batcher = EncodeBatcher(gate, max_batch_size=32, max_wait_ms=0, observer=recorder)  # type: ignore[arg-type]
+
+    async def scenario() -> list:
+        first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
+        await asyncio.to_thread(gate.started.wait, 30)
+        bulk = asyncio.ensure_future(batcher.encode_texts(TEXTS[1:4], bulk=True))
+        await asyncio.sleep(0.01)
+        search = asyncio.ensure_future(batcher.encode_texts(TEXTS[4:5]))
+        await asyncio.sleep(0.01)
+        gate.release.set()
+        return await asyncio.gather(first, bulk, search)
+
+    try:
+        _, bulk_rows, search_rows = asyncio.run(scenario())  # [3, D], [1, D]
+    finally:
+        batcher.close()
+    # a bulk batch takes interactive jobs along; an interactive batch takes no bulk job
+    order = [("text", 4, 2)] if bulk_first else [("text", 1, 1), ("text", 3, 1)]
+    assert recorder.batches == [("text", 1, 1), *order]
+    torch.testing.assert_close(bulk_rows, encoder.encode_texts(TEXTS[1:4]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(search_rows, encoder.encode_texts(TEXTS[4:5]), atol=1e-5, rtol=0)
