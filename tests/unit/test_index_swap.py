@@ -41,27 +41,45 @@ while True:
 """
 
 
+def loadable_count(out: Path) -> int:
+    index = SearchIndex.load(out)
+    try:
+        return index.count
+    finally:
+        index.close()
+
+
 def test_a_build_killed_at_any_moment_leaves_a_loadable_index(tmp_path: Path):
+    """One child rewrites the index in a loop. Frozen (SIGSTOP) at several moments, the files
+    are as a kill at that moment would leave them: the old index (50) or a new one (80) loads.
+    Then it is killed, and the next build cleans up what it left."""
     out = tmp_path / "index"
     write_index(out, unit_vectors(50, seed=0), rows(50))
-    leftovers = 0
-    for delay_s in (0.05, 0.13, 0.29, 0.41):
-        child = subprocess.Popen(
-            [sys.executable, "-c", REBUILD_FOREVER, str(out)],
-            cwd=REPO_ROOT,
-            env=subprocess_env(),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+    child = subprocess.Popen(
+        [sys.executable, "-c", REBUILD_FOREVER, str(out)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-        time.sleep(delay_s)
-        child.send_signal(signal.SIGKILL)
+        for delay_s in (0.01, 0.05, 0.13, 0.29, 0.41):
+            time.sleep(delay_s)
+            child.send_signal(signal.SIGSTOP)
+            assert loadable_count(out) in (50, 80)
+            child.send_signal(signal.SIGCONT)
+        for _ in range(500):  # kill it inside a build: while its temporary directory exists
+            child.send_signal(signal.SIGSTOP)
+            if list(tmp_path.glob(".index.build-*")):
+                break
+            child.send_signal(signal.SIGCONT)
+            time.sleep(0.003)
+    finally:
+        child.kill()
         child.wait()
-        index = SearchIndex.load(out)  # the old index (50) or a new one (80), whole
-        assert index.count in (50, 80)
-        index.close()
-        leftovers += len(list(tmp_path.glob(".index.*")))
-    assert leftovers, "no kill landed inside a build: the cleanup below was not exercised"
+    assert loadable_count(out) in (50, 80)
+    assert list(tmp_path.glob(".index.*")), "the kill did not land inside a build"
 
     running = tmp_path / f".index.build-{socket.gethostname().replace('-', '_')}-{os.getpid()}-live"
     running.mkdir()  # a build of a live process (this one): not to be touched
