@@ -168,14 +168,27 @@ def short_text_length(clip: Any, tokens: torch.Tensor) -> int | None:
     padding gives the same embedding. Towers that attend both ways, pool at the last or first
     position, or are not open_clip's built-in text transformer are left alone.
     """
+    pooling = text_pooling(clip)
+    return None if pooling is None else pooled_length(tokens, *pooling)
+
+
+def text_pooling(clip: Any) -> tuple[str, int | None] | None:
+    """(pool type, end-of-text id) of a text tower whose padding can be cut, else None."""
     if type(clip) is not open_clip.CLIP or getattr(clip, "attn_mask", None) is None:
         return None
-    if clip.text_pool_type == "argmax":
+    if clip.text_pool_type == "argmax" or (
+        clip.text_pool_type == "eos" and clip.text_eos_id is not None
+    ):
+        return clip.text_pool_type, clip.text_eos_id
+    return None
+
+
+def pooled_length(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> int | None:
+    """The shortest bucket holding every row's pooling position, or None if none is shorter."""
+    if pool_type == "argmax" or eos_id is None:
         positions = tokens.argmax(dim=-1)
-    elif clip.text_pool_type == "eos" and clip.text_eos_id is not None:
-        positions = (tokens == clip.text_eos_id).int().argmax(dim=-1)
     else:
-        return None
+        positions = tokens.eq(eos_id).int().argmax(dim=-1)
     needed = int(positions.max()) + 1
     length = next((b for b in TEXT_LENGTH_BUCKETS if b >= needed), tokens.shape[1])
     return length if length < tokens.shape[1] else None

@@ -1,0 +1,149 @@
+"""Benchmark the text and image towers per runtime: torch eager, short-text torch, ONNX fp32, int8.
+
+    python bench/encode.py [--models duet-tiny,ViT-B-32] [--batches 1,16] [--rounds 3]
+                           [--seconds 2] [--runtimes eager,short,onnx,onnx-int8]
+
+For each model (an open_clip name, built with random weights, which cost what trained ones do; or
+an artifact directory), an artifact with ONNX towers is made in a temporary directory
+(`common.onnx_towers`, fp32 and int8). Then, per tower and batch size, every runtime encodes the
+same inputs for `--seconds`, runtimes interleaved round by round so that the machine's drift hits
+all alike. Texts are search-like queries of 5-10 tokens ("a small red circle in the top left");
+images are a 320x240 picture through the artifact's eval transform (the transform is not timed).
+
+- eager: open_clip's own forward, texts padded to the full context (what serving did before);
+- short: `DualEncoder` in eval mode, texts cut to the batch's real length (exact);
+- onnx / onnx-int8: ONNX Runtime sessions of the exported towers (`OnnxTowers`), texts cut too.
+
+Prints items/s (median over rounds), the speed-up over eager, and each runtime's largest
+absolute embedding difference and smallest cosine to eager's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.artifact import load_artifact, write_artifact  # noqa: E402
+from common.export import probe_image  # noqa: E402
+from common.model import build_model, normalize  # noqa: E402
+from common.onnx_towers import OnnxTowers, export_onnx  # noqa: E402
+
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square", "triangle", "star")
+PLACES = ("top left", "bottom right", "center")
+
+
+def texts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        f"a {rng.choice(('small', 'large'))} {rng.choice(COLORS)} {rng.choice(SHAPES)} "
+        f"in the {rng.choice(PLACES)}"
+        for _ in range(count)
+    ]
+
+
+def runtimes(artifact: Path, names: list[str]) -> dict[str, tuple[Callable, Callable]]:
+    """name -> (encode tokens, encode pixels) for each runtime asked for."""
+    model = load_artifact(artifact).model
+    table: dict[str, tuple[Callable, Callable]] = {
+        "eager": (
+            lambda t: normalize(model.clip.encode_text(t)),
+            lambda p: normalize(model.clip.encode_image(p)),
+        ),
+        "short": (model.encode_text, model.encode_image),
+    }
+    for variant in ("fp32", "int8"):
+        name = "onnx" if variant == "fp32" else "onnx-int8"
+        if name in names:
+            towers = OnnxTowers.load(artifact, variant)
+            table[name] = (towers.encode_text, towers.encode_image)
+    return {name: table[name] for name in names}
+
+
+def items_per_second(call: Callable, inputs: torch.Tensor, seconds: float) -> float:
+    call(inputs)  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call(inputs)
+        count += len(inputs)
+    return count / (time.perf_counter() - start)
+
+
+def bench_model(model: str, args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
+        if Path(model).is_dir():
+            artifact = Path(tmp) / "artifact"
+            write_artifact(load_artifact(model).model, artifact, provenance={})
+        else:
+            artifact = write_artifact(build_model(model), Path(tmp) / "artifact", provenance={})
+        start = time.perf_counter()
+        export_onnx(artifact, int8="onnx-int8" in args.runtimes)
+        print(f"\n{model}: ONNX export {time.perf_counter() - start:.0f} s", flush=True)
+        names = args.runtimes.split(",")
+        table = runtimes(artifact, names)
+        loaded = load_artifact(artifact)
+        pixels_one = loaded.transform(probe_image())
+        print(
+            f"| tower | batch | {' | '.join(f'{n} items/s' for n in names)} "
+            f"| {' | '.join(f'{n} vs eager' for n in names[1:])} | min cosine to eager |"
+        )
+        print(f"|---|---:|{'---:|' * (2 * len(names) - 1)}---|")
+        for tower in ("text", "image"):
+            for batch in args.batches:
+                if tower == "text":
+                    inputs = loaded.tokenize(texts(batch))
+                else:
+                    inputs = pixels_one.expand(batch, -1, -1, -1).contiguous()
+                index = 0 if tower == "text" else 1
+                rates: dict[str, list[float]] = {n: [] for n in names}
+                with torch.inference_mode():
+                    for _ in range(args.rounds):
+                        for name in names:
+                            rate = items_per_second(table[name][index], inputs, args.seconds)
+                            rates[name].append(rate)
+                    reference = table["eager"][index](inputs) if "eager" in table else None
+                    cosines = []
+                    for name in names:
+                        out = table[name][index](inputs)
+                        if reference is not None:
+                            cosines.append(f"{name} {float((out * reference).sum(-1).min()):.5f}")
+                median = {n: statistics.median(r) for n, r in rates.items()}
+                ratios = [f"{median[n] / median[names[0]]:.2f}x" for n in names[1:]]
+                print(
+                    f"| {tower} | {batch} | {' | '.join(f'{median[n]:.1f}' for n in names)} "
+                    f"| {' | '.join(ratios)} | {', '.join(cosines[1:])} |",
+                    flush=True,
+                )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="duet-tiny,ViT-B-32")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per runtime, round and row")
+    parser.add_argument("--runtimes", default="eager,short,onnx,onnx-int8")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for model in args.models.split(","):
+        bench_model(model, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""ONNX towers: exported from an artifact, run by ONNX Runtime with torch's embeddings."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import onnx_towers
+from common.artifact import load_artifact, write_artifact
+from common.model import build_model
+from common.onnx_towers import OnnxExportError, OnnxTowers
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["dog", "a red circle", "a small red circle left of a large blue square in the corner"]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("onnx") / "artifact"
+    write_artifact(build_model("duet-micro"), out, provenance={})
+    assert onnx_towers.main([str(out), "--int8"]) == 0
+    return out
+
+
+def test_onnx_towers_give_torchs_embeddings(artifact: Path):
+    loaded = load_artifact(artifact)
+    towers = OnnxTowers.load(artifact, "fp32")
+    tokens = loaded.tokenize(TEXTS)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for rows in (slice(0, 1), slice(0, 2), slice(0, 3)):  # cut to 8, 8 and the full 20
+            expected = loaded.model.encode_text(tokens[rows])
+            torch.testing.assert_close(
+                towers.encode_text(tokens[rows]), expected, atol=1e-5, rtol=0
+            )
+        for batch in (1, 3):  # the batch axis is dynamic
+            expected = loaded.model.encode_image(pixels[:batch])
+            torch.testing.assert_close(
+                towers.encode_image(pixels[:batch]), expected, atol=1e-5, rtol=0
+            )
+
+
+def test_int8_towers_keep_the_embeddings_close(artifact: Path):
+    loaded = load_artifact(artifact)
+    towers = OnnxTowers.load(artifact, "int8")
+    tokens = loaded.tokenize(TEXTS)
+    with torch.no_grad():
+        cosine = (towers.encode_text(tokens) * loaded.model.encode_text(tokens)).sum(-1)
+    assert float(cosine.min()) >= 0.99
+    for path in [artifact / "onnx", *(artifact / "onnx").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644)
+
+
+def test_missing_towers_name_the_command(tmp_path: Path):
+    out = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    with pytest.raises(OnnxExportError, match="python -m common.onnx_towers"):
+        OnnxTowers.load(out, "fp32")
+    with pytest.raises(ValueError, match="variant"):
+        OnnxTowers.load(out, "fp16")
