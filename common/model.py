@@ -256,7 +256,7 @@ def count_parameters(module: nn.Module) -> int:
 
 @torch.no_grad()
 def class_embeddings(
-    model: DualEncoder,
+    model: Any,
     tokenize: Callable[[list[str]], torch.Tensor],
     classnames: Sequence[str],
     templates: Sequence[str],
@@ -268,7 +268,8 @@ def class_embeddings(
     """
     if not classnames or not templates:
         raise ValueError("class_embeddings needs at least one class name and one template")
-    device = next(model.parameters()).device
+    # `model`: anything with encode_text, e.g. a DualEncoder or ONNX towers (which run on the CPU)
+    device = next(model.parameters()).device if isinstance(model, nn.Module) else "cpu"
     # replace, not format: other braces in a user's template stay text instead of raising
     prompts = [template.replace("{}", name) for name in classnames for template in templates]
     text = model.encode_text(tokenize(prompts).to(device))  # [C*T, D]

@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from common.artifact import load_artifact
+from common.onnx_towers import OnnxTowers
 from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
@@ -149,12 +150,22 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.service.close()
 
 
+def load_towers(settings: Settings) -> OnnxTowers | None:
+    """The ONNX Runtime towers `settings.runtime` asks for; None: the torch model runs them."""
+    if settings.runtime == "torch":
+        return None
+    variant = "int8" if settings.runtime == "onnx-int8" else "fp32"
+    towers = OnnxTowers.load(settings.artifact_dir, variant)
+    log.info("runtime: ONNX Runtime (%s towers)", variant)
+    return towers
+
+
 def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetrics) -> None:
     """Load artifact, indices and label sets into `state.service`, or record why not."""
     registry = None
     try:
         loaded = load_artifact(settings.artifact_dir, device=settings.device)
-        encoder = Encoder(loaded, settings.device)
+        encoder = Encoder(loaded, settings.device, load_towers(settings))
         load_index = functools.partial(
             _load_index,
             expected_dim=encoder.embed_dim,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,16 +18,28 @@ from common.model import class_embeddings
 from common.preprocess import PreprocessCfg, preprocess_config
 
 
+class Towers(Protocol):
+    """What runs the forward passes: the torch `DualEncoder`, or `common.onnx_towers.OnnxTowers`."""
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor: ...  # [N, L] -> [N, D] unit
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor: ...  # [N, 3, H, W] -> [N, D]
+
+
 class Encoder:
     """Thread-safe inference over one `LoadedModel`; every output is float32 numpy on the host.
 
     Calls are serialised by a lock: the handlers run in a threadpool, and interleaving forward
     passes on one model gains nothing on a CPU (torch already uses every core) while multiplying
-    peak activation memory.
+    peak activation memory. `towers` (default: the loaded torch model) run the forward passes;
+    tokenizer, transform and temperature always come from the artifact.
     """
 
-    def __init__(self, loaded: LoadedModel, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, loaded: LoadedModel, device: str | torch.device = "cpu", towers: Towers | None = None
+    ) -> None:
         self.loaded = loaded
+        self.towers: Towers = towers if towers is not None else loaded.model
         self.device = torch.device(device)
         # the eval transform's size and resize mode: what a request's image is resized to
         self.preprocess_cfg: PreprocessCfg = preprocess_config(loaded.model.clip)
@@ -62,7 +75,7 @@ class Encoder:
         """N preprocessed [3, H, W] images -> [N, D] unit vectors."""
         with self._lock, torch.inference_mode():
             batch = torch.stack(list(pixels)).to(self.device)  # [N, 3, H, W]
-            return _to_numpy(self.loaded.model.encode_image(batch))
+            return _to_numpy(self.towers.encode_image(batch))
 
     @property
     def logit_scale(self) -> float:
@@ -72,12 +85,12 @@ class Encoder:
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
         """[L, D] zero-shot classifier weights by prompt ensembling (`class_embeddings`)."""
         with self._lock, torch.inference_mode():
-            model = self.loaded.model
-            return _to_numpy(class_embeddings(model, self.loaded.tokenize, labels, templates))
+            prompts = class_embeddings(self.towers, self.loaded.tokenize, labels, templates)
+            return _to_numpy(prompts)
 
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.loaded.tokenize(list(texts)).to(self.device)  # [N, L]
-        return self.loaded.model.encode_text(tokens)
+        return self.towers.encode_text(tokens)
 
 
 def zero_shot_probabilities(

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     device: str = Field(
         default="cpu", description="Torch device for the encoders, e.g. cpu or cuda:0."
     )
+    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
+        default="torch",
+        description="What runs the towers: torch, or ONNX Runtime on the CPU with the "
+        "artifact's ONNX towers (`python -m common.onnx_towers ARTIFACT [--int8]` makes them); "
+        "onnx gives torch's embeddings, onnx-int8 approximates them (cosine >= 0.99).",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="If set, every request except /health, /ready, the page and the docs must "
@@ -274,6 +280,8 @@ class Settings(BaseSettings):
             )
         if self.index_dir is None and not self.indices:
             raise ValueError("no index: set index_dir (DUET_INDEX_DIR) or indices (DUET_INDICES)")
+        if self.runtime != "torch" and self.device != "cpu":
+            raise ValueError(f"runtime {self.runtime} runs on the CPU; device is {self.device}")
         return self
 
     @property

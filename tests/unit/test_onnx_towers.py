@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from common import onnx_towers
 from common.artifact import load_artifact, write_artifact
 from common.model import build_model
 from common.onnx_towers import OnnxExportError, OnnxTowers
+from serve.app import create_app
+from serve.settings import Settings
+from tests.serve_support import make_index, make_shard, png, wait_until_loaded
 
 pytestmark = pytest.mark.slow
 
@@ -62,3 +66,42 @@ def test_missing_towers_name_the_command(tmp_path: Path):
         OnnxTowers.load(out, "fp32")
     with pytest.raises(ValueError, match="variant"):
         OnnxTowers.load(out, "fp16")
+
+
+def test_the_service_on_onnx_runtime_answers_as_on_torch(artifact: Path, tmp_path: Path):
+    shard = make_shard(tmp_path / "data", samples=40)
+    index = make_index(artifact, shard, tmp_path / "index")
+    answers = {}
+    for runtime in ("torch", "onnx", "onnx-int8"):
+        settings = Settings(artifact_dir=artifact, index_dir=index, runtime=runtime)
+        with TestClient(create_app(settings)) as client:
+            assert wait_until_loaded(client).status_code == 200
+            text = client.post("/search", json={"text": "a red circle", "k": 5}).json()
+            image = client.post("/search", files={"image": png(40)}, data={"k": "5"}).json()
+            labels = {"labels": ["red circle", "blue square"], "templates": ["a {}."]}
+            classify = client.post("/classify", files={"image": png(40)}, data=labels).json()
+        answers[runtime] = (text, image, classify)
+    for runtime in ("onnx", "onnx-int8"):
+        tolerance = 1e-4 if runtime == "onnx" else 0.05
+        for ours, torchs in zip(answers[runtime][:2], answers["torch"][:2], strict=True):
+            scores = [r["score"] for r in ours["results"]]
+            expected = [r["score"] for r in torchs["results"]]
+            assert scores == pytest.approx(expected, abs=tolerance)
+        if runtime == "onnx":
+            assert [r["id"] for r in ours["results"]] == [r["id"] for r in torchs["results"]]
+    probabilities = {
+        runtime: [p["probability"] for p in answers[runtime][2]["predictions"]]
+        for runtime in ("torch", "onnx")
+    }
+    assert probabilities["onnx"] == pytest.approx(probabilities["torch"], abs=1e-4)
+
+
+def test_onnx_runtime_without_towers_is_not_ready_and_says_why(tmp_path: Path):
+    out = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    index = make_index(out, make_shard(tmp_path / "data", samples=8), tmp_path / "index")
+    settings = Settings(artifact_dir=out, index_dir=index, runtime="onnx")
+    with TestClient(create_app(settings)) as client:
+        ready = wait_until_loaded(client)
+    assert ready.status_code == 503 and "common.onnx_towers" in ready.json()["error"]
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        Settings(artifact_dir=out, index_dir=index, runtime="onnx", device="cuda")
