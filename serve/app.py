@@ -45,7 +45,16 @@ from serve.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
 from serve.registry import IndexRegistry
-from serve.routes import classify, clip_retrieval, embed, health, indices, page, search
+from serve.routes import (
+    classify,
+    clip_retrieval,
+    embed,
+    health,
+    indices,
+    openai_api,
+    page,
+    search,
+)
 from serve.service import Service, ServiceState, public_reason
 from serve.settings import Settings
 
@@ -85,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestMetricsMiddleware, metrics=app.state.metrics, log_requests=settings.access_log
     )
-    for module in (search, classify, embed, indices, clip_retrieval, health, page):
+    for module in (search, classify, embed, openai_api, indices, clip_retrieval, health, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_docs(app)

@@ -512,3 +512,89 @@ class MetadataRequest(BaseModel):
         if settings is not None and len(ids) > settings.max_metadata_ids:
             raise ValueError(f"{len(ids)} ids; the limit is {settings.max_metadata_ids}")
         return ids
+
+
+# --- OpenAI-compatible embeddings (/v1/embeddings, /v1/models) ---------------------------------
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request; images by infinity's convention (`modality: "image"`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "duet-tiny", "input": ["a red circle", "a blue square"]},
+                {
+                    "model": "duet-tiny",
+                    "input": f"data:image/png;base64,{EXAMPLE_IMAGE_BASE64}",
+                    "modality": "image",
+                },
+            ]
+        },
+    )
+
+    input: str | list[str] = Field(
+        description="A text or a list of texts; with modality image, base64 images or data URIs."
+    )
+    model: str | None = Field(None, description="The served model's name (GET /v1/models).")
+    encoding_format: str = Field(
+        "float", pattern="^(float|base64)$", description="float, or base64 of float32 bytes."
+    )
+    modality: str = Field("text", pattern="^(text|image)$", description="What `input` holds.")
+    dimensions: int | None = Field(
+        None, description="Must be the model's dimension if given (no truncation)."
+    )
+    user: str | None = Field(None, description="Accepted and ignored, as by OpenAI's own API.")
+
+    @field_validator("input")
+    @classmethod
+    def _inputs_valid(cls, value: str | list[str], info: ValidationInfo) -> list[str]:
+        inputs = [value] if isinstance(value, str) else value
+        if not inputs:
+            raise ValueError("input must not be empty")
+        if any(not item.strip() for item in inputs):
+            raise ValueError("input must not contain empty strings")
+        _check_items(len(inputs), info)
+        return inputs
+
+    @model_validator(mode="after")
+    def _text_lengths(self, info: ValidationInfo) -> OpenAIEmbeddingsRequest:
+        if self.modality == "text":
+            for text in self.inputs:
+                _check_length(text, "input text", info)
+        return self
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class OpenAIEmbedding(BaseModel):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="A unit vector, or base64 float32 bytes.")
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens of the texts (images count none).")
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: str = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(description="Unix time the artifact was written.")
+    owned_by: str = "duet"
+
+
+class OpenAIModelList(BaseModel):
+    object: str = "list"
+    data: list[OpenAIModel]

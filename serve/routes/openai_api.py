@@ -1,0 +1,111 @@
+"""OpenAI-compatible embeddings: POST /v1/embeddings and GET /v1/models.
+
+Clients written for OpenAI's embeddings API (its `openai` Python package, LangChain, LlamaIndex)
+work unchanged with `base_url=http://HOST:PORT/v1`. Texts are `input` as OpenAI defines it;
+images follow infinity's convention: `modality: "image"` with base64 images or data URIs as the
+inputs. The same limits, API key (`Authorization: Bearer` is what OpenAI's clients send) and
+error envelope as every other route; the vectors are those /embed returns.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from serve.body import decode_base64, read_json
+from serve.errors import ApiError, error_responses
+from serve.images import prepare_images
+from serve.schemas import (
+    OpenAIEmbedding,
+    OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
+    OpenAIModel,
+    OpenAIModelList,
+    OpenAIUsage,
+)
+from serve.service import Service, ServiceDep, SettingsDep
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.post(
+    "/embeddings",
+    response_model=OpenAIEmbeddingsResponse,
+    summary="OpenAI-compatible embeddings of texts or images",
+    responses=error_responses(400, 401, 404, 413, 415, 422, 429, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": OpenAIEmbeddingsRequest.model_json_schema()}
+            },
+        }
+    },
+)
+async def embeddings(
+    request: Request, service: ServiceDep, settings: SettingsDep
+) -> OpenAIEmbeddingsResponse:
+    """Unit vectors in input order: `float` lists, or `base64` of little-endian float32."""
+    body = await read_json(request, OpenAIEmbeddingsRequest, settings)
+    _check_model(body.model, service)
+    if body.dimensions is not None and body.dimensions != service.encoder.embed_dim:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"body.dimensions: this model's embeddings have {service.encoder.embed_dim} "
+            "dimensions; shortened embeddings are not offered",
+        )
+    if body.modality == "image":
+        files = [decode_base64(d, f"body.input.{i}", settings) for i, d in enumerate(body.inputs)]
+        vectors = await service.batcher.encode_images(
+            await prepare_images(files, service, settings)
+        )
+        tokens = 0
+    else:
+        vectors = await service.batcher.encode_texts(body.inputs)
+        tokens = _token_count(service, body.inputs)
+    data = [
+        OpenAIEmbedding(index=i, embedding=_encode(vector, body.encoding_format))
+        for i, vector in enumerate(vectors)
+    ]
+    return OpenAIEmbeddingsResponse(
+        data=data,
+        model=service.encoder.model_name,
+        usage=OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+
+
+@router.get(
+    "/models",
+    response_model=OpenAIModelList,
+    summary="The served model, as OpenAI's model list",
+    responses=error_responses(401, 503),
+)
+async def models(service: ServiceDep, settings: SettingsDep) -> OpenAIModelList:
+    created = int(os.stat(settings.artifact_dir).st_mtime)
+    return OpenAIModelList(data=[OpenAIModel(id=service.encoder.model_name, created=created)])
+
+
+def _check_model(name: str | None, service: Service) -> None:
+    if name is not None and name != service.encoder.model_name:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {name!r} is not served here; this service serves "
+            f"{service.encoder.model_name!r} (GET /v1/models)",
+        )
+
+
+def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # what OpenAI's clients decode: float32, little-endian
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+def _token_count(service: Service, texts: list[str]) -> int:
+    """Tokens the texts really use: up to and with each one's end-of-text, or the context."""
+    tokens = service.encoder.loaded.tokenize(texts)  # [N, C]
+    return int((tokens != 0).sum())
