@@ -114,15 +114,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         log.info(
             "closing a connection from %s: its %s took over %s s", self.client, what, timeout_s
         )
-        answering = self.cycle is not None and self.cycle.response_started
-        if what == "body" and not answering or what == "headers" and not self._in_progress():
+        if not self._answering(what):  # else too late for an answer: just the close
             message = f"the request's {what} did not arrive within {timeout_s:g} s"
             self._write_error(408, "timeout", message)
         self.transport.close()
 
-    def _in_progress(self) -> bool:
-        """An answer is being written (the headers of a pipelined request are late)."""
-        return self.cycle is not None and not self.cycle.response_complete
+    def _answering(self, what: str) -> bool:
+        """An answer is being written on this connection: to the request whose body is late,
+        or to an earlier one (the headers of a pipelined request are late)."""
+        if self.cycle is None:
+            return False
+        if what == "body":
+            return self.cycle.response_started
+        return not self.cycle.response_complete
 
     # --- header limits and malformed requests ---
 
