@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.model import DualEncoder
+from common.permissions import make_readable
 from common.preprocess import (
     Tokenizer,
     Transform,
@@ -143,14 +144,6 @@ def load_artifact(artifact_dir: str | Path, *, device: str | torch.device = "cpu
     model = DualEncoder(clip, manifest["model_name"], int(manifest["embed_dim"]), config).eval()
     transform = image_transform(preprocess_config(clip), train=False)
     return LoadedModel(model, transform, tokenizer(f"local-dir:{artifact_dir}"), manifest)
-
-
-def make_readable(root: Path) -> None:
-    """Files 0644 and folders 0755 under `root`: a service may run as another user than the
-    writer, and temp files (mkstemp, safetensors' own) are created owner-only."""
-    root.chmod(0o755)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.artifact import load_artifact, make_readable
+from common.artifact import load_artifact
 from common.model import (
     DualEncoder,
     encode_text_prefix,
@@ -40,6 +40,7 @@ from common.model import (
     pooled_length,
     text_pooling,
 )
+from common.permissions import make_readable
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.artifact import make_readable
+from common.permissions import make_readable
 from serve.vector_search import (
     FLAT,
     RECALL_K,
