@@ -15,7 +15,7 @@
 # fails or runs out of time is a row saying so, and the others still run. Logs: OUT_DIR/*.log.
 # Needs the project installed (make install) with a CUDA build of torch.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-.venv/bin/python}
 OUT=${1:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
 mkdir -p "$OUT"
