@@ -50,8 +50,8 @@ TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" 
   --set logging.every_steps=1 --set data.workers=2 --set data.val_shards=
   --set "data.train_shards=$OUT/synth/train/shard-{000000..000003}.tar")
 check_resume() {
-  limit 50 "${TORCHRUN[@]}" --set "run_dir=$OUT/reference" >"$OUT/reference.log" 2>&1 || return 1
-  timeout 50 "${TORCHRUN[@]}" --set "run_dir=$OUT/run" >"$OUT/stopped.log" 2>&1 &
+  limit 50 "${TORCHRUN[@]}" --overwrite --set "run_dir=$OUT/reference" >"$OUT/reference.log" 2>&1 || return 1
+  timeout 50 "${TORCHRUN[@]}" --overwrite --set "run_dir=$OUT/run" >"$OUT/stopped.log" 2>&1 &
   local pid=$!  # timeout's: it passes the SIGTERM on to torchrun
   while [ ! -e "$OUT/run/checkpoints/step-00000010.pt" ] && kill -0 "$pid" 2>/dev/null; do
     sleep 0.2
