@@ -36,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 
 from common.artifact import load_artifact
 from common.onnx_towers import OnnxTowers
+from serve import timing
 from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
 from serve.encoder import Encoder
@@ -62,7 +63,12 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI and ReDoc files
-EXPOSED_HEADERS = ["Retry-After", clip_retrieval.IGNORED_HEADER, clip_retrieval.CLAMPED_HEADER]
+EXPOSED_HEADERS = [
+    "Retry-After",
+    clip_retrieval.IGNORED_HEADER,
+    clip_retrieval.CLAMPED_HEADER,
+    *timing.HEADERS,
+]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -44,6 +44,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import numpy as np
 import torch
 
+from serve import timing
 from serve.encoder import Encoder
 
 log = logging.getLogger(__name__)
@@ -60,11 +61,13 @@ class Overloaded(RuntimeError):
 
 
 class BatchObserver(Protocol):
-    """Where batch sizes and queue depth go (the Prometheus metrics, or nothing)."""
+    """Where batch sizes, queue depth and job timings go (the Prometheus metrics, or nothing)."""
 
     def observe_batch(self, kind: str, items: int, jobs: int) -> None: ...
 
     def set_queue_depth(self, items: int) -> None: ...
+
+    def observe_job(self, kind: str, queue_s: float, inference_s: float) -> None: ...
 
 
 class _NoObserver:
@@ -72,6 +75,9 @@ class _NoObserver:
         pass
 
     def set_queue_depth(self, items: int) -> None:
+        pass
+
+    def observe_job(self, kind: str, queue_s: float, inference_s: float) -> None:
         pass
 
 
@@ -87,6 +93,8 @@ class _Job:
     future: asyncio.Future[Any] | None = None
     bulk: bool = False  # yields to interactive jobs (see `_take_first`)
     queued_at_s: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0  # set by the worker: waited before its batch started ...
+    inference_s: float = 0.0  # ... and the forward passes (or the call) it was part of
 
 
 class EncodeBatcher:
@@ -163,7 +171,10 @@ class EncodeBatcher:
         job.loop = asyncio.get_running_loop()
         job.future = job.loop.create_future()
         self._submit(job)
-        return await job.future
+        try:
+            return await job.future
+        finally:
+            timing.record(job.queue_s, job.inference_s)  # the request's x-queue-time etc.
 
     def _submit(self, job: _Job) -> None:
         with self._cond:
@@ -186,7 +197,11 @@ class EncodeBatcher:
                 return
             # a caller that went away (its task cancelled: the client disconnected) is skipped
             live = [job for job in batch if job.future is not None and not job.future.cancelled()]
-            outcome = self._execute(live) if live else []
+            try:
+                outcome = self._execute_timed(live) if live else []
+            except Exception as exc:  # a fault outside the jobs' own work: their batch fails,
+                log.exception("the encoder's batch handling failed")  # the worker lives on
+                outcome = [exc] * len(live)
             with self._cond:  # before the results: a caller that has its result sees it counted
                 self._pending_items -= sum(job.size for job in batch)
                 self._observer.set_queue_depth(self._pending_items)
@@ -236,15 +251,28 @@ class EncodeBatcher:
                 return job
         return None
 
+    def _execute_timed(self, live: list[_Job]) -> list[Any]:
+        """`_execute`, with each job's queue wait and forward-pass time measured and observed."""
+        started = time.monotonic()
+        for job in live:
+            job.queue_s = started - job.queued_at_s
+        outcome = self._execute(live)
+        for job in live:
+            self._observer.observe_job(job.kind, job.queue_s, job.inference_s)
+        return outcome
+
     def _execute(self, live: list[_Job]) -> list[Any]:
         """Each job's result (its rows, or the call's value), or its own exception."""
         if live[0].kind == "call":
             assert live[0].call is not None
+            start = time.monotonic()
             try:
                 return [live[0].call()]
             except Exception as exc:  # handed to its caller; the worker goes on
                 log.exception("a call on the encoder thread failed")
                 return [exc]
+            finally:
+                live[0].inference_s = time.monotonic() - start
         self._observer.observe_batch(live[0].kind, sum(job.size for job in live), len(live))
         return self._encode_isolated(live)
 
@@ -254,6 +282,7 @@ class EncodeBatcher:
         Items are preprocessed before they are queued, so a failure here is rare; but one
         request's item must never fail the other requests of its batch.
         """
+        start = time.monotonic()
         try:
             vectors = self._encode(jobs[0].kind, [item for job in jobs for item in job.items])
         except Exception as exc:
@@ -263,6 +292,8 @@ class EncodeBatcher:
             log.warning("a batch of %d jobs failed (%s); retrying in halves", len(jobs), exc)
             half = len(jobs) // 2
             return self._encode_isolated(jobs[:half]) + self._encode_isolated(jobs[half:])
+        for job in jobs:  # the forward passes they shared (a retried job: its last attempt)
+            job.inference_s = time.monotonic() - start
         offsets = np.cumsum([0] + [job.size for job in jobs])
         rows = [vectors[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         return [_finish(job, job_rows) for job, job_rows in zip(jobs, rows, strict=True)]

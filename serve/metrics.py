@@ -13,6 +13,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve import timing
+
 access_log = logging.getLogger("serve.access")
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -51,6 +53,20 @@ class ServiceMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        self.queue_seconds = Histogram(
+            "duet_encode_queue_seconds",
+            "Time a job (a request's texts or images) waited before its batch started",
+            ("kind",),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "duet_encode_inference_seconds",
+            "Time of the forward passes a job was part of",
+            ("kind",),
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "duet_encode_queue_items",
             "Texts + images queued or being encoded",
@@ -74,6 +90,10 @@ class ServiceMetrics:
 
     def set_queue_depth(self, items: int) -> None:
         self.queue_depth.set(items)
+
+    def observe_job(self, kind: str, queue_s: float, inference_s: float) -> None:
+        self.queue_seconds.labels(kind).observe(queue_s)
+        self.inference_seconds.labels(kind).observe(inference_s)
 
     def set_index_sizes(self, counts: dict[str, int]) -> None:
         for name, count in counts.items():
@@ -106,11 +126,15 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500  # if the app fails before answering, the server answers 500
+        request_timing = timing.start_request()
 
         async def send_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                total_s = time.perf_counter() - start
+                headers = list(message.get("headers", []))
+                message = {**message, "headers": headers + request_timing.headers(total_s)}
             await send(message)
 
         try:

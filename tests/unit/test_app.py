@@ -416,3 +416,19 @@ def test_cors_is_off_by_default(client: TestClient) -> None:
     )
     assert search.status_code == 200
     assert "access-control-allow-origin" not in search.headers
+
+
+def test_answers_say_where_their_time_went(client: TestClient) -> None:
+    """TEI's timing headers: queue wait and forward passes of this request, and the total;
+    the same split in /metrics."""
+    search = client.post("/search", json={"text": "red circle", "k": 3})
+    assert search.status_code == 200
+    queue, inference, total = (
+        float(search.headers[name]) for name in ("x-queue-time", "x-inference-time", "x-total-time")
+    )
+    assert queue >= 0 and inference > 0 and queue + inference <= total
+    health = client.get("/health")
+    assert float(health.headers["x-inference-time"]) == 0.0  # nothing was encoded
+    metrics = client.get("/metrics").text
+    assert 'duet_encode_queue_seconds_count{kind="text"}' in metrics
+    assert 'duet_encode_inference_seconds_count{kind="text"}' in metrics

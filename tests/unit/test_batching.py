@@ -29,12 +29,16 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[tuple[str, int, int]] = []
         self.depths: list[int] = []
+        self.jobs: list[tuple[str, float, float]] = []
 
     def observe_batch(self, kind: str, items: int, jobs: int) -> None:
         self.batches.append((kind, items, jobs))
 
     def set_queue_depth(self, items: int) -> None:
         self.depths.append(items)
+
+    def observe_job(self, kind: str, queue_s: float, inference_s: float) -> None:
+        self.jobs.append((kind, queue_s, inference_s))
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +129,8 @@ def test_images_batch_and_oversized_job_is_sliced(
     finally:
         batcher.close()
     assert vectors.shape == (len(images), encoder.embed_dim)
+    ((kind, queue_s, inference_s),) = recorder.jobs  # one job, timed once over both slices
+    assert kind == "image" and queue_s >= 0 and inference_s > 0
     torch.testing.assert_close(vectors, encoder.encode_images(images), atol=1e-5, rtol=0)
     for one, image in zip(vectors, images, strict=True):
         torch.testing.assert_close(one, encoder.encode_images([image])[0], atol=1e-5, rtol=0)
@@ -268,3 +274,21 @@ def test_bulk_work_gives_way_to_interactive_jobs_queued_after_it(
     assert recorder.batches == [("text", 1, 1), *order]
     torch.testing.assert_close(bulk_rows, encoder.encode_texts(TEXTS[1:4]), atol=1e-5, rtol=0)
     torch.testing.assert_close(search_rows, encoder.encode_texts(TEXTS[4:5]), atol=1e-5, rtol=0)
+
+
+class BrokenObserver(Recorder):
+    def observe_job(self, kind: str, queue_s: float, inference_s: float) -> None:
+        raise RuntimeError("metrics backend broke")
+
+
+def test_a_fault_outside_the_jobs_fails_them_and_the_worker_lives_on(encoder: Encoder) -> None:
+    """A bug around the forward pass (here: the metrics) answers the batch's callers with the
+    error instead of killing the worker, which would leave every later request waiting."""
+    batcher = EncodeBatcher(encoder, observer=BrokenObserver())
+    try:
+        with pytest.raises(RuntimeError, match="metrics backend broke"):
+            asyncio.run(batcher.encode_texts(TEXTS[:2]))
+        with pytest.raises(RuntimeError, match="metrics backend broke"):  # answered again
+            asyncio.run(batcher.encode_texts(TEXTS[:1]))
+    finally:
+        batcher.close()
