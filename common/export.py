@@ -41,7 +41,6 @@ from common.model import (
     count_parameters,
     model_config,
     normalize,
-    quiet_open_clip,
 )
 from common.weights import Weights, WeightsError, load_weights, read_weights
 
@@ -170,10 +169,9 @@ def build_from_source(src: Source) -> DualEncoder:
         # its preprocessing from any config, registered name or not, and initialises it randomly
         content = {"model_cfg": src.config, "preprocess_cfg": src.preprocess or {}}
         (Path(tmp) / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(content))
-        with quiet_open_clip():
-            clip = open_clip.create_model(
-                f"local-dir:{tmp}", pretrained_image=False, pretrained_text=False
-            )
+        clip = open_clip.create_model(
+            f"local-dir:{tmp}", pretrained_image=False, pretrained_text=False
+        )
     report = load_weights(clip, src.weights)
     log.info("%s: %s", src.weights.path, report.describe())
     log.info("built %s (%.2fM parameters)", src.name, count_parameters(clip) / 1e6)
@@ -242,14 +240,13 @@ def _open_clip_reference(src: Source) -> tuple[Any, Any, Any]:
     from_folder = src.open_clip_name.startswith("local-dir:")
     if "init_logit_bias" in src.config and not from_folder:  # a folder's config has it already
         kwargs["init_logit_bias"] = src.config["init_logit_bias"]
-    with quiet_open_clip():
-        model, _, transform = open_clip.create_model_and_transforms(
-            src.open_clip_name,
-            pretrained=src.open_clip_pretrained,
-            pretrained_image=False,
-            pretrained_text=False,
-            **kwargs,
-        )
+    model, _, transform = open_clip.create_model_and_transforms(
+        src.open_clip_name,
+        pretrained=src.open_clip_pretrained,
+        pretrained_image=False,
+        pretrained_text=False,
+        **kwargs,
+    )
     if src.open_clip_pretrained is None and not from_folder:
         model.load_state_dict(src.weights.state_dict, strict=True)
     model.eval()

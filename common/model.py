@@ -6,11 +6,11 @@ build, the service) gets unit vectors from `DualEncoder`, so inner product == co
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,17 +47,28 @@ def model_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-@contextlib.contextmanager
-def quiet_open_clip() -> Iterator[None]:
-    """Hide open_clip's INFO chatter and its "no pretrained weights loaded" warning (it logs to
-    the root logger) while a model is built whose weights are loaded right after."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+class OpenClipChatter(logging.Filter):
+    """Drops open_clip's INFO lines, which it logs on the root logger (~10 per model load:
+    "Parsing model identifier...", "Loading full pretrained weights..."), unless the root logger
+    is at DEBUG; and its "No pretrained weights loaded" warning, which is wrong for us: weights
+    are loaded right after the architecture is built (`build_model`), or a random start is meant.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+            return True
+        if record.levelno < logging.WARNING:
+            return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@functools.cache
+def quiet_open_clip() -> None:
+    """Install `OpenClipChatter` on the root logger (once)."""
+    logging.getLogger().addFilter(OpenClipChatter())
+
+
+quiet_open_clip()
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -236,10 +247,9 @@ def build_model(
         kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = init_logit_bias
-    with quiet_open_clip():
-        clip = open_clip.create_model(
-            name, device="cpu", pretrained_image=False, pretrained_text=False, **kwargs
-        )
+    clip = open_clip.create_model(
+        name, device="cpu", pretrained_image=False, pretrained_text=False, **kwargs
+    )
     if weights is not None:
         report = load_weights(clip, weights)
         log.info("model.pretrained %s: %s", weights.path, report.describe())

@@ -200,6 +200,10 @@ def sync_replicated_grads(model: nn.Module, info: DistInfo) -> None:
             param.grad.div_(info.world_size)
 
 
+# newer torch renamed all_gather_into_tensor (deprecated there, with a warning at every call)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for each slice (all-reduce + slice).
 
@@ -213,7 +217,7 @@ class _GatherWithGrad(torch.autograd.Function):
         world_size, rank = dist.get_world_size(), dist.get_rank()
         ctx.rank, ctx.rows = rank, x.shape[0]
         out = x.new_empty((world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        _all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod
@@ -235,7 +239,7 @@ def gather(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if not info.enabled:
         return x
     out = x.new_empty((info.world_size * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous())
+    _all_gather_single(out, x.contiguous())
     return out
 
 
