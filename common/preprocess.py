@@ -100,7 +100,9 @@ def load_image(
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             check_image_size(width, height, max_pixels=max_pixels, resize=resize)
-            return image.convert("RGB")
+            image.load()
+            # convert() copies even an RGB image: twice the memory of a large one, for nothing
+            return image if image.mode == "RGB" else image.convert("RGB")
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
