@@ -274,6 +274,11 @@ class Settings(BaseSettings):
                 f"max_request_bytes ({self.max_request_bytes}) must be at least "
                 f"max_upload_bytes ({self.max_upload_bytes})"
             )
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) must be at least "
+                f"max_image_pixels ({self.max_image_pixels})"
+            )
         if self.index_dir is not None and DEFAULT_INDEX_NAME in self.indices:
             raise ValueError(
                 f'index_dir is served as "{DEFAULT_INDEX_NAME}"; indices names it again'

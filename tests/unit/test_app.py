@@ -432,3 +432,9 @@ def test_answers_say_where_their_time_went(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     assert 'duet_encode_queue_seconds_count{kind="text"}' in metrics
     assert 'duet_encode_inference_seconds_count{kind="text"}' in metrics
+
+
+def test_a_request_pixel_budget_below_one_image_is_refused(settings: Settings) -> None:
+    """A single image is charged per image only: the request budget must hold one at least."""
+    with pytest.raises(ValueError, match="max_request_pixels"):
+        Settings(**{**settings.model_dump(), "max_request_pixels": settings.max_image_pixels - 1})
