@@ -69,6 +69,8 @@ class RawSample:
     image: bytes
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)
+    image_ext: str = ""  # a shard's: the extension of the member the image came from
+    row: int | None = None  # a parquet file's: the row the sample came from
 
 
 def split_sources(spec: str) -> list[str]:
@@ -99,8 +101,8 @@ def is_remote(url: str) -> bool:
 def to_raw_sample(sample: dict[str, Any]) -> RawSample:
     """A webdataset sample dict (extension -> bytes) -> RawSample, or SampleError naming why not."""
     key = str(sample.get("__key__", "?"))
-    image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image is None:
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image_ext is None:
         raise SampleError("missing_image", f"sample {key}: no image ({'/'.join(IMAGE_EXTENSIONS)})")
     raw_caption = next((sample[e] for e in CAPTION_EXTENSIONS if e in sample), None)
     if raw_caption is None:
@@ -117,7 +119,8 @@ def to_raw_sample(sample: dict[str, Any]) -> RawSample:
             meta = json.loads(sample["json"])
         except (UnicodeDecodeError, json.JSONDecodeError):
             meta = {}  # the JSON is optional metadata; a broken one does not cost the sample
-    return RawSample(key, str(sample.get("__url__", "")), image, caption, meta)
+    url = str(sample.get("__url__", ""))
+    return RawSample(key, url, sample[image_ext], caption, meta, image_ext=image_ext)
 
 
 def raw_samples(samples: Iterable[dict[str, Any]], skipped: Counter[str]) -> Iterator[RawSample]:

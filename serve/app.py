@@ -55,6 +55,7 @@ from serve.routes import (
     openai_api,
     page,
     search,
+    thumbnails,
 )
 from serve.service import Service, ServiceState, public_reason
 from serve.settings import Settings
@@ -100,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestMetricsMiddleware, metrics=app.state.metrics, log_requests=settings.access_log
     )
-    for module in (search, classify, embed, openai_api, indices, clip_retrieval, health, page):
+    routes = (search, thumbnails, classify, embed, openai_api, indices, clip_retrieval, health)
+    for module in (*routes, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_docs(app)

@@ -16,6 +16,12 @@ writes its vectors and rows to `--parts-dir`; after a barrier rank 0 merges them
 the ids are those of a one-process build), builds the index and removes the parts. Samples that
 cannot be used (no image, undecodable image, unreadable file) are skipped, counted by reason, and
 summed over ranks in the index manifest.
+
+Each indexed image also gets a thumbnail (`--thumbnails webp|jpeg|none`, longest side
+`--thumbnail-px`, serve/thumbnails.py), written as it is embedded to a packed file per process in
+the parts directory and merged in the same part order as the rows. Each row's metadata says where
+its image came from: `shard` + `member` (a tar shard), `source` (a folder's file, relative path;
+`folder` is the folder), or `parquet` + `row`; img2dataset's own `url` and `key` stay as they are.
 """
 
 from __future__ import annotations
@@ -39,9 +45,18 @@ from PIL import Image
 
 from common.artifact import load_artifact
 from common.preprocess import ImageTooLargeError, InvalidImageError, load_image
+from common.shards import IMAGE_EXTENSIONS, RawSample
 from serve.encoder import Encoder
 from serve.index import IndexRow, write_index
 from serve.sources import Part, list_parts, read_part
+from serve.thumbnails import (
+    THUMBNAIL_FORMATS,
+    Pack,
+    PackWriter,
+    ThumbnailSpec,
+    make_thumbnail,
+    merge_packs,
+)
 from serve.vector_search import INDEX_TYPES, IndexSpec
 
 log = logging.getLogger(__name__)
@@ -52,12 +67,14 @@ BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait
 
 @dataclass(slots=True)
 class Embedded:
-    """The embeddings of one process's parts: vectors [n, D], their rows, and each row's part."""
+    """The embeddings of one process's parts: vectors [n, D], their rows, each row's part, and
+    the rows' thumbnails (None: built without)."""
 
     vectors: np.ndarray
     rows: list[IndexRow]
     shards: list[int]
     skipped: Counter[str]
+    thumbnails: Pack | None = None
 
 
 def build_index(
@@ -69,11 +86,14 @@ def build_index(
     device: str = "cpu",
     spec: IndexSpec | None = None,
     parts_dir: str | Path | None = None,
+    thumbnails: ThumbnailSpec | None = None,
 ) -> dict[str, Any]:
     """Embed every usable image in `data` with the artifact in `model_dir`; write `out_dir`.
 
     Under torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 writes
-    the index from every rank's part in `parts_dir` (default: `OUT.parts`, beside `out_dir`).
+    the index from every rank's part in `parts_dir` (default: `OUT.parts`, beside `out_dir`;
+    a one-process build stages its thumbnails there too). `thumbnails`: how to make them
+    (default WebP, 256 px; format "none": no thumbnails).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
     second of reading + decoding + embedding (model loading not included); on ranks other than 0
     the same for that rank's part.
@@ -88,12 +108,36 @@ def build_index(
     encoder = Encoder(load_artifact(model_dir, device=device), device)
     start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
     mine = [(i, part) for i, part in enumerate(parts) if i % world_size == rank]
-    embedded = _embed(encoder, mine, batch_size)
-    if world_size > 1:
-        parts_path = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
-        embedded = _exchange_parts(embedded, parts_path, rank, world_size)
-        if rank != 0:
-            return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
+    thumbnails = thumbnails or ThumbnailSpec()
+    parts_path = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
+    try:
+        embedded = _embed(encoder, mine, batch_size, thumbnails, parts_path, rank)
+        if world_size > 1:
+            embedded = _exchange_parts(embedded, parts_path, rank, world_size)
+            if rank != 0:
+                return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
+        elif embedded.thumbnails is not None:
+            order = np.arange(len(embedded.rows))
+            embedded.thumbnails = merge_into(parts_path, [embedded.thumbnails], order)
+        return _write(out_dir, embedded, encoder, model_dir, data, start, spec, thumbnails, rank)
+    finally:
+        if rank == 0:
+            shutil.rmtree(parts_path, ignore_errors=True)
+
+
+def _write(
+    out_dir: str | Path,
+    embedded: Embedded,
+    encoder: Encoder,
+    model_dir: Path,
+    data: str,
+    start: float,
+    spec: IndexSpec | None,
+    thumbnails: ThumbnailSpec,
+    rank: int,
+) -> dict[str, Any]:
+    """Rank 0: the index from every rank's rows (and thumbnails), and the build's summary."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if not embedded.rows:
         raise ValueError(
             f"no usable samples in {data!r} (skipped: {dict(embedded.skipped) or 'none'})"
@@ -107,9 +151,15 @@ def build_index(
         "build_seconds": seconds,
         "build_processes": world_size,
     }
-    write_index(out_dir, embedded.vectors, embedded.rows, extra, spec=spec)
-    if world_size > 1:
-        shutil.rmtree(parts_path, ignore_errors=True)
+    write_index(
+        out_dir,
+        embedded.vectors,
+        embedded.rows,
+        extra,
+        spec=spec,
+        thumbnails=embedded.thumbnails,
+        thumbnail_spec=thumbnails,
+    )
     return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank, seconds=seconds)
 
 
@@ -134,21 +184,42 @@ def _summary(
     }
 
 
-def _embed(encoder: Encoder, shards: list[tuple[int, Part]], batch_size: int) -> Embedded:
-    """Embed the usable images of `shards` (index, part) in order; count the skipped ones."""
+def _embed(
+    encoder: Encoder,
+    shards: list[tuple[int, Part]],
+    batch_size: int,
+    thumbnails: ThumbnailSpec,
+    parts: Path,
+    rank: int,
+) -> Embedded:
+    """Embed the usable images of `shards` (index, part) in order, thumbnails to a pack in
+    `parts`; count the skipped ones."""
     skipped: Counter[str] = Counter()
     chunks: list[np.ndarray] = []
     rows: list[IndexRow] = []
     shard_of_row: list[int] = []
-    batches = _batches(shards, skipped, batch_size)
-    for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
-        chunks.append(encoder.encode_images(images))  # [B, D]
-        rows.extend(batch_rows)
-        shard_of_row.extend(batch_shards)
-        if batch_number % PROGRESS_EVERY_BATCHES == 0:
-            log.info("embedded %d images (%d skipped)", len(rows), sum(skipped.values()))
+    writer = None
+    if thumbnails.enabled:
+        parts.mkdir(parents=True, exist_ok=True)
+        writer = PackWriter(parts / f"part-{rank:05d}.thumbnails.bin")
+    try:
+        batches = _batches(shards, skipped, batch_size)
+        for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
+            chunks.append(encoder.encode_images(images))  # [B, D]
+            if writer is not None:
+                for image in images:
+                    writer.add(make_thumbnail(image, thumbnails))
+            rows.extend(batch_rows)
+            shard_of_row.extend(batch_shards)
+            if batch_number % PROGRESS_EVERY_BATCHES == 0:
+                log.info("embedded %d images (%d skipped)", len(rows), sum(skipped.values()))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
-    return Embedded(vectors, rows, shard_of_row, skipped)
+    pack = writer.close() if writer is not None else None
+    return Embedded(vectors, rows, shard_of_row, skipped, pack)
 
 
 def _batches(
@@ -171,13 +242,34 @@ def _batches(
                 log.debug("skipped %s: %s", sample.key, exc)
                 continue
             images.append(image)
-            rows.append(IndexRow(sample.key, sample.caption, sample.meta))
+            rows.append(IndexRow(sample.key, sample.caption, _with_origin(sample, part)))
             shard_of_row.append(shard_index)
             if len(images) == batch_size:
                 yield images, rows, shard_of_row
                 images, rows, shard_of_row = [], [], []
     if images:
         yield images, rows, shard_of_row
+
+
+def _with_origin(sample: RawSample, part: Part) -> dict[str, Any]:
+    """The sample's metadata plus where its image is: shard + member, folder (+ `source`, set by
+    serve.sources), or parquet file + row; fields the sample already has are kept."""
+    meta = dict(sample.meta) if isinstance(sample.meta, dict) else {}
+    origin: dict[str, Any]
+    if part.kind == "shard":
+        origin = {"shard": part.location, "member": _member_name(sample)}
+    elif part.kind == "files":
+        origin = {"folder": part.location}
+    else:
+        origin = {"parquet": part.location, "row": sample.row}
+    for name, value in origin.items():
+        meta.setdefault(name, value)
+    return meta
+
+
+def _member_name(sample: RawSample) -> str:
+    """The tar member the image was read from: KEY.EXT, EXT as common.shards chose it."""
+    return f"{sample.key}.{sample.image_ext or IMAGE_EXTENSIONS[0]}"
 
 
 # --- torchrun: parts on disk, merged by rank 0 -------------------------------------------------
@@ -197,7 +289,7 @@ def _exchange_parts(embedded: Embedded, parts: Path, rank: int, world_size: int)
         dist.destroy_process_group()
     if rank != 0:
         return embedded
-    return _merge_parts([_read_part(parts, r) for r in range(world_size)])
+    return _merge_parts(parts, [_read_part(parts, r) for r in range(world_size)])
 
 
 def _write_part(parts: Path, rank: int, embedded: Embedded) -> None:
@@ -225,11 +317,17 @@ def _read_part(parts: Path, rank: int) -> Embedded:
     if not len(vectors) == len(records) == done["count"]:
         raise RuntimeError(f"part {stem}: {len(vectors)} vectors, {len(records)} rows")
     rows = [IndexRow(r["key"], r["caption"], r["meta"]) for r in records]
-    return Embedded(vectors, rows, [r["shard"] for r in records], Counter(done["skipped"]))
+    thumbnails_path = Path(f"{stem}.thumbnails.bin")
+    pack = Pack.open(thumbnails_path) if thumbnails_path.is_file() else None
+    if pack is not None and len(pack) != len(rows):
+        raise RuntimeError(f"part {stem}: {len(pack)} thumbnails for {len(rows)} rows")
+    shards = [r["shard"] for r in records]
+    return Embedded(vectors, rows, shards, Counter(done["skipped"]), pack)
 
 
-def _merge_parts(parts: list[Embedded]) -> Embedded:
-    """One Embedded in shard order: a stable sort by shard keeps each shard's sample order."""
+def _merge_parts(directory: Path, parts: list[Embedded]) -> Embedded:
+    """One Embedded in shard order: a stable sort by shard keeps each shard's sample order;
+    the thumbnails follow the rows into one pack in `directory`."""
     shards = np.array([s for part in parts for s in part.shards], dtype=np.int64)
     order = np.argsort(shards, kind="stable")
     rows = [row for part in parts for row in part.rows]
@@ -237,7 +335,16 @@ def _merge_parts(parts: list[Embedded]) -> Embedded:
     skipped: Counter[str] = Counter()
     for part in parts:
         skipped.update(part.skipped)
-    return Embedded(vectors, [rows[i] for i in order], shards[order].tolist(), skipped)
+    packs = [part.thumbnails for part in parts]
+    merged = None
+    if all(pack is not None for pack in packs):
+        merged = merge_into(directory, [p for p in packs if p is not None], order)
+    return Embedded(vectors, [rows[i] for i in order], shards[order].tolist(), skipped, merged)
+
+
+def merge_into(directory: Path, packs: list[Pack], order: np.ndarray) -> Pack:
+    """The packs' thumbnails in `order`, as `directory/thumbnails.bin`."""
+    return merge_packs(packs, order, directory / "thumbnails.bin")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -261,7 +368,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default="cpu", help="torch device: cpu, cuda (under torchrun: per rank), cuda:0"
     )
-    parser.add_argument("--parts-dir", help="torchrun: where ranks write their parts (OUT.parts)")
+    parser.add_argument(
+        "--parts-dir", help="where ranks write their parts and thumbnails are staged (OUT.parts)"
+    )
+    parser.add_argument(
+        "--thumbnails",
+        default="webp",
+        choices=THUMBNAIL_FORMATS,
+        help="thumbnail format stored in the index (none: no thumbnails)",
+    )
+    parser.add_argument(
+        "--thumbnail-px", type=int, default=256, help="longest side of a thumbnail in pixels"
+    )
+    parser.add_argument(
+        "--thumbnail-quality", type=int, default=80, help="thumbnail encoder quality, 1-100"
+    )
     knobs = parser.add_argument_group("index type and knobs (unset: derived from the count)")
     knobs.add_argument("--index-type", default="auto", choices=INDEX_TYPES)
     for flag, help_text in (
@@ -312,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             spec=_spec(args),
             parts_dir=args.parts_dir,
+            thumbnails=ThumbnailSpec(
+                format=args.thumbnails,
+                max_side_px=args.thumbnail_px,
+                quality=args.thumbnail_quality,
+            ),
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

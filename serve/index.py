@@ -9,6 +9,9 @@ An index is a directory:
                       similarity; a plain .npy so that it can be memory-mapped
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
     metadata.sqlite   table `items`: row id -> key, caption, url, JSON metadata
+    thumbnails.bin, thumbnails.offsets.npy
+                      optional: one small image per row (serve/thumbnails.py); indices built
+                      without them (`--thumbnails none`, or before they existed) load as before
 
 Search is exact (`flat`: inner product against every stored vector) or approximate: the FAISS
 index proposes k x rerank_factor candidates from compressed vectors, which are re-scored exactly
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +53,13 @@ import faiss
 import numpy as np
 
 from common.permissions import make_readable
+from serve.thumbnails import (
+    OFFSETS_FILE,
+    THUMBNAILS_FILE,
+    Pack,
+    ThumbnailReader,
+    ThumbnailSpec,
+)
 from serve.vector_search import (
     FLAT,
     RECALL_K,
@@ -104,17 +115,22 @@ def write_index(
     manifest_extra: dict[str, Any] | None = None,
     *,
     spec: IndexSpec | None = None,
+    thumbnails: Pack | None = None,
+    thumbnail_spec: ThumbnailSpec | None = None,
 ) -> Path:
     """Write `embeddings` [N, D] (unit vectors) and their `rows` to `out_dir`, replacing it.
 
     `spec` chooses the index type and its knobs (default: by size); the built index's recall@10
-    against exact search is measured and written to the manifest.
+    against exact search is measured and written to the manifest. `thumbnails`: a pack with one
+    thumbnail per row, made with `thumbnail_spec`; its files are moved into the index.
     """
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"embeddings must be [N, D], got shape {vectors.shape}")
     if len(rows) != len(vectors):
         raise ValueError(f"{len(rows)} metadata rows for {len(vectors)} embeddings")
+    if thumbnails is not None and len(thumbnails) != len(vectors):
+        raise ValueError(f"{len(thumbnails)} thumbnails for {len(vectors)} embeddings")
     spec = spec or IndexSpec()
     plan = plan_index(spec, len(vectors), vectors.shape[1])
     out_dir = Path(out_dir)
@@ -133,8 +149,16 @@ def write_index(
         )
         recall = measure_recall(searcher, spec.recall_queries, seed=spec.seed)
         _write_metadata(tmp / METADATA_FILE, [_as_row(row) for row in rows])
+        if thumbnails is not None:
+            thumbnails.move_to(tmp / THUMBNAILS_FILE)
+            thumbnail_info = (thumbnail_spec or ThumbnailSpec()).manifest()
+            manifest_extra = {
+                **(manifest_extra or {}),
+                "thumbnails": {**thumbnail_info, "bytes": thumbnails.total_bytes},
+            }
         manifest = {
             "format_version": FORMAT_VERSION,
+            "build_id": uuid.uuid4().hex[:16],
             **plan.manifest(),
             "metric": METRIC,
             "count": len(vectors),
@@ -272,10 +296,12 @@ class SearchIndex:
         manifest: dict[str, Any],
         *,
         mmap: bool = False,
+        thumbnails: ThumbnailReader | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.mmap = mmap
+        self.thumbnails = thumbnails
         self._searcher = searcher
         self._db = db
         self._db_lock = threading.Lock()
@@ -287,6 +313,11 @@ class SearchIndex:
     @property
     def dim(self) -> int:
         return int(self._searcher.vectors.shape[1])
+
+    @property
+    def build_id(self) -> str:
+        """Names this build of the index: a thumbnail URL carrying it never changes content."""
+        return str(self.manifest.get("build_id") or self.manifest.get("created") or "0")
 
     @classmethod
     def load(
@@ -313,8 +344,10 @@ class SearchIndex:
         vectors = _read_vectors(directory / VECTORS_FILE, mmap)
         index = None if manifest["index_type"] == FLAT else _read_faiss(directory, mmap)
         db = _open_metadata(directory / METADATA_FILE)
+        thumbnails = None
         try:
             _check_consistent(directory, manifest, vectors, index, db, expected_dim)
+            thumbnails = _open_thumbnails(directory, manifest, len(vectors))
             searcher = VectorSearcher(
                 vectors,
                 index,
@@ -324,6 +357,8 @@ class SearchIndex:
             )
         except BaseException:
             db.close()
+            if thumbnails is not None:
+                thumbnails.close()
             raise
         log.info(
             "loaded %s index %s: %d vectors of dim %d%s",
@@ -333,7 +368,7 @@ class SearchIndex:
             vectors.shape[1],
             " (memory-mapped)" if mmap else "",
         )
-        return cls(directory, searcher, db, manifest, mmap=mmap)
+        return cls(directory, searcher, db, manifest, mmap=mmap, thumbnails=thumbnails)
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Queries [Q, D] unit vectors -> per query the min(k, count) best hits, best first."""
@@ -382,6 +417,9 @@ class SearchIndex:
             "created": self.manifest.get("created"),
             "directory": str(self.directory),
             "mmap": self.mmap,
+            "thumbnails": self.manifest.get("thumbnails", {}).get("format")
+            if self.thumbnails is not None
+            else None,
         }
 
     def _rows(self, ids: set[int]) -> dict[int, IndexRow]:
@@ -404,6 +442,8 @@ class SearchIndex:
     def close(self) -> None:
         with self._db_lock:
             self._db.close()
+        if self.thumbnails is not None:
+            self.thumbnails.close()
 
 
 SQL_VARIABLES_PER_QUERY = 900  # below SQLite's historical limit of 999 bound parameters
@@ -463,6 +503,26 @@ def _read_faiss(directory: Path, mmap: bool) -> faiss.Index:
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as exc:  # FAISS reports every read failure as RuntimeError
         raise IndexLoadError(f"{path} is not a readable FAISS index: {exc}") from exc
+
+
+def _open_thumbnails(
+    directory: Path, manifest: dict[str, Any], count: int
+) -> ThumbnailReader | None:
+    """The index's thumbnails, or None for an index built without them."""
+    info = manifest.get("thumbnails")
+    if info is None:
+        return None
+    path = directory / THUMBNAILS_FILE
+    if not isinstance(info, dict) or info.get("format") not in ("webp", "jpeg"):
+        raise IndexLoadError(
+            f"{directory}: {MANIFEST_FILE} has a thumbnails entry of the wrong shape"
+        )
+    if not path.is_file() or not (directory / OFFSETS_FILE).is_file():
+        raise IndexLoadError(f"{path} or {OFFSETS_FILE} not found; rebuild the index")
+    try:
+        return ThumbnailReader(directory, count, info["format"])
+    except (OSError, ValueError) as exc:
+        raise IndexLoadError(f"{path}: unusable thumbnails: {exc}; rebuild the index") from exc
 
 
 def _open_metadata(path: Path) -> sqlite3.Connection:

@@ -199,6 +199,13 @@ class SearchHit(BaseModel):
     caption: str
     url: str | None = Field(None, description="The sample's `url` from its metadata, if any.")
     metadata: dict[str, Any] = Field(description="The sample's JSON metadata from the shards.")
+    thumbnail_url: str | None = Field(
+        None,
+        description="Path of the result's thumbnail (GET it from the service root); absent when "
+        "the index has no thumbnails. Carries the index build (`v`) and, with an API key, a "
+        "signature (`sig`) that lets an <img> tag load it without the key.",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class SearchResponse(BaseModel):
@@ -214,6 +221,7 @@ class SearchResponse(BaseModel):
                             "caption": "a small red circle at the top left",
                             "url": None,
                             "metadata": {"shape": "circle", "color": "red"},
+                            "thumbnail_url": "/thumbnails/default/17?v=3f2a9c0d51e8b7a4",
                         }
                     ],
                     "index": "default",
@@ -441,6 +449,8 @@ class IndexInfo(BaseModel):
 
 class IndicesResponse(BaseModel):
     indices: list[IndexInfo] = Field(description="Every index, the default first.")
+    default_k: int = Field(description="Results of a search that gives no `k` (DUET_DEFAULT_K).")
+    max_k: int = Field(description="The largest `k` a search may ask for (DUET_MAX_K).")
 
 
 # --- clip-retrieval's back end -----------------------------------------------------------------

@@ -229,4 +229,4 @@ def _parquet_sample(
         return
     meta = {k: v for k, v in record.items() if isinstance(v, str | int | float | bool)}
     key = str(record.get("key") or f"{path.stem}/{row:09d}")
-    yield RawSample(key, str(path), image, str(caption or "").strip(), meta)
+    yield RawSample(key, str(path), image, str(caption or "").strip(), meta, row=row)

@@ -13,11 +13,19 @@ service does not have (safety and violence filters, multilingual CLIP, aesthetic
 a separate text index for modality "text") are accepted and ignored; the response names the
 ones that were asked for in `X-Duet-Ignored`. `num_result_ids` above DUET_MAX_K is lowered to it
 and reported in `X-Duet-Clamped`. Errors use the service's own JSON envelope.
+
+What the front shows (read from its built code, `renderImage`): `url` if the result has the key
+at all, else `data:image/png;base64, ` + `image`; a result whose picture fails to load is hidden.
+So a result whose row has no web URL carries no `url` key (a null would be shown as the address
+"null") and, when the index has thumbnails, the thumbnail inline as base64 in `image` — as
+clip-retrieval's own back end does with images it reads from disk. Browsers sniff the image
+format, so WebP bytes display behind its `image/png` data URI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import numpy as np
@@ -31,7 +39,7 @@ from serve.body import decode_base64, read_json
 from serve.errors import ApiError, error_responses
 from serve.fetch import FetchError, fetch_image
 from serve.images import prepare_images
-from serve.index import Hit, SearchIndex
+from serve.index import Hit, IndexRow, SearchIndex
 from serve.schemas import KnnRequest, MetadataRequest
 from serve.service import (
     QuerySource,
@@ -104,11 +112,13 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
 
         source = await _query_source(service, index, query, settings)
         hits = await search_with(service, source, find)
+        shown = hits[:num_images]
+        images = await run_in_threadpool(_thumbnails, index, [hit.id for hit in shown])
     results: list[dict[str, Any]] = []
     for rank, hit in enumerate(hits):
         entry: dict[str, Any] = {}
         if rank < num_images:
-            entry.update(_flat_metadata(hit.key, hit.caption, hit.meta))
+            entry.update(_flat_metadata(hit.key, hit.caption, hit.meta, images.get(hit.id)))
         entry.update(id=hit.id, similarity=hit.score)
         results.append(entry)
     headers = {}
@@ -159,10 +169,26 @@ async def _download(url: str, settings: Settings) -> bytes:
         raise ApiError(400, "bad_request", "image_url took too long to download") from None
 
 
-def _flat_metadata(key: str, caption: str, meta: dict[str, Any]) -> dict[str, Any]:
-    """clip-retrieval's result shape: metadata columns at the top level, caption and url first."""
-    url = meta.get("url")
-    return {**meta, "caption": caption, "url": url if isinstance(url, str) else None, "key": key}
+def _flat_metadata(
+    key: str, caption: str, meta: dict[str, Any], image: str | None = None
+) -> dict[str, Any]:
+    """clip-retrieval's result shape: metadata columns at the top level, `url` only when the row
+    has one, `image` (base64 of the thumbnail) when given."""
+    entry = {**meta, "caption": caption, "key": key}
+    url = entry.pop("url", None)
+    if isinstance(url, str) and url:
+        entry["url"] = url
+    if image is not None:
+        entry["image"] = image
+    return entry
+
+
+def _thumbnails(index: SearchIndex, ids: list[int]) -> dict[int, str]:
+    """Base64 thumbnails of `ids` that have one; none for an index built without them."""
+    if index.thumbnails is None:
+        return {}
+    found = {row_id: index.thumbnails.get(row_id) for row_id in ids}
+    return {i: base64.b64encode(data).decode() for i, data in found.items() if data is not None}
 
 
 @router.get(
@@ -186,10 +212,11 @@ async def metadata(request: Request, service: ServiceDep, settings: SettingsDep)
     query = await read_json(request, MetadataRequest, settings)
     with service.indices.lease(query.indice_name) as index:
         rows = await run_in_threadpool(index.rows, query.ids)
+        images = await run_in_threadpool(_thumbnails, index, list(rows))
     return JSONResponse(
-        [
-            {"id": i, "metadata": _flat_metadata(rows[i].key, rows[i].caption, rows[i].meta)}
-            for i in query.ids
-            if i in rows
-        ]
+        [{"id": i, "metadata": _flat(rows[i], images.get(i))} for i in query.ids if i in rows]
     )
+
+
+def _flat(row: IndexRow, image: str | None) -> dict[str, Any]:
+    return _flat_metadata(row.key, row.caption, row.meta, image)

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.errors import ApiError, error_responses
 from serve.index import IndexLoadError
 from serve.schemas import IndexInfo, IndicesResponse
-from serve.service import ServiceDep
+from serve.service import ServiceDep, SettingsDep
 
 router = APIRouter(tags=["indices"])
 
@@ -21,10 +21,13 @@ router = APIRouter(tags=["indices"])
     summary="The named indices: size, dimension, type, the model that built them",
     responses=error_responses(401, 503),
 )
-def indices(service: ServiceDep) -> IndicesResponse:
-    """Plain `def`: describing an index may read its files."""
+def indices(service: ServiceDep, settings: SettingsDep) -> IndicesResponse:
+    """Plain `def`: describing an index may read its files. With the search limits, so that a
+    client (the web page) can bound its `k`."""
     return IndicesResponse(
-        indices=[IndexInfo(**info) for info in service.indices.describe().values()]
+        indices=[IndexInfo(**info) for info in service.indices.describe().values()],
+        default_k=settings.default_k,
+        max_k=settings.max_k,
     )
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from serve import retrieval
+from serve.auth import thumbnail_url
 from serve.body import (
     decode_base64,
     json_response,
@@ -143,9 +144,14 @@ async def search(request: Request) -> Response:
         source = await query_source(service, index, query, settings)
         hits = await search_with(service, source, find)
     took_ms = (time.perf_counter() - start) * 1000
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    version = index.build_id if index.thumbnails is not None else None
     return json_response(
         SearchResponse(
-            results=[search_hit(hit) for hit in hits],
+            results=[
+                search_hit(hit, version and thumbnail_url(name, hit.id, version, api_key))
+                for hit in hits
+            ],
             index=name,
             k=query.k,
             took_ms=round(took_ms, 2),
@@ -174,7 +180,8 @@ async def query_source(
         ) from None
 
 
-def search_hit(hit: Hit) -> SearchHit:
+def search_hit(hit: Hit, thumbnail: str | None = None) -> SearchHit:
+    """A hit as the API shows it; `thumbnail`: its thumbnail's URL, if the index has them."""
     url = hit.meta.get("url")
     return SearchHit(
         id=hit.id,
@@ -183,4 +190,5 @@ def search_hit(hit: Hit) -> SearchHit:
         caption=hit.caption,
         url=url if isinstance(url, str) else None,
         metadata=hit.meta,
+        thumbnail_url=thumbnail,
     )

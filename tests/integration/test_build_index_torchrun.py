@@ -75,5 +75,9 @@ def test_two_process_build_equals_one_process_build(tmp_path: Path, synth_dir: P
     assert rows_b[502].meta["source"] == "2024/summer/photo1.png"
     assert rows_b[510].meta["url"] == "https://example.com/4.jpg"
     np.testing.assert_allclose(b.vectors(ids), a.vectors(ids), rtol=0, atol=1e-5)
+    # thumbnails follow the rows through the merge: byte-identical, id for id
+    assert a.thumbnails is not None and b.thumbnails is not None
+    assert [a.thumbnails.get(i) for i in ids] == [b.thumbnails.get(i) for i in ids]
+    assert rows_b[251].meta["member"] == "b-1.png" and rows_b[510].meta["row"] == 4
     a.close()
     b.close()

@@ -164,7 +164,7 @@ def test_search_by_text(client: TestClient) -> None:
     scores = [hit["score"] for hit in body["results"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     for hit in body["results"]:
-        assert set(hit) == {"id", "key", "score", "caption", "url", "metadata"}
+        assert set(hit) == {"id", "key", "score", "caption", "url", "metadata", "thumbnail_url"}
         assert hit["url"] is None  # the synthetic shards have no URLs
         assert {"shape", "color", "classname"} <= set(hit["metadata"])
         assert hit["caption"] == hit["metadata"]["caption"]
@@ -187,7 +187,11 @@ def test_search_by_image_finds_itself(client: TestClient, samples: list[RawSampl
         assert len(results) == 4
         assert results[0]["key"] == sample.key
         assert results[0]["score"] == pytest.approx(1.0, abs=1e-4)
-        assert results[0]["metadata"] == sample.meta
+        assert results[0]["metadata"] == {
+            **sample.meta,
+            "shard": sample.url,
+            "member": f"{sample.key}.jpg",
+        }
 
 
 @pytest.mark.parametrize("labels", [LABELS, [", ".join(LABELS)]], ids=["repeated", "comma"])

@@ -89,8 +89,8 @@ def test_text_query_as_clip_client_sends_it(client: TestClient) -> None:
     assert isinstance(results, list) and 1 <= len(results) <= 4
     assert len({r["id"] for r in results}) == len(results)
     for result in results:
-        assert {"id", "similarity", "caption", "url", "key"} <= set(result)
-        assert result["url"] is None and isinstance(result["caption"], str)
+        assert {"id", "similarity", "caption", "key", "image"} <= set(result)
+        assert "url" not in result and isinstance(result["caption"], str)  # no web URL: none
     similarities = [r["similarity"] for r in results]
     assert similarities == sorted(similarities, reverse=True)
     ignored = response.headers["x-duet-ignored"].split(",")

@@ -123,6 +123,7 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
         "created": index.manifest["created"],
         "directory": str(index.directory),
         "mmap": False,
+        "thumbnails": None,
     }
 
 
@@ -261,7 +262,9 @@ def test_build_index_counts_good_samples_and_skips_corrupt(
     (hits,) = index.search(encoder.encode_images([load_image(sample.image)]), 1)
     assert hits[0].key == sample.key
     assert hits[0].score == pytest.approx(1.0, abs=1e-4)
-    assert (hits[0].caption, hits[0].meta) == (sample.caption, sample.meta)
+    assert hits[0].caption == sample.caption
+    # the sample's own fields, and where it came from: shard + member
+    assert hits[0].meta == {**sample.meta, "shard": sample.url, "member": f"{sample.key}.jpg"}
     index.close()
 
 
