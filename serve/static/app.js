@@ -1,6 +1,8 @@
 // The Duet web page: search by text or image, "more like this", zero-shot classification.
 // Plain JS against the service's own API; URL parameters ?q=...&k=...&index=... run a search
 // on load (bookmarkable queries, and how the headless browser test drives the page).
+// Result cards show the index's thumbnails (`thumbnail_url`, signed when the service has a key,
+// so an <img> loads them without one), or the image's web `url`, lazily.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -25,10 +27,14 @@ function setStatus(element, text, isError = false) {
   element.classList.toggle("error", isError);
 }
 
+let maxK = 100;
+
 function searchOptions() {
-  const options = { k: Number($("k").value) || 12 };
+  const k = Math.min(Math.max(1, Math.round(Number($("k").value) || 12)), maxK);
+  $("k").value = k;
+  const options = { k };
   if ($("index").value) options.index = $("index").value;
-  if ($("dedup").checked) options.dedup = 0.95;
+  if ($("dedup").checked) options.dedup = Number($("dedup-threshold").value) || 0.95;
   return options;
 }
 
@@ -55,7 +61,21 @@ function searchJson(query, describe) {
   );
 }
 
+function showQueryImage(file) {
+  const image = $("query-image");
+  if (image.src.startsWith("blob:")) URL.revokeObjectURL(image.src);
+  image.src = URL.createObjectURL(file);
+  $("query-name").textContent = file.name ? `query image: ${file.name}` : "query image";
+  $("query-preview").hidden = false;
+  $("query").value = "";
+}
+
+function hideQueryImage() {
+  $("query-preview").hidden = true;
+}
+
 function searchImage(file) {
+  showQueryImage(file);
   const form = new FormData();
   form.append("image", file);
   for (const [name, value] of Object.entries(searchOptions())) form.append(name, String(value));
@@ -67,16 +87,18 @@ function renderResults(results) {
     const card = document.createElement("article");
     card.className = "result-card";
     card.dataset.id = hit.id;
+    const source = hit.thumbnail_url || hit.url;
     let thumb;
-    if (hit.url) {
+    if (source) {
       thumb = document.createElement("img");
-      thumb.src = hit.url;
-      thumb.alt = hit.caption;
       thumb.loading = "lazy";
+      thumb.decoding = "async";
+      thumb.alt = hit.caption || hit.key;
+      thumb.src = source;
     } else {
       thumb = document.createElement("div");
       thumb.className = "thumb";
-      thumb.textContent = hit.caption;
+      thumb.textContent = "no picture stored";
     }
     const caption = document.createElement("div");
     caption.className = "caption";
@@ -87,7 +109,10 @@ function renderResults(results) {
     const more = document.createElement("button");
     more.type = "button";
     more.textContent = "more like this";
-    more.addEventListener("click", () => searchJson({ id: hit.id }, `items like #${hit.id}`));
+    more.addEventListener("click", () => {
+      hideQueryImage();
+      searchJson({ id: hit.id }, `items like #${hit.id}`);
+    });
     card.append(thumb, caption, score, more);
     return card;
   });
@@ -125,13 +150,22 @@ async function classify(event) {
 }
 
 async function loadChoices() {
+  const chosen = $("index").value;
   try {
-    const { indices } = await api("/indices");
+    const body = await api("/indices");
     $("index").replaceChildren(
-      ...indices.map((info) => new Option(`${info.name} (${info.count})`, info.name)),
+      ...body.indices.map((info) => new Option(`${info.name} (${info.count})`, info.name)),
     );
+    if (chosen) $("index").value = chosen;
+    maxK = body.max_k;
+    $("k").max = String(maxK);
+    if (Number($("k").value) > maxK) $("k").value = maxK;
     const sets = await api("/label-sets");
-    for (const set of sets) $("label-set").append(new Option(set.name, set.name));
+    $("label-set").replaceChildren(
+      new Option("(labels below)", ""),
+      ...sets.map((set) => new Option(set.name, set.name)),
+    );
+    setStatus($("status"), "");
   } catch (error) {
     setStatus($("status"), `not ready: ${error.message}`, true);
   }
@@ -141,7 +175,12 @@ function setUpDropZone() {
   const zone = $("drop-zone");
   const input = $("image-input");
   zone.addEventListener("click", () => input.click());
-  zone.addEventListener("keydown", (e) => (e.key === "Enter" ? input.click() : null));
+  zone.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      input.click();
+    }
+  });
   input.addEventListener("change", () => input.files[0] && searchImage(input.files[0]));
   zone.addEventListener("dragover", (e) => {
     e.preventDefault();
@@ -158,11 +197,20 @@ function setUpDropZone() {
 
 async function main() {
   $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
-  $("api-key").addEventListener("change", () => localStorage.setItem(KEY_STORAGE, $("api-key").value));
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem(KEY_STORAGE, $("api-key").value);
+    loadChoices(); // the lists a key-less request was refused now load
+  });
+  $("dedup").addEventListener("change", () => {
+    $("dedup-threshold").disabled = !$("dedup").checked;
+  });
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("query").value.trim();
-    if (text) searchJson({ text }, `"${text}"`);
+    if (text) {
+      hideQueryImage();
+      searchJson({ text }, `"${text}"`);
+    }
   });
   $("classify-form").addEventListener("submit", classify);
   setUpDropZone();

@@ -1,67 +1,147 @@
-"""The web page in a real browser: headless Chromium loads /?q=..., the page submits the search
-form and renders result cards from a real `python -m serve` on a loopback port."""
+"""The web page in a real browser: headless Chromium, driven over the DevTools protocol, against
+a real `python -m serve` with an API key on a loopback port. The page asks for the key, then
+loads the indices; a text search renders cards whose thumbnails really load (signed URLs, no key
+in the <img>); an image search previews the query image; the zero-shot panel calls /classify.
+A screenshot of the results is written to runs/test-screenshots/page.png for a person to see."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import running_service
+from tests.browser import Browser, set_file
+from tests.conftest import REPO_ROOT, running_service
 from tests.serve_support import make_artifact, make_index, make_shard
 
 pytestmark = pytest.mark.slow
 
 SAMPLES = 24
+KEY = "page-test-key"
+MAX_K = 16
+SCREENSHOT = REPO_ROOT / "runs" / "test-screenshots" / "page.png"
 
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if found := shutil.which(name):
-            return found
-    pytest.fail("no chromium: install it (apt-get install -y chromium; `make test` does as root)")
+# the visible result cards' images, each loaded and decoded (checked in the page)
+VISIBLE_IMAGES_LOADED = """(() => {
+  const cards = [...document.querySelectorAll("#results .result-card")];
+  const visible = cards.filter((c) => c.getBoundingClientRect().top < innerHeight);
+  const images = visible.map((c) => c.querySelector("img"));
+  return visible.length > 0 && images.every((i) => i && i.complete && i.naturalWidth > 0)
+    ? images.length : 0;
+})()"""
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m serve` with a tiny random model and 24 synthetic images; its base URL."""
+    """`python -m serve` with a tiny random model, 24 synthetic images and an API key."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
     index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
-    with running_service(artifact, index) as base:
+    env = {"DUET_API_KEY": KEY, "DUET_MAX_K": str(MAX_K), "DUET_ACCESS_LOG": "false"}
+    with running_service(artifact, index, env=env) as base:
         yield base
 
 
-def rendered_dom(url: str, profile: Path) -> str:
-    """The DOM after the page's scripts ran (virtual time lets its fetches finish first)."""
-    result = subprocess.run(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+@pytest.fixture(scope="module")
+def page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """The page, opened once, with the API key entered as a person would."""
+    browser = Browser(tmp_path_factory.mktemp("profile"))
+    try:
+        browser.goto(f"{server}/")
+        browser.wait_for("document.querySelector('#status').textContent.includes('API key')")
+        assert browser.evaluate("document.querySelector('#index').options.length") == 0
+        browser.evaluate(
+            f"(() => {{ const key = document.querySelector('#api-key'); key.value = {KEY!r};"
+            " key.dispatchEvent(new Event('change')); })()"
+        )
+        options = "[...document.querySelector('#index').options].map((o) => o.textContent)"
+        assert browser.wait_for(f"{options}.length && {options}") == [f"default ({SAMPLES})"]
+        yield browser
+    finally:
+        browser.close()
 
 
-def test_search_from_the_page_renders_result_cards(server: str, tmp_path: Path) -> None:
-    dom = rendered_dom(f"{server}/?q=a+red+circle&k=5", tmp_path / "profile")
-    cards = re.findall(r'<article class="result-card" data-id="(\d+)">', dom)
-    assert len(cards) == 5, dom[-3000:]
-    assert re.search(r'id="query"[^>]*>', dom)
-    status = re.search(r'id="status"[^>]*>([^<]*)<', dom)
-    assert status and status.group(1).startswith('5 results for "a red circle"'), status
-    scores = [float(s) for s in re.findall(r'<div class="score">([0-9.-]+)</div>', dom)]
-    assert len(scores) == 5 and scores == sorted(scores, reverse=True)
-    assert 'id="classify-panel"' in dom and '<option value="default">default (24)</option>' in dom
+def search_text(page: Browser, text: str, k: int) -> str:
+    """Type a query and submit it; the status line once the search finished."""
+    page.evaluate(
+        f"(() => {{ document.querySelector('#query').value = {text!r};"
+        f" document.querySelector('#k').value = {k};"
+        " document.querySelector('#search-form').requestSubmit(); })()"
+    )
+    return page.wait_for(
+        "(() => { const s = document.querySelector('#status').textContent;"
+        " return !s.startsWith('searching') && s; })()"
+    )
 
 
-def test_page_shows_a_failed_search(server: str, tmp_path: Path) -> None:
-    dom = rendered_dom(f"{server}/?q=a+red+circle&k=100000", tmp_path / "profile")
-    assert "<article" not in dom
-    assert re.search(r'id="status"[^>]*class="error"[^>]*>search failed: body.k', dom) or re.search(
-        r'class="error"[^>]*id="status"', dom
-    ), dom[-3000:]
+def test_text_search_shows_thumbnails_and_each_caption_once(page: Browser) -> None:
+    status = search_text(page, "a red circle", 500)  # k is bounded by the service's max_k
+    assert status.startswith(f'{MAX_K} results for "a red circle"'), status
+    assert page.evaluate("document.querySelector('#k').value") == str(MAX_K)
+    assert page.wait_for(VISIBLE_IMAGES_LOADED) >= 4
+    cards = page.evaluate(
+        "[...document.querySelectorAll('.result-card')].map((c) => ({"
+        " text: c.textContent, caption: c.querySelector('.caption').textContent,"
+        " src: c.querySelector('img').getAttribute('src'),"
+        " lazy: c.querySelector('img').loading,"
+        " score: Number(c.querySelector('.score').textContent) }))"
+    )
+    assert len(cards) == MAX_K
+    for card in cards:
+        assert card["text"].count(card["caption"]) == 1  # the caption once, not twice
+        assert card["src"].startswith("/thumbnails/default/") and "sig=" in card["src"]
+        assert card["lazy"] == "lazy"
+    scores = [card["score"] for card in cards]
+    assert scores == sorted(scores, reverse=True)
+    page.screenshot(SCREENSHOT)
+
+
+def test_image_search_previews_the_query_and_clears_the_text(page: Browser) -> None:
+    search_text(page, "a blue square", 6)
+    thumbnail = page.evaluate("document.querySelector('.result-card img').getAttribute('src')")
+    set_file(page, "#image-input", thumbnail, "query.webp")
+    status = page.wait_for(
+        "(() => { const s = document.querySelector('#status').textContent;"
+        " return s.includes('results for image') && s; })()"
+    )
+    assert status.startswith("6 results for image query.webp"), status
+    assert page.evaluate("document.querySelector('#query').value") == ""
+    assert page.evaluate("document.querySelector('#query-preview').hidden") is False
+    assert page.wait_for("document.querySelector('#query-image').naturalWidth") > 0
+    assert page.wait_for(VISIBLE_IMAGES_LOADED)
+    page.screenshot(SCREENSHOT.with_name("page-image-search.png"))
+
+
+def test_zero_shot_panel_classifies_an_image(page: Browser) -> None:
+    thumbnail = page.evaluate("document.querySelector('.result-card img').getAttribute('src')")
+    set_file(page, "#classify-image", thumbnail, "shape.webp")
+    page.evaluate(
+        "(() => { document.querySelector('#labels').value = 'red circle, blue square, green star';"
+        " document.querySelector('#classify-form').requestSubmit(); })()"
+    )
+    items = page.wait_for(
+        "(() => { const li = [...document.querySelectorAll('#predictions li')];"
+        " return li.length && li.map((l) => l.textContent); })()"
+    )
+    assert len(items) == 3
+    labels = {item.split(":")[0] for item in items}
+    assert labels == {"red circle", "blue square", "green star"}
+    total = sum(float(item.split(":")[1].strip().rstrip("%")) for item in items)
+    assert total == pytest.approx(100, abs=0.5)
+
+
+def test_page_shows_a_failed_search(page: Browser) -> None:
+    status = search_text(page, "x" * 1500, 5)  # over DUET_MAX_TEXT_CHARS
+    assert status.startswith("search failed: body.text"), status
+    assert page.evaluate("document.querySelector('#status').className") == "error"
+    assert page.evaluate("document.querySelectorAll('.result-card').length") == 0
+
+
+def test_keyboard_reaches_the_image_search(page: Browser) -> None:
+    zone = page.evaluate(
+        "(() => { const z = document.querySelector('#drop-zone');"
+        " return [z.tabIndex, z.getAttribute('role')]; })()"
+    )
+    assert zone == [0, "button"]
+    assert Path(SCREENSHOT).is_file()
