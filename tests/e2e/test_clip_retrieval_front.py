@@ -1,0 +1,116 @@
+"""clip-retrieval's own web front, unchanged, shows pictures from this service.
+
+The front (the `clip-retrieval` wheel's `front/build`) is fetched with `pip download --no-deps`
+into a temporary directory — never installed, never part of this project — and served from a
+loopback port with its `config.json` pointed at a key-less `python -m serve` that allows the
+front's origin (CORS). Headless Chromium opens it with a query; the index holds synthetic
+images without web URLs, so every picture the front shows is a thumbnail inlined by
+/knn-service or /metadata. Skipped, with the reason, only if the wheel cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from tests.browser import Browser
+from tests.conftest import REPO_ROOT, free_port, running_service
+from tests.serve_support import make_artifact, make_index, make_shard
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = 24
+FRONT = "front/build/"
+# the front's visible result pictures (in its shadow DOM), each loaded and decoded
+SHOWN_PICTURES = """(() => {
+  const front = document.querySelector("clip-front");
+  const root = front && front.shadowRoot;
+  if (!root) return 0;
+  const pictures = [...root.querySelectorAll("#products figure")]
+    .filter((f) => getComputedStyle(f).display !== "none")
+    .map((f) => f.querySelector("img.pic"));
+  return pictures.length && pictures.every((p) => p.complete && p.naturalWidth > 0)
+    ? pictures.length : 0;
+})()"""
+
+
+def download_front(directory: Path) -> Path:
+    """The front's files from the clip-retrieval wheel (pip download --no-deps); skip if none."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--dest", str(directory), "clip-retrieval"]  # fmt: skip
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=180)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"clip-retrieval's wheel could not be downloaded: {str(exc)[-300:]}")
+    (wheel,) = directory.glob("clip_retrieval-*.whl")
+    front = directory / "front"
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            if name.startswith(FRONT) and not name.endswith("/"):
+                target = front / name[len(FRONT) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(name))
+    assert (front / "index.html").is_file(), "the wheel has no front/build/index.html"
+    return front
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture(scope="module")
+def front_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The front on 127.0.0.1, its config pointed at a key-less service on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("clip-front")
+    front = download_front(root / "wheel")
+    front_port = free_port()
+    artifact = make_artifact(root)
+    index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
+    env = {
+        "DUET_CORS_ORIGINS": json.dumps([f"http://127.0.0.1:{front_port}"]),
+        "DUET_ACCESS_LOG": "false",
+    }
+    with running_service(artifact, index, env=env) as base:
+        config = {"defaultBackend": base, "defaultIndex": "default"}
+        (front / "config.json").write_text(json.dumps(config))
+        handler = functools.partial(QuietHandler, directory=str(front))
+        server = ThreadingHTTPServer(("127.0.0.1", front_port), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{front_port}"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+def test_clip_retrieval_front_shows_the_result_pictures(front_url: str, tmp_path: Path) -> None:
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.goto(f"{front_url}/?index=default&query={quote('a red circle')}")
+        shown = browser.wait_for(SHOWN_PICTURES, timeout_s=60)
+        # every result that came back with metadata is shown; none was hidden as a broken
+        # picture (how many come back depends on the front's near-duplicate removal)
+        with_metadata = (
+            "document.querySelector('clip-front').images.filter((i) => i.caption).length"
+        )
+        assert shown == browser.evaluate(with_metadata) >= 1
+        sources = browser.evaluate(
+            "[...document.querySelector('clip-front').shadowRoot.querySelectorAll('img.pic')]"
+            ".map((p) => p.getAttribute('src').slice(0, 23))"
+        )
+        assert set(sources) == {"data:image/png;base64, "}  # the inline thumbnails
+        browser.screenshot(REPO_ROOT / "runs" / "test-screenshots" / "clip-retrieval-front.png")
+    finally:
+        browser.close()
