@@ -79,7 +79,8 @@ def make_thumbnail(image: Image.Image, spec: ThumbnailSpec) -> bytes:
         small = ImageOps.exif_transpose(small)
     out = io.BytesIO()
     if spec.format == "webp":
-        small.save(out, format="WEBP", quality=spec.quality, method=4)
+        # method 2: the bytes of libwebp's default (4) in ~45% of its time (bench/thumbnails.py)
+        small.save(out, format="WEBP", quality=spec.quality, method=2)
     else:
         small.save(out, format="JPEG", quality=spec.quality, optimize=True)
     return out.getvalue()
