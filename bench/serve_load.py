@@ -2,7 +2,7 @@
 
     python bench/serve_load.py [--vectors 100000] [--duration-s 5] [--rounds 3]
                                [--clients 1,8,32] [--model duet-tiny|ViT-B-32|ARTIFACT_DIR]
-                               [--index-type auto]
+                               [--index-type auto] [--runtime torch|onnx|onnx-int8]
 
 Builds a random-init artifact of `--model` (an open_clip name; random weights cost what trained
 ones do) or uses the artifact directory it names, and an index of `--vectors` synthetic unit vectors
@@ -56,6 +56,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.export import probe_image  # noqa: E402
 from common.model import build_model  # noqa: E402
+from common.onnx_towers import ONNX_DIR, export_onnx  # noqa: E402
+from serve.app import load_towers  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.index import SearchIndex, write_index  # noqa: E402
 from serve.settings import Settings  # noqa: E402
@@ -395,7 +397,8 @@ class InProcess:
     """
 
     def __init__(self, artifact: Path, index_dir: Path) -> None:
-        self.encoder = Encoder(load_artifact(artifact))
+        settings = Settings(artifact_dir=artifact, index_dir=index_dir)  # DUET_RUNTIME from env
+        self.encoder = Encoder(load_artifact(artifact), towers=load_towers(settings))
         self.index = SearchIndex.load(
             index_dir, expected_dim=self.encoder.embed_dim, threads=SEARCH_THREADS
         )
@@ -452,6 +455,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         print(f"building {args.model} artifact and an index of {args.vectors} vectors ...")
         artifact, index = build(Path(tmp), args.model, args.vectors, args.index_type)
+        if args.runtime != "torch" and not (artifact / ONNX_DIR).is_dir():
+            print("exporting the ONNX towers ...")
+            export_onnx(artifact, int8=args.runtime == "onnx-int8")
         servers = {"on": start_server(artifact, index, True)}
         servers["off"] = start_server(artifact, index, False)
         bare = [sys.executable, str(Path(__file__).with_name("bare_search.py"))]
@@ -514,7 +520,7 @@ def print_table(
     paired: dict[str, list[float]],
 ) -> None:
     print(
-        f"\n{args.model}, {args.vectors} vectors ({args.index_type}), k={K}, "
+        f"\n{args.model} ({args.runtime}), {args.vectors} vectors ({args.index_type}), k={K}, "
         f"{args.rounds} rounds x {args.duration_s:.0f} s per row (on and off alternating), "
         f"{os.cpu_count()} CPUs\n"
     )
