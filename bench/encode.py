@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import statistics
 import sys
 import tempfile
@@ -35,23 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.serve_load import queries  # noqa: E402  # the service benchmark's queries
 from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.export import probe_image  # noqa: E402
 from common.model import build_model, normalize  # noqa: E402
 from common.onnx_towers import OnnxTowers, export_onnx  # noqa: E402
-
-COLORS = ("red", "green", "blue", "yellow")
-SHAPES = ("circle", "square", "triangle", "star")
-PLACES = ("top left", "bottom right", "center")
-
-
-def texts(count: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [
-        f"a {rng.choice(('small', 'large'))} {rng.choice(COLORS)} {rng.choice(SHAPES)} "
-        f"in the {rng.choice(PLACES)}"
-        for _ in range(count)
-    ]
 
 
 def runtimes(artifact: Path, names: list[str]) -> dict[str, tuple[Callable, Callable]]:
@@ -103,7 +90,7 @@ def bench_model(model: str, args: argparse.Namespace) -> None:
         for tower in ("text", "image"):
             for batch in args.batches:
                 if tower == "text":
-                    inputs = loaded.tokenize(texts(batch))
+                    inputs = loaded.tokenize(queries(batch))
                 else:
                     inputs = pixels_one.expand(batch, -1, -1, -1).contiguous()
                 index = 0 if tower == "text" else 1
