@@ -116,9 +116,6 @@ def build_index(
             embedded = _exchange_parts(embedded, parts_path, rank, world_size)
             if rank != 0:
                 return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
-        elif embedded.thumbnails is not None:
-            order = np.arange(len(embedded.rows))
-            embedded.thumbnails = merge_into(parts_path, [embedded.thumbnails], order)
         return _write(out_dir, embedded, encoder, model_dir, data, start, spec, thumbnails, rank)
     finally:
         if rank == 0:
@@ -335,16 +332,11 @@ def _merge_parts(directory: Path, parts: list[Embedded]) -> Embedded:
     skipped: Counter[str] = Counter()
     for part in parts:
         skipped.update(part.skipped)
-    packs = [part.thumbnails for part in parts]
+    packs = [part.thumbnails for part in parts if part.thumbnails is not None]
     merged = None
-    if all(pack is not None for pack in packs):
-        merged = merge_into(directory, [p for p in packs if p is not None], order)
+    if len(packs) == len(parts):  # every rank made thumbnails (or none did)
+        merged = merge_packs(packs, order, directory / "thumbnails.bin")
     return Embedded(vectors, [rows[i] for i in order], shards[order].tolist(), skipped, merged)
-
-
-def merge_into(directory: Path, packs: list[Pack], order: np.ndarray) -> Pack:
-    """The packs' thumbnails in `order`, as `directory/thumbnails.bin`."""
-    return merge_packs(packs, order, directory / "thumbnails.bin")
 
 
 # --- command line ------------------------------------------------------------------------------
