@@ -165,6 +165,8 @@ def test_search_links_signed_thumbnails_that_load_without_the_key(client: TestCl
     [
         ("/thumbnails/default/999999", 404, "not_found"),
         ("/thumbnails/nope/0", 404, "not_found"),
+        ("/thumbnails/..%2Findex/0", 404, "not_found"),
+        ("/thumbnails/default/0?sig=" + "f" * 65, 422, "validation_error"),
         ("/thumbnails/default/0?v=earlier", 404, "not_found"),
         ("/thumbnails/old/0", 404, "not_found"),
         (f"/thumbnails/default/{2**63}", 422, "validation_error"),
