@@ -131,6 +131,24 @@ def test_zero_shot_panel_classifies_an_image(page: Browser) -> None:
     assert total == pytest.approx(100, abs=0.5)
 
 
+def test_near_duplicate_control_thins_the_results(page: Browser) -> None:
+    assert page.evaluate("document.querySelector('#dedup-threshold').disabled") is True
+    page.evaluate(
+        "(() => { const box = document.querySelector('#dedup'); box.checked = true;"
+        " box.dispatchEvent(new Event('change'));"
+        " document.querySelector('#dedup-threshold').value = '0.5'; })()"
+    )
+    assert page.evaluate("document.querySelector('#dedup-threshold').disabled") is False
+    status = search_text(page, "a red circle", MAX_K)
+    shown = int(status.split()[0])
+    # a random tiny model's embeddings of similar pictures: most are within cosine 0.5
+    assert 1 <= shown < MAX_K, status
+    page.evaluate(
+        "(() => { const box = document.querySelector('#dedup'); box.checked = false;"
+        " box.dispatchEvent(new Event('change')); })()"
+    )
+
+
 def test_page_shows_a_failed_search(page: Browser) -> None:
     status = search_text(page, "x" * 1500, 5)  # over DUET_MAX_TEXT_CHARS
     assert status.startswith("search failed: body.text"), status

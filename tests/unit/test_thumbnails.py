@@ -79,6 +79,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "root": root,
         "artifact": artifact,
         "index": make_index(artifact, shard, root / "index"),
+        "rebuilt": make_index(artifact, shard, root / "rebuilt"),
+        "shard": shard,
         "mixed": build_index(artifact, mixed, root / "mixed", batch_size=8)["out"],
         "old": old,
     }
@@ -124,7 +126,7 @@ def client(built: dict[str, Any]) -> Iterator[TestClient]:
     settings = Settings(
         artifact_dir=built["artifact"],
         index_dir=built["index"],
-        indices={"old": built["old"]},
+        indices={"old": built["old"], "rebuilt": built["rebuilt"]},
         api_key=SecretStr(KEY),
     )
     with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as test_client:
@@ -178,6 +180,18 @@ def test_thumbnail_errors_use_the_envelope(
     client: TestClient, path: str, status: int, kind: str
 ) -> None:
     assert_envelope(client.get(path), status, kind)
+
+
+def test_a_rebuilt_index_hands_out_new_urls_and_drops_the_old(
+    client: TestClient, built: dict[str, Any]
+) -> None:
+    before = search(client, index="rebuilt")[0]["thumbnail_url"]
+    assert client.get(before).status_code == 200
+    make_index(built["artifact"], built["shard"], built["rebuilt"])
+    assert client.post("/indices/rebuilt/reload").status_code == 200
+    after = search(client, index="rebuilt")[0]["thumbnail_url"]
+    assert after != before and client.get(after).status_code == 200
+    assert_envelope(client.get(before), 404, "not_found")  # that build's thumbnails are gone
 
 
 def test_an_index_without_thumbnails_still_loads_and_links_none(client: TestClient) -> None:
