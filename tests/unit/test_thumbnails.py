@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     shard = make_shard(root / "synth", SAMPLES)
     mixed = f"{shard}::{photo_folder(root / 'photos')}::{img2dataset_parquet(root / 'p.parquet')}"
     old = write_index(root / "old", np.eye(3, 64, dtype=np.float32), [("o", "old", {})] * 3)
+    manifest = json.loads((old / "index.json").read_text())  # as written before thumbnails
+    del manifest["build_id"]
+    (old / "index.json").write_text(json.dumps(manifest))
     return {
         "root": root,
         "artifact": artifact,
