@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; larger images are refused before decoding
 
@@ -102,7 +107,7 @@ def load_image(
             check_image_size(width, height, max_pixels=max_pixels, resize=resize)
             image.load()
             # convert() copies even an RGB image: twice the memory of a large one, for nothing
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return image if image.mode == "RGB" else to_8_bit(image).convert("RGB")
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -112,6 +117,38 @@ def load_image(
         raise InvalidImageError("not a decodable image: unknown or corrupt image format") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"not a decodable image: {exc}") from exc
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits; other images as they are.
+
+    PIL's convert("RGB") clips such values at 255, so a 16-bit PNG came out nearly all white.
+    """
+    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return image
+    pixels = np.asarray(image, dtype=np.float32)
+    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+    return Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+
+
+def decode_or_skip(
+    data: bytes,
+    skipped: Counter[str],
+    *,
+    key: str,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image | None:
+    """`load_image`, or None with the sample counted as `image_too_large` or `corrupt_image`.
+
+    The one rule for a stored sample's image, shared by training, evaluation and index builds.
+    """
+    try:
+        return load_image(data, max_pixels=max_pixels)
+    except InvalidImageError as exc:
+        reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "corrupt_image"
+        skipped[reason] += 1
+        log.debug("skipped sample %s (%s): %s", key, reason, exc)
+        return None
 
 
 def preprocess_config(clip: Any) -> PreprocessCfg:

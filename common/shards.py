@@ -35,10 +35,12 @@ SKIP_REASONS = (
     "truncated_member",
     "failed_shard",
     "unreadable_file",
+    "duplicate_key",
 )
 """Why something is skipped; every skip is counted under exactly one of these. All count samples
 except `failed_shard`, which counts whole shards (or parquet files) that could not be read after
-their retries; `unreadable_file` is an image file of a folder that could not be read."""
+their retries; `unreadable_file` is an image file of a folder that could not be read;
+`duplicate_key` a sample whose key came earlier in the same shard (the first one is kept)."""
 
 DEFAULT_SHARD_RETRIES = 2
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext
@@ -212,15 +214,24 @@ def read_shard(
 
     A retry re-reads the shard and skips the samples already delivered. A shard still failing
     is skipped with a warning and counted as `failed_shard`; a tar that breaks off inside a
-    member loses the rest of the shard, counted once as `truncated_member`.
+    member loses the rest of the shard, counted once as `truncated_member`. A key that came
+    before in the shard is counted as `duplicate_key` and its sample dropped: two samples under
+    one key would otherwise be two rows nobody can tell apart.
     """
     delivered = 0
+    keys: set[str] = set()
     for attempt in range(retries + 1):
         try:
             for index, sample in enumerate(shard_samples(url)):
-                if index >= delivered:
-                    delivered += 1
-                    yield sample
+                if index < delivered:
+                    continue
+                delivered += 1
+                if sample["__key__"] in keys:
+                    skipped["duplicate_key"] += 1
+                    log.debug("shard %s: key %s again; skipped", url, sample["__key__"])
+                    continue
+                keys.add(sample["__key__"])
+                yield sample
             return
         except TruncatedShardError as exc:
             skipped["truncated_member"] += 1

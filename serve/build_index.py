@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from common.artifact import load_artifact
-from common.preprocess import ImageTooLargeError, InvalidImageError, load_image
+from common.preprocess import decode_or_skip
 from common.shards import IMAGE_EXTENSIONS, RawSample
 from serve.encoder import Encoder
 from serve.index import IndexRow, write_index
@@ -228,15 +228,8 @@ def _batches(
     shard_of_row: list[int] = []
     for shard_index, part in shards:
         for sample in read_part(part, skipped):
-            try:
-                image = load_image(sample.image)
-            except ImageTooLargeError as exc:
-                skipped["image_too_large"] += 1
-                log.debug("skipped %s: %s", sample.key, exc)
-                continue
-            except InvalidImageError as exc:
-                skipped["corrupt_image"] += 1
-                log.debug("skipped %s: %s", sample.key, exc)
+            image = decode_or_skip(sample.image, skipped, key=sample.key)
+            if image is None:
                 continue
             images.append(image)
             rows.append(IndexRow(sample.key, sample.caption, _with_origin(sample, part)))
@@ -253,12 +246,14 @@ def _with_origin(sample: RawSample, part: Part) -> dict[str, Any]:
     serve.sources), or parquet file + row; fields the sample already has are kept."""
     meta = dict(sample.meta) if isinstance(sample.meta, dict) else {}
     origin: dict[str, Any]
+    # file names, not the paths given at build time: results are shown to API clients, which
+    # learn nothing of the server's directories (the index manifest's `source` has the paths)
     if part.kind == "shard":
-        origin = {"shard": part.location, "member": _member_name(sample)}
+        origin = {"shard": Path(part.location).name, "member": _member_name(sample)}
     elif part.kind == "files":
-        origin = {"folder": part.location}
+        origin = {"folder": Path(part.location).name}
     else:
-        origin = {"parquet": part.location, "row": sample.row}
+        origin = {"parquet": Path(part.location).name, "row": sample.row}
     for name, value in origin.items():
         meta.setdefault(name, value)
     return meta

@@ -33,13 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common.preprocess import (
-    ImageTooLargeError,
-    InvalidImageError,
-    Tokenizer,
-    Transform,
-    load_image,
-)
+from common.preprocess import Tokenizer, Transform, decode_or_skip
 from common.shards import SampleError, count_samples, expand_urls, to_raw_sample
 from train.config import DataConfig
 from train.sampling import (
@@ -126,15 +120,12 @@ def decode_samples(
     for position, sample in src:
         try:
             raw = to_raw_sample(sample)
-            image = load_image(raw.image, max_pixels=max_pixels)
         except SampleError as exc:
             skipped[exc.reason] += 1
             log.debug("skipped: %s", exc)
             continue
-        except InvalidImageError as exc:
-            reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "corrupt_image"
-            skipped[reason] += 1
-            log.debug("skipped sample %s (%s): %s", raw.key, reason, exc)
+        image = decode_or_skip(raw.image, skipped, key=raw.key, max_pixels=max_pixels)
+        if image is None:
             continue
         with seeded(reader.sample_seed(position)):
             image_tensor = transform(image)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from common.model import DualEncoder, class_embeddings
-from common.preprocess import InvalidImageError, Tokenizer, Transform, load_image
+from common.preprocess import Tokenizer, Transform, decode_or_skip
 from common.shards import iter_shards
 
 log = logging.getLogger(__name__)
@@ -175,11 +175,10 @@ def embed_shards(
         batch.clear()
 
     for sample in iter_shards(spec, skipped):
-        try:
-            image = transform(load_image(sample.image))
-        except InvalidImageError:
-            skipped["corrupt_image"] += 1
+        decoded = decode_or_skip(sample.image, skipped, key=sample.key)
+        if decoded is None:
             continue
+        image = transform(decoded)
         batch.append((image, sample.caption, int(sample.meta.get("label", -1))))
         if len(batch) == batch_size:
             flush()

@@ -262,11 +262,11 @@ def test_replayed_samples_are_not_decoded(tmp_path, monkeypatch):
     first = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
     take(first, 6)
     decoded = []
-    real_load_image = train.data.load_image
+    real_decode = train.data.decode_or_skip
     monkeypatch.setattr(
         train.data,
-        "load_image",
-        lambda data, **kw: decoded.append(1) or real_load_image(data, **kw),
+        "decode_or_skip",
+        lambda data, *args, **kw: decoded.append(1) or real_decode(data, *args, **kw),
     )
     resumed = TrainBatches(
         cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, state=first.state_dict()

@@ -99,10 +99,10 @@ def test_build_stores_one_thumbnail_per_row_with_its_origin(built: dict[str, Any
         for row_id in range(index.count):
             assert decoded(index.thumbnails.get(row_id) or b"").format == "WEBP"
         shard_row, folder_row, parquet_row = rows[0], rows[SAMPLES], rows[index.count - 1]
-        assert shard_row.meta["shard"].endswith("shard-000000.tar")
+        assert shard_row.meta["shard"] == "shard-000000.tar"
         assert shard_row.meta["member"] == f"{shard_row.key}.jpg"
-        assert folder_row.meta["folder"].endswith("photos") and "source" in folder_row.meta
-        assert parquet_row.meta["parquet"].endswith("p.parquet")
+        assert folder_row.meta["folder"] == "photos" and "source" in folder_row.meta
+        assert parquet_row.meta["parquet"] == "p.parquet"
         assert parquet_row.meta["row"] == 4 and parquet_row.meta["key"] == "000000004"
         assert parquet_row.meta["url"] == "https://example.com/4.jpg"
         assert index.thumbnails.get(index.count) is None
