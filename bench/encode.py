@@ -16,6 +16,11 @@ images are a 320x240 picture through the artifact's eval transform (the transfor
 
 Prints items/s (median over rounds), the speed-up over eager, and each runtime's largest
 absolute embedding difference and smallest cosine to eager's.
+
+    python bench/encode.py --quality runs/demo/artifact --data 'data/synth/val/shard-{...}.tar'
+
+measures what the runtimes cost in retrieval quality instead: a trained artifact's held-out
+text->image and image->text recall@1/5 with each runtime's embeddings (the int8 quality gate).
 """
 
 from __future__ import annotations
@@ -115,6 +120,43 @@ def bench_model(model: str, args: argparse.Namespace) -> None:
                 )
 
 
+def quality(artifact: Path, data: str, names: list[str]) -> None:
+    """Held-out recall@1/5 of a trained artifact with each runtime's embeddings."""
+    from collections import Counter
+
+    from common.preprocess import decode_or_skip
+    from common.shards import iter_shards
+    from train.evaluate import retrieval_metrics
+
+    with tempfile.TemporaryDirectory(prefix="bench-quality-") as tmp:
+        copy = Path(tmp) / "artifact"
+        write_artifact(load_artifact(artifact).model, copy, provenance={})
+        export_onnx(copy, int8=True)
+        loaded, table = load_artifact(copy), runtimes(copy, names)
+        pixels, captions = [], []
+        for sample in iter_shards(data, Counter()):
+            image = decode_or_skip(sample.image, Counter(), key=sample.key)
+            if image is not None:
+                pixels.append(loaded.transform(image))
+                captions.append(sample.caption)
+        images, tokens = torch.stack(pixels), loaded.tokenize(captions)
+        print(f"\n{artifact}: {len(captions)} held-out pairs from {data}")
+        print("| runtime | t->i R@1 | t->i R@5 | i->t R@1 | i->t R@5 |")
+        print("|---|---:|---:|---:|---:|")
+        with torch.inference_mode():
+            for name in names:
+                encode_text, encode_image = table[name]
+                text = torch.cat([encode_text(t) for t in tokens.split(256)])
+                image = torch.cat([encode_image(p) for p in images.split(256)])
+                m = retrieval_metrics(image, text, (1, 5))
+                print(
+                    f"| {name} | {m['text_to_image_recall@1']:.4f} "
+                    f"| {m['text_to_image_recall@5']:.4f} | {m['image_to_text_recall@1']:.4f} "
+                    f"| {m['image_to_text_recall@5']:.4f} |",
+                    flush=True,
+                )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="duet-tiny,ViT-B-32")
@@ -122,7 +164,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0, help="per runtime, round and row")
     parser.add_argument("--runtimes", default="eager,short,onnx,onnx-int8")
+    parser.add_argument("--quality", help="a trained artifact: recall per runtime instead")
+    parser.add_argument("--data", help="with --quality: held-out shards (brace patterns)")
     args = parser.parse_args()
+    if args.quality:
+        warnings.filterwarnings("ignore")
+        quality(Path(args.quality), args.data, args.runtimes.split(","))
+        return 0
     args.batches = [int(b) for b in args.batches.split(",")]
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
