@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ def png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> Path:
+    """A tar of (member name, bytes) in order; a name may repeat, as a tar allows."""
     with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -46,13 +48,7 @@ def test_a_repeated_key_in_one_shard_is_counted_and_dropped(tmp_path: Path):
     red = png(Image.new("RGB", (8, 8), (200, 0, 0)))
     # tarfile keeps both members of one name: a shard written twice under one key
     members = [("a.png", red), ("a.txt", b"first"), ("b.png", red), ("b.txt", b"b")]
-    members += [("a.png", red), ("a.txt", b"again")]
-    path = tmp_path / "dup.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    path = write_tar(tmp_path / "dup.tar", [*members, ("a.png", red), ("a.txt", b"again")])
     skipped: Counter[str] = Counter()
     samples = list(read_shard(str(path), skipped))
     assert [s["__key__"] for s in samples] == ["a", "b"]
@@ -64,8 +60,8 @@ def test_evaluation_counts_too_large_images_as_the_others_do(tmp_path: Path):
     good = png(Image.new("RGB", (40, 40), (0, 0, 200)))
     shard = write_tar(
         tmp_path / "val.tar",
-        {"0.png": huge, "0.txt": b"huge", "1.png": good, "1.txt": b"blue", "2.png": b"junk"}
-        | {"2.txt": b"junk"},
+        [("0.png", huge), ("0.txt", b"huge"), ("1.png", good), ("1.txt", b"blue")]
+        + [("2.png", b"junk"), ("2.txt", b"junk")],
     )
     skipped: Counter[str] = Counter()
     assert decode_or_skip(huge, skipped, key="0") is None and skipped == {"image_too_large": 1}
