@@ -13,8 +13,15 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+from open_clip.transform import (
+    AugmentationCfg,
+    MaybeToTensor,
+    PreprocessCfg,
+    image_transform_v2,
+)
 from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms import Compose, GaussianBlur, RandomApply, RandomResizedCrop
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +167,84 @@ def preprocess_dict(cfg: PreprocessCfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def image_transform(cfg: PreprocessCfg, *, train: bool) -> Transform:
-    """PIL image -> normalised [3, H, W] tensor.
+@dataclasses.dataclass(frozen=True, slots=True)
+class Augmentation:
+    """What the training transform does to an image; ranges are (min, max), probability 0 = off.
 
-    Training uses open_clip's random resized crop with a mild scale range and no flips: the
-    captions of the synthetic data (and of much web data) say "left" and "right".
+    The defaults are the transform training always had: a random resized crop of 90-100% of the
+    area and nothing else. Never a flip: the captions of the synthetic data (and of much web
+    data) say "left" and "right". Every random draw comes from torch's or Python's global
+    generator, which the data pipeline seeds per sample (train.data.seeded).
     """
-    aug = AugmentationCfg(scale=(0.9, 1.0)) if train else None
-    return image_transform_v2(cfg, is_train=train, aug_cfg=aug)
+
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    """Brightness, contrast, saturation, hue, as torchvision's ColorJitter takes them."""
+    color_jitter_prob: float = 0.0
+    gray_scale_prob: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+
+
+def image_transform(
+    cfg: PreprocessCfg, *, train: bool, augment: Augmentation | None = None
+) -> Transform:
+    """PIL image -> normalised [3, H, W] tensor; `augment` (default: `Augmentation()`) applies
+    only to training: evaluation and serving resize and center-crop."""
+    if not train:
+        if augment is not None:
+            raise ValueError("augmentation is for training only (train=False was asked for)")
+        return image_transform_v2(cfg, is_train=False)
+    return _train_transform(cfg, augment or Augmentation())
+
+
+def _train_transform(cfg: PreprocessCfg, augment: Augmentation) -> Compose:
+    """open_clip's non-timm training transform (crop, colour jitter, grey), with what that path
+    lacks added to its steps: the crop's aspect-ratio range, SimCLR's blur, random erasing.
+
+    open_clip's timm path (use_timm) has the ratio and erasing, but builds another crop (other
+    random draws: not the transform training had), fixes re_mode to "pixel", has no blur, and
+    ignores color_jitter_prob and gray_scale_prob.
+    """
+    aug_cfg = AugmentationCfg(
+        scale=augment.crop_scale,
+        color_jitter=augment.color_jitter if augment.color_jitter_prob else None,
+        color_jitter_prob=augment.color_jitter_prob or None,
+        gray_scale_prob=augment.gray_scale_prob or None,
+    )
+    with warnings.catch_warnings():
+        # open_clip calls color_jitter, color_jitter_prob and gray_scale_prob "unused" whenever
+        # they are set, though its non-timm path applies them; nothing else is passed
+        warnings.filterwarnings("ignore", message="Unused augmentation cfg items")
+        steps = list(image_transform_v2(cfg, is_train=True, aug_cfg=aug_cfg).transforms)
+    # steps: [crop, convert, (jitter), (grey), to_tensor, normalize]
+    crop = steps[0]
+    if not isinstance(crop, RandomResizedCrop):
+        raise TypeError(f"open_clip's training transform starts with {crop!r}, not a crop")
+    steps[0] = RandomResizedCrop(  # the same crop, with the ratio open_clip leaves out
+        crop.size,
+        scale=crop.scale,
+        ratio=augment.crop_ratio,
+        interpolation=crop.interpolation,
+        antialias=crop.antialias,
+    )
+    if augment.blur_prob:
+        # SimCLR: after the colour ops, on the crop, a kernel 10% of the image side, odd, >= 3
+        side = min(cfg.size) if isinstance(cfg.size, tuple | list) else cfg.size
+        blur = GaussianBlur(2 * max(side // 20, 1) + 1, sigma=augment.blur_sigma)
+        to_tensor = next(i for i, step in enumerate(steps) if isinstance(step, MaybeToTensor))
+        steps.insert(to_tensor, RandomApply([blur], p=augment.blur_prob))
+    if augment.re_prob:
+        # after Normalize, as in timm: "pixel" and "rand" fill with N(0, 1) in normalised units
+        erase = RandomErasing(
+            augment.re_prob, mode=augment.re_mode, max_count=augment.re_count, device="cpu"
+        )
+        steps.append(erase)
+    return Compose(steps)
 
 
 def tokenizer(model_name_or_dir: str) -> Tokenizer:

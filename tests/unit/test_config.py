@@ -12,6 +12,7 @@ from common.config import apply_overrides, from_dict, to_dict
 from tests.conftest import REPO_ROOT, subprocess_env
 from train.__main__ import parse_args
 from train.config import RECIPES, TrainConfig
+from train.resume import config_changes
 
 
 def test_overrides_parse_each_field_type():
@@ -24,11 +25,17 @@ def test_overrides_parse_each_field_type():
             "eval.recall_at=1,3",
             "model.name=duet-micro",
             "data.train_shards=a/{0..3}.tar::b.tar",
+            "data.augment.crop_scale_min=0.5",
+            "data.augment.color_jitter=0.8,0.8,0.8,0.2",
+            "data.augment.re_mode=const",
         ],
     )
     assert cfg.steps == 12 and cfg.optim.lr == 3e-4 and cfg.logging.progress is False
     assert cfg.eval.recall_at == (1, 3) and cfg.model.name == "duet-micro"
     assert cfg.data.train_shards == "a/{0..3}.tar::b.tar"  # only the first '=' splits
+    augment = cfg.data.augment
+    assert augment.crop_scale_min == 0.5 and augment.color_jitter == (0.8, 0.8, 0.8, 0.2)
+    assert augment.re_mode == "const" and augment.augmentation.crop_scale == (0.5, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -49,6 +56,24 @@ def test_overrides_parse_each_field_type():
         ("optim.grad_clip_norm=inf", "optim.grad_clip_norm: must be a finite number"),
         ("loss.max_logit_scale=inf", "loss.max_logit_scale: must be a finite number"),
         ("loss.init_temperature=nan", "loss.init_temperature: must be in"),
+        ("data.augment=1", "'data.augment' is a section"),
+        ("data.augment.blur=1", "unknown config field 'data.augment.blur': data.augment has "),
+        ("data.augment.crop_scale_min=0", "data.augment.crop_scale_min: must be in (0, 1]"),
+        ("data.augment.crop_scale_max=1.5", "data.augment.crop_scale_max: must be in (0, 1]"),
+        ("data.augment.crop_scale_min=nan", "data.augment.crop_scale_min: must be a finite"),
+        ("data.augment.crop_ratio_min=2", "data.augment.crop_ratio_min: must be <= crop_ratio_max"),
+        ("data.augment.crop_ratio_max=inf", "data.augment.crop_ratio_max: must be a finite"),
+        ("data.augment.blur_sigma_min=0", "data.augment.blur_sigma_min: must be > 0"),
+        ("data.augment.blur_sigma_min=3", "data.augment.blur_sigma_min: must be <= blur_sigma_max"),
+        ("data.augment.blur_prob=1.5", "data.augment.blur_prob: must be in [0, 1]"),
+        ("data.augment.re_prob=nan", "data.augment.re_prob: must be in [0, 1]"),
+        ("data.augment.gray_scale_prob=-0.1", "data.augment.gray_scale_prob: must be in [0, 1]"),
+        ("data.augment.color_jitter_prob=2", "data.augment.color_jitter_prob: must be in [0, 1]"),
+        ("data.augment.color_jitter=0.4,0.4,0.4", "data.augment.color_jitter: must be 4 numbers"),
+        ("data.augment.color_jitter=0.4,-1,0.4,0.1", "data.augment.color_jitter: every strength"),
+        ("data.augment.color_jitter=0.4,0.4,0.4,0.6", "data.augment.color_jitter: the hue"),
+        ("data.augment.re_mode=zeros", "data.augment.re_mode: must be one of const, rand, pixel"),
+        ("data.augment.re_count=0", "data.augment.re_count: must be >= 1"),
     ],
 )
 def test_bad_overrides_name_the_field(assignment, message):
@@ -57,10 +82,21 @@ def test_bad_overrides_name_the_field(assignment, message):
 
 
 def test_round_trip_through_dict():
-    cfg = apply_overrides(RECIPES["smoke"](), ["eval.recall_at=2,4"])
+    cfg = apply_overrides(
+        RECIPES["smoke"](), ["eval.recall_at=2,4", "data.augment.color_jitter=0.8,0.8,0.8,0.2"]
+    )
     assert from_dict(TrainConfig, to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown fields"):
         from_dict(TrainConfig, {**to_dict(cfg), "nope": 1})
+
+
+def test_a_checkpoint_without_augment_settings_had_the_default_augmentation():
+    """A config saved before data.augment existed reads as the default; a change shows as one."""
+    saved = to_dict(TrainConfig())
+    del saved["data"]["augment"]
+    assert from_dict(TrainConfig, saved) == TrainConfig()
+    cfg = apply_overrides(TrainConfig(), ["data.augment.blur_prob=0.5"])
+    assert config_changes(saved, cfg) == {"data.augment.blur_prob": (0.0, 0.5)}
 
 
 def test_cli_reports_bad_overrides_as_usage_errors(capsys):
