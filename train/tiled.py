@@ -1,12 +1,14 @@
 """Blockwise ("tiled") computation of the loss's reductions over the N x N logit matrix.
 
 The losses in train/loss.py need, of the logits x_ij = s * <A_i, B_j>, only reductions: each
-row's and each column's log-sum-exp (LSE), or SigLIP's sum of softplus. `lse` gives them either
+row's and each column's log-sum-exp (LSE), SigLIP's sum of softplus, or (hinge, on the cosines
+themselves) each row's and column's maximum or sum of hinge terms. `lse` gives the LSEs either
     plain   from the materialised [n, N] logits (autograd; they and their gradient: ~n*N floats),
     tiled   block by block with `_TiledLSE`: forward keeps only running row and column LSEs, and
             backward recomputes each block. Memory O(N*D + block^2), same arithmetic plus one
             recompute of the logits. A batch that fits in one block is computed as plain does.
-`TiledSoftplus` does the same for SigLIP. A `BlockPlan` says which blocks a rank visits.
+`TiledSoftplus` does the same for SigLIP, `hardest` and `hinge_sums` for the hinge loss. A
+`BlockPlan` says which blocks a rank visits; rows-only plans may have K != N columns (a queue).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class BlockPlan:
     A rank needs the LSE over every column of each of its rows (A's anchors) and, for symmetric
     losses, the LSE over every row of each of its columns (B's anchors): a row stripe and a
     column stripe. With one process both are the whole matrix, and each block is computed once.
+    A rows-only plan (cols=None) may have a B of n_cols != N rows: the matrix is [N, n_cols].
     """
 
     n: int
@@ -61,11 +64,25 @@ class BlockPlan:
     """LSEs are of m * logits for each m (hard-negative reweighting needs beta and 1 + beta)."""
     exclude_diagonal: bool = False
     """Leave out logit (i, i): the anchor itself (NT-Xent) or its positive (negatives only)."""
+    n_cols: int | None = None
+    """Columns of the matrix, when they are not the N samples: B is then e.g. a queue of K keys
+    (rows-only plans, cols=None). None: n."""
+
+    def __post_init__(self) -> None:
+        if self.n_cols is not None and self.cols is not None:
+            raise ValueError("BlockPlan: n_cols (extra columns) needs cols=None, a rows-only plan")
+        if self.n_cols is not None and self.n_cols < 0:
+            raise ValueError(f"BlockPlan: n_cols must be >= 0, got {self.n_cols}")
+
+    @property
+    def col_count(self) -> int:
+        """Columns of the matrix: n_cols, or n."""
+        return self.n if self.n_cols is None else self.n_cols
 
     def blocks(self) -> Iterator[tuple[slice, slice, bool, bool]]:
         """(row block, column block, in the row stripe, in the column stripe), as needed."""
         for r, r_in in _cut(self.rows, self.n, self.block):
-            for c, c_in in _cut(self.cols or (0, 0), self.n, self.block):
+            for c, c_in in _cut(self.cols or (0, 0), self.col_count, self.block):
                 if r_in or c_in:
                     yield r, c, r_in, c_in
 
@@ -114,8 +131,8 @@ class _Scratch:
     """
 
     def __init__(self, a: Tensor, plan: BlockPlan, count: int) -> None:
-        side = min(plan.block, plan.n)
-        self.flat = [a.new_empty(side * side) for _ in range(count)]
+        side, cols_side = min(plan.block, plan.n), min(plan.block, plan.col_count)
+        self.flat = [a.new_empty(side * cols_side) for _ in range(count)]
         self.a, self.row_buffer = a, a.new_empty(side, a.shape[1])
         self.row_block: slice | None = None
 
@@ -250,7 +267,10 @@ class _TiledLSE(torch.autograd.Function):
         a, b, logit_scale, lse_rows, lse_cols = ctx.saved_tensors
         plan: BlockPlan = ctx.plan
         scale = logit_scale.exp().item()
-        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        # a gradient not needed costs no matmul (a queue's B has none); the log scale's needs dA
+        needs = ctx.needs_input_grad
+        da = torch.zeros_like(a) if needs[0] or needs[2] else None
+        db = torch.zeros_like(b) if needs[1] else None
         scratch = _Scratch(a, plan, 2 if len(plan.multipliers) == 1 else 4)
         shared = _Shared(a)
         for r, c, r_in, c_in in plan.blocks():
@@ -268,8 +288,12 @@ class _TiledLSE(torch.autograd.Function):
                 g = _logit_grad(x, terms, *(scratch(i, r, c) for i in range(1, len(scratch.flat))))
             if plan.on_diagonal(r, c):
                 g.diagonal().add_(g_pairs[rr])
-            da[r].addmm_(g, b[c])
-            db[c].addmm_(g.T, a_scaled)
+            if da is not None:
+                da[r].addmm_(g, b[c])
+            if db is not None:
+                db[c].addmm_(g.T, a_scaled)
+        if da is None:
+            return None, db, None, None
         da.mul_(scale)
         d_scale = torch.dot(a.flatten(), da.flatten())  # <A, dA>: no [N, D] temporary
         return da, db, d_scale.reshape(logit_scale.shape), None
@@ -295,15 +319,15 @@ def _logit_grad(x: Tensor, terms: list[tuple[float, Tensor, Tensor]], *scratch: 
     return g
 
 
-def _plain_lse(a: Tensor, b: Tensor, logit_scale: Tensor, plan: BlockPlan) -> Reductions:
-    """The same as `_TiledLSE` from materialised [n, N] and [N, n] logits (autograd)."""
-    a_scaled = a * logit_scale.exp()
+def _plain_stripes(a: Tensor, b: Tensor, plan: BlockPlan) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The plan's row stripe [n, N] and column stripe [N, n] (None without cols) of A*B^T,
+    materialised with autograd (excluded entries -inf), and the pairs' entries (or empty)."""
     n, (start, stop) = plan.n, plan.rows
     pairs = a.new_zeros(0)
 
     def logits(r: Span, c: Span) -> Tensor:
         nonlocal pairs
-        x = a_scaled[r[0] : r[1]] @ b[c[0] : c[1]].T
+        x = a[r[0] : r[1]] @ b[c[0] : c[1]].T
         if plan.symmetric and r == plan.rows and c == (0, n):
             pairs = x[:, start:stop].diagonal()
         if plan.exclude_diagonal:
@@ -311,14 +335,22 @@ def _plain_lse(a: Tensor, b: Tensor, logit_scale: Tensor, plan: BlockPlan) -> Re
             x = x.masked_fill(i == torch.arange(c[0], c[1], device=x.device), -math.inf)
         return x
 
+    by_row = logits(plan.rows, (0, plan.col_count))  # [n, N] (or [n, n_cols])
+    if plan.cols is None:
+        return by_row, None, pairs
+    one_process = plan.rows == plan.cols == (0, n)  # then the columns are the same matrix
+    return by_row, by_row if one_process else logits((0, n), plan.cols), pairs  # [N, n]
+
+
+def _plain_lse(a: Tensor, b: Tensor, logit_scale: Tensor, plan: BlockPlan) -> Reductions:
+    """The same as `_TiledLSE` from materialised [n, N] and [N, n] logits (autograd)."""
+    by_row, by_col, pairs = _plain_stripes(a * logit_scale.exp(), b, plan)
+
     def reduce(x: Tensor, dim: int) -> Tensor:
         return torch.stack([(x if m == 1 else m * x).logsumexp(dim) for m in plan.multipliers])
 
-    by_row = logits(plan.rows, (0, n))  # [n, N]
-    if plan.cols is None:
+    if by_col is None:
         return Reductions(reduce(by_row, 1), by_row.new_empty(len(plan.multipliers), 0), pairs)
-    one_process = plan.rows == plan.cols == (0, n)  # then the columns are the same matrix
-    by_col = by_row if one_process else logits((0, n), plan.cols)  # [N, n]
     return Reductions(reduce(by_row, 1), reduce(by_col, 0), pairs)
 
 
@@ -378,3 +410,117 @@ class TiledSoftplus(torch.autograd.Function):
         d_scale = torch.dot(a.flatten(), da.flatten())  # logits - b = s * cos
         d_bias_out = d_bias.to(a.dtype).reshape(bias[0].shape) if bias else None
         return da, db, d_scale, d_bias_out, None
+
+
+# The hinge loss's reductions are of the cosines x = A*B^T themselves: no scale, and no LSE.
+
+
+def hardest(a: Tensor, b: Tensor, plan: BlockPlan, implementation: str) -> tuple[Tensor, Tensor]:
+    """The largest entry of A*B^T in each row of the row stripe and each column of the column
+    stripe ([rows], [cols]; with exclude_diagonal, the hardest negatives), with autograd.
+
+    A max's gradient reaches only its argmax. Tiled finds the argmaxes block by block without
+    gradient and recomputes just those entries as dot products, so autograd sends the gradient
+    there and nowhere else: O(N*D + block^2) memory, no backward pass over the blocks. Ties go to
+    the lowest index in both implementations: torch.max takes a line's first maximum, and a later
+    block replaces the running maximum only with a strictly larger one.
+    """
+    check_implementation(implementation)
+    if implementation == "plain" or plan.single_block:
+        by_row, by_col, _ = _plain_stripes(a, b, plan)
+        cols = by_row.new_empty(0) if by_col is None else by_col.max(0).values
+        return by_row.max(1).values, cols
+    row_argmax, col_argmax = _argmax_lines(a, b, plan)
+    (start, stop), (c_start, c_stop) = plan.rows, plan.cols or (0, 0)
+    rows = (a[start:stop] * b[row_argmax]).sum(-1)  # [n]
+    return rows, (a[col_argmax] * b[c_start:c_stop]).sum(-1)
+
+
+@torch.no_grad()
+def _argmax_lines(a: Tensor, b: Tensor, plan: BlockPlan) -> tuple[Tensor, Tensor]:
+    """Global column index of each stripe row's maximum, and row index of each column's."""
+    best = [a.new_full((w,), -math.inf) for w in plan.width]
+    argmax = [torch.zeros(w, dtype=torch.long, device=a.device) for w in plan.width]
+
+    def keep_larger(side: int, line: slice, value: Tensor, index: Tensor) -> None:
+        larger = value > best[side][line]  # strictly: a tie keeps the earlier, lower index
+        best[side][line] = torch.where(larger, value, best[side][line])
+        argmax[side][line] = torch.where(larger, index, argmax[side][line])
+
+    scratch = _Scratch(a, plan, 1)
+    for r, c, r_in, c_in in plan.blocks():  # row blocks in order, and columns within each
+        x = plan.logits(a[r], b, r, c, scratch(0, r, c))
+        if r_in:
+            value, index = x.max(1)
+            keep_larger(0, _local(r, plan.rows), value, index + c.start)
+        if c_in:
+            value, index = x.max(0)
+            keep_larger(1, _local(c, plan.cols), value, index + r.start)
+    return argmax[0], argmax[1]
+
+
+def hinge_sums(
+    a: Tensor,
+    b: Tensor,
+    row_shift: Tensor,
+    col_shift: Tensor,
+    plan: BlockPlan,
+    implementation: str,
+) -> tuple[Tensor, Tensor]:
+    """sum_j relu(row_shift_i + x_ij) for each row i of the row stripe and sum_i relu(col_shift_j
+    + x_ij) for each column j of the column stripe, x = A*B^T ([rows], [cols]; an excluded
+    diagonal entry adds nothing). row_shift [rows], col_shift [cols] get gradients too."""
+    check_implementation(implementation)
+    if implementation == "plain" or plan.single_block:
+        by_row, by_col, _ = _plain_stripes(a, b, plan)
+        rows = F.relu(by_row + row_shift[:, None]).sum(1)
+        return rows, by_row.new_empty(0) if by_col is None else F.relu(by_col + col_shift).sum(0)
+    return _TiledHingeSums.apply(a, b, row_shift, col_shift, plan)
+
+
+class _TiledHingeSums(torch.autograd.Function):
+    """`hinge_sums` block by block. d relu(u) / du is the indicator u > 0: backward recomputes
+    each block's indicators, weighted by the incoming gradient, and sends them to A and B by two
+    matmuls and to each shift as its line's sum (the count of active hinges)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, a: Tensor, b: Tensor, row_shift: Tensor, col_shift: Tensor, plan: BlockPlan
+    ) -> Any:
+        rows, cols = a.new_zeros(plan.width[0]), a.new_zeros(plan.width[1])
+        scratch = _Scratch(a, plan, 2)
+        for r, c, r_in, c_in in plan.blocks():
+            x = plan.logits(a[r], b, r, c, scratch(0, r, c))  # excluded entries: -inf, relu 0
+            rr, cc = _local(r, plan.rows), _local(c, plan.cols)
+            if r_in:
+                hinge = torch.add(x, row_shift[rr, None], out=scratch(1, r, c)).clamp_(min=0)
+                rows[rr] += hinge.sum(1)
+            if c_in:
+                hinge = torch.add(x, col_shift[None, cc], out=scratch(1, r, c)).clamp_(min=0)
+                cols[cc] += hinge.sum(0)
+        ctx.plan = plan
+        ctx.save_for_backward(a, b, row_shift, col_shift)
+        return rows, cols
+
+    @staticmethod
+    def backward(ctx: Any, g_rows: Tensor, g_cols: Tensor) -> Any:
+        a, b, row_shift, col_shift = ctx.saved_tensors
+        plan: BlockPlan = ctx.plan
+        da, db = torch.zeros_like(a), torch.zeros_like(b)
+        d_row_shift, d_col_shift = torch.zeros_like(row_shift), torch.zeros_like(col_shift)
+        scratch = _Scratch(a, plan, 3)
+        for r, c, r_in, c_in in plan.blocks():
+            x = plan.logits(a[r], b, r, c, scratch(0, r, c))
+            rr, cc = _local(r, plan.rows), _local(c, plan.cols)
+            g = scratch(1, r, c).zero_()  # d loss / d x of the block
+            if r_in:
+                active = torch.add(x, row_shift[rr, None], out=scratch(2, r, c)).gt_(0)  # 1 or 0
+                g.addcmul_(active, g_rows[rr, None])
+                d_row_shift[rr] += active.sum(1) * g_rows[rr]
+            if c_in:
+                active = torch.add(x, col_shift[None, cc], out=scratch(2, r, c)).gt_(0)
+                g.addcmul_(active, g_cols[None, cc])
+                d_col_shift[cc] += active.sum(0) * g_cols[cc]
+            da[r].addmm_(g, b[c])
+            db[c].addmm_(g.T, a[r])
+        return da, db, d_row_shift, d_col_shift, None

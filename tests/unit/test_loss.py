@@ -15,9 +15,11 @@ from train.loss import (
     clip_loss,
     debiased_loss,
     hard_negative_loss,
+    hinge_loss,
     multi_positive_loss,
     nt_xent_loss,
     rank_loss,
+    reference_clip_loss,
     siglip_loss,
 )
 
@@ -25,18 +27,7 @@ F64 = torch.float64
 
 
 # --- references: each loss written out anchor by anchor, straight from its paper -------------
-
-
-def loop_clip(images, texts, logit_scale, bias=None):
-    """CLIP's loss term by term: mean over i of -log softmax, both directions."""
-    n = images.shape[0]
-    scale = logit_scale.exp()
-    total = images.new_zeros(())
-    for i in range(n):
-        row = torch.stack([scale * images[i] @ texts[j] for j in range(n)])
-        col = torch.stack([scale * texts[i] @ images[j] for j in range(n)])
-        total = total - torch.log_softmax(row, 0)[i] - torch.log_softmax(col, 0)[i]
-    return total / (2 * n)
+# (CLIP's is train.loss.reference_clip_loss, its definition; the worked example checks it)
 
 
 def loop_nt_xent(images, texts, logit_scale, bias=None):
@@ -101,11 +92,26 @@ def loop_multi_positive(images, texts, logit_scale, labels):
     return total / (2 * n)
 
 
+def loop_hinge(images, texts, logit_scale, bias=None, *, margin, reduction):
+    """VSE++ (reduction max) and VSE0 (sum): pair i's hinges against every j != i, both ways."""
+    n = images.shape[0]
+    total = images.new_zeros(())
+    for i in range(n):
+        by_image, by_text = [], []
+        for j in range(n):
+            if j != i:
+                by_image.append(F.relu(margin - images[i] @ texts[i] + images[i] @ texts[j]))
+                by_text.append(F.relu(margin - images[i] @ texts[i] + images[j] @ texts[i]))
+        for hinges in (torch.stack(by_image), torch.stack(by_text)):
+            total = total + (hinges.max() if reduction == "max" else hinges.sum())
+    return total / n
+
+
 LABELS_7 = torch.tensor([0, 1, 0, 2, 3, 1, 0])  # three samples share caption 0, two caption 1
 
 # name -> (our function with its hyperparameters, the reference)
 CASES = {
-    "clip": (clip_loss, loop_clip),
+    "clip": (clip_loss, lambda i, t, s, b: reference_clip_loss(i, t, s)),
     "nt_xent": (nt_xent_loss, loop_nt_xent),
     "siglip": (siglip_loss, loop_siglip),
     "debiased": (
@@ -119,6 +125,14 @@ CASES = {
     "multi_positive": (
         lambda *a, **k: multi_positive_loss(*a, labels=LABELS_7, **k),
         lambda i, t, s, b: loop_multi_positive(i, t, s, LABELS_7),
+    ),
+    "hinge": (  # LossConfig's defaults
+        lambda *a, **k: hinge_loss(*a, margin=0.2, reduction="max", **k),
+        lambda *a: loop_hinge(*a, margin=0.2, reduction="max"),
+    ),
+    "hinge_sum": (
+        lambda *a, **k: hinge_loss(*a, margin=0.2, reduction="sum", **k),
+        lambda *a: loop_hinge(*a, margin=0.2, reduction="sum"),
     ),
 }
 
@@ -188,6 +202,12 @@ def test_worked_example_by_hand():
     2.697372) - 1 = 1.497640; z2: 1.414030; z3: 1.525917; z1+: 1.497640 (the same five
     cosines); z2+: log(2.012665 + 2.718124 + 2.187371 + 2.012665 + 2.187371) - 0.999942 =
     1.408641; z3+: 1.525917. NT-Xent = 8.869785 / 6 = 1.478298.
+    The hinge loss with margin 0.3 (on cosines, so for any tau): pair 1's image meets its
+    hardest negative z3+ at 0.992278, 0.3 - 1 + 0.992278 = 0.292278, and its text z3, 0.292278;
+    pair 2: 0.3 - 0.999942 + 0.789352 = 0.089410 and 0.082763 (z3+, z3); pair 3: 0.292278 twice.
+    Max = 1.341285 / 3 = 0.447095. Sum adds the other positive hinges: pair 1's text 0.007107
+    (z2), pair 2's image 0.007165 (z1+), pair 3's 0.082705 (z2+) and 0.089352 (z2); pair 1's
+    image (-0.000537) and pair 2's text (-0.000479) stay off. Sum = 1.527614 / 3 = 0.509205.
     """
     images = F.normalize(torch.tensor([[1.0, 2.0], [3.0, 1.0], [2.0, 3.0]], dtype=F64), dim=-1)
     texts = F.normalize(torch.tensor([[0.9, 1.8], [2.8, 0.9], [1.8, 2.7]], dtype=F64), dim=-1)
@@ -197,6 +217,11 @@ def test_worked_example_by_hand():
         nt_xent = nt_xent_loss(images, texts, tau_one, implementation=implementation, block_size=2)
         assert clip.item() == pytest.approx(0.990739, abs=2e-6)
         assert nt_xent.item() == pytest.approx(1.478298, abs=2e-6)
+        for reduction, expect in (("max", 0.447095), ("sum", 0.509205)):
+            kwargs = {"implementation": implementation, "block_size": 2}
+            hinge = hinge_loss(images, texts, tau_one, margin=0.3, reduction=reduction, **kwargs)
+            assert hinge.item() == pytest.approx(expect, abs=2e-6)
+    assert reference_clip_loss(images, texts, tau_one).item() == pytest.approx(0.990739, abs=2e-6)
 
 
 # --- tiled == plain in float32, both close to float64 --------------------------------------
@@ -215,7 +240,7 @@ def test_tiled_clip_equals_plain_in_float32_and_both_are_near_float64(n, block_s
         clip_loss, inputs32[:3], implementation="tiled", block_size=block_size
     )
     inputs64 = [x.detach().double().requires_grad_() for x in inputs32[:3]]
-    exact, exact_grads = value_and_grads(clip_loss, inputs64, implementation="plain")
+    exact, exact_grads = value_and_grads(reference_clip_loss, inputs64)
     assert rel_err(tiled, plain) <= 1e-5
     assert rel_err(tiled.double(), exact) <= 1e-5 and rel_err(plain.double(), exact) <= 1e-5
     for t, p, e in zip(tiled_grads, plain_grads, exact_grads, strict=True):
@@ -241,7 +266,7 @@ def test_both_ways_of_reducing_a_block_equal_plain(monkeypatch, span, log_scale,
     plain, plain_grads = value_and_grads(clip_loss, inputs, implementation="plain")
     ours, grads = value_and_grads(clip_loss, inputs, implementation="tiled", block_size=64)
     exact, exact_grads = value_and_grads(
-        clip_loss, [x.detach().double().requires_grad_() for x in inputs], implementation="plain"
+        reference_clip_loss, [x.detach().double().requires_grad_() for x in inputs]
     )
     assert rel_err(ours, plain) <= 1e-5 and rel_err(ours.double(), exact) <= 1e-5
     for t, p, e in zip(grads, plain_grads, exact_grads, strict=True):
@@ -268,14 +293,16 @@ def test_tiled_equals_plain_in_float32_for_every_variant(kind):
     assert rel_err(tiled, plain) <= 1e-5
     tiled_grads, plain_grads = zero_if_none(tiled_grads, inputs), zero_if_none(plain_grads, inputs)
     for t, p in zip(tiled_grads, plain_grads, strict=True):
-        if p.abs().max() > 0:  # the bias of softmax losses gets exactly nothing
+        if p.abs().max() > 0:  # the bias of softmax losses (and hinge's scale) gets nothing
             assert rel_err(t, p) <= 1e-5
 
 
-def test_tiled_keeps_no_n_by_n_tensor_for_backward():
+@pytest.mark.parametrize("kind", ["clip", "hinge", "hinge_sum"])
+def test_tiled_keeps_no_n_by_n_tensor_for_backward(kind):
     """What autograd saves for backward: O(N*D) for tiled, the [N, N] logits for plain."""
     n, d = 256, 8
     images, texts, scale, _ = leaves(n, d, seed=4, dtype=torch.float32)
+    loss_fn, _ = CASES[kind]
     for implementation, expect_square in (("tiled", False), ("plain", True)):
         saved: list[int] = []
 
@@ -284,7 +311,7 @@ def test_tiled_keeps_no_n_by_n_tensor_for_backward():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            clip_loss(images, texts, scale, implementation=implementation, block_size=32)
+            loss_fn(images, texts, scale, implementation=implementation, block_size=32)
         assert (max(saved) >= n * n) == expect_square, (implementation, max(saved))
 
 
@@ -305,7 +332,7 @@ def test_temperature_gradient_matches_finite_difference(kind):
 
 
 @pytest.mark.parametrize("kind", [k for k in CASES if k != "siglip"])
-def test_softmax_losses_ignore_the_bias(kind):
+def test_every_loss_but_siglip_ignores_the_bias(kind):
     ours_fn, _ = CASES[kind]
     images, texts, scale, bias = leaves(7, 4, seed=5)
     with_bias = ours_fn(images, texts, scale, bias, block_size=3)
@@ -418,6 +445,10 @@ def test_rank_loss_picks_each_kind_from_the_config():
         ours_fn, _ = CASES[kind]
         got = rank_loss(cfg, images, texts, scale, bias, labels=LABELS_7)
         assert_close(got, ours_fn(images, texts, scale, bias, block_size=3))
+    cfg = LossConfig(kind="hinge", hinge_reduction="sum", block_size=3)
+    hinge_sum, _ = CASES["hinge_sum"]
+    got = rank_loss(cfg, images, texts, scale, bias)
+    assert_close(got, hinge_sum(images, texts, scale, bias, block_size=3))
 
 
 @pytest.mark.parametrize(
@@ -429,6 +460,9 @@ def test_rank_loss_picks_each_kind_from_the_config():
         ("debiased_tau_plus", 1.0, "loss.debiased_tau_plus: must be in"),
         ("hard_negative_beta", 0.0, "loss.hard_negative_beta: must be in"),
         ("init_temperature", 0.001, "loss.init_temperature: must be in"),
+        ("hinge_margin", -0.1, r"loss.hinge_margin: must be in \[0, 2\]"),
+        ("hinge_margin", math.nan, "loss.hinge_margin: must be a finite number"),
+        ("hinge_reduction", "mean", "loss.hinge_reduction: must be one of max, sum"),
     ],
 )
 def test_loss_config_names_the_bad_field(field, value, message):
@@ -455,3 +489,96 @@ def test_bad_arguments_are_value_errors():
             clip_loss(images, texts, scale, **kwargs)
     with pytest.raises(ValueError, match="one shape"):
         clip_loss(images, texts[:3], scale)
+    with pytest.raises(ValueError, match="reduction must be max or sum"):
+        hinge_loss(images, texts, scale, reduction="mean")
+    with pytest.raises(ValueError, match="at least 2"):
+        hinge_loss(images[:1], texts[:1], scale)
+
+
+# --- the hinge loss: both reductions, blocks smaller than N, split over ranks ----------------
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+@pytest.mark.parametrize("reduction", ["max", "sum"])
+def test_hinge_rank_losses_tiled_and_plain_match_the_loop(reduction, block_size):
+    """N = 9 over 3 'ranks' of 3, blocks cutting across the ranks' edges: each rank's tiled loss
+    and gradients equal plain's, and the ranks' mean equals the loop reference's."""
+    world, inputs = 3, leaves(9, 4, seed=13)[:3]
+    ref, ref_grads = value_and_grads(
+        lambda *a: loop_hinge(*a, margin=0.3, reduction=reduction), inputs
+    )
+    ranks = {}  # implementation -> [(loss, grads)] by rank
+    for implementation in ("plain", "tiled"):
+        ranks[implementation] = [
+            value_and_grads(
+                hinge_loss,
+                inputs,
+                margin=0.3,
+                reduction=reduction,
+                rows=slice(3 * r, 3 * r + 3),
+                implementation=implementation,
+                block_size=block_size,
+            )
+            for r in range(world)
+        ]
+    for (tiled_loss, tiled_grads), (plain_loss, plain_grads) in zip(*ranks.values(), strict=True):
+        assert_close(tiled_loss, plain_loss)
+        for t, p in zip(tiled_grads, plain_grads, strict=True):
+            assert_close(t, p)
+    assert_close(sum(loss for loss, _ in ranks["tiled"]) / world, ref)
+    for k, g in enumerate(zero_if_none(ref_grads, inputs)):
+        assert_close(sum(grads[k] for _, grads in ranks["tiled"]) / world, g)
+
+
+@pytest.mark.parametrize(
+    "implementation, block_size", [("plain", 1024), ("tiled", 2), ("tiled", 1)]
+)
+def test_hinge_max_sends_a_tie_to_the_lowest_index(implementation, block_size):
+    """Pair 0 (e0, e0) meets four equally hard negatives, cosine 0 with e1, e1, e2, e2, in
+    several blocks: the max's gradient goes to the first of them, sample 1, alone."""
+    samples = torch.eye(3, dtype=F64)[[0, 1, 1, 2, 2]]
+    images, texts = samples.clone().requires_grad_(), samples.clone().requires_grad_()
+    loss = hinge_loss(
+        images,
+        texts,
+        torch.tensor(0.0, dtype=F64),
+        margin=1.5,
+        rows=slice(0, 1),
+        implementation=implementation,
+        block_size=block_size,
+    )
+    assert loss.item() == pytest.approx(1.0)  # (1.5 - 1 + 0) from the image and from the text
+    for grad in torch.autograd.grad(loss, (images, texts)):
+        assert grad[1].abs().sum() > 0 and grad[2:].abs().sum() == 0
+
+
+# --- rectangular plans: a rank's rows against K extra columns (a queue) ----------------------
+
+
+@pytest.mark.parametrize("queue_grad", [False, True])
+@pytest.mark.parametrize("span", [(0, 7), (1, 6)])
+@pytest.mark.parametrize("queue_size", [3, 5, 11])  # N = 7, block 4: K below both, between, above
+@pytest.mark.parametrize(
+    "implementation, block_size", [("plain", 4), ("tiled", 4), ("tiled", 2), ("tiled", 1024)]
+)
+def test_rows_lse_over_extra_columns(implementation, block_size, queue_size, span, queue_grad):
+    images, _, scale, _ = leaves(7, 5, seed=14)
+    queue = unit(queue_size, 5, seed=15).requires_grad_(queue_grad)
+    plan = tiled.BlockPlan(7, span, None, block_size, n_cols=queue_size)
+    got = tiled.lse(images, queue, scale, plan, implementation)
+    expect = (scale.exp() * images[slice(*span)] @ queue.T).logsumexp(1)
+    assert got.cols.numel() == 0 and got.pairs.numel() == 0
+    assert_close(got.rows[0], expect)
+    weights = torch.linspace(0.5, 1.5, span[1] - span[0], dtype=F64)  # not a uniform gradient
+    inputs = (images, scale, queue) if queue_grad else (images, scale)
+    grads = torch.autograd.grad((weights * got.rows[0]).sum(), inputs)
+    expect_grads = torch.autograd.grad((weights * expect).sum(), inputs)
+    for g, e in zip(grads, expect_grads, strict=True):
+        assert_close(g, e)
+
+
+def test_extra_columns_are_for_rows_only_plans():
+    with pytest.raises(ValueError, match="n_cols .* needs cols=None"):
+        tiled.BlockPlan(7, (0, 7), (0, 7), 4, n_cols=5)
+    with pytest.raises(ValueError, match="n_cols must be >= 0"):
+        tiled.BlockPlan(7, (0, 7), None, 4, n_cols=-1)
