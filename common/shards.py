@@ -231,6 +231,7 @@ def read_shard(
                     log.debug("shard %s: key %s again; skipped", url, sample["__key__"])
                     continue
                 keys.add(sample["__key__"])
+                sample["__index__"] = index  # its place in the shard: with the shard, an id
                 yield sample
             return
         except TruncatedShardError as exc:
@@ -275,19 +276,32 @@ def count_samples(urls: list[str]) -> SampleCount | None:
     open_clip write it), img2dataset's `NAME_stats.json` ("successes"), else a scan of the tar's
     headers (samples = distinct keys). Counts include samples that will later be skipped.
     """
+    counts = _shard_counts(urls)
+    if counts is None:
+        return None
+    methods = Counter(method for _, method in counts)
+    total = sum(n for n, _ in counts)
+    return SampleCount(total, ", ".join(f"{m} ({n} shards)" for m, n in methods.items()))
+
+
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Samples in each of `urls`, found as `count_samples` finds them; None for remote shards."""
+    counts = _shard_counts(urls)
+    return None if counts is None else [n for n, _ in counts]
+
+
+def _shard_counts(urls: list[str]) -> list[tuple[int, str]] | None:
+    """(samples, where the number came from) per shard; None if any shard is remote."""
     if any(is_remote(u) for u in urls):
         return None
     sizes: dict[Path, dict[str, int]] = {}
-    methods: Counter[str] = Counter()
-    total = 0
+    counts = []
     for url in urls:
         path = Path(url)
         if path.parent not in sizes:
             sizes[path.parent] = _read_sizes_json(path.parent / "sizes.json")
-        n, method = _shard_count(path, sizes[path.parent])
-        total += n
-        methods[method] += 1
-    return SampleCount(total, ", ".join(f"{m} ({n} shards)" for m, n in methods.items()))
+        counts.append(_shard_count(path, sizes[path.parent]))
+    return counts
 
 
 def _read_sizes_json(path: Path) -> dict[str, int]:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.model import TowerLocks
+from common.preprocess import Augmentation
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -22,6 +23,99 @@ def _require(ok: bool, name: str, message: str) -> None:
 def _require_finite(value: float, name: str) -> None:
     """A float field must be a number: inf and nan pass every `>` test they should fail."""
     _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+
+
+ERASE_MODES = ("const", "rand", "pixel")
+
+
+@dataclass(kw_only=True, slots=True)
+class AugmentConfig:
+    """Training image augmentation, in this order: crop, colour jitter, grey, blur, to tensor,
+    normalise, erase (evaluation and serving never augment). The defaults crop 90-100% of the
+    image and do nothing else; SimCLR's recipe is crop_scale_min=0.08, color_jitter_prob=0.8
+    (strengths (0.8, 0.8, 0.8, 0.2) at its strength 1), gray_scale_prob=0.2, blur_prob=0.5."""
+
+    crop_scale_min: float = 0.9
+    """Random resized crop: the smallest fraction of the image's area a crop covers."""
+    crop_scale_max: float = 1.0
+    """Random resized crop: the largest fraction of the image's area a crop covers."""
+    crop_ratio_min: float = 3 / 4
+    """Random resized crop: the smallest aspect ratio (width / height) of the cropped region,
+    before it is resized to the model's input size."""
+    crop_ratio_max: float = 4 / 3
+    """Random resized crop: the largest aspect ratio (width / height) of the cropped region."""
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    """Colour jitter strengths (brightness, contrast, saturation, hue): factors drawn from
+    [1 - s, 1 + s] and a hue shift from [-h, h], h <= 0.5. The default is SimCLR's strength 0.5."""
+    color_jitter_prob: float = 0.0
+    """Chance that an image is colour-jittered (0 = off)."""
+    gray_scale_prob: float = 0.0
+    """Chance that an image is turned grey (its three channels equal; 0 = off)."""
+    blur_prob: float = 0.0
+    """Chance of SimCLR's Gaussian blur, with a kernel 10% of the image side (0 = off)."""
+    blur_sigma_min: float = 0.1
+    """The blur's sigma (in pixels of the model's input) is drawn from [min, max]."""
+    blur_sigma_max: float = 2.0
+    """The largest sigma of the blur."""
+    re_prob: float = 0.0
+    """Chance that an image gets random erasing (timm's RandomErasing; 0 = off): boxes of 2-33%
+    of the image with aspect ratios 0.3-3.3."""
+    re_mode: str = "pixel"
+    """What an erased box holds, in normalised units: const: zeros (the mean colour); rand: one
+    random normal colour per box; pixel: per-pixel normal noise."""
+    re_count: int = 1
+    """Boxes per erased image: drawn from 1..re_count, each with 1/count of one box's area."""
+
+    def __post_init__(self) -> None:
+        for kind in ("crop_scale", "crop_ratio", "blur_sigma"):  # (min, max) ranges
+            low, high = getattr(self, f"{kind}_min"), getattr(self, f"{kind}_max")
+            _require_finite(low, f"data.augment.{kind}_min")
+            _require_finite(high, f"data.augment.{kind}_max")
+            _require(low <= high, f"data.augment.{kind}_min", f"must be <= {kind}_max ({high})")
+        for name in ("crop_scale_min", "crop_scale_max"):
+            _require(0 < getattr(self, name) <= 1, f"data.augment.{name}", "must be in (0, 1]")
+        for name in ("crop_ratio_min", "blur_sigma_min"):
+            _require(getattr(self, name) > 0, f"data.augment.{name}", "must be > 0")
+        for name in ("color_jitter_prob", "gray_scale_prob", "blur_prob", "re_prob"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"data.augment.{name}", f"must be in [0, 1], got {value}")
+        self._check_jitter()
+        _require(
+            self.re_mode in ERASE_MODES,
+            "data.augment.re_mode",
+            f"must be one of {', '.join(ERASE_MODES)}",
+        )
+        _require(self.re_count >= 1, "data.augment.re_count", "must be >= 1")
+
+    def _check_jitter(self) -> None:
+        name = "data.augment.color_jitter"
+        _require(
+            len(self.color_jitter) == 4,
+            name,
+            f"must be 4 numbers (brightness, contrast, saturation, hue), got {self.color_jitter}",
+        )
+        _require(
+            all(math.isfinite(s) and s >= 0 for s in self.color_jitter),
+            name,
+            "every strength must be a finite number >= 0",
+        )
+        _require(self.color_jitter[3] <= 0.5, name, "the hue strength must be <= 0.5")
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """These settings as `common.preprocess.image_transform` takes them."""
+        return Augmentation(
+            crop_scale=(self.crop_scale_min, self.crop_scale_max),
+            crop_ratio=(self.crop_ratio_min, self.crop_ratio_max),
+            color_jitter=self.color_jitter,
+            color_jitter_prob=self.color_jitter_prob,
+            gray_scale_prob=self.gray_scale_prob,
+            blur_prob=self.blur_prob,
+            blur_sigma=(self.blur_sigma_min, self.blur_sigma_max),
+            re_prob=self.re_prob,
+            re_mode=self.re_mode,
+            re_count=self.re_count,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,6 +151,8 @@ class DataConfig:
     """Samples held in the in-stream shuffle buffer of each worker."""
     max_image_pixels: int = 64 * 1024 * 1024
     """Images whose header announces more pixels are skipped without being decoded."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training image augmentation (`--set data.augment.blur_prob=0.5`)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards", "must name shards")
@@ -122,8 +218,10 @@ class ModelConfig:
         )
 
 
-LOSS_KINDS = ("clip", "nt_xent", "siglip", "debiased", "hard_negative", "multi_positive")
+LOSS_KINDS = ("clip", "nt_xent", "siglip", "debiased", "hard_negative", "multi_positive", "hinge")
 LOSS_IMPLEMENTATIONS = ("tiled", "plain")
+HINGE_REDUCTIONS = ("max", "sum")
+NEGATIVES = ("batch", "queue", "global")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,7 +229,9 @@ class LossConfig:
     kind: str = "clip"
     """clip: symmetric InfoNCE (CLIP); nt_xent: SimCLR's NT-Xent over the 2N embeddings;
     siglip: pairwise sigmoid (SigLIP); debiased: Chuang et al. 2020; hard_negative: Robinson et
-    al. 2021; multi_positive: SupCon-style, samples with identical captions are positives."""
+    al. 2021; multi_positive: SupCon-style, samples with identical captions are positives;
+    hinge: VSE++'s triplet loss on cosines over each pair's hardest negatives, or all of them
+    (hinge_reduction; Faghri et al. 2018); the logit scale is unused (it gets a zero gradient)."""
     implementation: str = "tiled"
     """tiled: blockwise, O(N x D) memory, exact (bench/loss.py: as fast as plain or faster);
     plain: materialises the [n, N] logit matrix (the reference)."""
@@ -149,6 +249,36 @@ class LossConfig:
     """Class prior tau+ of debiased and hard_negative: the chance that a negative is a positive."""
     hard_negative_beta: float = 1.0
     """Concentration beta of hard_negative: negatives are reweighted by exp(beta * logit)."""
+    hinge_margin: float = 0.2
+    """Margin of hinge: a negative costs [margin - cos(positive) + cos(negative)]_+ (VSE++: 0.2).
+    Cosines differ by at most 2: from a margin of 2 on, every hinge would always be active."""
+    hinge_reduction: str = "max"
+    """How hinge reduces each anchor's hinge terms over its negatives. max: the hardest one
+    (VSE++'s max of hinges, MH); sum: all of them (VSE0, the classic triplet loss)."""
+    negatives: str = "batch"
+    """Where kind=clip's negatives come from. batch: the global batch (CLIP); queue: also a
+    queue of the last queue_size keys of a momentum encoder (MoCo, He et al. 2020); global: a
+    per-sample moving estimate of each anchor's denominator over the whole dataset (SogCLR,
+    Yuan et al. 2022; FastCLIP, Wei et al. 2024). docs/architecture.md has the formulas."""
+    queue_size: int = 4096
+    """negatives=queue: image keys and text keys kept as extra negatives (from all ranks)."""
+    queue_momentum: float = 0.995
+    """negatives=queue: the key encoder follows the model as an EMA with this momentum after
+    each step; 0 = no key encoder: the queue holds the model's own (detached) features."""
+    queue_batch_keys: str = "online"
+    """negatives=queue: the batch's own candidates (its pairs and in-batch negatives). online:
+    the model's features, with gradient, as in CLIP (the queue only adds columns); momentum: the
+    key encoder's, as in MoCo (gradient through the anchors only)."""
+    global_gamma: float = 0.9
+    """negatives=global: u <- (1 - gamma) u + gamma g, the moving-average rate of each sample's
+    denominator estimate u (g: the batch's estimate); 1 = no memory (CLIP with fixed weights)."""
+    global_temperature: str = "learned"
+    """negatives=global: learned: one global temperature learned with FastCLIP-v3's objective
+    (tau * log u + rho * tau); fixed: the temperature stays at init_temperature (SogCLR)."""
+    global_rho: float = 6.5
+    """negatives=global, learned temperature: rho of FastCLIP-v3's objective (its tau term)."""
+    global_eps: float = 1e-14
+    """negatives=global: epsilon in log(eps + u), as in FastCLIP."""
 
     def __post_init__(self) -> None:
         _require(self.kind in LOSS_KINDS, "loss.kind", f"must be one of {', '.join(LOSS_KINDS)}")
@@ -176,6 +306,46 @@ class LossConfig:
         _require(
             0 < self.hard_negative_beta < 100, "loss.hard_negative_beta", "must be in (0, 100)"
         )
+        _require_finite(self.hinge_margin, "loss.hinge_margin")
+        _require(0 <= self.hinge_margin <= 2, "loss.hinge_margin", "must be in [0, 2]")
+        _require(
+            self.hinge_reduction in HINGE_REDUCTIONS,
+            "loss.hinge_reduction",
+            f"must be one of {', '.join(HINGE_REDUCTIONS)}",
+        )
+        self._check_negatives()
+
+    def _check_negatives(self) -> None:
+        _require(
+            self.negatives in NEGATIVES, "loss.negatives", f"must be one of {', '.join(NEGATIVES)}"
+        )
+        _require(
+            self.negatives == "batch" or self.kind == "clip",
+            "loss.negatives",
+            f"{self.negatives} works with loss.kind=clip only, not {self.kind}",
+        )
+        _require(self.queue_size >= 1, "loss.queue_size", "must be >= 1")
+        for name in ("queue_momentum", "global_gamma", "global_rho", "global_eps"):
+            _require_finite(getattr(self, name), f"loss.{name}")
+        _require(0 <= self.queue_momentum < 1, "loss.queue_momentum", "must be in [0, 1)")
+        _require(
+            self.queue_batch_keys in ("online", "momentum"),
+            "loss.queue_batch_keys",
+            "must be online or momentum",
+        )
+        _require(
+            not (self.queue_batch_keys == "momentum" and self.queue_momentum == 0),
+            "loss.queue_batch_keys",
+            "momentum needs a key encoder: loss.queue_momentum > 0",
+        )
+        _require(0 < self.global_gamma <= 1, "loss.global_gamma", "must be in (0, 1]")
+        _require(
+            self.global_temperature in ("learned", "fixed"),
+            "loss.global_temperature",
+            "must be learned or fixed",
+        )
+        _require(self.global_rho >= 0, "loss.global_rho", "must be >= 0")
+        _require(self.global_eps > 0, "loss.global_eps", "must be > 0")
 
     @property
     def init_logit_scale(self) -> float:

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.preprocess import Tokenizer, Transform, decode_or_skip
-from common.shards import SampleError, count_samples, expand_urls, to_raw_sample
+from common.shards import SampleError, count_samples, expand_urls, shard_sizes, to_raw_sample
 from train.config import DataConfig
 from train.sampling import (
     Reader,
@@ -60,6 +60,9 @@ class Batch:
     """The (logical) worker that made it."""
     consumed: int = 0
     """Raw samples that worker had taken from its shuffled stream once this batch was full."""
+    ids: torch.Tensor | None = None
+    """[B] each sample's place in the training set (`TrainBatches(sample_ids=True)`): its shard's
+    offset plus its place in the shard; -1 where unknown. None unless asked for."""
 
 
 @dataclass(slots=True)
@@ -105,14 +108,26 @@ def seeded(seed: int) -> Iterator[None]:
             random.setstate(python_state)
 
 
+def sample_id(sample: dict[str, Any], offsets: dict[str, tuple[int, int]] | None) -> int:
+    """The sample's place in the training set, from offsets {url: (first id, samples)}; -1 if
+    unknown (no offsets, or a shard holding more samples than its count says)."""
+    if offsets is None or sample.get("__url__") not in offsets:
+        return -1
+    first, count = offsets[sample["__url__"]]
+    index = int(sample.get("__index__", count))
+    return first + index if index < count else -1
+
+
 def decode_samples(
     src: Iterable[tuple[int, dict[str, Any]]],
     skipped: Counter[str],
     transform: Transform,
     max_pixels: int,
     reader: Reader,
-) -> Iterator[tuple[torch.Tensor, str]]:
-    """(position, raw sample) -> (augmented image, caption); bad samples skipped and counted.
+    offsets: dict[str, tuple[int, int]] | None = None,
+) -> Iterator[tuple[torch.Tensor, str, int]]:
+    """(position, raw sample) -> (augmented image, caption, sample id); bad samples skipped and
+    counted. Sample ids come from `offsets` (see `sample_id`).
 
     The augmentation of the sample at `position` is seeded by (seed, epoch, rank, worker,
     position), so it is the same whichever run (first or resumed) makes it.
@@ -129,7 +144,7 @@ def decode_samples(
             continue
         with seeded(reader.sample_seed(position)):
             image_tensor = transform(image)
-        yield image_tensor, raw.caption
+        yield image_tensor, raw.caption, sample_id(sample, offsets)
 
 
 class EpochData(IterableDataset):
@@ -151,8 +166,9 @@ class EpochData(IterableDataset):
         world_size: int,
         position: DataPosition,
         batch_quota: list[int] | None,
+        offsets: dict[str, tuple[int, int]] | None = None,
     ) -> None:
-        self.cfg, self.sources = cfg, sources
+        self.cfg, self.sources, self.offsets = cfg, sources, offsets
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = position
@@ -176,7 +192,12 @@ class EpochData(IterableDataset):
         raw = worker_samples(self.cfg, self.sources, reader, skipped)
         samples = skip_delivered(raw, cursor[0], skipped)
         decoded = decode_samples(
-            _tracked(samples, cursor), skipped, self.transform, self.cfg.max_image_pixels, reader
+            _tracked(samples, cursor),
+            skipped,
+            self.transform,
+            self.cfg.max_image_pixels,
+            reader,
+            self.offsets,
         )
         quota = self.batch_quota
         batches_left = None if quota is None else quota[w] - self.position.worker_batches[w]
@@ -184,10 +205,17 @@ class EpochData(IterableDataset):
             chunk = list(itertools.islice(decoded, size))
             if len(chunk) < size:  # only full batches: a partial one would differ across ranks
                 break
-            images, captions = zip(*chunk, strict=True)
+            images, captions, ids = zip(*chunk, strict=True)
             delta = dict(skipped)
             skipped.clear()
-            yield Batch(torch.stack(images), self.tokenize(list(captions)), delta, w, cursor[0])
+            yield Batch(
+                torch.stack(images),
+                self.tokenize(list(captions)),
+                delta,
+                w,
+                cursor[0],
+                None if self.offsets is None else torch.tensor(ids, dtype=torch.int64),
+            )
             batches_left = None if batches_left is None else batches_left - 1
         yield WorkerEnd(w, cursor[0], dict(skipped))
 
@@ -291,7 +319,10 @@ class TrainBatches:
         start_epoch: int = 0,
         state: dict[str, Any] | None = None,
         pin_memory: bool = False,
+        sample_ids: bool = False,
     ) -> None:
+        """sample_ids: give each batch its samples' ids (`Batch.ids`), from the shards' sample
+        counts (local shards only); `num_samples` is then the number of ids."""
         self.cfg = cfg
         self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         self.sources = data_sources(cfg)
@@ -316,6 +347,7 @@ class TrainBatches:
                 f"data.samples_per_epoch ({self.samples_per_epoch}) is less than one global batch "
                 f"({global_batch}): resampled epochs need at least one step"
             )
+        self.offsets = self._sample_offsets() if sample_ids else None
         self.position = DataPosition.start_of(start_epoch, self.workers)
         if state is not None:
             self.load_state_dict(state)
@@ -324,6 +356,27 @@ class TrainBatches:
     @property
     def epoch(self) -> int:
         return self.position.epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Sample ids run from 0 to this (with sample_ids=True)."""
+        return sum(count for _, count in (self.offsets or {}).values())
+
+    def _sample_offsets(self) -> dict[str, tuple[int, int]]:
+        """{shard url: (its first sample id, its sample count)}, in the sources' order."""
+        urls = list(dict.fromkeys(url for source in self.sources for url in source.urls))
+        sizes = shard_sizes(urls)
+        if sizes is None:
+            raise ValueError(
+                "loss.negatives=global keeps a state per training sample, which needs every "
+                "shard's sample count: it works with local shards only (sizes.json, "
+                "img2dataset's *_stats.json or a scan of the tars)"
+            )
+        offsets, first = {}, 0
+        for url, count in zip(urls, sizes, strict=True):
+            offsets[url] = (first, count)
+            first += count
+        return offsets
 
     def _samples_per_epoch(self) -> tuple[int | None, str]:
         if self.cfg.samples_per_epoch:
@@ -422,6 +475,7 @@ class TrainBatches:
             world_size=self.world_size,
             position=DataPosition(**dataclasses.asdict(position)),  # a snapshot
             batch_quota=self._batch_quota(),
+            offsets=self.offsets,
         )
         workers = self.cfg.workers
         niceness = self.cfg.worker_niceness

@@ -25,9 +25,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from train.config import LossConfig
-from train.loss import caption_labels, rank_loss
-
 log = logging.getLogger(__name__)
 
 
@@ -144,6 +141,14 @@ def full_model_state(model: nn.Module) -> dict[str, Any]:
     return get_model_state_dict(model, options=_WHOLE) if is_sharded(model) else model.state_dict()
 
 
+def load_full_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load whole weights (each rank keeps its own shards when sharded)."""
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
 def load_full_state_dicts(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -241,47 +246,3 @@ def gather(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = x.new_empty((info.world_size * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x.contiguous())
     return out
-
-
-def contrastive_loss(
-    model: nn.Module,
-    images: torch.Tensor,
-    tokens: torch.Tensor,
-    info: DistInfo,
-    cfg: LossConfig,
-) -> torch.Tensor:
-    """Forward both towers through (possibly DDP-wrapped) `model`; return this rank's loss.
-
-    The loss of kind cfg.kind sees the gathered global batch and owns the rows of this rank's
-    samples; multi_positive also gets the global batch's caption labels (equal token ids).
-    """
-    image_features, text_features, logit_scale, logit_bias = model(images, tokens)
-    return features_loss(image_features, text_features, logit_scale, logit_bias, tokens, info, cfg)
-
-
-def features_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-    tokens: torch.Tensor,
-    info: DistInfo,
-    cfg: LossConfig,
-) -> torch.Tensor:
-    """This rank's loss from its features [n, D] (and tokens, for multi_positive's labels).
-
-    Always float32, outside autocast: the features may come from a bf16/fp16 forward, but
-    log-sum-exps over thousands of logits need float32's mantissa.
-    """
-    n = image_features.shape[0]
-    labels = caption_labels(gather(tokens, info)) if cfg.kind == "multi_positive" else None
-    with torch.autocast(image_features.device.type, enabled=False):
-        return rank_loss(
-            cfg,
-            gather_with_grad(image_features.float(), info),
-            gather_with_grad(text_features.float(), info),
-            logit_scale.float(),
-            None if logit_bias is None else logit_bias.float(),
-            rows=slice(info.rank * n, (info.rank + 1) * n),
-            labels=labels,
-        )

@@ -11,7 +11,11 @@ Logits are s*cos + b: s = exp(logit_scale), the learned inverse temperature kept
 b an optional learned bias. The softmax losses are written once, over log-sum-exps (LSEs) of the
 logit matrix, and `implementation` chooses how those LSEs are computed (train/tiled.py):
 plain materialises the rank's [n, N] logits, tiled streams over blocks in O(N*D) memory.
-SigLIP's sum of log-sigmoids is tiled the same way.
+SigLIP's sum of log-sigmoids is tiled the same way, and so are the hinge loss's row and column
+maxima (or sums) of hinge terms, which are over the cosines themselves.
+
+`reference_clip_loss` is the definition of `clip_loss` in five lines, for one process and
+materialising the [N, N] logits; it is the oracle the tests compare `clip_loss` against.
 """
 
 from __future__ import annotations
@@ -23,11 +27,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.config import LossConfig
-from train.tiled import DEFAULT_BLOCK_SIZE, BlockPlan, Span, TiledSoftplus, check_implementation
+from train.config import HINGE_REDUCTIONS, LossConfig
+from train.tiled import (
+    DEFAULT_BLOCK_SIZE,
+    BlockPlan,
+    Span,
+    TiledSoftplus,
+    check_implementation,
+    hardest,
+    hinge_sums,
+)
 from train.tiled import lse as tiled_lse
 
 __all__ = ["DEFAULT_BLOCK_SIZE"]  # re-exported: LossConfig's default block size
+
+
+def reference_clip_loss(images: Tensor, texts: Tensor, logit_scale: Tensor) -> Tensor:
+    """CLIP's loss by definition, for one process: cross-entropy over the [N, N] logits with
+    pair i as class i, image->text (rows) and text->image (columns), averaged. clip_loss computes
+    the same, split over ranks and tiled."""
+    logits = logit_scale.exp() * images @ texts.T  # [N, N]
+    labels = torch.arange(images.shape[0], device=images.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def _span(rows: slice | None, n: int) -> Span:
@@ -239,6 +260,131 @@ def hard_negative_loss(
     return debiased_loss(images, texts, logit_scale, logit_bias, beta=beta, **kwargs)
 
 
+def _rows_lse(
+    a: Tensor, keys: Tensor, logit_scale: Tensor, span: Span, implementation: str, block: int
+) -> Tensor:
+    """LSE over s * <A_i, K_j> for each of the rank's rows i of a [N, D] against keys [K, D]."""
+    plan = BlockPlan(a.shape[0], span, None, block, n_cols=keys.shape[0])
+    return tiled_lse(a, keys, logit_scale, plan, implementation).rows[0]
+
+
+def queue_clip_loss(
+    images: Tensor,
+    texts: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None = None,
+    *,
+    queue_images: Tensor,
+    queue_texts: Tensor,
+    key_images: Tensor | None = None,
+    key_texts: Tensor | None = None,
+    rows: slice | None = None,
+    implementation: str = "tiled",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tensor:
+    """clip_loss with a queue of earlier keys as extra negatives (MoCo, He et al. 2020).
+
+    An image anchor's candidates are the batch's texts and the K queued text keys
+    queue_texts [K, D]; a text anchor's, the batch's images and queue_images. The queue has no
+    gradient: it adds columns to each row's LSE. key_images, key_texts [N, D] (optional, no
+    gradient): the batch's candidates are these momentum keys instead of the online features,
+    as in MoCo, and only the anchors get gradient. An empty queue gives clip_loss.
+    """
+    n = _check(images, texts, block_size)
+    span = _span(rows, n)
+    for name, keys in (("queue_images", queue_images), ("queue_texts", queue_texts)):
+        if keys.numel() and (keys.ndim != 2 or keys.shape[1] != images.shape[1]):
+            raise ValueError(f"{name} must be [K, {images.shape[1]}], got {list(keys.shape)}")
+    if key_images is None or key_texts is None:
+        plan = BlockPlan(n, span, span, block_size)
+        by_image, by_text, positive = tiled_lse(images, texts, logit_scale, plan, implementation)
+        lse_images, lse_texts = by_image[0], by_text[0]
+        image_positive = text_positive = positive
+    else:
+        lse_images = _rows_lse(images, key_texts, logit_scale, span, implementation, block_size)
+        lse_texts = _rows_lse(texts, key_images, logit_scale, span, implementation, block_size)
+        image_positive = _positives(images, key_texts, logit_scale, span)
+        text_positive = _positives(texts, key_images, logit_scale, span)
+    if queue_texts.shape[0]:
+        from_queue = _rows_lse(images, queue_texts, logit_scale, span, implementation, block_size)
+        lse_images = torch.logaddexp(lse_images, from_queue)
+    if queue_images.shape[0]:
+        from_queue = _rows_lse(texts, queue_images, logit_scale, span, implementation, block_size)
+        lse_texts = torch.logaddexp(lse_texts, from_queue)
+    return 0.5 * (
+        _softmax_terms(lse_images, image_positive, logit_bias).mean()
+        + _softmax_terms(lse_texts, text_positive, logit_bias).mean()
+    )
+
+
+def log_denominators(
+    images: Tensor,
+    texts: Tensor,
+    logit_scale: Tensor,
+    *,
+    rows: slice | None = None,
+    implementation: str = "tiled",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """log g of the rank's image anchors and of its text anchors: [n] each, differentiable.
+
+    g_i = 1/(N-1) sum_{j != i} exp(s * (<I_i, T_j> - <I_i, T_i>)), the batch's estimate of the
+    mean over all negatives that the global contrastive loss tracks per sample (text anchors
+    alike, over images). clip_loss's image term is log(1 + (N-1) g_i).
+    """
+    n = _check(images, texts, block_size)
+    if n < 2:
+        raise ValueError("the global contrastive loss needs a global batch of at least 2")
+    span = _span(rows, n)
+    plan = BlockPlan(n, span, span, block_size, exclude_diagonal=True)
+    # LSEs over the negatives only; the pairs' logits are taken before they are excluded
+    by_image, by_text, positive = tiled_lse(images, texts, logit_scale, plan, implementation)
+    shift = positive + math.log(n - 1)
+    return by_image[0] - shift, by_text[0] - shift
+
+
+def moving_log_average(log_u: Tensor, log_g: Tensor, gamma: float) -> Tensor:
+    """log((1 - gamma) * u + gamma * g) elementwise, without gradient; log g where u is unknown
+    (NaN: the sample's first visit), so that no estimate starts from an arbitrary value."""
+    log_g = log_g.detach()
+    if gamma == 1:
+        return log_g
+    mixed = torch.logaddexp(log_u + math.log1p(-gamma), log_g + math.log(gamma))
+    return torch.where(torch.isnan(log_u), log_g, mixed)
+
+
+def global_contrastive_loss(
+    log_g: tuple[Tensor, Tensor],
+    log_u: tuple[Tensor, Tensor],
+    logit_scale: Tensor,
+    *,
+    temperature: str = "learned",
+    rho: float = 6.5,
+    eps: float = 1e-14,
+) -> Tensor:
+    """SogCLR's / FastCLIP-v3's global contrastive loss from the batch's log g (image and text
+    anchors, with gradient) and the updated per-sample estimates log u (no gradient).
+
+    The objective is F = 1/2 mean_i tau * (log(eps + u1_i) + log(eps + u2_i)) + rho * tau, the
+    contrastive loss over the whole dataset's negatives; a batch cannot compute it, so the
+    gradient is estimated with u in place of g: dF/dw ~ tau / (eps + u) * dg/dw, and (learned
+    temperature) dF/dtau ~ log(eps + u) + tau / (eps + u) * dg/dtau + rho. The returned tensor
+    has those gradients and F's estimate as its value. temperature="fixed": tau is a constant
+    (SogCLR; pass logit_scale, it gets a zero gradient) and F has no rho term.
+    """
+    scale = logit_scale if temperature == "learned" else logit_scale.detach()
+    tau = (-scale).exp()
+    surrogate, objective = logit_scale * 0.0, torch.zeros((), device=logit_scale.device)
+    for log_g_side, log_u_side in zip(log_g, log_u, strict=True):
+        log_eps_u = torch.logaddexp(log_u_side.detach(), log_u_side.new_tensor(math.log(eps)))
+        ratio = (log_g_side - log_eps_u).exp()  # g / (eps + u), with g's gradient
+        surrogate = surrogate + 0.5 * tau * (ratio - ratio.detach() + log_eps_u).mean()
+        objective = objective + 0.5 * tau.detach() * log_eps_u.mean()
+    if temperature == "learned":
+        surrogate, objective = surrogate + rho * tau, objective + rho * tau.detach()
+    return surrogate - surrogate.detach() + objective
+
+
 def caption_labels(tokens: Tensor) -> Tensor:
     """[N, L] token ids -> [N] labels, equal exactly where the captions are identical."""
     return torch.unique(tokens, dim=0, return_inverse=True)[1]
@@ -288,6 +434,47 @@ def multi_positive_loss(
     )
 
 
+def hinge_loss(
+    images: Tensor,
+    texts: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor | None = None,
+    *,
+    margin: float = 0.2,
+    reduction: str = "max",
+    rows: slice | None = None,
+    implementation: str = "tiled",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> Tensor:
+    """VSE++'s triplet loss (Faghri et al. 2018) over the cosines c_ij = <I_i, T_j>:
+
+        L_i = red_{j != i} [margin - c_ii + c_ij]_+  +  red_{j != i} [margin - c_ii + c_ji]_+
+
+    (pair i's image against the other texts, its text against the other images), averaged over
+    the rank's pairs. red = max: VSE++'s hardest negative ("max of hinges"; a tie sends the
+    gradient to the lowest index); red = sum: VSE0, the classic sum over negatives.
+    Cosines, not logits: logit_scale and logit_bias are unused. They enter as 0 * parameter, an
+    exact zero gradient, so that DDP finds them used (as the bias in _softmax_terms).
+    """
+    n = _check(images, texts, block_size)
+    if n < 2:
+        raise ValueError("the hinge loss needs a global batch of at least 2 (negatives)")
+    if reduction not in HINGE_REDUCTIONS:
+        raise ValueError(f"reduction must be max or sum, got {reduction!r}")
+    span = _span(rows, n)
+    own = slice(*span)
+    plan = BlockPlan(n, span, span, block_size, exclude_diagonal=True)  # negatives only
+    shift = margin - (images[own] * texts[own]).sum(-1)  # [n] margin - c_ii, both directions
+    if reduction == "max":  # the max of the hinges is the hinge of the largest cosine
+        by_image, by_text = hardest(images, texts, plan, implementation)
+        terms = F.relu(shift + by_image) + F.relu(shift + by_text)
+    else:
+        by_image, by_text = hinge_sums(images, texts, shift, shift, plan, implementation)
+        terms = by_image + by_text
+    unused = 0.0 * logit_scale if logit_bias is None else 0.0 * (logit_scale + logit_bias)
+    return terms.mean() + unused
+
+
 def rank_loss(
     cfg: LossConfig,
     images: Tensor,
@@ -324,4 +511,7 @@ def rank_loss(
             if labels is None:
                 raise ValueError("multi_positive needs the global batch's labels")
             return multi_positive_loss(*args, labels=labels, **common)
+        case "hinge":
+            margin, reduction = cfg.hinge_margin, cfg.hinge_reduction
+            return hinge_loss(*args, margin=margin, reduction=reduction, **common)
     raise ValueError(f"loss.kind: unknown loss {cfg.kind!r}")

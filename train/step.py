@@ -1,4 +1,9 @@
-"""The forward and backward of one training step: one pass, GradCache chunks, or micro-batches.
+"""The loss of a step's features, and its forward and backward: one pass, GradCache chunks, or
+micro-batches.
+
+`features_loss` composes the loss: features of the rank's batch -> gathered global batch (with
+gradient) -> the configured loss (train/loss.py) over it, with the negatives beyond the batch
+(train/negatives.py) when loss.negatives asks for them.
 
 Each function leaves this rank's share of the step's gradient in `.grad` (all-reduced over ranks
 by the last backward, as DDP/FSDP do) and returns this rank's loss, detached. The optimizer side
@@ -22,7 +27,133 @@ from torch import nn
 
 from train.compute import Precision
 from train.config import LossConfig
-from train.distributed import DistInfo, features_loss, grad_sync, unwrap
+from train.distributed import DistInfo, gather, gather_with_grad, grad_sync, unwrap
+from train.loss import (
+    caption_labels,
+    global_contrastive_loss,
+    log_denominators,
+    moving_log_average,
+    queue_clip_loss,
+    rank_loss,
+)
+from train.negatives import StepNegatives
+
+
+def features_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+    tokens: torch.Tensor,
+    info: DistInfo,
+    cfg: LossConfig,
+    negatives: StepNegatives | None = None,
+) -> torch.Tensor:
+    """This rank's loss from its features [n, D] (and tokens, for multi_positive's labels).
+
+    The loss sees the gathered global batch and owns the rows of this rank's samples. Always
+    float32, outside autocast: the features may come from a bf16/fp16 forward, but log-sum-exps
+    over thousands of logits need float32's mantissa.
+    """
+    n = image_features.shape[0]
+    rows = slice(info.rank * n, (info.rank + 1) * n)
+    with torch.autocast(image_features.device.type, enabled=False):
+        images = gather_with_grad(image_features.float(), info)
+        texts = gather_with_grad(text_features.float(), info)
+        scale = logit_scale.float()
+        bias = None if logit_bias is None else logit_bias.float()
+        if negatives is not None and cfg.negatives == "queue":
+            return _queue_loss(images, texts, scale, bias, rows, info, cfg, negatives)
+        if negatives is not None and cfg.negatives == "global":
+            return _global_loss(images, texts, scale, rows, info, cfg, negatives)
+        labels = caption_labels(gather(tokens, info)) if cfg.kind == "multi_positive" else None
+        return rank_loss(cfg, images, texts, scale, bias, rows=rows, labels=labels)
+
+
+def _queue_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: slice,
+    info: DistInfo,
+    cfg: LossConfig,
+    negatives: StepNegatives,
+) -> torch.Tensor:
+    """CLIP's loss with the queue's keys as extra negatives (and MoCo's in-batch keys)."""
+    assert negatives.queue_images is not None and negatives.queue_texts is not None
+    keys: dict[str, torch.Tensor] = {}
+    if cfg.queue_batch_keys == "momentum":
+        assert negatives.key_images is not None and negatives.key_texts is not None
+        keys = {
+            "key_images": gather(negatives.key_images, info),
+            "key_texts": gather(negatives.key_texts, info),
+        }
+    elif negatives.key_images is None:  # no key encoder: the queue takes these features
+        negatives.collected.append((images.detach(), texts.detach()))
+    return queue_clip_loss(
+        images,
+        texts,
+        scale,
+        bias,
+        queue_images=negatives.queue_images,
+        queue_texts=negatives.queue_texts,
+        rows=rows,
+        implementation=cfg.implementation,
+        block_size=cfg.block_size,
+        **keys,
+    )
+
+
+def _global_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    scale: torch.Tensor,
+    rows: slice,
+    info: DistInfo,
+    cfg: LossConfig,
+    negatives: StepNegatives,
+) -> torch.Tensor:
+    """SogCLR / FastCLIP: update the batch's samples' estimates u, then the loss with them."""
+    assert negatives.denominators is not None and negatives.ids is not None
+    learned = cfg.global_temperature == "learned"
+    log_g = log_denominators(
+        images,
+        texts,
+        scale if learned else scale.detach(),
+        rows=rows,
+        implementation=cfg.implementation,
+        block_size=cfg.block_size,
+    )
+    ids = gather(negatives.ids, info)
+    old = negatives.denominators.lookup(ids)[rows]  # [n, 2]
+    new = torch.stack(
+        [moving_log_average(old[:, side], log_g[side], cfg.global_gamma) for side in (0, 1)], 1
+    )
+    negatives.denominators.store(ids, gather(new, info))
+    return global_contrastive_loss(
+        log_g,
+        (new[:, 0], new[:, 1]),
+        scale,
+        temperature=cfg.global_temperature,
+        rho=cfg.global_rho,
+        eps=cfg.global_eps,
+    )
+
+
+def contrastive_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    info: DistInfo,
+    cfg: LossConfig,
+    negatives: StepNegatives | None = None,
+) -> torch.Tensor:
+    """Forward both towers through (possibly DDP-wrapped) `model`; return this rank's loss."""
+    image_features, text_features, logit_scale, logit_bias = model(images, tokens)
+    return features_loss(
+        image_features, text_features, logit_scale, logit_bias, tokens, info, cfg, negatives
+    )
 
 
 def one_pass(
@@ -32,11 +163,14 @@ def one_pass(
     info: DistInfo,
     cfg: LossConfig,
     precision: Precision,
+    negatives: StepNegatives | None = None,
 ) -> torch.Tensor:
     """The whole per-rank batch in one forward and one backward."""
     with precision.autocast():
         image_features, text_features, logit_scale, logit_bias = model(images, tokens)
-    loss = features_loss(image_features, text_features, logit_scale, logit_bias, tokens, info, cfg)
+    loss = features_loss(
+        image_features, text_features, logit_scale, logit_bias, tokens, info, cfg, negatives
+    )
     precision.scale(loss).backward()
     return loss.detach()
 
@@ -49,6 +183,7 @@ def accumulate(
     cfg: LossConfig,
     precision: Precision,
     micro_batches: int,
+    negatives: StepNegatives | None = None,
 ) -> torch.Tensor:
     """Mean of `micro_batches` separate losses, each over one micro-batch from every rank.
 
@@ -61,7 +196,10 @@ def accumulate(
         with grad_sync(model, i == len(parts) - 1):
             with precision.autocast():
                 image_features, text_features, scale, bias = model(image_part, token_part)
-            loss = features_loss(image_features, text_features, scale, bias, token_part, info, cfg)
+            part = None if negatives is None else negatives.part(i, len(parts))
+            loss = features_loss(
+                image_features, text_features, scale, bias, token_part, info, cfg, part
+            )
             precision.scale(loss / len(parts)).backward()
         total += loss.detach()
     return total / len(parts)
@@ -133,6 +271,7 @@ def grad_cache(
     cfg: LossConfig,
     precision: Precision,
     chunk_size: int,
+    negatives: StepNegatives | None = None,
 ) -> torch.Tensor:
     """The one-pass loss and gradient, computed chunk by chunk (see the module docstring).
 
@@ -152,7 +291,7 @@ def grad_cache(
     for leaf in leaves:
         leaf.requires_grad_()
     bias_leaf = leaves[3] if logit_bias is not None else None
-    loss = features_loss(leaves[0], leaves[1], leaves[2], bias_leaf, tokens, info, cfg)
+    loss = features_loss(leaves[0], leaves[1], leaves[2], bias_leaf, tokens, info, cfg, negatives)
     cached = torch.autograd.grad(precision.scale(loss), leaves)  # d loss / d leaf, each leaf
     image_grads, text_grads = cached[0].split(chunk_size), cached[1].split(chunk_size)
     # 3. re-embed each chunk with graph and push the cached gradients through it; only the
@@ -183,10 +322,15 @@ def forward_backward(
     *,
     grad_cache_chunk: int = 0,
     accum_steps: int = 1,
+    negatives: StepNegatives | None = None,
 ) -> torch.Tensor:
-    """The step's gradient by the configured strategy (optim.grad_cache_chunk / accum_steps)."""
+    """The step's gradient by the configured strategy (optim.grad_cache_chunk / accum_steps).
+
+    negatives: the step's state for loss.negatives (train/negatives.py), or None.
+    """
+    args = (model, images, tokens, info, cfg, precision)
     if grad_cache_chunk:
-        return grad_cache(model, images, tokens, info, cfg, precision, grad_cache_chunk)
+        return grad_cache(*args, grad_cache_chunk, negatives)
     if accum_steps > 1:
-        return accumulate(model, images, tokens, info, cfg, precision, accum_steps)
-    return one_pass(model, images, tokens, info, cfg, precision)
+        return accumulate(*args, accum_steps, negatives)
+    return one_pass(*args, negatives)

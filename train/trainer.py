@@ -34,11 +34,13 @@ from train.distributed import (
     init_distributed,
     is_sharded,
     load_full_state_dicts,
+    shard_model,
     sync_replicated_grads,
     wrap_model,
 )
 from train.evaluate import evaluate
 from train.metrics import MetricsLogger
+from train.negatives import Negatives
 from train.preemption import StopSignals
 from train.resume import (
     apply_optimizer_changes,
@@ -137,6 +139,11 @@ class Trainer:
         )
         self.model.train()
         self.precision = Precision(cfg.compute.precision, self.dist.device)
+        # loss.negatives=queue's key encoder: a copy of the model as built, sharded like it
+        sharded = self.dist.enabled and cfg.compute.parallel == "fsdp"
+        self.negatives = Negatives(
+            cfg.loss, self.model, self.dist, shard=shard_model if sharded else None
+        )
         prepare_model(self.model, cfg.compute, self.dist.device)
         self.channels_last = uses_channels_last(self.model, cfg.compute, self.dist.device)
         # wrapped before the optimizer is built: FSDP replaces the parameters by their shards.
@@ -166,6 +173,7 @@ class Trainer:
         self.stopped_by = 0  # the signal that ended the run early; 0 = it ran to the end
         self.data_state: dict[str, Any] | None = None  # this rank's stream position, restored
         self.data_epoch = 0  # where the stream starts without a restored position
+        self.negatives_state: dict[str, Any] | None = None  # restored loss.negatives state
         if resume:
             self._restore(None if resume is True else Path(resume))
         preprocess = preprocess_config(self.model.clip)
@@ -174,7 +182,7 @@ class Trainer:
         check_eval_paths(cfg.data)
         self.batches = TrainBatches(
             cfg.data,
-            image_transform(preprocess, train=True),
+            image_transform(preprocess, train=True, augment=cfg.data.augment.augmentation),
             self.tokenize,
             seed=cfg.seed,
             rank=self.dist.rank,
@@ -182,7 +190,12 @@ class Trainer:
             start_epoch=self.data_epoch,
             state=self.data_state,
             pin_memory=self.dist.device.type == "cuda",
+            sample_ids=cfg.loss.negatives == "global",
         )
+        self.negatives.set_num_samples(self.batches.num_samples)
+        if resume:
+            self.negatives.load_state_dict(self.negatives_state, self.ddp)
+        self.negatives_state = None
         self.metrics = MetricsLogger(
             self.run_dir, enabled=self.dist.is_main, tensorboard=cfg.logging.tensorboard
         )
@@ -261,16 +274,21 @@ class Trainer:
         images = batch.images.to(device, non_blocking=True)  # pinned on GPU: overlaps compute
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        tokens = batch.tokens.to(device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        negatives = self.negatives.before_step(
+            images, tokens, batch.ids, self.precision, cfg.optim.grad_cache_chunk
+        )
         loss = forward_backward(
             self.ddp,
             images,
-            batch.tokens.to(device, non_blocking=True),
+            tokens,
             self.dist,
             cfg.loss,
             self.precision,
             grad_cache_chunk=cfg.optim.grad_cache_chunk,
             accum_steps=cfg.optim.accum_steps,
+            negatives=negatives,
         )
         sync_replicated_grads(self.ddp, self.dist)
         self.precision.unscale_(self.optimizer)
@@ -280,10 +298,12 @@ class Trainer:
             self._keep_last_good()
             self.precision.skip()
             self.optimizer.zero_grad(set_to_none=True)
+            self.negatives.after_step(self.ddp, applied=False)
             return global_loss
         self.precision.step(self.optimizer)
         self.scheduler.step()
         self.model.clamp_logit_scale(cfg.loss.max_logit_scale)
+        self.negatives.after_step(self.ddp, applied=True)
         return global_loss
 
     def _skipped_over_ranks(self) -> dict[str, int]:
@@ -353,13 +373,17 @@ class Trainer:
             "skipped": dict(self.skipped),
         }
 
-    def state_dict(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-        """The whole resumable state; `ranks` holds every rank's `rank_state`, by rank.
+    def state_dict(
+        self, ranks: list[dict[str, Any]], negatives: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The whole resumable state; `ranks` holds every rank's `rank_state`, by rank, and
+        `negatives` the loss.negatives state (`Negatives.state_dict`, a collective).
 
         With FSDP (compute.parallel=fsdp) a collective: every rank calls it, rank 0 gets it.
         """
         model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)
         return {
+            "negatives": negatives or {},
             "step": self.step,
             "data_epoch": self.batches.epoch,
             "model": model_state,
@@ -377,8 +401,11 @@ class Trainer:
                 f"the model has non-finite parameters at step {self.step}: not checkpointing it"
             )
         ranks = self._gather_to_main(self.rank_state())
+        negatives = self.negatives.state_dict()  # a collective: every rank takes part
         # FSDP gathers the whole weights to rank 0 in a collective: every rank takes part
-        state = self.state_dict(ranks) if self.dist.is_main or is_sharded(self.model) else {}
+        state = (
+            self.state_dict(ranks, negatives) if self.dist.is_main or is_sharded(self.model) else {}
+        )
         if self.dist.is_main and self.step != self.saved_step:  # e.g. resumed at the end
             self.saved_path = checkpoint.save_checkpoint(
                 self.ckpt_dir, self.step, state, self.cfg.checkpoint.keep_last
@@ -412,6 +439,7 @@ class Trainer:
         if needs_optimizer_changes(changes):
             apply_optimizer_changes(self.optimizer, self.scheduler, state["config"], self.cfg)
         self.precision.load_state_dict(state.get("scaler") or {})
+        self.negatives_state = state.get("negatives")  # loaded once the data's size is known
         self.step = self.saved_step = int(state["step"])
         self.saved_path = path
         self._barrier()  # every rank has read the checkpoints before any is moved

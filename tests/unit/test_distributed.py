@@ -17,13 +17,15 @@ from common.preprocess import tokenizer
 from tests.conftest import free_port
 from train.compute import Precision
 from train.config import LossConfig, smoke
-from train.distributed import DistInfo, contrastive_loss, sync_replicated_grads, wrap_model
+from train.distributed import DistInfo, sync_replicated_grads, wrap_model
+from train.negatives import GlobalDenominators, StepNegatives
 from train.stability import NonFiniteGuard, clip_grad_norm, model_is_finite
-from train.step import forward_backward
+from train.step import contrastive_loss, forward_backward
 from train.trainer import Trainer
 
 WORLD = 2
 PER_RANK = 6
+ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def global_batch():
@@ -39,6 +41,33 @@ def global_batch():
 # block_size 4 with 6 samples per rank: the rank's row and column stripes cut blocks unevenly
 CLIP = LossConfig(kind="clip", implementation="tiled", block_size=4)
 SIGLIP = LossConfig(kind="siglip", implementation="tiled", block_size=4)
+QUEUE = LossConfig(kind="clip", block_size=4, negatives="queue")
+MOCO = LossConfig(kind="clip", block_size=4, negatives="queue", queue_batch_keys="momentum")
+GLOBAL = LossConfig(kind="clip", block_size=4, negatives="global", global_gamma=0.5)
+
+
+def step_negatives(cfg: LossConfig, info: DistInfo) -> StepNegatives | None:
+    """The same queue, keys, sample ids and earlier estimates, each rank with its share."""
+    if cfg.negatives == "batch":
+        return None
+    g = torch.Generator().manual_seed(1)
+    queue = torch.nn.functional.normalize(torch.randn(2, 5, 64, generator=g), dim=-1)
+    keys = torch.nn.functional.normalize(torch.randn(2, WORLD * PER_RANK, 64, generator=g), dim=-1)
+    ids = torch.randperm(20, generator=g)[: WORLD * PER_RANK]
+    ids[3] = -1  # a sample without an id has no estimate
+    estimates = GlobalDenominators(20, info)
+    estimates.store(torch.arange(20), torch.randn(20, 2, generator=g))  # each keeps its own
+    own = slice(info.rank * PER_RANK, (info.rank + 1) * PER_RANK) if info.enabled else slice(None)
+    moco = cfg.queue_batch_keys == "momentum"
+    return StepNegatives(
+        cfg,
+        queue_images=queue[0],
+        queue_texts=queue[1],
+        key_images=keys[0][own] if moco else None,
+        key_texts=keys[1][own] if moco else None,
+        ids=ids[own],
+        denominators=estimates if cfg.negatives == "global" else None,
+    )
 
 
 def fresh_model(cfg: LossConfig):
@@ -56,6 +85,10 @@ CASES = {
     "ddp_grad_cache": (SIGLIP, "ddp", 4, ["clip.logit_scale", "clip.logit_bias"]),
     "fsdp_clip": (CLIP, "fsdp", 0, ["clip.logit_scale"]),
     "fsdp_grad_cache": (SIGLIP, "fsdp", 4, ["clip.logit_scale", "clip.logit_bias"]),
+    "ddp_queue": (QUEUE, "ddp", 0, ["clip.logit_scale"]),
+    "fsdp_moco_grad_cache": (MOCO, "fsdp", 4, ["clip.logit_scale"]),
+    "ddp_global": (GLOBAL, "ddp", 0, ["clip.logit_scale"]),
+    "ddp_global_grad_cache": (GLOBAL, "ddp", 4, ["clip.logit_scale"]),
 }
 
 
@@ -67,14 +100,25 @@ def run_case(rank: int, name: str, out_dir: str) -> None:
     wrapped = wrap_model(model, info, parallel=parallel, static_graph=chunk == 0)
     images, tokens = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    negatives = step_negatives(cfg, info)
     if parallel == "ddp" and not chunk:  # the loss function on its own
-        loss = contrastive_loss(wrapped, images[rows], tokens[rows], info, cfg)
+        loss = contrastive_loss(wrapped, images[rows], tokens[rows], info, cfg, negatives)
         loss.backward()
     else:  # the trainer's step: GradCache chunks of 4 of the 6 samples (no_sync, then sync)
         fp32 = Precision("fp32", info.device)
         loss = forward_backward(
-            wrapped, images[rows], tokens[rows], info, cfg, fp32, grad_cache_chunk=chunk
+            wrapped,
+            images[rows],
+            tokens[rows],
+            info,
+            cfg,
+            fp32,
+            grad_cache_chunk=chunk,
+            negatives=negatives,
         )
+    estimates = None  # the updated per-sample estimates, looked up from their owners
+    if negatives is not None and negatives.denominators is not None:
+        estimates = negatives.denominators.lookup(step_negatives(cfg, ONE).ids)
     sync_replicated_grads(wrapped, info)
     norm = clip_grad_norm(model.parameters(), 0.0)
     # FSDP holds each gradient as this rank's shard (a DTensor): gather the whole one
@@ -84,7 +128,8 @@ def run_case(rank: int, name: str, out_dir: str) -> None:
         if p.grad is not None
     }
     assert model_is_finite(model, info)
-    torch.save({"loss": loss.detach(), "grads": grads, "norm": norm}, f"{out_dir}/{name}-{rank}.pt")
+    result = {"loss": loss.detach(), "grads": grads, "norm": norm, "estimates": estimates}
+    torch.save(result, f"{out_dir}/{name}-{rank}.pt")
 
 
 def check_guard(rank: int, out_dir: str) -> None:
@@ -100,7 +145,8 @@ def check_guard(rank: int, out_dir: str) -> None:
 
 
 def train_with(parallel: str, synth_dir: str, run_dir: Path, steps: int, resume: bool) -> None:
-    """The trainer itself: GradCache steps, a checkpoint, the export (FSDP gathers for both)."""
+    """The trainer itself: GradCache steps with a feature queue, a checkpoint, the export (FSDP
+    gathers for all three)."""
     cfg = apply_overrides(
         smoke(),
         [
@@ -113,6 +159,9 @@ def train_with(parallel: str, synth_dir: str, run_dir: Path, steps: int, resume:
             "optim.grad_cache_chunk=3",
             "logging.tensorboard=false",
             f"compute.parallel={parallel}",
+            "loss.negatives=queue",  # a key encoder sharded like the model, and its queue
+            "loss.queue_size=12",
+            "loss.queue_momentum=0.5",
         ],
     )
     trainer = Trainer(cfg, resume=resume)
@@ -151,8 +200,8 @@ def test_two_processes_apply_the_single_process_gradient(two_process_results, ca
     cfg, _, _, temperature_params = CASES[case]
     model = fresh_model(cfg)
     images, tokens = global_batch()
-    info = DistInfo(0, 1, 0, torch.device("cpu"))
-    reference_loss = contrastive_loss(model, images, tokens, info, cfg)
+    negatives = step_negatives(cfg, ONE)
+    reference_loss = contrastive_loss(model, images, tokens, ONE, cfg, negatives)
     reference_loss.backward()
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -168,6 +217,9 @@ def test_two_processes_apply_the_single_process_gradient(two_process_results, ca
         for name, grad in reference.items():
             assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
         assert_close(r["norm"], clip_grad_norm(model.parameters(), 0.0), rtol=1e-4, atol=0.0)
+        if negatives is not None and negatives.denominators is not None:  # stored by owners
+            expected = negatives.denominators.lookup(negatives.ids)
+            assert_close(r["estimates"], expected, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.slow
@@ -186,6 +238,13 @@ def test_the_fsdp_trainer_trains_saves_exports_and_resumes_like_ddp(two_process_
     for name, value in ddp["model"].items():
         assert_close(fsdp["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert "clip.text_projection" in fsdp["optimizer"]["state"]  # keyed by parameter name
+    # the key encoder (an EMA of the model, sharded with it) and the queue it fills, as DDP's
+    for name, value in ddp["negatives"]["momentum"].items():
+        assert_close(fsdp["negatives"]["momentum"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        if name == "clip.text_projection":  # an EMA: between the initial and the new weights
+            assert not torch.equal(value, ddp["model"][name])
+    assert fsdp["negatives"]["queue"]["filled"] == 12  # full: 2 steps x 2 ranks x 4 keys > 12
+    assert_close(fsdp["negatives"]["queue"]["texts"], ddp["negatives"]["queue"]["texts"])
     assert (two_process_results / "fsdp/artifact/open_clip_model.safetensors").is_file()
     resumed = torch.load(
         two_process_results / "fsdp/checkpoints/step-00000003.pt", weights_only=False

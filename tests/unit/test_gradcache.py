@@ -12,8 +12,8 @@ from common.model import DualEncoder, build_model
 from common.preprocess import tokenizer
 from train.compute import Precision
 from train.config import LossConfig, TrainConfig
-from train.distributed import DistInfo, features_loss
-from train.step import accumulate, forward_backward, grad_cache, one_pass
+from train.distributed import DistInfo
+from train.step import accumulate, features_loss, forward_backward, grad_cache, one_pass
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 FP32 = Precision("fp32", ONE.device)
