@@ -296,6 +296,18 @@ class Negatives:
         elif step.collected:
             self.queue.push(*(torch.cat(side) for side in zip(*step.collected, strict=True)))
 
+    def stats(self) -> dict[str, float]:
+        """For the metrics (every rank calls it): keys queued, samples with an estimate."""
+        out: dict[str, float] = {}
+        if self.queue is not None:
+            out["queue_keys"] = self.queue.filled
+        if self.denominators is not None:
+            known = torch.tensor(self.denominators.known, device=self.info.device)
+            if self.info.enabled:
+                dist.all_reduce(known)
+            out["global_estimates"] = int(known)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """Every rank calls it (the key encoder and the estimates are gathered to rank 0)."""
         state: dict[str, Any] = {"negatives": self.cfg.negatives}

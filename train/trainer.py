@@ -350,6 +350,7 @@ class Trainer:
             "grad_norm": self.grad_norm.item(),
             "nonfinite_skipped": self.guard.skipped,  # steps skipped: non-finite loss/gradients
             **window,  # data_wait_s and friends: how long the steps waited for input
+            **self.negatives.stats(),  # loss.negatives: keys queued, samples with an estimate
         }
         if self.precision.scaler is not None:
             stats["loss_scale"] = self.precision.loss_scale

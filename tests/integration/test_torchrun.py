@@ -123,7 +123,8 @@ def test_preempted_and_killed_runs_resume_exactly_where_they_stopped(tmp_path, s
     """SIGTERM: the run saves at the step it is on and stops; meanwhile a second run on its
     run_dir is refused. kill -9 of the torchrun agent: its ranks die with it. Each --resume
     continues so that every step's loss is the one the uninterrupted run logged (same batches,
-    augmentations, optimizer state and RNG states)."""
+    augmentations, optimizer state and RNG states, and loss.negatives=queue's key encoder and
+    queue of keys from both ranks)."""
     # 4 shards of 250: each of a rank's 2 workers reads 1 shard, 7 batches of 32: 14 per epoch
     steps = 24
     args = [
@@ -141,6 +142,10 @@ def test_preempted_and_killed_runs_resume_exactly_where_they_stopped(tmp_path, s
         "data.val_shards=",
         "--set",
         f"data.train_shards={synth_dir}/train/shard-{{000000..000003}}.tar",
+        "--set",
+        "loss.negatives=queue",
+        "--set",
+        "loss.queue_size=200",
     ]
     reference = tmp_path / "reference"
     run_torchrun(2, *args, "--set", f"run_dir={reference}")
@@ -194,5 +199,6 @@ def test_preempted_and_killed_runs_resume_exactly_where_they_stopped(tmp_path, s
     for step in range(1, steps + 1):
         assert resumed[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step
     lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["train/queue_keys"] == 200  # full, as in the reference
     waits = [json.loads(line).get("train/data_wait_s") for line in lines]
     assert all(w is not None and w >= 0 for w in waits)  # every step's wait for input

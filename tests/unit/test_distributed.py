@@ -116,9 +116,17 @@ def run_case(rank: int, name: str, out_dir: str) -> None:
             grad_cache_chunk=chunk,
             negatives=negatives,
         )
-    estimates = None  # the updated per-sample estimates, looked up from their owners
+    estimates = None  # the updated per-sample estimates, looked up from their owners ...
     if negatives is not None and negatives.denominators is not None:
-        estimates = negatives.denominators.lookup(step_negatives(cfg, ONE).ids)
+        all_ids = step_negatives(cfg, ONE).ids
+        estimates = negatives.denominators.lookup(all_ids)
+        # ... and through a checkpoint's whole table (gathered to rank 0), re-sharded
+        table = negatives.denominators.state_dict()
+        table = [table] if rank == 0 else [None]
+        dist.broadcast_object_list(table, src=0)
+        reloaded = GlobalDenominators(20, info)
+        reloaded.load_state_dict(table[0])
+        assert torch.equal(reloaded.lookup(all_ids).nan_to_num(), estimates.nan_to_num())
     sync_replicated_grads(wrapped, info)
     norm = clip_grad_norm(model.parameters(), 0.0)
     # FSDP holds each gradient as this rank's shard (a DTensor): gather the whole one

@@ -1,0 +1,232 @@
+"""Small-batch quality: do negatives beyond the batch make batch 32 train like batch 256?
+
+    python bench/small_batch.py [--samples 24576] [--seeds 0,1] [--model duet-tiny]
+                                [--data data/compositional] [--out bench-small-batch.json]
+
+On the compositional synthetic set (`python -m train.synth --kind compositional`, generated
+into --data when missing), with equal samples seen, each method trains from scratch once per
+seed and is evaluated on the held-out split:
+
+    plain b32     loss.negatives=batch, global batch 32
+    plain b256    loss.negatives=batch, global batch 256
+    queue b32     loss.negatives=queue, K = 4096 momentum keys, global batch 32
+    global b32    loss.negatives=global (FastCLIP-v3: learned temperature), global batch 32
+
+Columns: held-out zero-shot top-1, text->image recall@1/5, the compositional hard-negative
+accuracies (attribute swap, object swap, relation replaced), samples/s over the run and the
+run's peak RSS. Each run is a fresh subprocess (its own peak memory; no state shared between
+runs). Cells are the mean over seeds, with the spread (max - min) in brackets. The verdict lines
+say whether a batch-32 method reached plain b256 (within the seeds' spread) or beat plain b32
+by >= 3 points, on zero-shot top-1 and recall@5. The queue's overhead is its step time over
+plain b32's, at equal batch.
+
+Keep the machine otherwise idle: with 2 cores, torch's threads slow down several-fold when
+anything else runs, and samples/s is then meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+METHODS: dict[str, tuple[int, list[str]]] = {
+    "plain b32": (32, []),
+    "plain b256": (256, []),
+    "queue b32": (32, ["loss.negatives=queue", "loss.queue_size=4096"]),
+    "global b32": (32, ["loss.negatives=global"]),
+}
+COLUMNS = (
+    ("zero-shot", "zeroshot_top1"),
+    ("R@1", "text_to_image_recall@1"),
+    ("R@5", "text_to_image_recall@5"),
+    ("attr swap", "compositional_swap_attribute"),
+    ("obj swap", "compositional_swap_object"),
+    ("relation", "compositional_replace_relation"),
+)
+
+
+def dataset(data: Path, train_shards: int, samples_per_shard: int) -> dict[str, str]:
+    """The compositional set under `data` (generated once); the trainer's data.* fields."""
+    summary = data / "dataset.json"
+    if not summary.is_file():
+        subprocess.run(
+            [sys.executable, "-m", "train.synth", "--kind", "compositional", "--out", str(data),
+             "--train-shards", str(train_shards), "--samples-per-shard", str(samples_per_shard),
+             "--val-samples", "2000", "--seed", "0"],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+    info = json.loads(summary.read_text())
+    return {
+        "data.train_shards": str(data / info["train"]["pattern"]),
+        "data.val_shards": str(data / info["val"]["pattern"]),
+        "data.zeroshot_file": str(data / "zeroshot.json"),
+    }
+
+
+def one_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one (method, seed) in this process; its eval, throughput and peak RSS."""
+    from common.config import apply_overrides
+    from train.config import TrainConfig
+    from train.trainer import Trainer
+
+    batch, extra = METHODS[args.method]
+    steps = args.samples // batch
+    data = dataset(args.data, args.train_shards, args.samples_per_shard)
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            f"run_dir={args.run_dir}",
+            f"steps={steps}",
+            f"seed={args.seed}",
+            f"model.name={args.model}",
+            f"data.batch_size_per_rank={batch}",
+            "data.workers=1",
+            f"optim.lr={args.lr}",
+            f"optim.warmup_steps={max(1, steps // 20)}",
+            f"checkpoint.every_steps={steps}",
+            f"logging.every_steps={max(1, steps // 20)}",
+            "logging.progress=false",
+            "logging.tensorboard=false",
+            *(f"{k}={v}" for k, v in data.items()),
+            *extra,
+        ],
+    )
+    start = time.perf_counter()
+    trainer = Trainer(cfg, overwrite=True)
+    try:
+        results = trainer.train()
+    finally:
+        trainer.close()
+    seconds = time.perf_counter() - start
+    lines = (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines()
+    rates = [json.loads(line).get("train/samples_per_s") for line in lines]
+    rates = [r for r in rates if r is not None][1:]  # the first window holds the start-up
+    return {
+        **results,
+        "samples_per_s": sum(rates) / max(1, len(rates)),
+        "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": steps,
+    }
+
+
+def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean = sum(values) / len(values)
+    spread = max(values) - min(values)
+    if len(values) == 1:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ({spread * scale:.{digits}f})"
+
+
+def table(results: dict[str, list[dict[str, Any]]]) -> str:
+    header = ["method", *(name for name, _ in COLUMNS), "samples/s", "peak RSS MB"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, runs in results.items():
+        cells = [method]
+        for _, key in COLUMNS:
+            values = [r[key] for r in runs if key in r]
+            cells.append(_cell(values) if values else "-")
+        cells.append(_cell([r["samples_per_s"] for r in runs], 1.0, 0))
+        cells.append(f"{max(r['peak_rss_mb'] for r in runs):.0f}")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Which batch-32 method, if any, met the target, metric by metric."""
+
+    def stats(method: str, key: str) -> tuple[float, float, float]:
+        values = [r[key] for r in results[method]]
+        return sum(values) / len(values), min(values), max(values)
+
+    lines = []
+    for method in ("queue b32", "global b32"):
+        if method not in results:
+            continue
+        for name, key in (("zero-shot", "zeroshot_top1"), ("R@5", "text_to_image_recall@5")):
+            mean, _, high = stats(method, key)
+            big, big_low, _ = stats("plain b256", key) if "plain b256" in results else (0, 1, 0)
+            small, _, _ = stats("plain b32", key)
+            reached = high >= big_low  # the seed ranges touch or overlap
+            beat = mean - small >= 0.03
+            lines.append(
+                f"{method} {name}: {mean * 100:.1f} vs plain b32 {small * 100:.1f} "
+                f"({(mean - small) * 100:+.1f} points: {'>= 3, met' if beat else '< 3'}), "
+                f"vs plain b256 {big * 100:.1f} "
+                f"({'reached within seed spread' if reached else 'not reached'})"
+            )
+    if "queue b32" in results and "plain b32" in results:
+        plain = sum(r["samples_per_s"] for r in results["plain b32"])
+        queue = sum(r["samples_per_s"] for r in results["queue b32"])
+        ratio = plain / queue
+        lines.append(
+            f"queue overhead at batch 32: {ratio:.2f}x plain's step time (target <= 1.3x: "
+            f"{'met' if ratio <= 1.3 else 'missed'})"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=24576, help="samples seen per run")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--model", default="duet-tiny")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--data", type=Path, default=ROOT / "data/compositional")
+    parser.add_argument("--train-shards", type=int, default=16)
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs/bench-small-batch")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-small-batch.json")
+    parser.add_argument("--method", help=argparse.SUPPRESS)  # one run, in a subprocess
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        args.result.write_text(json.dumps(one_run(args)))
+        return
+    dataset(args.data, args.train_shards, args.samples_per_shard)  # once, before the runs
+    results: dict[str, list[dict[str, Any]]] = {}
+    started = time.perf_counter()
+    for method in args.methods.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            name = f"{method.replace(' ', '-')}-seed{seed}"
+            result_file = args.runs / f"{name}.json"
+            args.runs.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [sys.executable, __file__, "--method", method, "--seed", str(seed),
+                 "--run-dir", str(args.runs / name), "--result", str(result_file),
+                 "--samples", str(args.samples), "--model", args.model, "--lr", str(args.lr),
+                 "--data", str(args.data), "--train-shards", str(args.train_shards),
+                 "--samples-per-shard", str(args.samples_per_shard)],
+                check=True, cwd=ROOT,
+            )  # fmt: skip
+            result = json.loads(result_file.read_text())
+            results.setdefault(method, []).append(result)
+            print(
+                f"{name}: zero-shot {result.get('zeroshot_top1', 0):.3f}, "
+                f"R@5 {result.get('text_to_image_recall@5', 0):.3f}, "
+                f"{result['samples_per_s']:.0f} samples/s, {result['seconds']:.0f} s",
+                flush=True,
+            )
+    print(f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
+          f"{time.perf_counter() - started:.0f} s in all\n")  # fmt: skip
+    print(table(results))
+    print()
+    for line in verdicts(results):
+        print(line)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
