@@ -73,9 +73,10 @@ class MomentumEncoder:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step toward `model` (the online model, wrapped the same way as the copy)."""
-        pairs = zip(self.model.parameters(), model.parameters(), strict=True)
-        for key_param, param in pairs:
-            key_param.lerp_(param.detach(), 1.0 - self.momentum)
+        keys, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if len(keys) != len(params):
+            raise ValueError(f"the key encoder has {len(keys)} parameters, the model {len(params)}")
+        torch._foreach_lerp_(keys, params, 1.0 - self.momentum)  # one kernel, not one per tensor
         for key_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             key_buffer.copy_(buffer)
 
