@@ -1,4 +1,5 @@
-"""Zero-shot accuracy and image<->text recall@k: pure functions, plus a runner over held-out shards.
+"""Zero-shot accuracy, image<->text recall@k and hard-negative accuracy: pure functions, plus a
+runner over held-out shards.
 
 The trainer calls `evaluate` every `eval.every_steps` and at the end; the same runs for any
 artifact with
@@ -8,6 +9,11 @@ artifact with
 Scores are computed a block of `chunk_rows` queries at a time (memory O(chunk_rows x N), never
 the N x N matrix), and ties are shared: a true match tied with t other candidates counts as the
 expected hit under random tie-breaking, so a collapsed model scores chance, not 1.0.
+
+Samples whose JSON carries "hard_negatives" ({kind: caption}, as `train.synth --kind
+compositional` writes) are also scored against those captions: `compositional_<kind>` is the
+fraction whose image scores its true caption above the negative. Samples marked "held_out": true
+(a combination never seen in training) get their own zero-shot figure, `zeroshot_top1_held_out`.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import argparse
 import json
 import logging
 import sys
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -141,14 +148,72 @@ def zeroshot_metrics(
     return metrics
 
 
+def hard_negative_accuracy(
+    image_features: torch.Tensor,
+    true_text_features: torch.Tensor,
+    negative_text_features: torch.Tensor,
+) -> float:
+    """Fraction of images [M, D] that score their true caption [M, D] above their negative [M, D].
+
+    A tie counts half, the expected hit of a random choice between the two, as ties count
+    everywhere in this module: a collapsed model scores 0.5, not 1.0.
+    """
+    shapes = {tuple(t.shape) for t in (image_features, true_text_features, negative_text_features)}
+    if len(shapes) != 1 or image_features.ndim != 2 or not image_features.shape[0]:
+        raise ValueError(f"need three non-empty [M, D] feature tensors alike, got shapes {shapes}")
+    features = (image_features, true_text_features, negative_text_features)
+    if not all(torch.isfinite(t).all() for t in features):
+        raise ValueError("features contain NaN or infinity: the model diverged")
+    true = (image_features * true_text_features).sum(dim=1)  # [M]
+    negative = (image_features * negative_text_features).sum(dim=1)  # [M]
+    hits = (true > negative).to(torch.float64) + 0.5 * (true == negative).to(torch.float64)
+    return hits.mean().item()
+
+
+@dataclass(slots=True)
+class HardNegatives:
+    """One kind of hard-negative caption, embedded, for the samples that have one."""
+
+    rows: torch.Tensor  # [M] the samples' rows in HeldOut
+    text_features: torch.Tensor  # [M, D]
+
+
 @dataclass(slots=True)
 class HeldOut:
-    """Embedded held-out samples: paired features, class labels (-1 when unknown), skips."""
+    """Embedded held-out samples: paired features, class labels (-1 when unknown), skips, and
+    for compositional data which samples hold unseen combinations and their hard negatives."""
 
     image_features: torch.Tensor  # [N, D]
     text_features: torch.Tensor  # [N, D]
     labels: torch.Tensor  # [N]
     skipped: Counter[str]
+    held_out: torch.Tensor  # [N] bool: the sample's JSON says "held_out": true
+    negatives: dict[str, HardNegatives]  # by kind; empty when no sample has hard negatives
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One decoded sample waiting for its batch's forward pass."""
+
+    image: torch.Tensor  # [3, H, W]
+    caption: str
+    label: int
+    held_out: bool
+    negatives: dict[str, str]  # kind -> caption
+
+
+def _sample_fields(meta: Mapping[str, Any], key: str) -> tuple[int, bool, dict[str, str]]:
+    """(label, held_out, hard negatives) from a sample's JSON; a malformed field is an error."""
+    held_out, negatives = meta.get("held_out", False), meta.get("hard_negatives", {})
+    if not isinstance(held_out, bool):
+        raise ValueError(f"sample {key}: 'held_out' must be true or false, got {held_out!r}")
+    if not isinstance(negatives, dict) or not all(
+        isinstance(c, str) and c.strip() for c in negatives.values()
+    ):
+        raise ValueError(
+            f"sample {key}: 'hard_negatives' must map kinds to captions, got {negatives!r}"
+        )
+    return int(meta.get("label", -1)), held_out, negatives
 
 
 @torch.no_grad()
@@ -160,33 +225,83 @@ def embed_shards(
     *,
     batch_size: int = 256,
 ) -> HeldOut:
-    """Embed every usable sample of `spec`, in order, in batches of `batch_size`."""
+    """Embed every usable sample of `spec`, in order, in batches of `batch_size`.
+
+    A batch's hard-negative captions (at most a few per sample) share one extra text forward.
+    """
     device = next(model.parameters()).device
     skipped: Counter[str] = Counter()
     images: list[torch.Tensor] = []
     texts: list[torch.Tensor] = []
     labels: list[int] = []
-    batch: list[tuple[torch.Tensor, str, int]] = []
+    held_out: list[bool] = []
+    negative_rows: defaultdict[str, list[int]] = defaultdict(list)
+    negative_texts: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
+    batch: list[_Pending] = []
+
+    def encode_text(captions: list[str]) -> torch.Tensor:
+        return model.encode_text(tokenize(captions).to(device)).cpu()
 
     def flush() -> None:
-        images.append(model.encode_image(torch.stack([b[0] for b in batch]).to(device)).cpu())
-        texts.append(model.encode_text(tokenize([b[1] for b in batch]).to(device)).cpu())
-        labels.extend(b[2] for b in batch)
+        first_row = len(labels)
+        images.append(model.encode_image(torch.stack([b.image for b in batch]).to(device)).cpu())
+        texts.append(encode_text([b.caption for b in batch]))
+        labels.extend(b.label for b in batch)
+        held_out.extend(b.held_out for b in batch)
+        negatives = [
+            (kind, first_row + i, caption)
+            for i, b in enumerate(batch)
+            for kind, caption in b.negatives.items()
+        ]
+        if negatives:
+            features = encode_text([caption for _, _, caption in negatives])  # [K, D]
+            for (kind, row, _), feature in zip(negatives, features, strict=True):
+                negative_rows[kind].append(row)
+                negative_texts[kind].append(feature)
         batch.clear()
 
     for sample in iter_shards(spec, skipped):
         decoded = decode_or_skip(sample.image, skipped, key=sample.key)
         if decoded is None:
             continue
-        image = transform(decoded)
-        batch.append((image, sample.caption, int(sample.meta.get("label", -1))))
+        fields = _sample_fields(sample.meta, sample.key)
+        batch.append(_Pending(transform(decoded), sample.caption, *fields))
         if len(batch) == batch_size:
             flush()
     if batch:
         flush()
     if not images:
         raise ValueError(f"no usable samples in {spec!r} (skipped: {dict(skipped)})")
-    return HeldOut(torch.cat(images), torch.cat(texts), torch.tensor(labels), skipped)
+    negatives = {
+        kind: HardNegatives(torch.tensor(rows), torch.stack(negative_texts[kind]))
+        for kind, rows in sorted(negative_rows.items())
+    }
+    return HeldOut(
+        image_features=torch.cat(images),
+        text_features=torch.cat(texts),
+        labels=torch.tensor(labels),
+        skipped=skipped,
+        held_out=torch.tensor(held_out, dtype=torch.bool),
+        negatives=negatives,
+    )
+
+
+def compositional_metrics(held: HeldOut) -> dict[str, float]:
+    """`compositional_<kind>`: hard-negative accuracy per kind, over the samples that have that
+    kind; `compositional_samples`: how many samples have any. Empty when none has negatives."""
+    if not held.negatives:
+        return {}
+    metrics = {
+        f"compositional_{kind}": hard_negative_accuracy(
+            held.image_features[negatives.rows],
+            held.text_features[negatives.rows],
+            negatives.text_features,
+        )
+        for kind, negatives in held.negatives.items()
+    }
+    rows = torch.cat([negatives.rows for negatives in held.negatives.values()])
+    metrics["compositional_samples"] = float(rows.unique().numel())
+    return metrics
 
 
 def load_zeroshot(path: str | Path) -> tuple[list[str], list[str]]:
@@ -230,7 +345,8 @@ def evaluate(
     batch_size: int = 256,
     chunk_rows: int = 1024,
 ) -> dict[str, float]:
-    """Retrieval recall@k on `spec`, and zero-shot top-1/top-5 if a zero-shot file is given.
+    """Retrieval recall@k on `spec`, zero-shot top-1/top-5 if a zero-shot file is given, and the
+    hard-negative accuracies if the samples' JSON carries hard negatives.
 
     The zero-shot file is read first, so that a bad one fails before the shards are embedded.
     """
@@ -257,9 +373,25 @@ def evaluate(
                 )
             )
             metrics["zeroshot_samples"] = float(known.sum())
+            metrics.update(_held_out_zeroshot(held, known, weights, chunk_rows))
+        metrics.update(compositional_metrics(held))
         return metrics
     finally:
         model.train(was_training)
+
+
+def _held_out_zeroshot(
+    held: HeldOut, known: torch.Tensor, weights: torch.Tensor, chunk_rows: int
+) -> dict[str, float]:
+    """Zero-shot top-1 over the samples marked held-out: combinations never seen in training, so
+    this is the compositional-generalisation figure. Empty when no sample is marked."""
+    unseen = known & held.held_out
+    if not bool(unseen.any()):
+        return {}
+    top1 = zeroshot_metrics(
+        held.image_features[unseen], held.labels[unseen], weights, ks=(1,), chunk_rows=chunk_rows
+    )["zeroshot_top1"]
+    return {"zeroshot_top1_held_out": top1, "zeroshot_held_out_samples": float(unseen.sum())}
 
 
 def _parse_ks(text: str) -> tuple[int, ...]:

@@ -73,7 +73,8 @@ class MomentumEncoder:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One EMA step toward `model` (the online model, wrapped the same way as the copy)."""
-        keys, params = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        keys: list[Tensor] = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
         if len(keys) != len(params):
             raise ValueError(f"the key encoder has {len(keys)} parameters, the model {len(params)}")
         torch._foreach_lerp_(keys, params, 1.0 - self.momentum)  # one kernel, not one per tensor

@@ -6,6 +6,8 @@ Reads what the trainer wrote to RUN_DIR (metrics.jsonl, eval.jsonl, config.json;
 train/metrics.py) and draws loss, temperature, learning rate, throughput and the evaluation
 curves (default RUN_DIR/report.png), then prints steps, final loss, best and final evaluation,
 samples/s and skipped samples. It reads files only, so it works on a run that is still going.
+Runs evaluated on compositional data (`train.synth --kind compositional`) also get a panel and
+table rows for their hard-negative accuracies (`compositional_<kind>`, chance 0.5).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # eval figures that describe the evaluation rather than the model: not curves, not "best"
-EVAL_BOOKKEEPING = ("samples", "skipped_samples", "zeroshot_chance", "zeroshot_samples", "seconds")
+EVAL_BOOKKEEPING = (
+    "samples",
+    "skipped_samples",
+    "zeroshot_chance",
+    "zeroshot_samples",
+    "zeroshot_held_out_samples",
+    "compositional_samples",
+    "seconds",
+)
+COMPOSITIONAL_PREFIX = "compositional_"  # hard-negative accuracies: true vs one false caption
+COMPOSITIONAL_CHANCE = 0.5
 
 
 @dataclass(slots=True)
@@ -162,6 +174,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"evaluations:        {summary['evaluations']}, the last at step {final['step']}")
     if "zeroshot_chance" in summary:
         lines.append(f"zero-shot chance:   {_fmt(summary['zeroshot_chance'])}")
+    if any(name.startswith(COMPOSITIONAL_PREFIX) for name in summary["best_eval"]):
+        lines.append(f"hard-neg. chance:   {COMPOSITIONAL_CHANCE} (compositional_*)")
     width = max(len(n) for n in summary["best_eval"])
     lines.append(f"  {'metric':<{width}}  {'final':>8}  {'best':>8}  at step")
     for name, best in summary["best_eval"].items():
@@ -178,26 +192,28 @@ def _series(records: list[dict[str, Any]], name: str) -> tuple[list[int], list[f
 
 
 def plot_run(run: RunRecords, out: str | Path, *, title: str = "") -> Path:
-    """Draw the six panels (loss, temperature, lr, samples/s, zero-shot, recall) to a PNG."""
+    """Draw the six panels (loss, temperature, lr, samples/s, zero-shot, recall) to a PNG, and a
+    seventh (hard-negative accuracy) for a run evaluated on compositional data."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, safe on a headless node
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    curves = eval_curves(run.evals)
+    compositional = [n for n in curves if n.startswith(COMPOSITIONAL_PREFIX)]
+    columns = 4 if compositional else 3
+    fig, axes = plt.subplots(2, columns, figsize=(5 * columns, 8), constrained_layout=True)
     panels: list[tuple[Any, list[dict[str, Any]], list[str], str]] = [
         (axes[0, 0], run.train, ["loss"], "training loss"),
         (axes[0, 1], run.train, ["temperature"], "temperature (1 / logit scale)"),
         (axes[0, 2], run.train, ["lr"], "learning rate"),
         (axes[1, 0], run.train, ["samples_per_s", "samples_per_s_per_rank"], "samples/s"),
-        (
-            axes[1, 1],
-            run.evals,
-            [n for n in eval_curves(run.evals) if "zeroshot" in n],
-            "zero-shot",
-        ),
-        (axes[1, 2], run.evals, [n for n in eval_curves(run.evals) if "recall" in n], "recall@k"),
+        (axes[1, 1], run.evals, [n for n in curves if "zeroshot" in n], "zero-shot"),
+        (axes[1, 2], run.evals, [n for n in curves if "recall" in n], "recall@k"),
     ]
+    if compositional:
+        panels.append((axes[0, 3], run.evals, compositional, "hard negatives"))
+        axes[1, 3].axis("off")
     for ax, records, names, panel_title in panels:
         ax.set_title(panel_title)
         ax.set_xlabel("step")
@@ -210,6 +226,8 @@ def plot_run(run: RunRecords, out: str | Path, *, title: str = "") -> Path:
                 drawn += 1
         if panel_title == "zero-shot" and run.evals and "zeroshot_chance" in run.evals[-1]:
             ax.axhline(run.evals[-1]["zeroshot_chance"], color="grey", ls="--", label="chance")
+        if panel_title == "hard negatives":
+            ax.axhline(COMPOSITIONAL_CHANCE, color="grey", ls="--", label="chance")
         if drawn > 1:
             ax.legend(fontsize="small")
         if not drawn:

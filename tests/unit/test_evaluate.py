@@ -1,22 +1,30 @@
-"""Retrieval and zero-shot metrics as pure functions over hand-built matrices, and the CLI."""
+"""Retrieval, zero-shot and hard-negative metrics as pure functions over hand-built matrices,
+evaluate() on compositional data against a one-sample-at-a-time reference, and the CLI."""
 
+import io
 import itertools
 import json
+import tarfile
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from common.artifact import write_artifact
+from common.artifact import load_artifact, write_artifact
 from common.model import build_model
 from train.evaluate import (
+    evaluate,
+    hard_negative_accuracy,
     load_zeroshot,
     main,
     recall_at_k,
     retrieval_metrics,
     topk_accuracy,
+    zeroshot_class_weights,
     zeroshot_metrics,
 )
+from train.synth import generate
 
 
 def test_recall_at_k_on_a_hand_built_matrix():
@@ -222,3 +230,123 @@ def test_cli_bad_input_is_a_one_line_error(micro_artifact, synth_dir, tmp_path, 
     with pytest.raises(SystemExit) as exc:
         main(["--model", str(micro_artifact), "--data", val, "--recall-at", "0,5"])
     assert exc.value.code == 2
+
+
+def test_hard_negative_accuracy_on_hand_built_features():
+    images = torch.eye(5)
+    true = torch.tensor(
+        [
+            [1.0, 0, 0, 0, 0],  # 1.0 vs 0.5: hit
+            [0, 1.0, 0, 0, 0],  # 1.0 vs 2.0: miss
+            [0, 0, 0.5, 0, 0],  # 0.5 vs 0.5: tie, half a hit
+            [0, 0, 0, 0, 0],  # 0 vs 0: tie
+            [0, 0, 0, 0, 0.3],  # 0.3 vs -1.0: hit
+        ]
+    )
+    negative = torch.tensor(
+        [
+            [0.5, 0, 0, 0, 0],
+            [0, 2.0, 0, 0, 0],
+            [0, 0, 0.5, 0, 0],
+            [1.0, 0, 0, 0, 0],
+            [0, 0, 0, 0, -1.0],
+        ]
+    )
+    assert hard_negative_accuracy(images, true, negative) == pytest.approx(3 / 5)
+    # a collapsed model (every caption the same embedding) scores chance, not 1.0
+    same = torch.ones(4, 3)
+    assert hard_negative_accuracy(same, same, same) == pytest.approx(0.5)
+
+
+def test_hard_negative_accuracy_rejects_bad_features():
+    features = torch.eye(3)
+    with pytest.raises(ValueError, match="shapes"):
+        hard_negative_accuracy(features, features, torch.eye(2))
+    with pytest.raises(ValueError, match="non-empty"):
+        hard_negative_accuracy(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 3))
+    broken = features.clone()
+    broken[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        hard_negative_accuracy(features, features, broken)
+
+
+@pytest.fixture(scope="module")
+def compositional_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compositional")
+    generate(
+        out,
+        train_shards=1,
+        samples_per_shard=40,
+        seed=0,
+        val_samples=40,
+        image_size=32,
+        kind="compositional",
+    )
+    return out
+
+
+def _val_samples(dataset):
+    with tarfile.open(dataset / "val" / "shard-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    return [
+        (
+            Image.open(io.BytesIO(members[name])).convert("RGB"),
+            json.loads(members[name[:-3] + "json"]),
+        )
+        for name in sorted(members)
+        if name.endswith(".jpg")
+    ]
+
+
+def _bounds(margins):
+    """The (lowest, highest) hit rate a score margin per row allows: a margin within float noise of
+    zero may fall either way once the same rows are embedded in other batches."""
+    noise = 1e-5
+    hits = sum(1 for m in margins if m > noise)
+    near_ties = sum(1 for m in margins if abs(m) <= noise)
+    return hits / len(margins), (hits + near_ties) / len(margins)
+
+
+@torch.no_grad()
+def test_evaluate_scores_hard_negatives_and_held_out_zeroshot(micro_artifact, compositional_dir):
+    loaded = load_artifact(micro_artifact)
+    model, transform, tokenize = loaded.model, loaded.transform, loaded.tokenize
+    zeroshot_file = compositional_dir / "zeroshot.json"
+    spec = f"{compositional_dir}/val/shard-000000.tar"
+    metrics = evaluate(
+        model, transform, tokenize, spec, zeroshot_file=str(zeroshot_file), ks=(1, 5), batch_size=7
+    )
+    # the reference: every sample embedded on its own, its negatives one at a time
+    weights = zeroshot_class_weights(model, tokenize, *load_zeroshot(zeroshot_file))
+    margins = {"swap_attribute": [], "swap_object": [], "replace_relation": []}
+    held_out_margins = []
+    for image, meta in _val_samples(compositional_dir):
+        image_features = model.encode_image(transform(image)[None])[0]
+        true = image_features @ model.encode_text(tokenize([meta["caption"]]))[0]
+        for kind, caption in meta["hard_negatives"].items():
+            margins[kind].append(
+                float(true - image_features @ model.encode_text(tokenize([caption]))[0])
+            )
+        if meta["held_out"]:
+            scores = weights @ image_features
+            others = torch.cat([scores[: meta["label"]], scores[meta["label"] + 1 :]])
+            held_out_margins.append(float(scores[meta["label"]] - others.max()))
+    for kind, kind_margins in margins.items():
+        low, high = _bounds(kind_margins)
+        assert low <= metrics[f"compositional_{kind}"] <= high, kind
+    low, high = _bounds(held_out_margins)
+    assert low <= metrics["zeroshot_top1_held_out"] <= high
+    assert metrics["zeroshot_held_out_samples"] == len(held_out_margins) > 0
+    assert metrics["compositional_samples"] == metrics["samples"] == 40
+    assert 0 <= metrics["zeroshot_top1"] <= metrics["zeroshot_top5"] <= 1
+
+
+def test_data_without_hard_negatives_adds_no_compositional_figures(micro_artifact, tmp_path):
+    generate(tmp_path, train_shards=1, samples_per_shard=12, seed=0, val_samples=12, image_size=32)
+    loaded = load_artifact(micro_artifact)
+    spec, zeroshot_file = f"{tmp_path}/val/shard-000000.tar", str(tmp_path / "zeroshot.json")
+    metrics = evaluate(
+        loaded.model, loaded.transform, loaded.tokenize, spec, zeroshot_file=zeroshot_file
+    )
+    assert metrics["zeroshot_samples"] == 12
+    assert not [name for name in metrics if "compositional" in name or "held_out" in name]

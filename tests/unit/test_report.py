@@ -91,3 +91,37 @@ def test_not_a_run_directory_is_a_one_line_error(tmp_path, capsys):
         main([str(tmp_path)])
     assert exc.value.code == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_compositional_figures_are_reported_next_to_zeroshot(tmp_path, capsys):
+    metrics = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    for step, swap in ((10, 0.6), (20, 0.7)):
+        metrics.log(step, train_record(step, 100.0, loss=3.0 - step / 10))
+        metrics.log_eval(
+            step,
+            {
+                "samples": 100.0,
+                "zeroshot_top1": 0.3,
+                "zeroshot_top1_held_out": 0.1,
+                "zeroshot_held_out_samples": 50.0,
+                "compositional_swap_attribute": swap,
+                "compositional_replace_relation": 0.55,
+                "compositional_samples": 100.0,
+            },
+            final=step == 20,
+        )
+    metrics.close()
+    summary = main([str(tmp_path)])
+    assert summary["final_eval"] == {
+        "step": 20,
+        "zeroshot_top1": 0.3,
+        "zeroshot_top1_held_out": 0.1,
+        "compositional_swap_attribute": 0.7,
+        "compositional_replace_relation": 0.55,
+    }  # counts of samples are bookkeeping, not figures of the model
+    assert summary["best_eval"]["compositional_swap_attribute"] == {"value": 0.7, "step": 20}
+    text = capsys.readouterr().out
+    assert "hard-neg. chance:   0.5" in text
+    assert "compositional_replace_relation" in text and "zeroshot_top1_held_out" in text
+    with Image.open(tmp_path / "report.png") as image:
+        assert image.width > 1500  # the fourth column holds the hard-negative panel

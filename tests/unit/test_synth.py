@@ -291,3 +291,23 @@ def test_cli_rejects_bad_argument_naming_the_flag(
         synth.main([*argv, "--seed", "0"])
     assert exit_info.value.code == 2
     assert "--train-shards" in capsys.readouterr().err
+
+
+def test_unknown_kind_raises_value_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="kind must be one of shapes, compositional"):
+        synth.generate(tmp_path, train_shards=1, samples_per_shard=5, seed=0, kind="scenes")
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_kind_selects_the_compositional_scenes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--out", str(tmp_path), "--train-shards", "1", "--samples-per-shard", "4"]
+    summary = synth.main([*argv, "--seed", "0", "--val-samples", "3", "--kind", "compositional"])
+    assert summary["kind"] == "compositional" and summary["val"]["samples"] == 3
+    sample = _read_samples(tmp_path / "val" / "shard-000000.tar")[0]
+    assert {"objects", "relation", "held_out", "hard_negatives"} <= sample["json"].keys()
+    with pytest.raises(SystemExit) as exit_info:
+        synth.main([*argv, "--seed", "0", "--kind", "scenes"])
+    assert exit_info.value.code == 2
+    assert "--kind" in capsys.readouterr().err
