@@ -78,6 +78,16 @@ def _softmax_terms(lse: Tensor, positive: Tensor, bias: Tensor | None) -> Tensor
     return _biased(lse, bias) - _biased(positive, bias)
 
 
+def _symmetric(
+    image_side: tuple[Tensor, Tensor], text_side: tuple[Tensor, Tensor], bias: Tensor | None
+) -> Tensor:
+    """The mean of the image anchors' and the text anchors' -log softmax, each given as
+    (LSE, positive logit) per anchor: the two directions of a symmetric softmax loss."""
+    return 0.5 * (
+        _softmax_terms(*image_side, bias).mean() + _softmax_terms(*text_side, bias).mean()
+    )
+
+
 def _check(images: Tensor, texts: Tensor, block_size: int) -> int:
     if images.ndim != 2 or images.shape != texts.shape:
         raise ValueError(
@@ -108,10 +118,7 @@ def clip_loss(
     lse_images, lse_texts, positive = tiled_lse(
         images, texts, logit_scale, BlockPlan(n, span, span, block_size), implementation
     )
-    return 0.5 * (
-        _softmax_terms(lse_images[0], positive, logit_bias).mean()
-        + _softmax_terms(lse_texts[0], positive, logit_bias).mean()
-    )
+    return _symmetric((lse_images[0], positive), (lse_texts[0], positive), logit_bias)
 
 
 def nt_xent_loss(
@@ -143,10 +150,7 @@ def nt_xent_loss(
     text_texts = tiled_lse(texts, texts, logit_scale, itself, implementation).rows
     lse_images = torch.logaddexp(image_texts[0], image_images[0])
     lse_texts = torch.logaddexp(text_images[0], text_texts[0])
-    return 0.5 * (
-        _softmax_terms(lse_images, positive, logit_bias).mean()
-        + _softmax_terms(lse_texts, positive, logit_bias).mean()
-    )
+    return _symmetric((lse_images, positive), (lse_texts, positive), logit_bias)
 
 
 def siglip_loss(
@@ -311,10 +315,7 @@ def queue_clip_loss(
     if queue_images.shape[0]:
         from_queue = _rows_lse(texts, queue_images, logit_scale, span, implementation, block_size)
         lse_texts = torch.logaddexp(lse_texts, from_queue)
-    return 0.5 * (
-        _softmax_terms(lse_images, image_positive, logit_bias).mean()
-        + _softmax_terms(lse_texts, text_positive, logit_bias).mean()
-    )
+    return _symmetric((lse_images, image_positive), (lse_texts, text_positive), logit_bias)
 
 
 def log_denominators(
@@ -428,10 +429,7 @@ def multi_positive_loss(
     # mean over positives p of s*<I_i, T_p> is s*<I_i, mean_p T_p>: O(N*D), no [N, N] mask
     image_positive = scale * (images[own] * _label_means(texts, labels)[own]).sum(-1)
     text_positive = scale * (texts[own] * _label_means(images, labels)[own]).sum(-1)
-    return 0.5 * (
-        _softmax_terms(lse_images[0], image_positive, logit_bias).mean()
-        + _softmax_terms(lse_texts[0], text_positive, logit_bias).mean()
-    )
+    return _symmetric((lse_images[0], image_positive), (lse_texts[0], text_positive), logit_bias)
 
 
 def hinge_loss(
