@@ -204,6 +204,30 @@ def test_resampled_epochs_have_a_fixed_number_of_steps_and_are_logged(tmp_path, 
         TrainBatches(remote, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
 
 
+def test_sample_ids_name_each_training_sample_the_same_in_every_epoch(synth_dir: Path):
+    """loss.negatives=global's ids: shard offset + place in the shard, in the order the spec
+    lists the shards; every sample of an epoch once, whichever worker reads it."""
+    spec = f"{synth_dir}/train/shard-{{000000..000001}}.tar"
+    cfg = DataConfig(train_shards=spec, batch_size_per_rank=50, workers=2, shuffle_buffer=100)
+    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, sample_ids=True)
+    assert batches.num_samples == 500
+    captions = [sample.caption for sample in iter_shards(spec, Counter())]  # in id order
+    stream = iter(batches)
+    epochs = []
+    for _ in range(2):  # 2 workers x 1 shard x 5 batches of 50
+        epoch = [next(stream) for _ in range(10)]
+        for batch in epoch[:2]:
+            assert batch.ids is not None
+            assert torch.equal(batch.tokens, TOKENIZE([captions[i] for i in batch.ids.tolist()]))
+        epochs.append(torch.cat([b.ids for b in epoch if b.ids is not None]))
+    assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) == list(range(500))
+    assert not torch.equal(epochs[0], epochs[1])  # the same samples in another order
+
+    remote = DataConfig(train_shards="pipe:cat x.tar", resampled=True, samples_per_epoch=640)
+    with pytest.raises(ValueError, match="local shards only"):
+        TrainBatches(remote, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, sample_ids=True)
+
+
 # -- exact resume ------------------------------------------------------------------------------
 
 
