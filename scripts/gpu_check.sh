@@ -7,6 +7,7 @@
 # 2. torchrun on the GPUs (2 processes with nccl where there are 2 GPUs; 1 process otherwise,
 #    since NCCL refuses two ranks on one device): a reference run, then the same run stopped with
 #    SIGTERM after its first checkpoint and resumed; the resumed losses against the reference
+#    (with loss.negatives=queue: the key encoder and the queue of keys gathered over nccl)
 # 3. bench/train_step.py, ViT-B-32, bf16 and fp16: step time, samples/s, peak memory
 # 4. the tiled CLIP loss (D=512, float32, forward + backward) at N = 64k, 128k, ... while the
 #    next size's predicted time fits the budget: the largest N measured, its time and memory
@@ -48,6 +49,7 @@ BACKEND=$([ "$NPROC" = 2 ] && echo nccl || echo "none (1 GPU: one process)")
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m train
   --recipe smoke --set device=cuda --set steps=40 --set checkpoint.every_steps=10
   --set logging.every_steps=1 --set data.workers=2 --set data.val_shards=
+  --set loss.negatives=queue --set loss.queue_size=256
   --set "data.train_shards=$OUT/synth/train/shard-{000000..000003}.tar")
 check_resume() {
   limit 50 "${TORCHRUN[@]}" --overwrite --set "run_dir=$OUT/reference" >"$OUT/reference.log" 2>&1 || return 1
