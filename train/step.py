@@ -130,7 +130,9 @@ def _global_loss(
     new = torch.stack(
         [moving_log_average(old[:, side], log_g[side], cfg.global_gamma) for side in (0, 1)], 1
     )
-    negatives.denominators.store(ids, gather(new, info))
+    # a non-finite estimate (a step about to be skipped) is not kept: the sample starts over
+    kept = torch.where(torch.isfinite(new), new, torch.full_like(new, float("nan")))
+    negatives.denominators.store(ids, gather(kept, info))
     return global_contrastive_loss(
         log_g,
         (new[:, 0], new[:, 1]),

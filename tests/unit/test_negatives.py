@@ -21,7 +21,7 @@ from train.loss import (
     moving_log_average,
     queue_clip_loss,
 )
-from train.negatives import FeatureQueue, GlobalDenominators
+from train.negatives import FeatureQueue, GlobalDenominators, StepNegatives
 from train.trainer import Trainer
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -167,6 +167,24 @@ def test_global_denominators_keep_what_they_are_given():
     copy = GlobalDenominators(6, ONE)
     copy.load_state_dict(table.state_dict())
     assert_close(copy.lookup(ids[:2]), values[:2])
+
+
+def test_a_non_finite_estimate_is_not_kept():
+    """A step whose features blew up is skipped; its samples' estimates start over, rather than
+    an infinite u silencing those samples for the rest of the run."""
+    from train.step import features_loss
+
+    cfg = LossConfig(negatives="global", global_gamma=0.5)
+    table = GlobalDenominators(4, ONE)
+    step = StepNegatives(cfg, ids=torch.arange(4), denominators=table)
+    images, texts = unit(4, 3, seed=1).float(), unit(4, 3, seed=2).float()
+    images[1] = float("inf")
+    features_loss(images, texts, torch.tensor(2.0), None, torch.zeros(4, 1), ONE, cfg, step)
+    kept = table.lookup(torch.arange(4))
+    assert not torch.isinf(kept).any() and torch.isnan(kept[1]).all()  # unknown, not inf
+    images[1] = unit(3, seed=3).float()
+    features_loss(images, texts, torch.tensor(2.0), None, torch.zeros(4, 1), ONE, cfg, step)
+    assert torch.isfinite(table.lookup(torch.arange(4))).all()
 
 
 def test_sample_ids_are_the_shard_offset_plus_the_place_in_the_shard():
