@@ -156,13 +156,12 @@ def load_full_state_dicts(
     optimizer_state: dict[str, Any],
 ) -> None:
     """Load what `full_state_dicts` gave (each rank keeps its own shards when sharded)."""
-    if not is_sharded(model):
-        model.load_state_dict(model_state)
+    load_full_model_state(model, model_state)
+    if is_sharded(model):
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    else:
         optimizer.load_state_dict(optimizer_state)
-        return
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -222,7 +222,8 @@ class StepNegatives:
     """negatives=queue without a key encoder: the gathered features the loss saw, to enqueue."""
 
     def part(self, index: int, parts: int) -> StepNegatives:
-        """The same for micro-batch `index` of `parts` (accumulation); shares `collected`."""
+        """The same for micro-batch `index` of `parts` (accumulation); `collected` is the same
+        list (a shallow copy), so the micro-batches' features all reach the queue."""
 
         def chunk(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.chunk(parts)[index]
@@ -232,7 +233,6 @@ class StepNegatives:
             key_images=chunk(self.key_images),
             key_texts=chunk(self.key_texts),
             ids=chunk(self.ids),
-            collected=self.collected,
         )
 
 
