@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -210,7 +211,13 @@ class Settings(BaseSettings):
     image_url_timeout_s: float = Field(
         default=5.0,
         gt=0,
-        description="Time limit of one whole image_url download (connect, headers, body), in s.",
+        description="Time limit of one whole image_url download (name lookup, connect, headers, "
+        "redirects, body), in s; at the limit the download is cancelled and its socket closed.",
+    )
+    image_url_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks image_url may fetch from besides public hosts, e.g. "
+        '["10.20.0.0/16"] for an internal image store; none by default.',
     )
     # --- HTTP connections ---
     header_timeout_s: float = Field(
@@ -259,6 +266,16 @@ class Settings(BaseSettings):
                     f"name {name!r}: use letters, digits, '_', '.', '-' (at most 64 characters)"
                 )
         return named
+
+    @field_validator("image_url_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"image_url_allowed_networks: {exc}") from None
+        return networks
 
     @field_validator("default_templates")
     @classmethod

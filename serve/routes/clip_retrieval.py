@@ -24,7 +24,6 @@ format, so WebP bytes display behind its `image/png` data URI.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Any
 
@@ -37,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 from serve import retrieval
 from serve.body import decode_base64, read_json
 from serve.errors import ApiError, error_responses
-from serve.fetch import FetchError, fetch_image
+from serve.fetch import FetchError, fetch_image, parse_networks
 from serve.images import prepare_images
 from serve.index import Hit, IndexRow, SearchIndex
 from serve.schemas import KnnRequest, MetadataRequest
@@ -154,19 +153,15 @@ async def _download(url: str, settings: Settings) -> bytes:
             "image_url fetching is off on this service (DUET_IMAGE_URL_FETCH); send the image "
             "itself as base64 in `image`",
         )
-    download = run_in_threadpool(
-        fetch_image,
-        url,
-        max_bytes=settings.max_upload_bytes,
-        timeout_s=settings.image_url_timeout_s,
-    )
     try:
-        # fetch_image keeps its own deadline; this one also covers a name lookup that hangs
-        return await asyncio.wait_for(download, settings.image_url_timeout_s + 0.5)
+        return await fetch_image(
+            url,
+            max_bytes=settings.max_upload_bytes,
+            timeout_s=settings.image_url_timeout_s,
+            allowed=parse_networks(settings.image_url_allowed_networks),
+        )
     except FetchError as exc:
         raise ApiError(exc.status, exc.type, str(exc)) from None
-    except TimeoutError:
-        raise ApiError(400, "bad_request", "image_url took too long to download") from None
 
 
 def _flat_metadata(
