@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     max_metadata_ids: int = Field(
         default=1000, ge=1, description="Most ids one POST /metadata may ask for."
     )
+    max_response_bytes: int = Field(
+        default=16 * MIB,
+        ge=1024,
+        description="Largest answer a request may build (POST /metadata with thumbnails), "
+        "charged as it is built: over it, 413.",
+    )
     # --- dynamic batching ---
     batching: bool = Field(
         default=True,
@@ -236,6 +242,12 @@ class Settings(BaseSettings):
         default=32 * 1024, ge=1024, description="Largest request line + headers, in bytes (431)."
     )
     max_header_count: int = Field(default=100, ge=1, description="Most request headers (431).")
+    send_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="An answer the client does not read (over 64 KiB left unsent) must drain "
+        "within this time, else the connection is aborted and the answer's memory freed.",
+    )
     # --- web and logs ---
     cors_origins: list[str] = Field(
         default_factory=list,

@@ -31,6 +31,7 @@ from tests.serve_support import (
     make_shard,
     png,
 )
+from train import synth
 
 pytestmark = pytest.mark.slow
 
@@ -397,3 +398,103 @@ def test_reload_of_a_corrupted_index_is_409_and_the_old_one_serves(
     finally:
         for name, data in saved.items():
             _replace(service.index_dir / name, data)
+
+
+# --- slow readers, amplification, fetch ---
+
+SEND_TIMEOUT_S = 1.5
+FETCH_TIMEOUT_S = 2.0
+FETCH_HOST = "127.0.0.2"  # the only non-public address this service may fetch from
+ROWS = 200
+METADATA_IDS = list(range(ROWS)) * 5  # 1000 ids, the most one request may ask for
+
+
+@pytest.fixture(scope="module")
+def net_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A service over ROWS rows with 128-pixel thumbnails (/metadata answers of several MB, more
+    than the kernel buffers), a short send deadline, image_url fetching from FETCH_HOST only."""
+    root = tmp_path_factory.mktemp("net")
+    artifact = make_artifact(root)
+    synth.generate(
+        root / "synth",
+        train_shards=1,
+        samples_per_shard=ROWS,
+        seed=0,
+        val_samples=1,
+        image_size=128,
+    )
+    index = make_index(artifact, str(root / "synth/train/shard-000000.tar"), root / "index")
+    env = {
+        "DUET_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
+        "DUET_IMAGE_URL_FETCH": "true",
+        "DUET_IMAGE_URL_TIMEOUT_S": str(FETCH_TIMEOUT_S),
+        "DUET_IMAGE_URL_ALLOWED_NETWORKS": json.dumps([f"{FETCH_HOST}/32"]),
+        "DUET_ACCESS_LOG": "false",
+        "DUET_LOG_LEVEL": "warning",
+    }
+    with running_service(artifact, index, env=env) as base:
+        yield base
+
+
+def service_pid(base: str) -> int:
+    """The pid of the `python -m serve` listening at `base` (found by its DUET_PORT)."""
+    wanted = f"DUET_PORT={base.rsplit(':', 1)[1]}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and wanted in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no process with {wanted.decode()}")
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(re.search(r"^Threads:\s+(\d+)$", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    return threads, len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def metadata_request(ids: list[int]) -> bytes:
+    body = json.dumps({"ids": ids}).encode()
+    head = f"POST /metadata HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[int, bool]:
+    """(bytes read, whether the server closed or reset the connection within `timeout_s`)."""
+    sock.settimeout(timeout_s)
+    received = 0
+    try:
+        while data := sock.recv(1 << 20):
+            received += len(data)
+    except TimeoutError:
+        return received, False
+    except OSError:
+        pass  # reset: the server aborted the connection
+    return received, True
+
+
+def test_answers_nobody_reads_are_dropped_at_the_send_deadline(net_service: str) -> None:
+    """20 connections ask for a large /metadata answer and never read it: each is aborted after
+    the send deadline (so it cannot hold the answer's memory), and the service stays healthy."""
+    full = post(net_service, "/metadata", json={"ids": METADATA_IDS})
+    assert full.status_code == 200 and len(full.content) > 5 * MIB, len(full.content)
+    host, port = net_service.removeprefix("http://").split(":")
+    baseline = rss_bytes(net_service)
+    readers = []
+    for _ in range(20):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: no reading
+        sock.connect((host, int(port)))
+        sock.sendall(metadata_request(METADATA_IDS))
+        readers.append(sock)
+    try:
+        time.sleep(SEND_TIMEOUT_S + 2.5)
+        assert rss_bytes(net_service) - baseline < 100 * MIB
+        for sock in readers:
+            received, closed = read_until_closed(sock, 3.0)
+            assert closed and received < len(full.content), f"{received} bytes, closed={closed}"
+    finally:
+        for sock in readers:
+            sock.close()
+    assert_healthy(net_service)
