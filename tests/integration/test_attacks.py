@@ -8,12 +8,14 @@ attacks and valid traffic go only to it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,4 +499,107 @@ def test_answers_nobody_reads_are_dropped_at_the_send_deadline(net_service: str)
     finally:
         for sock in readers:
             sock.close()
+    assert_healthy(net_service)
+
+
+class HostileServer:
+    """An HTTP server on FETCH_HOST: /bomb answers 1 GiB of zeros as `gzip, gzip` (a few KB on
+    the wire); /drip sends a status line, then a header line every 0.3 s for 30 s. It records
+    when each drip connection was closed by its client."""
+
+    def __init__(self) -> None:
+        zeros = zlib.compressobj(wbits=31)
+        inner = b"".join(zeros.compress(bytes(MIB)) for _ in range(1024)) + zeros.flush()
+        self.bomb = gzip.compress(inner)
+        self.drips_closed: list[float] = []
+        self.listener = socket.create_server((FETCH_HOST, 0))
+        self.base = f"http://{FETCH_HOST}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(65536)
+            if request.startswith(b"GET /bomb "):
+                head = "HTTP/1.1 200 OK\r\nContent-Encoding: gzip, gzip\r\n"
+                head += f"Content-Length: {len(self.bomb)}\r\n\r\n"
+                conn.sendall(head.encode() + self.bomb)
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):
+                time.sleep(0.3)
+                try:
+                    conn.sendall(b"X-Drip: 1\r\n")
+                except OSError:
+                    break
+            self.drips_closed.append(time.monotonic())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[HostileServer]:
+    server = HostileServer()
+    yield server
+    server.close()
+
+
+def test_an_image_url_bomb_is_refused_at_the_byte_limit(
+    net_service: str, hostile: HostileServer
+) -> None:
+    """1 GiB of zeros in two gzip layers (a few KB on the wire): 413, and memory stays put."""
+    assert len(hostile.bomb) < 10_000
+    baseline = rss_bytes(net_service)
+    body = {"image_url": f"{hostile.base}/bomb"}
+    error = attack_and_check(
+        net_service, lambda: post(net_service, "/knn-service", json=body), 413, "too_large"
+    )
+    assert "over the limit" in str(error["error"])
+    assert rss_bytes(net_service) - baseline < 100 * MIB
+
+
+def test_a_header_drip_is_cut_at_the_deadline_and_holds_nothing(
+    net_service: str, hostile: HostileServer
+) -> None:
+    """20 image_urls whose server drips its headers: each answered 400 at the deadline, and the
+    service closes every socket then — its threads and open files are back where they were."""
+    pid = service_pid(net_service)
+    post(net_service, "/knn-service", json={"image_url": f"{hostile.base}/drip"})  # warm up
+    time.sleep(1.0)
+    threads_before, fds_before = threads_and_fds(pid)
+    hostile.drips_closed.clear()
+    answers: list[tuple[httpx.Response, float]] = []
+    limits = httpx.Limits(max_connections=20)
+    with httpx.Client(base_url=net_service, timeout=30, limits=limits, trust_env=False) as client:
+
+        def one() -> None:
+            start = time.monotonic()
+            response = client.post("/knn-service", json={"image_url": f"{hostile.base}/drip"})
+            answers.append((response, time.monotonic() - start))
+
+        clients = [threading.Thread(target=one) for _ in range(20)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(30)
+    answered_at = time.monotonic()
+    assert len(answers) == 20
+    for response, elapsed_s in answers:
+        assert_envelope(response, 400, "bad_request")
+        assert elapsed_s < FETCH_TIMEOUT_S + 2.0, f"answered after {elapsed_s:.1f} s"
+    deadline = answered_at + 3.0
+    while len(hostile.drips_closed) < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(hostile.drips_closed) == 20, f"{len(hostile.drips_closed)} of 20 sockets closed"
+    threads, fds = threads_and_fds(pid)
+    assert threads <= threads_before + 4, f"threads {threads_before} -> {threads}"
+    assert fds <= fds_before + 4, f"open fds {fds_before} -> {fds}"
     assert_healthy(net_service)
