@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from serve import retrieval
-from serve.body import decode_base64, read_json
+from serve.body import decode_base64_off_loop, read_json
 from serve.errors import ApiError, error_responses
 from serve.fetch import FetchError, fetch_image, parse_networks
 from serve.images import prepare_images
@@ -138,7 +138,7 @@ async def _query_source(
         vector = embedding_query(query.embedding_input, index.dim, "body.embedding_input")
         return QuerySource(vector=vector)
     if query.image:
-        data = decode_base64(query.image, "body.image", settings)
+        data = await decode_base64_off_loop(query.image, "body.image", settings)
     else:
         assert query.image_url
         data = await _download(query.image_url, settings)

@@ -603,3 +603,41 @@ def test_a_header_drip_is_cut_at_the_deadline_and_holds_nothing(
     assert threads <= threads_before + 4, f"threads {threads_before} -> {threads}"
     assert fds <= fds_before + 4, f"open fds {fds_before} -> {fds}"
     assert_healthy(net_service)
+
+
+def test_large_base64_bodies_leave_the_event_loop_free(net_service: str) -> None:
+    """Two clients posting 30 MiB base64 bodies in a loop (each refused 413: over the upload
+    limit): /health keeps answering quickly meanwhile."""
+    big = json.dumps({"image": "A" * (30 * MIB), "k": 3}).encode()
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def flood() -> None:
+        with httpx.Client(base_url=net_service, timeout=60, trust_env=False) as client:
+            while not stop.is_set():
+                response = client.post(
+                    "/search", content=big, headers={"Content-Type": "application/json"}
+                )
+                statuses.append(response.status_code)
+
+    floods = [threading.Thread(target=flood) for _ in range(2)]
+    for thread in floods:
+        thread.start()
+    latencies_s = []
+    try:
+        with httpx.Client(base_url=net_service, timeout=10, trust_env=False) as client:
+            end = time.monotonic() + 6.0
+            while time.monotonic() < end:
+                start = time.monotonic()
+                assert client.get("/health").status_code == 200
+                latencies_s.append(time.monotonic() - start)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in floods:
+            thread.join(60)
+    assert statuses and set(statuses) == {413}, sorted(set(statuses))
+    latencies_s.sort()
+    p50_s, p90_s = latencies_s[len(latencies_s) // 2], latencies_s[len(latencies_s) * 9 // 10]
+    print(f"/health p50 {p50_s * 1000:.1f} ms, p90 {p90_s * 1000:.1f} ms, {len(statuses)} floods")
+    assert p50_s < 0.05 and p90_s < 0.5, f"/health p50 {p50_s:.3f} s, p90 {p90_s:.3f} s"
