@@ -43,7 +43,7 @@ class ConnectionLimits:
     body_timeout_s: float
     max_header_bytes: int
     max_header_count: int
-    send_timeout_s: float = 20.0
+    send_timeout_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
