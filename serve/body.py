@@ -16,6 +16,7 @@ from typing import TypeVar
 import pydantic
 from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
@@ -23,6 +24,10 @@ from serve.errors import ApiError
 from serve.settings import Settings
 
 ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
+# Bodies and base64 texts larger than this are parsed in the threadpool, not on the event loop.
+INLINE_PARSE_BYTES = 256 * 1024
+# Base64 is decoded this many characters at a time (a multiple of 4): ~1 ms of work each.
+BASE64_PIECE_CHARS = 1024 * 1024
 
 
 def json_response(body: pydantic.BaseModel, headers: Mapping[str, str] | None = None) -> Response:
@@ -58,6 +63,12 @@ def _body_too_large(max_bytes: int) -> ApiError:
 async def read_json(request: Request, model: type[ModelT], settings: Settings) -> ModelT:
     """A JSON body read within `max_request_bytes`, validated with the settings' limits (422)."""
     body = await read_body(request, settings.max_request_bytes)
+    if len(body) > INLINE_PARSE_BYTES:  # megabytes of JSON: parse in the threadpool
+        return await run_in_threadpool(_validate_json, model, body, settings)
+    return _validate_json(model, body, settings)
+
+
+def _validate_json(model: type[ModelT], body: bytes, settings: Settings) -> ModelT:
     try:
         return model.model_validate_json(body, context={"settings": settings})
     except pydantic.ValidationError as exc:
@@ -105,17 +116,43 @@ def check_image_bytes(size: int, what: str, settings: Settings) -> None:
 
 
 def decode_base64(data: str, where: str, settings: Settings) -> bytes:
-    """Base64 text (optionally a `data:...;base64,` URL) -> bytes; 413 if too large, else 422."""
+    """Base64 text (optionally a `data:...;base64,` URL) -> bytes; 413 if too large, else 422.
+
+    Decoded a piece at a time, refused as soon as the bytes so far are over the limit: a body
+    of megabytes of base64 costs at most the limit's worth of work."""
     if data.startswith("data:") and "," in data:
         data = data.split(",", 1)[1]
-    data = "".join(data.split())  # line breaks of MIME-style base64
-    check_image_bytes(len(data) // 4 * 3 - 2, f"{where} (decoded)", settings)  # before decoding
+    pieces: list[bytes] = []
+    decoded_bytes = 0
+    carry = ""  # characters past the last whole 4-character group of the previous piece
+    for start in range(0, len(data), BASE64_PIECE_CHARS):
+        last = start + BASE64_PIECE_CHARS >= len(data)
+        text = carry + "".join(data[start : start + BASE64_PIECE_CHARS].split())  # MIME breaks
+        whole = len(text) if last else len(text) // 4 * 4
+        text, carry = text[:whole], text[whole:]
+        if not last and "=" in text:  # padding before the end
+            raise ApiError(422, "validation_error", f"{where}: not valid base64")
+        pieces.append(_b64decode(text, where))
+        decoded_bytes += len(pieces[-1])
+        check_image_bytes(decoded_bytes, f"{where} (decoded)", settings)
+    if carry:
+        raise ApiError(422, "validation_error", f"{where}: not valid base64")
+    return b"".join(pieces)
+
+
+async def decode_base64_off_loop(data: str, where: str, settings: Settings) -> bytes:
+    """`decode_base64`, in the threadpool when `data` is large: its pieces then interleave
+    with the event loop's work instead of stalling every connection for the whole decode."""
+    if len(data) <= INLINE_PARSE_BYTES:
+        return decode_base64(data, where, settings)
+    return await run_in_threadpool(decode_base64, data, where, settings)
+
+
+def _b64decode(text: str, where: str) -> bytes:
     try:
-        decoded = base64.b64decode(data, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(422, "validation_error", f"{where}: not valid base64") from None
-    check_image_bytes(len(decoded), f"{where} (decoded)", settings)
-    return decoded
 
 
 def validate(model: type[ModelT], data: Mapping[str, object], settings: Settings) -> ModelT:

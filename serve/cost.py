@@ -13,6 +13,16 @@ refused before anything is decoded or encoded, with the setting that refused it 
     /classify prompts             labels x templates              MAX_CLASSIFY_PROMPTS      422
     encoder work                  encode items: 1 per text,       MAX_QUEUE_ITEMS (all      429
                                   image or uncached prompt        requests together)
+    request body parsing          body size; over 256 KiB parsed  MAX_REQUEST_BYTES         413
+                                  in the threadpool
+    base64 decoding               decoded bytes, a MiB at a time  MAX_UPLOAD_BYTES          413
+                                  in the threadpool, stops there
+    bytes sent back (/metadata)   the answer as it is built, off  MAX_RESPONSE_BYTES        413
+                                  the event loop
+    an unread answer              time its client leaves it       SEND_TIMEOUT_S            abort
+                                  unread (over 64 KiB waiting)
+    an image_url download         bytes as sent and as decoded;   MAX_UPLOAD_BYTES,         413/400
+                                  time, on the event loop         IMAGE_URL_TIMEOUT_S
 
 Texts cost one encode item each whatever their length: the tokenizer cuts them at the model's
 context length and every text is encoded at that length. Images cost one encode item each: they

@@ -9,6 +9,10 @@ is uvicorn's httptools protocol with:
   connection opened or the request's first byte arrived, else 408 and the connection is closed;
 - a body deadline: its body must be complete `body_timeout_s` after its headers, else 408 (or,
   if an answer has started, just the close) — the handler waiting for it sees a disconnect;
+- a send deadline: an answer the client does not take up (the transport's write buffer stays
+  over its high-water mark, 64 KiB, because the peer does not read) is given `send_timeout_s`
+  to drain, else the connection is aborted and the buffered answer freed — a client that sends
+  small requests for large answers and never reads them cannot hold the service's memory;
 - header limits: more than `max_header_count` headers, or a request line plus headers over
   `max_header_bytes`, get 431 and the connection is closed;
 - malformed HTTP gets the service's JSON error envelope (400) instead of uvicorn's plain text.
@@ -39,6 +43,7 @@ class ConnectionLimits:
     body_timeout_s: float
     max_header_bytes: int
     max_header_count: int
+    send_timeout_s: float
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -47,6 +52,7 @@ class ConnectionLimits:
             body_timeout_s=settings.body_timeout_s,
             max_header_bytes=settings.max_header_bytes,
             max_header_count=settings.max_header_count,
+            send_timeout_s=settings.send_timeout_s,
         )
 
 
@@ -70,6 +76,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             type(self).limits = ConnectionLimits.from_settings(Settings())  # type: ignore[call-arg]
         self._limits: ConnectionLimits = type(self).limits  # type: ignore[assignment]
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         self._header_bytes = 0
         self._header_count = 0
         self._refusal: tuple[int, str, str] | None = None
@@ -82,6 +89,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._disarm_send()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -127,6 +135,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if what == "body":
             return self.cycle.response_started
         return not self.cycle.response_complete
+
+    # --- send deadline: the peer must read what it asked for ---
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_deadline is None:
+            timeout_s = self._limits.send_timeout_s
+            self._send_deadline = self.loop.call_later(timeout_s, self._send_expired, timeout_s)
+
+    def resume_writing(self) -> None:
+        self._disarm_send()
+        super().resume_writing()
+
+    def _disarm_send(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_expired(self, timeout_s: float) -> None:
+        self._send_deadline = None
+        log.info(
+            "aborting a connection from %s: it did not read its answer for %s s",
+            self.client,
+            timeout_s,
+        )
+        self.transport.abort()  # close() would wait to flush what the peer does not read
 
     # --- header limits and malformed requests ---
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from pathlib import Path
@@ -181,6 +182,12 @@ class Settings(BaseSettings):
     max_metadata_ids: int = Field(
         default=1000, ge=1, description="Most ids one POST /metadata may ask for."
     )
+    max_response_bytes: int = Field(
+        default=16 * MIB,
+        ge=1024,
+        description="Largest answer a request may build (POST /metadata with thumbnails), "
+        "charged as it is built: over it, 413.",
+    )
     # --- dynamic batching ---
     batching: bool = Field(
         default=True,
@@ -210,7 +217,13 @@ class Settings(BaseSettings):
     image_url_timeout_s: float = Field(
         default=5.0,
         gt=0,
-        description="Time limit of one whole image_url download (connect, headers, body), in s.",
+        description="Time limit of one whole image_url download (name lookup, connect, headers, "
+        "redirects, body), in s; at the limit the download is cancelled and its socket closed.",
+    )
+    image_url_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks image_url may fetch from besides public hosts, e.g. "
+        '["10.20.0.0/16"] for an internal image store; none by default.',
     )
     # --- HTTP connections ---
     header_timeout_s: float = Field(
@@ -229,6 +242,12 @@ class Settings(BaseSettings):
         default=32 * 1024, ge=1024, description="Largest request line + headers, in bytes (431)."
     )
     max_header_count: int = Field(default=100, ge=1, description="Most request headers (431).")
+    send_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="An answer the client does not read (over 64 KiB left unsent) must drain "
+        "within this time, else the connection is aborted and the answer's memory freed.",
+    )
     # --- web and logs ---
     cors_origins: list[str] = Field(
         default_factory=list,
@@ -259,6 +278,16 @@ class Settings(BaseSettings):
                     f"name {name!r}: use letters, digits, '_', '.', '-' (at most 64 characters)"
                 )
         return named
+
+    @field_validator("image_url_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"image_url_allowed_networks: {exc}") from None
+        return networks
 
     @field_validator("default_templates")
     @classmethod

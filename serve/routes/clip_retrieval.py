@@ -24,22 +24,22 @@ format, so WebP bytes display behind its `image/png` data URI.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import json
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from serve import retrieval
-from serve.body import decode_base64, read_json
+from serve.body import decode_base64_off_loop, read_json
 from serve.errors import ApiError, error_responses
-from serve.fetch import FetchError, fetch_image
+from serve.fetch import FetchError, fetch_image, parse_networks
 from serve.images import prepare_images
-from serve.index import Hit, IndexRow, SearchIndex
+from serve.index import Hit, SearchIndex
 from serve.schemas import KnnRequest, MetadataRequest
 from serve.service import (
     QuerySource,
@@ -138,7 +138,7 @@ async def _query_source(
         vector = embedding_query(query.embedding_input, index.dim, "body.embedding_input")
         return QuerySource(vector=vector)
     if query.image:
-        data = decode_base64(query.image, "body.image", settings)
+        data = await decode_base64_off_loop(query.image, "body.image", settings)
     else:
         assert query.image_url
         data = await _download(query.image_url, settings)
@@ -154,19 +154,15 @@ async def _download(url: str, settings: Settings) -> bytes:
             "image_url fetching is off on this service (DUET_IMAGE_URL_FETCH); send the image "
             "itself as base64 in `image`",
         )
-    download = run_in_threadpool(
-        fetch_image,
-        url,
-        max_bytes=settings.max_upload_bytes,
-        timeout_s=settings.image_url_timeout_s,
-    )
     try:
-        # fetch_image keeps its own deadline; this one also covers a name lookup that hangs
-        return await asyncio.wait_for(download, settings.image_url_timeout_s + 0.5)
+        return await fetch_image(
+            url,
+            max_bytes=settings.max_upload_bytes,
+            timeout_s=settings.image_url_timeout_s,
+            allowed=parse_networks(settings.image_url_allowed_networks),
+        )
     except FetchError as exc:
         raise ApiError(exc.status, exc.type, str(exc)) from None
-    except TimeoutError:
-        raise ApiError(400, "bad_request", "image_url took too long to download") from None
 
 
 def _flat_metadata(
@@ -207,16 +203,39 @@ async def indices_list(service: ServiceDep) -> list[str]:
     responses=error_responses(401, 404, 413, 422, 503),
     openapi_extra=_json_body(MetadataRequest),
 )
-async def metadata(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def metadata(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     """Ids that are not in the index are left out of the answer."""
     query = await read_json(request, MetadataRequest, settings)
     with service.indices.lease(query.indice_name) as index:
-        rows = await run_in_threadpool(index.rows, query.ids)
-        images = await run_in_threadpool(_thumbnails, index, list(rows))
-    return JSONResponse(
-        [{"id": i, "metadata": _flat(rows[i], images.get(i))} for i in query.ids if i in rows]
-    )
+        # Off the event loop: reading rows and thumbnails, and serialising up to
+        # max_response_bytes of JSON, would otherwise stall every other request meanwhile.
+        body = await run_in_threadpool(
+            _metadata_answer, index, query.ids, settings.max_response_bytes
+        )
+    return Response(body, media_type="application/json")
 
 
-def _flat(row: IndexRow, image: str | None) -> dict[str, Any]:
-    return _flat_metadata(row.key, row.caption, row.meta, image)
+def _metadata_answer(index: SearchIndex, ids: list[int], max_bytes: int) -> bytes:
+    """The answer's JSON, a row at a time, charged as it grows: 413 once over `max_bytes`."""
+    rows = index.rows(ids)
+    parts: list[bytes] = []
+    size = 2  # the brackets
+    for i in ids:
+        if i not in rows:
+            continue
+        image = _thumbnails(index, [i]).get(i)
+        entry = {
+            "id": i,
+            "metadata": _flat_metadata(rows[i].key, rows[i].caption, rows[i].meta, image),
+        }
+        part = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode()
+        size += len(part) + 1
+        if size > max_bytes:
+            raise ApiError(
+                413,
+                "too_large",
+                f"the answer for {len(ids)} ids is over {max_bytes} bytes (max_response_bytes); "
+                "ask for fewer ids at a time",
+            )
+        parts.append(part)
+    return b"[" + b",".join(parts) + b"]"

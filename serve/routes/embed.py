@@ -6,7 +6,14 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from serve.body import decode_base64, media_type, read_form, read_json, read_uploads, validate
+from serve.body import (
+    decode_base64_off_loop,
+    media_type,
+    read_form,
+    read_json,
+    read_uploads,
+    validate,
+)
 from serve.errors import ApiError, error_responses
 from serve.images import prepare_images
 from serve.schemas import EmbedRequest, EmbedResponse
@@ -48,7 +55,7 @@ async def _read(request: Request, settings: SettingsDep) -> tuple[list[str], lis
     if kind == "application/json":
         parsed = await read_json(request, EmbedRequest, settings)
         images = [
-            decode_base64(data, f"body.images.{i}", settings)
+            await decode_base64_off_loop(data, f"body.images.{i}", settings)
             for i, data in enumerate(parsed.images)
         ]
         return parsed.texts, images

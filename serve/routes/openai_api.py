@@ -15,7 +15,7 @@ import os
 import numpy as np
 from fastapi import APIRouter, Request
 
-from serve.body import decode_base64, read_json
+from serve.body import decode_base64_off_loop, read_json
 from serve.errors import ApiError, error_responses
 from serve.images import prepare_images
 from serve.schemas import (
@@ -59,7 +59,10 @@ async def embeddings(
             "dimensions; shortened embeddings are not offered",
         )
     if body.modality == "image":
-        files = [decode_base64(d, f"body.input.{i}", settings) for i, d in enumerate(body.inputs)]
+        files = [
+            await decode_base64_off_loop(d, f"body.input.{i}", settings)
+            for i, d in enumerate(body.inputs)
+        ]
         vectors = await service.batcher.encode_images(
             await prepare_images(files, service, settings)
         )

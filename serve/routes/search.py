@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from serve import retrieval
 from serve.auth import thumbnail_url
 from serve.body import (
-    decode_base64,
+    decode_base64_off_loop,
     json_response,
     media_type,
     read_form,
@@ -77,7 +77,9 @@ async def search_query(request: Request, settings: Settings) -> SearchQuery:
     if kind == "application/json":
         parsed = await read_json(request, SearchRequest, settings)
         image = (
-            None if parsed.image is None else decode_base64(parsed.image, "body.image", settings)
+            None
+            if parsed.image is None
+            else await decode_base64_off_loop(parsed.image, "body.image", settings)
         )
         return SearchQuery(
             k=parsed.k or settings.default_k,

@@ -8,12 +8,14 @@ attacks and valid traffic go only to it.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from tests.serve_support import (
     make_shard,
     png,
 )
+from train import synth
 
 pytestmark = pytest.mark.slow
 
@@ -397,3 +400,244 @@ def test_reload_of_a_corrupted_index_is_409_and_the_old_one_serves(
     finally:
         for name, data in saved.items():
             _replace(service.index_dir / name, data)
+
+
+# --- slow readers, amplification, fetch ---
+
+SEND_TIMEOUT_S = 1.5
+FETCH_TIMEOUT_S = 2.0
+FETCH_HOST = "127.0.0.2"  # the only non-public address this service may fetch from
+ROWS = 200
+METADATA_IDS = list(range(ROWS)) * 5  # 1000 ids, the most one request may ask for
+
+
+@pytest.fixture(scope="module")
+def net_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A service over ROWS rows with 128-pixel thumbnails (/metadata answers of several MB, more
+    than the kernel buffers), a short send deadline, image_url fetching from FETCH_HOST only."""
+    root = tmp_path_factory.mktemp("net")
+    artifact = make_artifact(root)
+    synth.generate(
+        root / "synth",
+        train_shards=1,
+        samples_per_shard=ROWS,
+        seed=0,
+        val_samples=1,
+        image_size=128,
+    )
+    index = make_index(artifact, str(root / "synth/train/shard-000000.tar"), root / "index")
+    env = {
+        "DUET_SEND_TIMEOUT_S": str(SEND_TIMEOUT_S),
+        "DUET_IMAGE_URL_FETCH": "true",
+        "DUET_IMAGE_URL_TIMEOUT_S": str(FETCH_TIMEOUT_S),
+        "DUET_IMAGE_URL_ALLOWED_NETWORKS": json.dumps([f"{FETCH_HOST}/32"]),
+        "DUET_ACCESS_LOG": "false",
+        "DUET_LOG_LEVEL": "warning",
+    }
+    with running_service(artifact, index, env=env) as base:
+        yield base
+
+
+def service_pid(base: str) -> int:
+    """The pid of the `python -m serve` listening at `base` (found by its DUET_PORT)."""
+    wanted = f"DUET_PORT={base.rsplit(':', 1)[1]}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and wanted in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no process with {wanted.decode()}")
+
+
+def threads_and_fds(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(re.search(r"^Threads:\s+(\d+)$", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    return threads, len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def metadata_request(ids: list[int]) -> bytes:
+    body = json.dumps({"ids": ids}).encode()
+    head = f"POST /metadata HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[int, bool]:
+    """(bytes read, whether the server closed or reset the connection within `timeout_s`)."""
+    sock.settimeout(timeout_s)
+    received = 0
+    try:
+        while data := sock.recv(1 << 20):
+            received += len(data)
+    except TimeoutError:
+        return received, False
+    except OSError:
+        pass  # reset: the server aborted the connection
+    return received, True
+
+
+def test_answers_nobody_reads_are_dropped_at_the_send_deadline(net_service: str) -> None:
+    """20 connections ask for a large /metadata answer and never read it: each is aborted after
+    the send deadline (so it cannot hold the answer's memory), and the service stays healthy."""
+    full = post(net_service, "/metadata", json={"ids": METADATA_IDS})
+    assert full.status_code == 200 and len(full.content) > 5 * MIB, len(full.content)
+    host, port = net_service.removeprefix("http://").split(":")
+    baseline = rss_bytes(net_service)
+    readers = []
+    for _ in range(20):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: no reading
+        sock.connect((host, int(port)))
+        sock.sendall(metadata_request(METADATA_IDS))
+        readers.append(sock)
+    try:
+        time.sleep(SEND_TIMEOUT_S + 2.5)
+        assert rss_bytes(net_service) - baseline < 100 * MIB
+        for sock in readers:
+            received, closed = read_until_closed(sock, 3.0)
+            assert closed and received < len(full.content), f"{received} bytes, closed={closed}"
+    finally:
+        for sock in readers:
+            sock.close()
+    assert_healthy(net_service)
+
+
+class HostileServer:
+    """An HTTP server on FETCH_HOST: /bomb answers 1 GiB of zeros as `gzip, gzip` (a few KB on
+    the wire); /drip sends a status line, then a header line every 0.3 s for 30 s. It records
+    when each drip connection was closed by its client."""
+
+    def __init__(self) -> None:
+        zeros = zlib.compressobj(wbits=31)
+        inner = b"".join(zeros.compress(bytes(MIB)) for _ in range(1024)) + zeros.flush()
+        self.bomb = gzip.compress(inner)
+        self.drips_closed: list[float] = []
+        self.listener = socket.create_server((FETCH_HOST, 0))
+        self.base = f"http://{FETCH_HOST}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            request = conn.recv(65536)
+            if request.startswith(b"GET /bomb "):
+                head = "HTTP/1.1 200 OK\r\nContent-Encoding: gzip, gzip\r\n"
+                head += f"Content-Length: {len(self.bomb)}\r\n\r\n"
+                conn.sendall(head.encode() + self.bomb)
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):
+                time.sleep(0.3)
+                try:
+                    conn.sendall(b"X-Drip: 1\r\n")
+                except OSError:
+                    break
+            self.drips_closed.append(time.monotonic())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def hostile() -> Iterator[HostileServer]:
+    server = HostileServer()
+    yield server
+    server.close()
+
+
+def test_an_image_url_bomb_is_refused_at_the_byte_limit(
+    net_service: str, hostile: HostileServer
+) -> None:
+    """1 GiB of zeros in two gzip layers (a few KB on the wire): 413, and memory stays put."""
+    assert len(hostile.bomb) < 10_000
+    baseline = rss_bytes(net_service)
+    body = {"image_url": f"{hostile.base}/bomb"}
+    error = attack_and_check(
+        net_service, lambda: post(net_service, "/knn-service", json=body), 413, "too_large"
+    )
+    assert "over the limit" in str(error["error"])
+    assert rss_bytes(net_service) - baseline < 100 * MIB
+
+
+def test_a_header_drip_is_cut_at_the_deadline_and_holds_nothing(
+    net_service: str, hostile: HostileServer
+) -> None:
+    """20 image_urls whose server drips its headers: each answered 400 at the deadline, and the
+    service closes every socket then — its threads and open files are back where they were."""
+    pid = service_pid(net_service)
+    post(net_service, "/knn-service", json={"image_url": f"{hostile.base}/drip"})  # warm up
+    time.sleep(1.0)
+    threads_before, fds_before = threads_and_fds(pid)
+    hostile.drips_closed.clear()
+    answers: list[tuple[httpx.Response, float]] = []
+    limits = httpx.Limits(max_connections=20)
+    with httpx.Client(base_url=net_service, timeout=30, limits=limits, trust_env=False) as client:
+
+        def one() -> None:
+            start = time.monotonic()
+            response = client.post("/knn-service", json={"image_url": f"{hostile.base}/drip"})
+            answers.append((response, time.monotonic() - start))
+
+        clients = [threading.Thread(target=one) for _ in range(20)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join(30)
+    answered_at = time.monotonic()
+    assert len(answers) == 20
+    for response, elapsed_s in answers:
+        assert_envelope(response, 400, "bad_request")
+        assert elapsed_s < FETCH_TIMEOUT_S + 2.0, f"answered after {elapsed_s:.1f} s"
+    deadline = answered_at + 3.0
+    while len(hostile.drips_closed) < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(hostile.drips_closed) == 20, f"{len(hostile.drips_closed)} of 20 sockets closed"
+    threads, fds = threads_and_fds(pid)
+    assert threads <= threads_before + 4, f"threads {threads_before} -> {threads}"
+    assert fds <= fds_before + 4, f"open fds {fds_before} -> {fds}"
+    assert_healthy(net_service)
+
+
+def test_large_base64_bodies_leave_the_event_loop_free(net_service: str) -> None:
+    """Two clients posting 30 MiB base64 bodies in a loop (each refused 413: over the upload
+    limit): /health keeps answering quickly meanwhile."""
+    big = json.dumps({"image": "A" * (30 * MIB), "k": 3}).encode()
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def flood() -> None:
+        with httpx.Client(base_url=net_service, timeout=60, trust_env=False) as client:
+            while not stop.is_set():
+                response = client.post(
+                    "/search", content=big, headers={"Content-Type": "application/json"}
+                )
+                statuses.append(response.status_code)
+
+    floods = [threading.Thread(target=flood) for _ in range(2)]
+    for thread in floods:
+        thread.start()
+    latencies_s = []
+    try:
+        with httpx.Client(base_url=net_service, timeout=10, trust_env=False) as client:
+            end = time.monotonic() + 6.0
+            while time.monotonic() < end:
+                start = time.monotonic()
+                assert client.get("/health").status_code == 200
+                latencies_s.append(time.monotonic() - start)
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in floods:
+            thread.join(60)
+    assert statuses and set(statuses) == {413}, sorted(set(statuses))
+    latencies_s.sort()
+    p50_s, p90_s = latencies_s[len(latencies_s) // 2], latencies_s[len(latencies_s) * 9 // 10]
+    print(f"/health p50 {p50_s * 1000:.1f} ms, p90 {p90_s * 1000:.1f} ms, {len(statuses)} floods")
+    assert p50_s < 0.05 and p90_s < 0.5, f"/health p50 {p50_s:.3f} s, p90 {p90_s:.3f} s"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import http.server
 import json
 import threading
 import time
+import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -200,6 +203,26 @@ def test_bad_knn_requests(client: TestClient, body: bytes, status: int, type_: s
         ("fe80::1%eth0", False),
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),
+        # IPv6 forms that carry an IPv4 address are judged by it
+        ("::ffff:8.8.8.8", True),  # IPv4-mapped
+        ("::ffff:10.0.0.1", False),
+        ("::ffff:0:8.8.8.8", True),  # IPv4-translated (SIIT)
+        ("::ffff:0:127.0.0.1", False),
+        ("::8.8.8.8", True),  # IPv4-compatible
+        ("::127.0.0.1", False),
+        ("::", False),
+        ("64:ff9b::8.8.8.8", True),  # NAT64, well-known prefix
+        ("64:ff9b::127.0.0.1", False),
+        ("64:ff9b::169.254.169.254", False),
+        ("64:ff9b:1::7f00:1", False),  # NAT64 local-use, /96 layout
+        ("64:ff9b:1:7f00:1::", False),  # NAT64 local-use, /48 layout
+        ("64:ff9b:1:c0a8:1::", False),
+        ("2002:808:808::1", True),  # 6to4
+        ("2002:7f00:1::1", False),
+        ("2002:a9fe:a9fe::", False),
+        ("2001:0:808:808::f7f7:f7f7", True),  # Teredo: server 8.8.8.8, client 8.8.8.8
+        ("2001:0:808:808::80ff:fffe", False),  # client 127.0.0.1
+        ("2001:0:a00:1::f7f7:f7f7", False),  # server 10.0.0.1
     ],
 )
 def test_public_address_check(address: str, public: bool) -> None:
@@ -235,8 +258,13 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
     """Serves /image.png, /big (over the limit), /redirect-out (to another loopback address)."""
 
     image = png(16)
+    accept_encodings: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        ImageServer.accept_encodings.append(self.headers.get("Accept-Encoding", ""))
+        if self.path.startswith("/encoded/") or self.path == "/bomb":
+            self._send_encoded(self.path.removeprefix("/encoded/"))
+            return
         if self.path == "/trickle":  # one byte every 0.2 s: each read is quick, the whole is not
             self.send_response(200)
             self.end_headers()
@@ -259,35 +287,80 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
         self.end_headers()  # no Content-Length: the size limit must count
         self.wfile.write(data)
 
+    def _send_encoded(self, codings: str) -> None:
+        """The image (or, for /bomb, 100 MB of zeros) in `codings`, applied left to right."""
+        data, header = self.image, codings.replace("rawdeflate", "deflate")
+        if codings == "/bomb":
+            data, codings, header = bytes(100_000_000), "gzip,gzip", "gzip, gzip"
+        for coding in codings.split(","):
+            if coding == "gzip":
+                data = gzip.compress(data)
+            elif coding in ("deflate", "rawdeflate"):
+                packer = zlib.compressobj(wbits=15 if coding == "deflate" else -15)
+                data = packer.compress(data) + packer.flush()
+        self.send_response(200)
+        self.send_header("Content-Encoding", header)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def log_message(self, *args: Any) -> None:
         pass
 
 
-def test_fetch_image_reads_within_limits_and_rechecks_redirects(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Only 127.0.0.1 counts as "public" here, so a loopback server can stand in for a web host.
+def fetch_image(url: str, **limits: Any) -> bytes:
+    return asyncio.run(fetch.fetch_image(url, **limits))
+
+
+@pytest.fixture
+def image_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An ImageServer's URL; only 127.0.0.1 counts as public, so it stands in for a web host."""
     monkeypatch.setattr(fetch, "is_public_address", lambda address: address == "127.0.0.1")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_port}"
     try:
-        assert (
-            fetch.fetch_image(f"{base}/image.png", max_bytes=10_000, timeout_s=5)
-            == ImageServer.image
-        )
-        with pytest.raises(fetch.FetchError, match="over the limit") as too_large:
-            fetch.fetch_image(f"{base}/big", max_bytes=10_000, timeout_s=5)
-        assert too_large.value.status == 413
-        with pytest.raises(fetch.FetchError, match="non-public"):
-            fetch.fetch_image(f"{base}/redirect-out", max_bytes=10_000, timeout_s=5)
-        start = time.monotonic()
-        with pytest.raises(fetch.FetchError, match="too long") as slow:
-            fetch.fetch_image(f"{base}/trickle", max_bytes=10_000, timeout_s=1.0)
-        assert slow.value.status == 400
-        assert time.monotonic() - start < 2.0  # the limit is on the whole download
+        yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+def test_fetch_image_reads_within_limits_and_rechecks_redirects(image_server: str) -> None:
+    base = image_server
+    assert fetch_image(f"{base}/image.png", max_bytes=10_000, timeout_s=5) == ImageServer.image
+    with pytest.raises(fetch.FetchError, match="over the limit") as too_large:
+        fetch_image(f"{base}/big", max_bytes=10_000, timeout_s=5)
+    assert too_large.value.status == 413
+    with pytest.raises(fetch.FetchError, match="non-public"):
+        fetch_image(f"{base}/redirect-out", max_bytes=10_000, timeout_s=5)
+    start = time.monotonic()
+    with pytest.raises(fetch.FetchError, match="too long") as slow:
+        fetch_image(f"{base}/trickle", max_bytes=10_000, timeout_s=1.0)
+    assert slow.value.status == 400
+    assert time.monotonic() - start < 2.0  # the limit is on the whole download
+
+
+def test_fetch_image_decodes_content_codings_within_the_limit(image_server: str) -> None:
+    base = image_server
+    for path in ("gzip", "gzip,gzip", "deflate", "rawdeflate"):
+        assert fetch_image(f"{base}/encoded/{path}", max_bytes=10_000, timeout_s=5) == (
+            ImageServer.image
+        ), path
+    with pytest.raises(fetch.FetchError, match="over the limit") as bomb:
+        fetch_image(f"{base}/bomb", max_bytes=10_000, timeout_s=5)
+    assert bomb.value.status == 413
+    with pytest.raises(fetch.FetchError, match="Content-Encoding br") as unknown:
+        fetch_image(f"{base}/encoded/br", max_bytes=10_000, timeout_s=5)
+    assert unknown.value.status == 400
+    assert ImageServer.accept_encodings and set(ImageServer.accept_encodings) == {"identity"}
+
+
+def test_allowed_networks_admit_only_their_addresses() -> None:
+    allowed = fetch.parse_networks(["127.0.0.0/8", "fd00::/8"])
+    assert fetch.is_allowed_address("127.0.0.5", allowed)
+    assert fetch.is_allowed_address("fd00::1", allowed)
+    assert fetch.is_allowed_address("8.8.8.8", allowed)
+    assert not fetch.is_allowed_address("10.0.0.1", allowed)
+    assert not fetch.is_allowed_address("::1", allowed)
 
 
 @pytest.mark.parametrize(
@@ -295,5 +368,5 @@ def test_fetch_image_reads_within_limits_and_rechecks_redirects(
 )
 def test_unparseable_image_urls_are_400(url: str) -> None:
     with pytest.raises(fetch.FetchError, match="not a valid URL") as refused:
-        fetch.fetch_image(url, max_bytes=10_000, timeout_s=1)
+        fetch_image(url, max_bytes=10_000, timeout_s=1)
     assert refused.value.status == 400
