@@ -202,8 +202,9 @@ class SearchHit(BaseModel):
     thumbnail_url: str | None = Field(
         None,
         description="Path of the result's thumbnail (GET it from the service root); absent when "
-        "the index has no thumbnails. Carries the index build (`v`) and, with an API key, a "
-        "signature (`sig`) that lets an <img> tag load it without the key.",
+        "the index has no thumbnails. Carries the index build (`v`) and, with an API key, an "
+        "expiry (`exp`, Unix seconds) and a signature (`sig`) that let an <img> tag load it "
+        "without the key until then.",
         exclude_if=lambda value: value is None,
     )
 

@@ -106,7 +106,15 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="If set, every request except /health, /ready, the page and the docs must "
-        "send it (X-API-Key or Authorization: Bearer).",
+        "send it (X-API-Key or Authorization: Bearer), as its UTF-8 bytes.",
+    )
+    thumbnail_url_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="With an API key, a signed thumbnail URL from a search opens the thumbnail "
+        "for at least this long and at most twice it (expiries are rounded up to a multiple of "
+        "it, so repeated searches hand out the same URL and the browser's cache serves it).",
     )
     # --- search and classify ---
     default_k: int = Field(
@@ -293,6 +301,24 @@ class Settings(BaseSettings):
     @classmethod
     def _templates_have_slot(cls, templates: list[str]) -> list[str]:
         return _check_templates(templates)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_fits_a_header(cls, key: SecretStr | None) -> SecretStr | None:
+        """A key a header can carry: compared as UTF-8 bytes, and a server strips a value's
+        surrounding spaces, so a key with them (or control characters) could never match."""
+        if key is None:
+            return None
+        value = key.get_secret_value()
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("api_key must be valid UTF-8") from None
+        if not value or value != value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(
+                "api_key must be non-empty, without control characters or surrounding spaces"
+            )
+        return key
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from serve import retrieval
-from serve.auth import thumbnail_url
+from serve.auth import thumbnail_expiry_s, thumbnail_url
 from serve.body import (
     decode_base64_off_loop,
     json_response,
@@ -148,10 +148,13 @@ async def search(request: Request) -> Response:
     took_ms = (time.perf_counter() - start) * 1000
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     version = index.build_id if index.thumbnails is not None else None
+    expires_s = thumbnail_expiry_s(settings.thumbnail_url_ttl_s)
     return json_response(
         SearchResponse(
             results=[
-                search_hit(hit, version and thumbnail_url(name, hit.id, version, api_key))
+                search_hit(
+                    hit, version and thumbnail_url(name, hit.id, version, api_key, expires_s)
+                )
                 for hit in hits
             ],
             index=name,

@@ -8,9 +8,15 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "duet-api-key";
 
+// The service compares the key's UTF-8 bytes. fetch() sends each character of a header value
+// as one byte (and refuses any above U+00FF), so the key goes as its UTF-8 bytes, one per char.
 function headers(extra = {}) {
   const key = $("api-key").value.trim();
-  return key ? { ...extra, "X-API-Key": key } : extra;
+  if (!key) {
+    return extra;
+  }
+  const bytes = String.fromCharCode(...new TextEncoder().encode(key));
+  return { ...extra, "X-API-Key": bytes };
 }
 
 async function api(path, options = {}) {

@@ -1,7 +1,8 @@
 """The web page in a real browser: headless Chromium, driven over the DevTools protocol, against
-a real `python -m serve` with an API key on a loopback port. The page asks for the key, then
-loads the indices; a text search renders cards whose thumbnails really load (signed URLs, no key
-in the <img>); an image search previews the query image; the zero-shot panel calls /classify.
+a real `python -m serve` with a non-ASCII API key on a loopback port. The page asks for the key
+(and sends its UTF-8 bytes), then loads the indices; a text search renders cards whose thumbnails
+really load (signed URLs, no key in the <img>); an image search previews the query image; the
+zero-shot panel calls /classify.
 A screenshot of the results is written to runs/test-screenshots/page.png for a person to see."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tests.serve_support import make_artifact, make_index, make_shard
 pytestmark = pytest.mark.slow
 
 SAMPLES = 24
-KEY = "page-test-key"
+KEY = "page-clé-ключ"  # not even latin-1: the page must send its UTF-8 bytes
 MAX_K = 16
 SCREENSHOT = REPO_ROOT / "runs" / "test-screenshots" / "page.png"
 
