@@ -30,11 +30,12 @@ from serve.build_index import build_index
 from tests.conftest import REPO_ROOT, free_port
 from train import synth
 
-pytestmark = pytest.mark.docker
-
 SAMPLES = 64
 BUILD_TIMEOUT_S = 3600  # a cold build downloads torch and its CUDA wheels (~3 GB)
 READY_TIMEOUT_S = 240
+# the first test also builds the image and starts the container (the module's fixtures): the
+# suite's per-test timeout (pyproject.toml) is too short for that
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(BUILD_TIMEOUT_S + READY_TIMEOUT_S + 300)]
 CONTAINER_PORT = 9000  # not the image's 8000: proves UVICORN_PORT and the health check follow env
 WORKERS = 2
 LABELS = ["red circle", "blue square", "green star"]

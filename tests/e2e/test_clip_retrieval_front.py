@@ -1,16 +1,18 @@
 """clip-retrieval's own web front, unchanged, shows pictures from this service.
 
-The front (the `clip-retrieval` wheel's `front/build`) is fetched with `pip download --no-deps`
-into a temporary directory — never installed, never part of this project — and served from a
-loopback port with its `config.json` pointed at a key-less `python -m serve` that allows the
-front's origin (CORS). Headless Chromium opens it with a query; the index holds synthetic
-images without web URLs, so every picture the front shows is a thumbnail inlined by
-/knn-service or /metadata. Skipped, with the reason, only if the wheel cannot be downloaded.
+The front (the `front/build` of a pinned `clip-retrieval` wheel, checked against its sha256) is
+fetched with `pip download --no-deps` into a temporary directory — never installed, never part of
+this project — and served from a loopback port with its `config.json` pointed at a key-less
+`python -m serve` that allows the front's origin (CORS). Headless Chromium opens it with a query;
+the index holds synthetic images without web URLs, so every picture the front shows is a
+thumbnail inlined by /knn-service or /metadata. The test needs the package index (PyPI): without
+the wheel it fails, with the reason, rather than pass untested.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import subprocess
 import sys
@@ -30,6 +32,9 @@ from tests.serve_support import make_artifact, make_index, make_shard
 pytestmark = pytest.mark.slow
 
 SAMPLES = 24
+# the release whose front this test was written against (a 343 KB wheel, no dependencies fetched)
+CLIP_RETRIEVAL = "clip-retrieval==2.45.0"
+WHEEL_SHA256 = "07f52947727b75fa0b22f0f938f352c90ea0f4fa3d4c0b2e3d284a42c1a497e4"
 FRONT = "front/build/"
 # the front's visible result pictures (in its shadow DOM), each loaded and decoded
 SHOWN_PICTURES = """(() => {
@@ -45,14 +50,18 @@ SHOWN_PICTURES = """(() => {
 
 
 def download_front(directory: Path) -> Path:
-    """The front's files from the clip-retrieval wheel (pip download --no-deps); skip if none."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--dest", str(directory), "clip-retrieval"]  # fmt: skip
+    """The front's files from the pinned clip-retrieval wheel (pip download --no-deps)."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--quiet", "--dest", str(directory), CLIP_RETRIEVAL]  # fmt: skip
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=180)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"clip-retrieval's wheel could not be downloaded: {str(exc)[-300:]}")
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"{CLIP_RETRIEVAL}'s wheel could not be downloaded: {exc.stderr[-500:]}")
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{CLIP_RETRIEVAL}'s wheel could not be downloaded in 180 s")
     (wheel,) = directory.glob("clip_retrieval-*.whl")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert digest == WHEEL_SHA256, f"{wheel.name} is not the wheel this test pins ({digest})"
     front = directory / "front"
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -16,11 +18,28 @@ from serve.batching import EncodeBatcher, Overloaded
 from serve.encoder import Encoder
 from tests.serve_support import make_artifact, make_shard, read_samples
 
+T = TypeVar("T")
+# Every wait on the worker thread is bounded: its jobs take milliseconds, so WAIT_S is far above
+# a loaded machine's time and a dead or stuck worker fails the test instead of hanging it.
+WAIT_S = 30.0
+
 TEXTS = [
     f"a {size} {color} circle"
     for size in ("small", "large")
     for color in ("red", "blue", "green", "pink")
 ]
+
+
+def run_bounded(work: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(work)`, failing if the batcher has not answered within WAIT_S."""
+
+    async def bounded() -> T:
+        try:
+            return await asyncio.wait_for(work, WAIT_S)
+        except TimeoutError:
+            raise AssertionError(f"the encoder thread did not answer in {WAIT_S:.0f} s") from None
+
+    return asyncio.run(bounded())
 
 
 class Recorder:
@@ -69,19 +88,19 @@ class GatedEncoder:
 
     def encode_texts(self, texts):  # type: ignore[no-untyped-def]
         self.started.set()
-        assert self.release.wait(30)
+        assert self.release.wait(WAIT_S)
         return self.inner.encode_texts(texts)
 
     def encode_pixels(self, pixels):  # type: ignore[no-untyped-def]
         self.started.set()
-        assert self.release.wait(30)
+        assert self.release.wait(WAIT_S)
         return self.inner.encode_pixels(pixels)
 
 
 async def _concurrently(batcher: EncodeBatcher, gate: GatedEncoder) -> list[np.ndarray]:
     """One text first (it occupies the worker), then the rest while it is stuck."""
     first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
-    await asyncio.to_thread(gate.started.wait, 30)
+    assert await asyncio.to_thread(gate.started.wait, WAIT_S)
     rest = [asyncio.ensure_future(batcher.encode_texts([text])) for text in TEXTS[1:]]
     await asyncio.sleep(0.05)
     gate.release.set()
@@ -92,7 +111,7 @@ def test_concurrent_texts_share_a_batch_and_get_their_own_rows(encoder: Encoder)
     gate, recorder = GatedEncoder(encoder), Recorder()
     batcher = EncodeBatcher(gate, max_batch_size=32, max_wait_ms=0, observer=recorder)  # type: ignore[arg-type]
     try:
-        results = asyncio.run(_concurrently(batcher, gate))
+        results = run_bounded(_concurrently(batcher, gate))
     finally:
         batcher.close()
     assert recorder.batches == [("text", 1, 1), ("text", len(TEXTS) - 1, len(TEXTS) - 1)]
@@ -110,7 +129,7 @@ def test_batching_off_encodes_each_request_alone(encoder: Encoder) -> None:
     gate, recorder = GatedEncoder(encoder), Recorder()
     batcher = EncodeBatcher(gate, batching=False, observer=recorder)  # type: ignore[arg-type]
     try:
-        results = asyncio.run(_concurrently(batcher, gate))
+        results = run_bounded(_concurrently(batcher, gate))
     finally:
         batcher.close()
     assert [items for _, items, _ in recorder.batches] == [1] * len(TEXTS)
@@ -125,7 +144,7 @@ def test_images_batch_and_oversized_job_is_sliced(
     recorder = Recorder()
     batcher = EncodeBatcher(encoder, max_batch_size=4, observer=recorder)
     try:
-        vectors = asyncio.run(batcher.encode_images(pixels))  # 6 images, batches of at most 4
+        vectors = run_bounded(batcher.encode_images(pixels))  # 6 images, batches of at most 4
     finally:
         batcher.close()
     assert vectors.shape == (len(images), encoder.embed_dim)
@@ -142,7 +161,7 @@ def test_full_queue_refuses_instead_of_waiting(encoder: Encoder) -> None:
 
     async def scenario() -> None:
         first = asyncio.ensure_future(batcher.encode_texts(["a", "b"]))  # 2 pending
-        await asyncio.to_thread(gate.started.wait, 30)
+        assert await asyncio.to_thread(gate.started.wait, WAIT_S)
         second = asyncio.ensure_future(batcher.encode_texts(["c"]))  # 3 pending: at the limit
         await asyncio.sleep(0)
         with pytest.raises(Overloaded, match="limit 3"):
@@ -155,7 +174,7 @@ def test_full_queue_refuses_instead_of_waiting(encoder: Encoder) -> None:
         assert (await batcher.encode_texts(["x"] * 5)).shape == (5, encoder.embed_dim)
 
     try:
-        asyncio.run(scenario())
+        run_bounded(scenario())
     finally:
         batcher.close()
 
@@ -170,11 +189,11 @@ def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on(encoder: Encod
         assert (await batcher.encode_texts(["still works"])).shape == (1, encoder.embed_dim)
 
     try:
-        asyncio.run(scenario())
+        run_bounded(scenario())
     finally:
         batcher.close()
     with pytest.raises(RuntimeError, match="shut down"):
-        asyncio.run(batcher.encode_texts(["after close"]))
+        run_bounded(batcher.encode_texts(["after close"]))
 
 
 def test_then_runs_on_the_worker_per_job_and_fails_only_its_own_job(encoder: Encoder) -> None:
@@ -191,7 +210,7 @@ def test_then_runs_on_the_worker_per_job_and_fails_only_its_own_job(encoder: Enc
 
     async def scenario() -> list:
         first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
-        await asyncio.to_thread(gate.started.wait, 30)
+        assert await asyncio.to_thread(gate.started.wait, WAIT_S)
         # queued behind the stuck first job: these three share the next forward pass
         jobs = [
             asyncio.ensure_future(batcher.encode_then("text", TEXTS[1:3], norm_and_thread)),
@@ -203,9 +222,9 @@ def test_then_runs_on_the_worker_per_job_and_fails_only_its_own_job(encoder: Enc
         return await asyncio.gather(first, *jobs, return_exceptions=True)
 
     try:
-        _, norm, error, rows = asyncio.run(scenario())
+        _, norm, error, rows = run_bounded(scenario())
         with pytest.raises(ValueError, match="at least one"):
-            asyncio.run(batcher.encode_then("text", [], norm_and_thread))
+            run_bounded(batcher.encode_then("text", [], norm_and_thread))
     finally:
         batcher.close()
     assert recorder.batches == [("text", 1, 1), ("text", 4, 3)]
@@ -226,7 +245,7 @@ def test_a_failing_item_fails_only_its_own_job_in_a_shared_batch(
 
     async def scenario() -> list:
         first = asyncio.ensure_future(batcher.encode_images(pixels[:1]))
-        await asyncio.to_thread(gate.started.wait, 30)
+        assert await asyncio.to_thread(gate.started.wait, WAIT_S)
         jobs = [asyncio.ensure_future(batcher.encode_images([p])) for p in pixels[1:3]]
         jobs.append(asyncio.ensure_future(batcher.encode_images([wrong])))
         jobs += [asyncio.ensure_future(batcher.encode_images([p])) for p in pixels[3:5]]
@@ -235,7 +254,7 @@ def test_a_failing_item_fails_only_its_own_job_in_a_shared_batch(
         return await asyncio.gather(first, *jobs, return_exceptions=True)
 
     try:
-        results = asyncio.run(scenario())
+        results = run_bounded(scenario())
     finally:
         batcher.close()
     assert recorder.batches[1] == ("image", 5, 5)  # they did share one batch
@@ -257,7 +276,7 @@ def test_bulk_work_gives_way_to_interactive_jobs_queued_after_it(
 
     async def scenario() -> list:
         first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
-        await asyncio.to_thread(gate.started.wait, 30)
+        assert await asyncio.to_thread(gate.started.wait, WAIT_S)
         bulk = asyncio.ensure_future(batcher.encode_texts(TEXTS[1:4], bulk=True))
         await asyncio.sleep(0.01)
         search = asyncio.ensure_future(batcher.encode_texts(TEXTS[4:5]))
@@ -266,7 +285,7 @@ def test_bulk_work_gives_way_to_interactive_jobs_queued_after_it(
         return await asyncio.gather(first, bulk, search)
 
     try:
-        _, bulk_rows, search_rows = asyncio.run(scenario())  # [3, D], [1, D]
+        _, bulk_rows, search_rows = run_bounded(scenario())  # [3, D], [1, D]
     finally:
         batcher.close()
     # a bulk batch takes interactive jobs along; an interactive batch takes no bulk job
@@ -287,8 +306,8 @@ def test_a_fault_outside_the_jobs_fails_them_and_the_worker_lives_on(encoder: En
     batcher = EncodeBatcher(encoder, observer=BrokenObserver())
     try:
         with pytest.raises(RuntimeError, match="metrics backend broke"):
-            asyncio.run(batcher.encode_texts(TEXTS[:2]))
+            run_bounded(batcher.encode_texts(TEXTS[:2]))
         with pytest.raises(RuntimeError, match="metrics backend broke"):  # answered again
-            asyncio.run(batcher.encode_texts(TEXTS[:1]))
+            run_bounded(batcher.encode_texts(TEXTS[:1]))
     finally:
         batcher.close()

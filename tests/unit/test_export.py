@@ -199,6 +199,30 @@ def test_pretrained_weights_are_loaded_strictly_and_reported(tmp_path: Path, cap
         torch.testing.assert_close(value, state[key])
 
 
+@pytest.mark.parametrize("kind", ["state_dict", "safetensors", "duet_checkpoint"])
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("drop", "1 missing, e.g. text_projection"),
+        ("add", "1 unexpected, e.g. visual.extra_head.weight"),
+    ],
+)
+def test_a_missing_or_unexpected_tensor_is_refused_by_name(tmp_path: Path, kind, change, named):
+    """A partial load would serve random weights for what is missing (and ignore what is extra)
+    without a word: both are errors that name the tensor, wherever weights are read."""
+    state = random_state("duet-micro")
+    if change == "drop":
+        del state["text_projection"]
+    else:
+        state["visual.extra_head.weight"] = torch.zeros(3, 3)
+    source = write_source(kind, "duet-micro", state, tmp_path / "s")
+    with pytest.raises(WeightsError, match=f"does not fit this model: {named}"):
+        build_model("duet-micro", pretrained=source)
+    with pytest.raises(WeightsError, match=f"does not fit this model: {named}"):
+        export(source, tmp_path / "artifact", model="duet-micro")
+    assert not (tmp_path / "artifact").exists()
+
+
 def step(model, optimizer) -> None:
     """One contrastive step on a fixed batch (images [6, 3, H, W], six captions)."""
     size = model.clip.visual.image_size

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from common.config import apply_overrides
+from common.model import build_model
+from common.preprocess import tokenizer
+from train.compute import Precision
 from train.config import LossConfig, smoke
 from train.data import sample_id
 from train.distributed import DistInfo
@@ -21,7 +24,7 @@ from train.loss import (
     moving_log_average,
     queue_clip_loss,
 )
-from train.negatives import FeatureQueue, GlobalDenominators, StepNegatives
+from train.negatives import FeatureQueue, GlobalDenominators, Negatives, StepNegatives
 from train.trainer import Trainer
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -152,6 +155,37 @@ def test_the_global_loss_has_the_estimators_gradients(temperature):
     else:  # d/dlogit_scale = d/dtau * dtau/dlogit_scale, dtau/dlogit_scale = -tau
         log_terms = sum(0.5 * (eps + u.exp()).log().mean() for u in log_u) + rho
         assert_close(got[2], want[2] + log_terms * -tau)
+
+
+def test_the_key_encoder_takes_one_ema_step_toward_the_model():
+    """p_k <- m p_k + (1 - m) p after an applied step, against the hand computation; a skipped
+    step leaves it where it is."""
+    m = 0.75  # far from 0.5, so that swapping m and 1 - m cannot pass
+    torch.manual_seed(0)
+    model = build_model("duet-micro")
+    negatives = Negatives(LossConfig(negatives="queue", queue_momentum=m), model, ONE)
+    key_before = {n: p.clone() for n, p in negatives.momentum.model.named_parameters()}
+    with torch.no_grad():  # an "optimizer step": the online model moves away from the copy
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    online = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images = torch.randn(4, 3, 32, 32)
+    tokens = tokenizer("duet-micro")(["a red circle", "a blue square", "a star", "green"])
+    fp32 = Precision("fp32", ONE.device)
+
+    negatives.before_step(images, tokens, None, fp32, 0)
+    negatives.after_step(model, applied=False)
+    for name, key in negatives.momentum.model.named_parameters():
+        assert torch.equal(key, key_before[name]), name
+
+    negatives.before_step(images, tokens, None, fp32, 0)
+    negatives.after_step(model, applied=True)
+    keys = dict(negatives.momentum.model.named_parameters())
+    assert keys.keys() == online.keys()
+    for name, key in keys.items():
+        assert_close(key, m * key_before[name] + (1 - m) * online[name], msg=name)
+        assert not torch.equal(key, key_before[name]), name  # it moved at all
+    assert negatives.queue.filled == 4  # and the step's keys joined the queue
 
 
 def test_global_denominators_keep_what_they_are_given():

@@ -68,6 +68,36 @@ def test_missing_towers_name_the_command(tmp_path: Path):
         OnnxTowers.load(out, "fp16")
 
 
+def test_an_export_that_computes_differently_from_torch_is_refused(tmp_path: Path, capsys):
+    """The fp32 parity gate: 1e4 added to the text tower's positional embedding leaves float32
+    about 1e-3 of resolution for the signal in the residual stream, which torch and ONNX
+    Runtime round differently: their embeddings differ by ~2e-2, far beyond 1e-4."""
+    torch.manual_seed(0)
+    model = build_model("duet-micro")
+    with torch.no_grad():
+        model.clip.positional_embedding.add_(1e4)
+    out = write_artifact(model, tmp_path / "artifact", provenance={})
+    assert onnx_towers.main([str(out)]) == 2
+    assert "error: ONNX fp32 embeddings differ from torch's by" in capsys.readouterr().err
+    assert not (out / "onnx").exists()
+
+
+def test_an_int8_quantisation_below_the_cosine_floor_is_refused(tmp_path: Path):
+    """The int8 gate: one outlier row (100 against weights of ~0.1) in the text projection, on a
+    feature LayerNorm zeroes, leaves fp32 exact but sets the per-tensor int8 scale so coarse that
+    the other weights round away: the fp32 towers pass, the int8 ones are refused."""
+    torch.manual_seed(0)
+    model = build_model("duet-micro")
+    with torch.no_grad():
+        model.clip.ln_final.weight[0] = model.clip.ln_final.bias[0] = 0.0
+        model.clip.text_projection[0, :] = 100.0
+    out = write_artifact(model, tmp_path / "artifact", provenance={})
+    with pytest.raises(OnnxExportError, match=r"int8 embeddings have cosine 0\.\d+ .*< 0\.99"):
+        onnx_towers.export_onnx(out, int8=True)
+    assert not (out / "onnx").exists()
+    assert onnx_towers.export_onnx(out)["checks"]["fp32"]["max_abs_difference"] < 1e-4
+
+
 def test_the_service_on_onnx_runtime_answers_as_on_torch(artifact: Path, tmp_path: Path):
     shard = make_shard(tmp_path / "data", samples=40)
     index = make_index(artifact, shard, tmp_path / "index")
