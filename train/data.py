@@ -286,6 +286,9 @@ def _outlive_stop_signals() -> None:
     the worker after WORKER_STOP_GRACE_S, should its rank not have ended it by then.
     """
     stops = {signal.SIGTERM, signal.SIGUSR1}
+    # the alarm below must end the worker: a handler inherited from the parent (a test runner's
+    # per-test timeout, say) would run in the worker instead
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # before any other thread of the worker
     threading.Thread(target=_take_stop_signals, args=(stops,), daemon=True).start()
 
