@@ -25,7 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.preprocess import ImageTooLargeError, PreprocessCfg, ResizeLimit, check_image_size
+from common.preprocess import (
+    ImageHeader,
+    ImageTooLargeError,
+    PreprocessCfg,
+    ResizeLimit,
+    check_image,
+)
 from serve.errors import ApiError
 from serve.settings import Settings
 
@@ -36,22 +42,22 @@ def resize_limit(settings: Settings, cfg: PreprocessCfg) -> ResizeLimit:
 
 
 def charge_image_sizes(
-    sizes: Sequence[tuple[int, int]], settings: Settings, limit: ResizeLimit
+    headers: Sequence[ImageHeader], settings: Settings, limit: ResizeLimit
 ) -> None:
     """413 image_too_large if one image (decoded or resized) or all of them together are over
-    their budgets; `sizes` are (width, height) from the headers."""
-    for i, (width, height) in enumerate(sizes):
+    their budgets; `headers` are read from the images, nothing decoded."""
+    for i, header in enumerate(headers):
         try:
-            check_image_size(width, height, max_pixels=settings.max_image_pixels, resize=limit)
+            check_image(header, max_pixels=settings.max_image_pixels, resize=limit)
         except ImageTooLargeError as exc:
-            where = f"image {i}: " if len(sizes) > 1 else ""
+            where = f"image {i}: " if len(headers) > 1 else ""
             raise ApiError(413, "image_too_large", f"{where}{exc}") from None
-    total = sum(width * height for width, height in sizes)
+    total = sum(header.charged_pixels for header in headers)
     if total > settings.max_request_pixels:
         raise ApiError(
             413,
             "image_too_large",
-            f"the request's {len(sizes)} images are {total} pixels together; the limit is "
+            f"the request's {len(headers)} images are {total} pixels together; the limit is "
             f"{settings.max_request_pixels} (max_request_pixels)",
         )
 

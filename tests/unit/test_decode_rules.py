@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 
 from common.model import build_model
-from common.preprocess import decode_or_skip, image_transform, load_image, preprocess_config
+from common.preprocess import (
+    PreprocessCfg,
+    ResizeLimit,
+    decode_or_skip,
+    image_transform,
+    load_image,
+    preprocess_config,
+)
 from common.preprocess import tokenizer as make_tokenizer
 from common.shards import read_shard
 from train.evaluate import embed_shards
@@ -64,7 +71,9 @@ def test_evaluation_counts_too_large_images_as_the_others_do(tmp_path: Path):
         + [("2.png", b"junk"), ("2.txt", b"junk")],
     )
     skipped: Counter[str] = Counter()
-    assert decode_or_skip(huge, skipped, key="0") is None and skipped == {"image_too_large": 1}
+    resize = ResizeLimit(PreprocessCfg(size=32))
+    assert decode_or_skip(huge, skipped, key="0", resize=resize) is None
+    assert skipped == {"image_too_large": 1}
     model = build_model("duet-micro").eval()
     transform = image_transform(preprocess_config(model.clip), train=False)
     held_out = embed_shards(model, transform, make_tokenizer("duet-micro"), str(shard))
