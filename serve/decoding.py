@@ -8,9 +8,9 @@ everyone waits behind, and an admitted image waits at most the time to decode th
 
 Two lanes, so that a small image never waits behind a large one: images up to
 `small_image_pixels` are "small". `threads` general threads take the oldest image of either lane;
-one more thread takes only small ones. Each lane has its own `max_decode_pixels`, so a flood of
-large images cannot get small ones refused (nor the reverse). The full-size images in memory are
-at most `threads` large ones and one small one.
+one more thread, at normal priority, takes only small ones. Each lane has its own
+`max_decode_pixels`, so a flood of large images cannot get small ones refused (nor the reverse).
+The full-size images in memory are at most `threads` large ones and one small one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from serve.batching import Overloaded
 T = TypeVar("T")
 SMALL, LARGE = 0, 1  # lanes
 DEFAULT_SMALL_IMAGE_PIXELS = 4_000_000  # ~2300 x 1700: decoded in tens of ms
-DEFAULT_MAX_DECODE_PIXELS = 400_000_000  # ~3 s of decoding on two threads
+DEFAULT_MAX_DECODE_PIXELS = 200_000_000  # ~2 s of decoding on two idle threads
 
 
 @dataclass(slots=True)
@@ -50,6 +50,9 @@ class DecodeQueue:
         max_decode_pixels: int,
         thread_setup: Callable[[], None] = lambda: None,
     ) -> None:
+        """`thread_setup` runs first on each general thread (the service lowers their priority);
+        the small-image thread keeps the process's priority: its images are quick, and someone
+        waits for each of them."""
         self.small_image_pixels = small_image_pixels
         self.max_decode_pixels = max_decode_pixels
         self.pending_pixels = [0, 0]  # per lane: admitted, not yet decoded (event loop only)
@@ -112,7 +115,8 @@ class DecodeQueue:
             return large.popleft()
 
     def _work(self, small_only: bool, setup: Callable[[], None]) -> None:
-        setup()
+        if not small_only:
+            setup()
         while (job := self._take(small_only)) is not None:
             if not job.future.set_running_or_notify_cancel():
                 continue  # its request is gone: nobody waits for this image

@@ -566,7 +566,7 @@ def test_a_decode_flood_gets_429_and_small_image_searches_keep_their_latency(
     p50 = latencies[len(latencies) // 2]
     baseline = sorted(seconds for _, seconds, _ in unloaded)[2]
     assert {status for status, _ in searches} == {200}
-    assert p50 < max(0.5, 20 * baseline), f"small searches p50 {p50:.2f} s under the flood"
+    assert p50 < max(1.0, 20 * baseline), f"small searches p50 {p50:.2f} s under the flood"
     assert {status for status, _, _ in flood} <= {200, 429}
     refused = [(seconds, retry) for status, seconds, retry in flood if status == 429]
     assert refused, "the flood was never refused: the decode budget did not engage"
