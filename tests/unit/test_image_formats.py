@@ -118,34 +118,58 @@ def test_16_bit_scaling_in_strips_equals_the_whole_image_formula():
 
 PEAK_SCRIPT = textwrap.dedent(
     """
-    import io, sys
+    import io, struct, sys
     import numpy as np
     from PIL import Image
-    from common.preprocess import load_image
+    from common.preprocess import InvalidImageError, load_image
+    from tests.serve_support import black_png
 
     def kib(key):
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
 
-    out = io.BytesIO()
-    Image.fromarray(np.full((3000, 3000), 40000, np.uint16)).save(out, format="PNG")
-    data = out.getvalue()
+    def ico_around(inner):
+        small = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(small, format="ICO", sizes=[(16, 16)])
+        entry = bytearray(small.getvalue()[6:22])
+        struct.pack_into("<II", entry, 8, len(inner), 22)
+        return small.getvalue()[:6] + bytes(entry) + inner
+
+    if sys.argv[1] == "ico":
+        data = ico_around(black_png(7000, 7000, color_type=2))
+    else:
+        out = io.BytesIO()
+        Image.fromarray(np.full((3000, 3000), 40000, np.uint16)).save(out, format="PNG")
+        data = out.getvalue()
     open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
     before = kib("VmRSS")
-    image = load_image(data)
-    print((kib("VmHWM") - before) * 1024 / 9e6)
+    try:
+        image = load_image(data)
+    except InvalidImageError:
+        pass
+    print((kib("VmHWM") - before) * 1024)
     """
 )
 
 
-def test_a_16_bit_png_decodes_within_the_charged_bytes_per_pixel():
-    """Measured in a fresh process: the peak RSS of decoding a 9 M-pixel 16-bit grey PNG stays
-    under CHARGED_BYTES_PER_PIXEL (scaling the whole image through float32 took ~16)."""
+def peak_growth_bytes(case: str) -> int:
+    """Peak RSS growth of `load_image` on the script's `case`, measured in a fresh process."""
     run = subprocess.run(
-        [sys.executable, "-c", PEAK_SCRIPT],
+        [sys.executable, "-c", PEAK_SCRIPT, case],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    assert float(run.stdout) < CHARGED_BYTES_PER_PIXEL, run.stdout
+    return int(run.stdout)
+
+
+def test_a_16_bit_png_decodes_within_the_charged_bytes_per_pixel():
+    """A 9 M-pixel 16-bit grey PNG peaks under CHARGED_BYTES_PER_PIXEL (scaling the whole image
+    through float32 took ~16)."""
+    assert peak_growth_bytes("16-bit") / 9e6 < CHARGED_BYTES_PER_PIXEL
+
+
+def test_an_ico_bomb_is_refused_without_its_png_being_decoded():
+    """Pillow's ICO plugin would decode the 49 M-pixel PNG (~200 MB) while opening the file."""
+    assert peak_growth_bytes("ico") < 20 * 2**20
