@@ -13,12 +13,19 @@ refused before anything is decoded or encoded, with the setting that refused it 
     /classify prompts             labels x templates              MAX_CLASSIFY_PROMPTS      422
     encoder work                  encode items: 1 per text,       MAX_QUEUE_ITEMS (all      429
                                   image or uncached prompt        requests together)
+    decoding (serve.decoding)     decoded pixels of every image   MAX_DECODE_PIXELS per     429
+                                  waiting or in decoding, from    lane (small images,
+                                  headers, at admission           large ones)
 
 Texts cost one encode item each whatever their length: the tokenizer cuts them at the model's
 context length and every text is encoded at that length. Images cost one encode item each: they
 reach the encoder as model-sized tensors. Decoding is bounded apart from encoding: at most
-DECODE_THREADS images are decoded at once, one at a time per request, so the decoded pixels alive
-at any moment are at most DECODE_THREADS x MAX_IMAGE_PIXELS.
+DECODE_THREADS large images and one small one (<= SMALL_IMAGE_PIXELS) are decoded at once, one at
+a time per request. An image's pixels are charged by the memory its decode needs
+(`ImageHeader.charged_pixels`: up to 8 bytes per pixel count once, a WebP at 16 twice), so the
+decode memory alive at any moment is at most
+(DECODE_THREADS x MAX_IMAGE_PIXELS + SMALL_IMAGE_PIXELS) x 8 bytes. Only JPEG, PNG, WebP, GIF and
+BMP are opened (common.preprocess.ACCEPTED_FORMATS), first frame only: 415 for the rest.
 """
 
 from __future__ import annotations
