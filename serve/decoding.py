@@ -29,7 +29,7 @@ from serve.batching import Overloaded
 T = TypeVar("T")
 SMALL, LARGE = 0, 1  # lanes
 DEFAULT_SMALL_IMAGE_PIXELS = 4_000_000  # ~2300 x 1700: decoded in tens of ms
-DEFAULT_MAX_DECODE_PIXELS = 200_000_000  # ~2 s of decoding on two idle threads
+DEFAULT_MAX_DECODE_PIXELS = 400_000_000  # two full requests; ~4 s of decoding on two idle threads
 
 
 @dataclass(slots=True)
