@@ -124,7 +124,7 @@ def quality(artifact: Path, data: str, names: list[str]) -> None:
     """Held-out recall@1/5 of a trained artifact with each runtime's embeddings."""
     from collections import Counter
 
-    from common.preprocess import decode_or_skip
+    from common.preprocess import ResizeLimit, decode_or_skip, preprocess_config
     from common.shards import iter_shards
     from train.evaluate import retrieval_metrics
 
@@ -134,8 +134,9 @@ def quality(artifact: Path, data: str, names: list[str]) -> None:
         export_onnx(copy, int8=True)
         loaded, table = load_artifact(copy), runtimes(copy, names)
         pixels, captions = [], []
+        resize = ResizeLimit(preprocess_config(loaded.model.clip))
         for sample in iter_shards(data, Counter()):
-            image = decode_or_skip(sample.image, Counter(), key=sample.key)
+            image = decode_or_skip(sample.image, Counter(), key=sample.key, resize=resize)
             if image is not None:
                 pixels.append(loaded.transform(image))
                 captions.append(sample.caption)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import struct
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +27,40 @@ from torchvision.transforms import Compose, GaussianBlur, RandomApply, RandomRes
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; larger images are refused before decoding
+DEFAULT_MAX_RESIZED_PIXELS = 4_000_000  # after the model's resize; the service's default too
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+"""The formats decoded; Pillow runs no other plugin. Each is here because its header alone
+bounds what decoding its first frame costs, and it is what web clients and img2dataset send:
+
+- JPEG (and MPO, JPEG's multi-picture form from cameras, which Pillow's JPEG plugin opens: its
+  first picture is a JPEG), PNG (APNG: the default image only), WebP (animated: the first frame;
+  the canvas is declared up front), GIF (the first frame; Pillow grows the size to that frame's
+  extent when it opens the file), BMP (raw or RLE rows within the declared size).
+
+Out, refused as unsupported: ICO, CUR, ICNS (Pillow decodes the embedded PNG while opening, so a
+16 x 16 directory entry can hide 88 M pixels), TIFF (strips and tiles are decoded into buffers
+sized by tags that the image size does not bound, pages, float and 32-bit samples, a dozen
+codecs; no browser sends it), PSD, JPEG 2000, and Pillow's other scientific, game and legacy
+formats (FITS, DDS, TGA, PCX, SGI, PPM, ...): no client of an image search sends them.
+"""
+FORMAT_NAMES = "JPEG, PNG, WebP, GIF or BMP"  # ACCEPTED_FORMATS as messages name them
+_OPENED_AS = {"MPO": "JPEG"}  # Pillow's name for a file -> the accepted format it is
+
+RGB_BYTES_PER_PIXEL = 4  # Pillow keeps RGB as RGBX
+CHARGED_BYTES_PER_PIXEL = 8
+"""A pixel of an image is charged as one pixel up to this peak memory per pixel (decoding plus
+the conversion to RGB); a format or mode that needs more is charged proportionally more pixels,
+so MAX_IMAGE_PIXELS x 8 bytes bounds every decode. Measured peaks (decode + convert):"""
+_MODE_BYTES_PER_PIXEL = {
+    "RGB": 4,  # decoded straight into the RGB image
+    "1": 5, "L": 5, "P": 5,  # 1 byte + the RGB copy
+    "I;16": 7, "I;16L": 7, "I;16B": 7, "I;16N": 7,  # 2 + 1 (8-bit, in strips) + 4
+    "I": 9, "F": 9,  # 4 + 1 + 4
+}  # fmt: skip
+_OTHER_MODE_BYTES_PER_PIXEL = 8  # RGBA, LA, PA, CMYK, YCbCr...: 4 + the RGB copy
+_FORMAT_BYTES_PER_PIXEL = {"WEBP": 16}  # libwebp's two canvases + its output + Pillow's image
+TO_8_BIT_STRIP_PIXELS = 1 << 20  # rows scaled at once: a few MB of temporaries, whatever the size
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -39,6 +74,10 @@ class ImageTooLargeError(InvalidImageError):
     """An image whose header announces more pixels than allowed (decoded, or after the resize)."""
 
 
+class UnsupportedFormatError(InvalidImageError):
+    """An image in a format outside ACCEPTED_FORMATS: never decoded."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ResizeLimit:
     """A bound on an image's pixels after the eval transform's resize to `cfg.size`.
@@ -48,7 +87,34 @@ class ResizeLimit:
     """
 
     cfg: PreprocessCfg
-    max_pixels: int
+    max_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What an image's header says: enough to charge its decode before running it."""
+
+    width: int
+    height: int
+    format: str  # one of ACCEPTED_FORMATS
+    mode: str  # Pillow's pixel mode of the decoded first frame
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        """Peak memory per pixel of decoding this image and converting it to RGB."""
+        if self.format in _FORMAT_BYTES_PER_PIXEL:
+            return _FORMAT_BYTES_PER_PIXEL[self.format]
+        return _MODE_BYTES_PER_PIXEL.get(self.mode, _OTHER_MODE_BYTES_PER_PIXEL)
+
+    @property
+    def charged_pixels(self) -> int:
+        """Pixels, scaled up for images needing over CHARGED_BYTES_PER_PIXEL (a WebP: twice)."""
+        per_pixel = max(self.bytes_per_pixel, CHARGED_BYTES_PER_PIXEL)
+        return -(-self.pixels * per_pixel // CHARGED_BYTES_PER_PIXEL)
 
 
 def resized_pixels(width: int, height: int, cfg: PreprocessCfg) -> int:
@@ -65,13 +131,19 @@ def resized_pixels(width: int, height: int, cfg: PreprocessCfg) -> int:
     return max(round(width * scale), 1) * max(round(height * scale), 1)
 
 
-def check_image_size(
-    width: int, height: int, *, max_pixels: int, resize: ResizeLimit | None = None
-) -> None:
-    """`ImageTooLargeError` if the decoded or (with `resize`) the resized image is too large."""
-    if width * height > max_pixels:
+def check_image(header: ImageHeader, *, max_pixels: int, resize: ResizeLimit | None = None) -> None:
+    """`ImageTooLargeError` if the decoded (charged) or, with `resize`, resized image is too
+    large."""
+    width, height = header.width, header.height
+    if header.charged_pixels > max_pixels:
+        scaled = (
+            ""
+            if header.charged_pixels == header.pixels
+            else f" ({header.format} {header.mode} is charged {header.charged_pixels} pixels: "
+            f"it decodes at {header.bytes_per_pixel} bytes per pixel)"
+        )
         raise ImageTooLargeError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            f"image is {width}x{height} = {header.pixels} pixels{scaled}; the limit is {max_pixels}"
         )
     if resize is not None:
         after = resized_pixels(width, height, resize.cfg)
@@ -82,47 +154,72 @@ def check_image_size(
             )
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels."""
+def _open(data: bytes) -> Image.Image:
+    """Pillow's lazy image from the header, by an accepted format's plugin only; nothing decoded.
+
+    Only ACCEPTED_FORMATS' plugins run: another plugin may decode while opening (ICO does).
+    """
     if not data:
         raise InvalidImageError("empty image data")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the size
-            width, height = Image.open(io.BytesIO(data)).size
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check sizes
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image is over PIL's pixel limit: {exc}") from None
     except Image.UnidentifiedImageError:
-        raise InvalidImageError("not a decodable image: unknown or corrupt image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+        other = _other_format(data)
+        if other is None:
+            raise InvalidImageError(
+                f"not a decodable image: not {FORMAT_NAMES}, or corrupt"
+            ) from None
+        raise UnsupportedFormatError(
+            f"{other} images are not accepted: send {FORMAT_NAMES}"
+        ) from None
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise InvalidImageError(f"not a decodable image: {exc}") from exc
-    return width, height
+    if _OPENED_AS.get(image.format or "", image.format) not in ACCEPTED_FORMATS:
+        raise UnsupportedFormatError(f"{image.format} images are not accepted: send {FORMAT_NAMES}")
+    return image
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format Pillow would take `data` for, outside ACCEPTED_FORMATS; None if none.
+
+    Only the plugins' signature checks run (on the first bytes), never their `_open`.
+    """
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in ACCEPTED_FORMATS and accept is not None and accept(prefix):
+            return name
+    return None
+
+
+def _header(image: Image.Image) -> ImageHeader:
+    width, height = image.size
+    return ImageHeader(width, height, _OPENED_AS.get(image.format or "", image.format), image.mode)  # type: ignore[arg-type]
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """The image's size, format and mode from its header, without decoding its pixels."""
+    return _header(_open(data))
 
 
 def load_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, resize: ResizeLimit | None = None
 ) -> Image.Image:
-    """Decode image bytes to RGB; pixel counts (and, with `resize`, the pixels after the model's
-    resize) are checked from the header before decoding."""
-    if not data:
-        raise InvalidImageError("empty image data")
+    """Decode an image's first frame to RGB; its charged pixels (and, with `resize`, the pixels
+    after the model's resize) are checked from the header before decoding."""
+    image = _open(data)
+    check_image(_header(image), max_pixels=max_pixels, resize=resize)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            check_image_size(width, height, max_pixels=max_pixels, resize=resize)
-            image.load()
-            # convert() copies even an RGB image: twice the memory of a large one, for nothing
-            return image if image.mode == "RGB" else to_8_bit(image).convert("RGB")
-    except InvalidImageError:
-        raise
+        image.load()  # the first frame: later frames and pages are never read
+        # convert() copies even an RGB image: twice the memory of a large one, for nothing
+        return image if image.mode == "RGB" else to_8_bit(image).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        # PIL's own limit, met in Image.open when max_pixels is above it: still "too large"
         raise ImageTooLargeError(f"image is over PIL's pixel limit: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise InvalidImageError("not a decodable image: unknown or corrupt image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, struct.error) as exc:
         raise InvalidImageError(f"not a decodable image: {exc}") from exc
 
 
@@ -130,12 +227,23 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     """A 16-bit (or 32-bit integer) grey image scaled to 8 bits; other images as they are.
 
     PIL's convert("RGB") clips such values at 255, so a 16-bit PNG came out nearly all white.
+    The scaling runs in strips of rows, so its temporaries are a few MB, not 12 bytes per pixel
+    of the whole image: the peak is the 16-bit image + its 8-bit copy.
     """
     if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         return image
-    pixels = np.asarray(image, dtype=np.float32)
-    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-    return Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    width, height = image.size
+    sixteen = image.mode.startswith("I;16")
+    top = 65535.0 if sixteen or image.getextrema()[1] > 255 else 255.0  # type: ignore[operator]
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, TO_8_BIT_STRIP_PIXELS // max(width, 1))
+    for y in range(0, height, rows):
+        strip = np.asarray(image.crop((0, y, width, min(y + rows, height))), dtype=np.float32)
+        out[y : y + rows] = np.clip(strip * (255.0 / top) + 0.5, 0, 255)
+    return Image.fromarray(out, "L")
+
+
+SKIP_REASONS = {ImageTooLargeError: "image_too_large", UnsupportedFormatError: "unsupported_format"}
 
 
 def decode_or_skip(
@@ -143,16 +251,20 @@ def decode_or_skip(
     skipped: Counter[str],
     *,
     key: str,
+    resize: ResizeLimit,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Image.Image | None:
-    """`load_image`, or None with the sample counted as `image_too_large` or `corrupt_image`.
+    """`load_image` with the service's bounds, or None with the sample counted as
+    `image_too_large`, `unsupported_format` or `corrupt_image`; a refused image is never decoded.
 
-    The one rule for a stored sample's image, shared by training, evaluation and index builds.
+    The one rule for a stored sample's image, shared by training, evaluation and index builds:
+    `resize` is the model's (`ResizeLimit(preprocess_config(model))`), so a thin image that its
+    resize would blow up is skipped as the service refuses it.
     """
     try:
-        return load_image(data, max_pixels=max_pixels)
+        return load_image(data, max_pixels=max_pixels, resize=resize)
     except InvalidImageError as exc:
-        reason = "image_too_large" if isinstance(exc, ImageTooLargeError) else "corrupt_image"
+        reason = SKIP_REASONS.get(type(exc), "corrupt_image")
         skipped[reason] += 1
         log.debug("skipped sample %s (%s): %s", key, reason, exc)
         return None

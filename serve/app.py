@@ -19,7 +19,6 @@ import functools
 import logging
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from common.onnx_towers import OnnxTowers
 from serve import timing
 from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
+from serve.decoding import DecodeQueue
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
 from serve.images import lower_decode_priority, return_large_frees_to_os
@@ -211,10 +211,11 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
         registry,
         label_sets,
         prompt_cache=PromptCache(settings.prompt_cache_entries),
-        decoder=ThreadPoolExecutor(
+        decoder=DecodeQueue(
             settings.decode_threads,
-            thread_name_prefix="duet-decode",
-            initializer=lower_decode_priority,
+            small_image_pixels=settings.small_image_pixels,
+            max_decode_pixels=settings.max_decode_pixels,
+            thread_setup=lower_decode_priority,
         ),
     )
     metrics.set_index_sizes(registry.counts())

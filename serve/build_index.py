@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from common.artifact import load_artifact
-from common.preprocess import decode_or_skip
+from common.preprocess import ResizeLimit, decode_or_skip
 from common.shards import IMAGE_EXTENSIONS, RawSample
 from serve.encoder import Encoder
 from serve.index import IndexRow, write_index
@@ -200,7 +200,8 @@ def _embed(
         parts.mkdir(parents=True, exist_ok=True)
         writer = PackWriter(parts / f"part-{rank:05d}.thumbnails.bin")
     try:
-        batches = _batches(shards, skipped, batch_size)
+        resize = ResizeLimit(encoder.preprocess_cfg)  # the service's default bound
+        batches = _batches(shards, skipped, batch_size, resize)
         for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
             chunks.append(encoder.encode_images(images))  # [B, D]
             if writer is not None:
@@ -220,15 +221,16 @@ def _embed(
 
 
 def _batches(
-    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int
+    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int, resize: ResizeLimit
 ) -> Iterator[tuple[list[Image.Image], list[IndexRow], list[int]]]:
-    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones counted."""
+    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones (and those
+    over the service's bounds, `resize` the model's) counted."""
     images: list[Image.Image] = []
     rows: list[IndexRow] = []
     shard_of_row: list[int] = []
     for shard_index, part in shards:
         for sample in read_part(part, skipped):
-            image = decode_or_skip(sample.image, skipped, key=sample.key)
+            image = decode_or_skip(sample.image, skipped, key=sample.key, resize=resize)
             if image is None:
                 continue
             images.append(image)

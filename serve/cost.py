@@ -23,19 +23,32 @@ refused before anything is decoded or encoded, with the setting that refused it 
                                   unread (over 64 KiB waiting)
     an image_url download         bytes as sent and as decoded;   MAX_UPLOAD_BYTES,         413/400
                                   time, on the event loop         IMAGE_URL_TIMEOUT_S
+    decoding (serve.decoding)     decoded pixels of every image   MAX_DECODE_PIXELS per     429
+                                  waiting or in decoding, from    lane (small images,
+                                  headers, at admission           large ones)
 
 Texts cost one encode item each whatever their length: the tokenizer cuts them at the model's
 context length and every text is encoded at that length. Images cost one encode item each: they
 reach the encoder as model-sized tensors. Decoding is bounded apart from encoding: at most
-DECODE_THREADS images are decoded at once, one at a time per request, so the decoded pixels alive
-at any moment are at most DECODE_THREADS x MAX_IMAGE_PIXELS.
+DECODE_THREADS large images and one small one (<= SMALL_IMAGE_PIXELS) are decoded at once, one at
+a time per request. An image's pixels are charged by the memory its decode needs
+(`ImageHeader.charged_pixels`: up to 8 bytes per pixel count once, a WebP at 16 twice), so the
+decode memory alive at any moment is at most
+(DECODE_THREADS x MAX_IMAGE_PIXELS + SMALL_IMAGE_PIXELS) x 8 bytes. Only JPEG, PNG, WebP, GIF and
+BMP are opened (common.preprocess.ACCEPTED_FORMATS), first frame only: 415 for the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.preprocess import ImageTooLargeError, PreprocessCfg, ResizeLimit, check_image_size
+from common.preprocess import (
+    ImageHeader,
+    ImageTooLargeError,
+    PreprocessCfg,
+    ResizeLimit,
+    check_image,
+)
 from serve.errors import ApiError
 from serve.settings import Settings
 
@@ -46,22 +59,22 @@ def resize_limit(settings: Settings, cfg: PreprocessCfg) -> ResizeLimit:
 
 
 def charge_image_sizes(
-    sizes: Sequence[tuple[int, int]], settings: Settings, limit: ResizeLimit
+    headers: Sequence[ImageHeader], settings: Settings, limit: ResizeLimit
 ) -> None:
     """413 image_too_large if one image (decoded or resized) or all of them together are over
-    their budgets; `sizes` are (width, height) from the headers."""
-    for i, (width, height) in enumerate(sizes):
+    their budgets; `headers` are read from the images, nothing decoded."""
+    for i, header in enumerate(headers):
         try:
-            check_image_size(width, height, max_pixels=settings.max_image_pixels, resize=limit)
+            check_image(header, max_pixels=settings.max_image_pixels, resize=limit)
         except ImageTooLargeError as exc:
-            where = f"image {i}: " if len(sizes) > 1 else ""
+            where = f"image {i}: " if len(headers) > 1 else ""
             raise ApiError(413, "image_too_large", f"{where}{exc}") from None
-    total = sum(width * height for width, height in sizes)
+    total = sum(header.charged_pixels for header in headers)
     if total > settings.max_request_pixels:
         raise ApiError(
             413,
             "image_too_large",
-            f"the request's {len(sizes)} images are {total} pixels together; the limit is "
+            f"the request's {len(headers)} images are {total} pixels together; the limit is "
             f"{settings.max_request_pixels} (max_request_pixels)",
         )
 

@@ -1,17 +1,20 @@
 """Request images -> model-sized tensors, charged by the cost model before anything is decoded.
 
-Each image is decoded and preprocessed on the service's decode pool (`decode_threads` threads),
-one image per hand-off: a request's full-size image lives only until its small [3, H, W] tensor
-exists, so N images in one request never mean N full-size images in memory, and a request with
-many images waits between its images while other requests' images are decoded. An image that
-cannot be decoded or resized fails its own request (413/415) before anything is batched.
+Every image's header is read first (format, size, mode): a format outside ACCEPTED_FORMATS gets
+415 and one over a pixel budget 413, before any pixel is decoded. The request's images are then
+admitted to the service's decode queue (serve.decoding: 429 when too many decoded pixels are
+already waiting) and decoded one per hand-off: a request's full-size image lives only until its
+small [3, H, W] tensor exists, so N images in one request never mean N full-size images in
+memory, and a request with many images waits between its images while other requests' images
+are decoded. An image that cannot be decoded or resized fails its own request (413/415) before
+anything is batched.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import threading
@@ -20,11 +23,13 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from common.preprocess import (
+    FORMAT_NAMES,
+    ImageHeader,
     ImageTooLargeError,
     InvalidImageError,
     ResizeLimit,
-    image_size,
     load_image,
+    read_header,
 )
 from serve.cost import charge_image_sizes, resize_limit
 from serve.encoder import Encoder
@@ -34,7 +39,7 @@ from serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NOT_AN_IMAGE = "the upload is not a decodable image (send JPEG, PNG or WebP)"
+NOT_AN_IMAGE = f"the upload is not a decodable image (send {FORMAT_NAMES})"
 DECODE_NICENESS = 10  # decode threads yield the CPU to the encoder and the event loop
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD_BYTES = 8 * 1024 * 1024
@@ -73,31 +78,29 @@ def return_large_frees_to_os() -> bool:
 async def prepare_images(
     files: list[bytes], service: Service, settings: Settings
 ) -> list[torch.Tensor]:
-    """Each image's model input [3, H, W], in order; 413/415 before decoding where possible.
+    """Each image's model input [3, H, W], in order; 413/415/429 before decoding where possible.
 
     Text-only requests have nothing to hand off.
     """
     if not files:
         return []
     limit = resize_limit(settings, service.encoder.preprocess_cfg)
-    if len(files) > 1:  # the request's total is charged before its first image is decoded
-        sizes = await run_in_threadpool(lambda: [header_size(data) for data in files])
-        charge_image_sizes(sizes, settings, limit)
-    loop = asyncio.get_running_loop()
-    pixels = []
-    for data in files:
-        pixels.append(
-            await loop.run_in_executor(
-                service.decoder, preprocess_image, data, service.encoder, settings, limit
+    # every header before the first decode: the request's total is charged up front
+    headers = await run_in_threadpool(lambda: [read_image_header(data) for data in files])
+    charge_image_sizes(headers, settings, limit)
+    with service.decoder.admit([header.charged_pixels for header in headers]) as admission:
+        return [
+            await admission.decode(
+                functools.partial(preprocess_image, data, service.encoder, settings, limit)
             )
-        )
-    return pixels
+            for data in files
+        ]
 
 
-def header_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header; 415 if it is not an image. Cheap: nothing is decoded."""
+def read_image_header(data: bytes) -> ImageHeader:
+    """The image's header; 415 if it is not an accepted image. Cheap: nothing is decoded."""
     try:
-        return image_size(data)
+        return read_header(data)
     except ImageTooLargeError as exc:
         raise ApiError(413, "image_too_large", str(exc)) from exc
     except InvalidImageError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
 
@@ -21,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serve import retrieval
 from serve.batching import EncodeBatcher
+from serve.decoding import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_SMALL_IMAGE_PIXELS, DecodeQueue
 from serve.encoder import Encoder
 from serve.errors import ApiError
 from serve.labels import LabelSetEmbeddings, PromptCache
@@ -43,14 +43,18 @@ class Service:
     label_sets: dict[str, LabelSetEmbeddings]
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     # decodes and resizes request images: its size bounds how many full-size images are alive
-    decoder: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="duet-decode")
+    decoder: DecodeQueue = field(
+        default_factory=lambda: DecodeQueue(
+            2,
+            small_image_pixels=DEFAULT_SMALL_IMAGE_PIXELS,
+            max_decode_pixels=DEFAULT_MAX_DECODE_PIXELS,
+        )
     )
 
     def close(self) -> None:
         self.batcher.close()
         self.indices.close()
-        self.decoder.shutdown(wait=False, cancel_futures=True)
+        self.decoder.close()
 
 
 @dataclass(slots=True)

@@ -11,6 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.preprocess import DEFAULT_MAX_RESIZED_PIXELS
+from serve.decoding import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_SMALL_IMAGE_PIXELS
+
 MIB = 1024 * 1024
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -150,7 +153,7 @@ class Settings(BaseSettings):
         description="Largest decoded image (width x height), checked before decoding.",
     )
     max_resized_pixels: int = Field(
-        default=4_000_000,
+        default=DEFAULT_MAX_RESIZED_PIXELS,
         ge=1,
         description="Largest image after the model's resize (a thin image grows along its long "
         "side), checked from the header before decoding.",
@@ -163,7 +166,20 @@ class Settings(BaseSettings):
     decode_threads: int = Field(
         default=2,
         ge=1,
-        description="Images decoded at once (all requests): bounds the full-size images in memory.",
+        description="Images decoded at once (all requests): bounds the full-size images in memory; "
+        "one more thread decodes only small images.",
+    )
+    small_image_pixels: int = Field(
+        default=DEFAULT_SMALL_IMAGE_PIXELS,
+        ge=1,
+        description="Images up to this many decoded pixels are small: they have a decode thread "
+        "of their own and never wait behind larger ones.",
+    )
+    max_decode_pixels: int = Field(
+        default=DEFAULT_MAX_DECODE_PIXELS,
+        ge=1,
+        description="Most decoded pixels of small, and apart of large, images waiting for or in "
+        "decoding (all requests); beyond it requests get 429. Bounds how long an image waits.",
     )
     max_text_chars: int = Field(
         default=1000, ge=1, description="Longest query text, label or template."
@@ -328,6 +344,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_request_bytes ({self.max_request_bytes}) must be at least "
                 f"max_upload_bytes ({self.max_upload_bytes})"
+            )
+        if self.max_decode_pixels < self.max_request_pixels:
+            raise ValueError(
+                f"max_decode_pixels ({self.max_decode_pixels}) must be at least "
+                f"max_request_pixels ({self.max_request_pixels})"
             )
         if self.max_request_pixels < self.max_image_pixels:
             raise ValueError(

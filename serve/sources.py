@@ -3,10 +3,11 @@
 `--data` names one or more inputs joined by `::`, each one of:
 
 - webdataset shards (`.tar`, brace patterns, `pipe:` URLs): KEY.jpg + KEY.txt [+ KEY.json];
-- a folder of image files, read recursively (.jpg .jpeg .png .webp .gif .bmp .tif .tiff; the
-  layout of img2dataset's `--output_format files` too): a same-name `.txt` beside an image is its
-  caption (optional), a same-name `.json` its metadata (optional); the image's path relative to
-  the folder is its key and its `source` in the metadata, so a result leads back to the file;
+- a folder of image files, read recursively (.jpg .jpeg .png .webp .gif .bmp; .tif .tiff are
+  read and counted as `unsupported_format`, a format the service refuses too; the layout of
+  img2dataset's `--output_format files` too): a same-name `.txt` beside an image is its caption
+  (optional), a same-name `.json` its metadata (optional); the image's path relative to the
+  folder is its key and its `source` in the metadata, so a result leads back to the file;
 - img2dataset's `--output_format parquet` files: one row per sample, the image bytes in a binary
   `jpg` (or png/webp/image) column, the caption in `txt` (or `caption`), every other scalar
   column (url, key, width, ...) kept as metadata.

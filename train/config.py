@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.model import TowerLocks
-from common.preprocess import Augmentation
+from common.preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_RESIZED_PIXELS, Augmentation
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -149,8 +149,12 @@ class DataConfig:
     cores this halves the first step, which otherwise competes with workers filling their queue."""
     shuffle_buffer: int = 1000
     """Samples held in the in-stream shuffle buffer of each worker."""
-    max_image_pixels: int = 64 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Images whose header announces more pixels are skipped without being decoded."""
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS
+    """Images that the model's resize would make larger than this (thin ones: a 40,000,000 x 1
+    image is 32 x 1.3 G pixels resized) are skipped without being decoded, as the service
+    refuses them."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training image augmentation (`--set data.augment.blur_prob=0.5`)."""
 
@@ -161,6 +165,7 @@ class DataConfig:
         _require(0 <= self.worker_niceness <= 19, "data.worker_niceness", "must be in 0..19")
         _require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _require(self.max_image_pixels > 0, "data.max_image_pixels", "must be > 0")
+        _require(self.max_resized_pixels > 0, "data.max_resized_pixels", "must be > 0")
         sources = [part for part in self.train_shards.split("::") if part.strip()]
         _require(
             not self.train_weights or len(self.train_weights) == len(sources),

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from common.preprocess import Tokenizer, Transform, decode_or_skip
+from common.preprocess import ResizeLimit, Tokenizer, Transform, decode_or_skip
 from common.shards import SampleError, count_samples, expand_urls, shard_sizes, to_raw_sample
 from train.config import DataConfig
 from train.sampling import (
@@ -122,12 +122,14 @@ def decode_samples(
     src: Iterable[tuple[int, dict[str, Any]]],
     skipped: Counter[str],
     transform: Transform,
+    resize: ResizeLimit,
     max_pixels: int,
     reader: Reader,
     offsets: dict[str, tuple[int, int]] | None = None,
 ) -> Iterator[tuple[torch.Tensor, str, int]]:
     """(position, raw sample) -> (augmented image, caption, sample id); bad samples skipped and
-    counted. Sample ids come from `offsets` (see `sample_id`).
+    counted (common.preprocess.decode_or_skip: the service's bounds, `resize` the model's).
+    Sample ids come from `offsets` (see `sample_id`).
 
     The augmentation of the sample at `position` is seeded by (seed, epoch, rank, worker,
     position), so it is the same whichever run (first or resumed) makes it.
@@ -139,7 +141,9 @@ def decode_samples(
             skipped[exc.reason] += 1
             log.debug("skipped: %s", exc)
             continue
-        image = decode_or_skip(raw.image, skipped, key=raw.key, max_pixels=max_pixels)
+        image = decode_or_skip(
+            raw.image, skipped, key=raw.key, resize=resize, max_pixels=max_pixels
+        )
         if image is None:
             continue
         with seeded(reader.sample_seed(position)):
@@ -160,6 +164,7 @@ class EpochData(IterableDataset):
         sources: list[Source],
         transform: Transform,
         tokenize: Tokenizer,
+        resize: ResizeLimit,
         *,
         seed: int,
         rank: int,
@@ -169,7 +174,7 @@ class EpochData(IterableDataset):
         offsets: dict[str, tuple[int, int]] | None = None,
     ) -> None:
         self.cfg, self.sources, self.offsets = cfg, sources, offsets
-        self.transform, self.tokenize = transform, tokenize
+        self.transform, self.tokenize, self.resize = transform, tokenize, resize
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = position
         self.batch_quota = batch_quota  # resampled: batches per logical worker in the epoch
@@ -195,6 +200,7 @@ class EpochData(IterableDataset):
             _tracked(samples, cursor),
             skipped,
             self.transform,
+            self.resize,
             self.cfg.max_image_pixels,
             reader,
             self.offsets,
@@ -315,6 +321,7 @@ class TrainBatches:
         cfg: DataConfig,
         transform: Transform,
         tokenize: Tokenizer,
+        resize: ResizeLimit,
         *,
         seed: int,
         rank: int,
@@ -324,7 +331,8 @@ class TrainBatches:
         pin_memory: bool = False,
         sample_ids: bool = False,
     ) -> None:
-        """sample_ids: give each batch its samples' ids (`Batch.ids`), from the shards' sample
+        """resize: the model's bound on an image's resized pixels (samples over it are skipped).
+        sample_ids: give each batch its samples' ids (`Batch.ids`), from the shards' sample
         counts (local shards only); `num_samples` is then the number of ids."""
         self.cfg = cfg
         self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
@@ -337,7 +345,7 @@ class TrainBatches:
                         f"{world_size} ranks: in epoch mode each rank needs at least one shard "
                         "of every source (more shards, fewer processes, or data.resampled=true)"
                     )
-        self.transform, self.tokenize = transform, tokenize
+        self.transform, self.tokenize, self.resize = transform, tokenize, resize
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.workers = max(1, cfg.workers)  # logical workers; workers=0 reads in this process
         self.samples_per_epoch, counted_from = self._samples_per_epoch()
@@ -473,6 +481,7 @@ class TrainBatches:
             self.sources,
             self.transform,
             self.tokenize,
+            self.resize,
             seed=self.seed,
             rank=self.rank,
             world_size=self.world_size,

@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from common.model import DualEncoder, class_embeddings
-from common.preprocess import Tokenizer, Transform, decode_or_skip
+from common.preprocess import (
+    DEFAULT_MAX_RESIZED_PIXELS,
+    ResizeLimit,
+    Tokenizer,
+    Transform,
+    decode_or_skip,
+    preprocess_config,
+)
 from common.shards import iter_shards
 
 log = logging.getLogger(__name__)
@@ -224,12 +231,15 @@ def embed_shards(
     spec: str,
     *,
     batch_size: int = 256,
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS,
 ) -> HeldOut:
-    """Embed every usable sample of `spec`, in order, in batches of `batch_size`.
+    """Embed every usable sample of `spec`, in order, in batches of `batch_size`; images over
+    the service's bounds (`max_resized_pixels` after the model's resize) are skipped, counted.
 
     A batch's hard-negative captions (at most a few per sample) share one extra text forward.
     """
     device = next(model.parameters()).device
+    resize = ResizeLimit(preprocess_config(model.clip), max_resized_pixels)
     skipped: Counter[str] = Counter()
     images: list[torch.Tensor] = []
     texts: list[torch.Tensor] = []
@@ -261,7 +271,7 @@ def embed_shards(
         batch.clear()
 
     for sample in iter_shards(spec, skipped):
-        decoded = decode_or_skip(sample.image, skipped, key=sample.key)
+        decoded = decode_or_skip(sample.image, skipped, key=sample.key, resize=resize)
         if decoded is None:
             continue
         fields = _sample_fields(sample.meta, sample.key)
@@ -344,6 +354,7 @@ def evaluate(
     ks: Sequence[int] = (1, 5, 10),
     batch_size: int = 256,
     chunk_rows: int = 1024,
+    max_resized_pixels: int = DEFAULT_MAX_RESIZED_PIXELS,
 ) -> dict[str, float]:
     """Retrieval recall@k on `spec`, zero-shot top-1/top-5 if a zero-shot file is given, and the
     hard-negative accuracies if the samples' JSON carries hard negatives.
@@ -354,7 +365,14 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        held = embed_shards(model, transform, tokenize, spec, batch_size=batch_size)
+        held = embed_shards(
+            model,
+            transform,
+            tokenize,
+            spec,
+            batch_size=batch_size,
+            max_resized_pixels=max_resized_pixels,
+        )
         metrics: dict[str, float] = {
             "samples": float(len(held.labels)),
             "skipped_samples": float(sum(held.skipped.values())),

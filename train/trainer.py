@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from common.config import to_dict
 from common.model import DualEncoder, build_model
-from common.preprocess import image_transform, preprocess_config, tokenizer
+from common.preprocess import ResizeLimit, image_transform, preprocess_config, tokenizer
 from common.shards import SKIP_REASONS
 from train import checkpoint
 from train.compute import Precision, prepare_model, uses_channels_last
@@ -184,6 +184,7 @@ class Trainer:
             cfg.data,
             image_transform(preprocess, train=True, augment=cfg.data.augment.augmentation),
             self.tokenize,
+            ResizeLimit(preprocess, cfg.data.max_resized_pixels),
             seed=cfg.seed,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
@@ -505,6 +506,7 @@ class Trainer:
                 ks=eval_cfg.recall_at,
                 batch_size=eval_cfg.batch_size,
                 chunk_rows=eval_cfg.chunk_rows,
+                max_resized_pixels=data.max_resized_pixels,
             )
             results["seconds"] = round(time.perf_counter() - start, 3)
             self.metrics.log_eval(self.step, results, final=final)

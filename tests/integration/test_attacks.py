@@ -9,10 +9,12 @@ attacks and valid traffic go only to it.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.conftest import running_service
 from tests.serve_support import (
@@ -641,3 +644,186 @@ def test_large_base64_bodies_leave_the_event_loop_free(net_service: str) -> None
     p50_s, p90_s = latencies_s[len(latencies_s) // 2], latencies_s[len(latencies_s) * 9 // 10]
     print(f"/health p50 {p50_s * 1000:.1f} ms, p90 {p90_s * 1000:.1f} ms, {len(statuses)} floods")
     assert p50_s < 0.05 and p90_s < 0.5, f"/health p50 {p50_s:.3f} s, p90 {p90_s:.3f} s"
+
+
+# --- container formats and decode flood ---
+
+ACCEPTED = "JPEG, PNG, WebP, GIF or BMP"  # what a refused format's 415 names
+
+
+def ico_wrapping(image_png: bytes) -> bytes:
+    """An ICO whose directory says 16 x 16 around `image_png`, as a hostile client writes one.
+
+    Pillow writes the container (header + one directory entry); the entry's PNG is swapped for
+    the large one and its byte count fixed: the directory still says 16 x 16.
+    """
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(out, format="ICO", sizes=[(16, 16)])
+    small = out.getvalue()
+    header, entry = small[:6], bytearray(small[6:22])
+    struct.pack_into("<II", entry, 8, len(image_png), 22)  # bytes in resource, offset
+    return header + bytes(entry) + image_png
+
+
+@pytest.fixture(scope="module")
+def ico_bomb() -> bytes:
+    return ico_wrapping(black_png(7000, 7000, color_type=2))  # ~140 KB, 49 M pixels inside
+
+
+def peak_rss_growth(base: str, action: Callable[[], object]) -> tuple[object, int]:
+    """`action()`'s result and the most the server's RSS grew over its baseline meanwhile."""
+    baseline = rss_bytes(base)
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak.append(rss_bytes(base))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    peak.append(rss_bytes(base))
+    return result, max(peak) - baseline
+
+
+def test_an_ico_around_a_large_png_is_refused_before_anything_is_decoded(
+    service: Fixture, ico_bomb: bytes
+) -> None:
+    def attack() -> httpx.Response:
+        return post(service.base, "/search", files={"image": ("x.ico", ico_bomb, "image/x-icon")})
+
+    body, growth = peak_rss_growth(
+        service.base, lambda: attack_and_check(service.base, attack, 415, "not_an_image")
+    )
+    assert ACCEPTED in str(body["error"])  # type: ignore[index]
+    assert growth < 100 * MIB, f"RSS grew {growth / MIB:.0f} MiB"
+
+
+def test_concurrent_ico_bombs_cost_no_memory(service: Fixture, ico_bomb: bytes) -> None:
+    body = {"images": [b64(ico_bomb)] * 2}
+
+    def attack() -> list[tuple[int, float]]:
+        answers: list[tuple[int, float]] = []
+
+        def one() -> None:
+            start = time.monotonic()
+            status = post(service.base, "/embed", json=body).status_code
+            answers.append((status, time.monotonic() - start))
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        return answers
+
+    answers, growth = peak_rss_growth(service.base, attack)
+    assert [status for status, _ in answers] == [415] * 6  # type: ignore[union-attr]
+    assert max(seconds for _, seconds in answers) < QUICK_S  # type: ignore[union-attr]
+    assert growth < 150 * MIB, f"RSS grew {growth / MIB:.0f} MiB"
+    assert_healthy(service.base)
+
+
+def pillow_file(fmt: str, frames: int = 1, **options: object) -> bytes:
+    images = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(frames)]
+    out = io.BytesIO()
+    extra = {"save_all": True, "append_images": images[1:]} if frames > 1 else {}
+    images[0].save(out, format=fmt, **extra, **options)  # type: ignore[arg-type]
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "frames"),
+    [("ICO", 1), ("ICNS", 1), ("TIFF", 3), ("PPM", 1), ("TGA", 1), ("PCX", 1), ("SGI", 1)],
+    ids=["ico", "icns", "tiff-3-pages", "ppm", "tga", "pcx", "sgi"],
+)
+def test_formats_outside_the_accepted_list_get_415_naming_it(
+    service: Fixture, fmt: str, frames: int
+) -> None:
+    data = pillow_file(fmt, frames)
+    response = post(service.base, "/search", files={"image": ("x", data, "application/x")})
+    body = assert_envelope(response, 415, "not_an_image")
+    assert ACCEPTED in str(body["error"])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("GIF", {"duration": 50}), ("PNG", {"duration": 50}), ("WEBP", {"lossless": True})],
+    ids=["animated-gif", "apng", "animated-webp"],
+)
+def test_animated_images_are_searched_by_their_first_frame(
+    service: Fixture, fmt: str, options: dict[str, object]
+) -> None:
+    animated = pillow_file(fmt, 12, **options)
+    first = pillow_file(fmt, 1, **{k: v for k, v in options.items() if k != "duration"})
+    answers = [
+        post(service.base, "/embed", json={"images": [b64(data)]}) for data in (animated, first)
+    ]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    vectors = [a.json()["image_embeddings"][0] for a in answers]
+    assert vectors[0] == pytest.approx(vectors[1], abs=1e-5)
+
+
+FLOOD_CLIENTS = 16
+FLOOD_S = 3.0
+FLOOD_ANSWER_BOUND_S = 30.0  # a flood request admitted waits at most the decode budget's worth
+
+
+def test_a_decode_flood_gets_429_and_small_image_searches_keep_their_latency(
+    service: Fixture, big_png: bytes
+) -> None:
+    """16 clients loop /embed with three 36 M-pixel PNGs (a few KB each) for 3 s while one
+    client times small image searches: those stay fast, the flood gets 429 or a bounded wait."""
+    small = {"image": b64(png(24)), "k": 3}
+    flood_body = {"images": [b64(big_png)] * 3}
+    unloaded = [timed_post(service.base, "/search", small) for _ in range(5)]
+    stop = threading.Event()
+    flood: list[tuple[int, float, str | None]] = []
+    searches: list[tuple[int, float]] = []
+
+    def flooder() -> None:
+        while not stop.is_set():
+            status, seconds, retry_after = timed_post(service.base, "/embed", flood_body)
+            flood.append((status, seconds, retry_after))
+            if status == 429:  # the clients share this machine's 2 cores with the server:
+                time.sleep(0.2)  # resending 400 KB bodies at once would measure their CPU
+
+    def searcher() -> None:
+        time.sleep(0.5)  # the flood is under way
+        while not stop.is_set():
+            status, seconds, _ = timed_post(service.base, "/search", small)
+            searches.append((status, seconds))
+
+    threads = [threading.Thread(target=flooder) for _ in range(FLOOD_CLIENTS)]
+    threads.append(threading.Thread(target=searcher))
+    for thread in threads:
+        thread.start()
+    time.sleep(FLOOD_S)
+    stop.set()
+    for thread in threads:
+        thread.join(FLOOD_ANSWER_BOUND_S + 10)
+    assert not any(thread.is_alive() for thread in threads), "a client is still waiting"
+    latencies = sorted(seconds for _, seconds in searches)
+    p50 = latencies[len(latencies) // 2]
+    baseline = sorted(seconds for _, seconds, _ in unloaded)[2]
+    assert {status for status, _ in searches} == {200}
+    assert p50 < max(1.0, 20 * baseline), f"small searches p50 {p50:.2f} s under the flood"
+    assert {status for status, _, _ in flood} <= {200, 429}
+    refused = [(seconds, retry) for status, seconds, retry in flood if status == 429]
+    assert refused, "the flood was never refused: the decode budget did not engage"
+    assert all(retry is not None for _, retry in refused)
+    assert max(seconds for seconds, _ in refused) < QUICK_S
+    assert max(seconds for _, seconds, _ in flood) < FLOOD_ANSWER_BOUND_S
+    assert_healthy(service.base)
+
+
+def timed_post(base: str, path: str, body: dict[str, object]) -> tuple[int, float, str | None]:
+    """Status, seconds and Retry-After of one POST."""
+    start = time.monotonic()
+    response = post(base, path, json=body)
+    return response.status_code, time.monotonic() - start, response.headers.get("Retry-After")

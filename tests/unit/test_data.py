@@ -17,7 +17,7 @@ from open_clip.transform import PreprocessCfg
 from PIL import Image
 
 import train.data
-from common.preprocess import image_transform, tokenizer
+from common.preprocess import ResizeLimit, image_transform, tokenizer
 from common.shards import count_samples, expand_urls, iter_shards, raw_samples, read_shard
 from train.config import DataConfig
 from train.data import DataPosition, EpochData, TrainBatches, WorkerEnd
@@ -31,6 +31,7 @@ from train.sampling import (
 
 TRANSFORM = image_transform(PreprocessCfg(size=32), train=True)  # random crops: seeded per sample
 TOKENIZE = tokenizer("duet-micro")
+RESIZE = ResizeLimit(PreprocessCfg(size=32))
 
 
 def jpeg(color: tuple[int, int, int], size: int = 40) -> bytes:
@@ -82,7 +83,7 @@ def epoch_items(cfg: DataConfig) -> list:
     """Everything one in-process worker delivers in epoch 0: its batches, then its WorkerEnd."""
     position = DataPosition.start_of(0, 1)
     data = EpochData(
-        cfg, data_sources(cfg), TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1,
+        cfg, data_sources(cfg), TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1,
         position=position, batch_quota=None,
     )  # fmt: skip
     return list(data)
@@ -185,7 +186,7 @@ def test_resampled_epochs_have_a_fixed_number_of_steps_and_are_logged(tmp_path, 
         shuffle_buffer=10,
     )
     with caplog.at_level(logging.INFO, logger="train.data"):
-        batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+        batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)
         stream = iter(batches)
         for _ in range(7):  # 30 // 4 = 7 steps per epoch
             next(stream)
@@ -201,7 +202,7 @@ def test_resampled_epochs_have_a_fixed_number_of_steps_and_are_logged(tmp_path, 
 
     remote = DataConfig(train_shards="pipe:cat x.tar", resampled=True)
     with pytest.raises(ValueError, match="needs data.samples_per_epoch"):
-        TrainBatches(remote, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+        TrainBatches(remote, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)
 
 
 def test_sample_ids_name_each_training_sample_the_same_in_every_epoch(synth_dir: Path):
@@ -209,7 +210,9 @@ def test_sample_ids_name_each_training_sample_the_same_in_every_epoch(synth_dir:
     lists the shards; every sample of an epoch once, whichever worker reads it."""
     spec = f"{synth_dir}/train/shard-{{000000..000001}}.tar"
     cfg = DataConfig(train_shards=spec, batch_size_per_rank=50, workers=2, shuffle_buffer=100)
-    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, sample_ids=True)
+    batches = TrainBatches(
+        cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1, sample_ids=True
+    )
     assert batches.num_samples == 500
     captions = [sample.caption for sample in iter_shards(spec, Counter())]  # in id order
     stream = iter(batches)
@@ -225,7 +228,9 @@ def test_sample_ids_name_each_training_sample_the_same_in_every_epoch(synth_dir:
 
     remote = DataConfig(train_shards="pipe:cat x.tar", resampled=True, samples_per_epoch=640)
     with pytest.raises(ValueError, match="local shards only"):
-        TrainBatches(remote, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, sample_ids=True)
+        TrainBatches(
+            remote, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1, sample_ids=True
+        )
 
 
 # -- exact resume ------------------------------------------------------------------------------
@@ -260,7 +265,9 @@ def test_a_resumed_stream_continues_with_identical_batches(
     )
 
     def make(state: dict | None = None) -> TrainBatches:
-        return TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=3, rank=0, world_size=1, state=state)
+        return TrainBatches(
+            cfg, TRANSFORM, TOKENIZE, RESIZE, seed=3, rank=0, world_size=1, state=state
+        )
 
     # an odd number of batches: the next one is due from the second worker
     first = make()
@@ -283,7 +290,7 @@ def test_replayed_samples_are_not_decoded(tmp_path, monkeypatch):
         workers=0,
         shuffle_buffer=8,
     )
-    first = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    first = TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)
     take(first, 6)
     decoded = []
     real_decode = train.data.decode_or_skip
@@ -293,7 +300,7 @@ def test_replayed_samples_are_not_decoded(tmp_path, monkeypatch):
         lambda data, *args, **kw: decoded.append(1) or real_decode(data, *args, **kw),
     )
     resumed = TrainBatches(
-        cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, state=first.state_dict()
+        cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1, state=first.state_dict()
     )
     take(resumed, 2)
     assert len(decoded) == 2 * 4  # the 24 replayed samples were skipped undecoded
@@ -301,12 +308,19 @@ def test_replayed_samples_are_not_decoded(tmp_path, monkeypatch):
 
 def test_a_changed_data_setup_resumes_at_the_next_epoch(tmp_path, caplog):
     cfg = DataConfig(train_shards=shards(tmp_path, "a", 1, 20), batch_size_per_rank=4, workers=0)
-    first = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    first = TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)
     take(first, 2)
     changed = dataclasses.replace(cfg, shuffle_buffer=7)
     with caplog.at_level(logging.WARNING):
         resumed = TrainBatches(
-            changed, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, state=first.state_dict()
+            changed,
+            TRANSFORM,
+            TOKENIZE,
+            RESIZE,
+            seed=0,
+            rank=0,
+            world_size=1,
+            state=first.state_dict(),
         )
     assert resumed.position == DataPosition.start_of(1, 1)
     assert "shuffle_buffer" in caplog.text and "restarts at data epoch 1" in caplog.text
@@ -367,7 +381,7 @@ def test_counts_come_back_from_worker_processes(tmp_path):
         train_shards=f"{first}::{second}", batch_size_per_rank=1, workers=2, shuffle_buffer=0
     )
     # one epoch has 3 good samples; skips after a worker's last batch ride on the next batch
-    batches = take(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1), 4)
+    batches = take(TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1), 4)
     assert total_skipped(batches) == {"corrupt_image": 1, "missing_caption": 1}
 
 
@@ -398,7 +412,7 @@ def test_pipe_urls_read_shards_and_failing_commands_are_retried(tmp_path, caplog
 def test_stream_continues_into_the_next_epoch(tmp_path):
     shard = write_shard(tmp_path / "a.tar", [good(str(i)) for i in range(5)])
     cfg = DataConfig(train_shards=str(shard), batch_size_per_rank=2, workers=0, shuffle_buffer=0)
-    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)
     for batch in take(batches, 5):  # 2 full batches per epoch (the 5th sample is dropped)
         assert batch.images.shape == (2, 3, 32, 32) and batch.tokens.shape == (2, 20)
     assert batches.epoch == 2
@@ -408,9 +422,9 @@ def test_too_few_shards_or_samples_fail_clearly(tmp_path):
     shard = write_shard(tmp_path / "a.tar", [good("0")])
     cfg = DataConfig(train_shards=str(shard), batch_size_per_rank=4, workers=0)
     with pytest.raises(ValueError, match="1 shards for 2 ranks"):
-        TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=2)
+        TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=2)
     with pytest.raises(RuntimeError, match="produced no full batch"):
-        next(iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)))
+        next(iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)))
 
 
 def started_since(others: set[int]) -> list[multiprocessing.process.BaseProcess]:
@@ -429,7 +443,7 @@ def test_data_workers_run_at_the_configured_niceness(tmp_path, niceness):
     )
     own = os.getpriority(os.PRIO_PROCESS, 0)
     others = {child.pid for child in multiprocessing.active_children()}
-    stream = iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1))
+    stream = iter(TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1))
     next(stream)  # the worker has started and made a batch
     (worker,) = started_since(others)
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, own + niceness)
@@ -441,7 +455,7 @@ def test_the_next_epochs_worker_starts_before_the_epoch_ends_and_streams_the_sam
     cfg = DataConfig(
         train_shards=shards(tmp_path, "e", 2, 20), batch_size_per_rank=2, workers=1
     )  # 20 steps per epoch; the next epoch's worker starts at batch 20 - (4 + 1) = 15
-    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1)
+    batches = TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1)
     others = {child.pid for child in multiprocessing.active_children()}
     stream = iter(batches)
     for _ in range(14):
@@ -456,7 +470,8 @@ def test_the_next_epochs_worker_starts_before_the_epoch_ends_and_streams_the_sam
 
     # the early-started epoch is the one a stream begun at that epoch delivers
     fresh = take(
-        TrainBatches(cfg, TRANSFORM, TOKENIZE, seed=0, rank=0, world_size=1, start_epoch=1), 20
+        TrainBatches(cfg, TRANSFORM, TOKENIZE, RESIZE, seed=0, rank=0, world_size=1, start_epoch=1),
+        20,
     )
     for early, reference in zip(epoch_1, fresh, strict=True):
         torch.testing.assert_close(early.images, reference.images)

@@ -13,11 +13,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.artifact import write_artifact
 from common.model import build_model
-from common.preprocess import decode_or_skip, image_transform, load_image, preprocess_config
+from common.preprocess import (
+    PreprocessCfg,
+    ResizeLimit,
+    decode_or_skip,
+    image_transform,
+    load_image,
+    preprocess_config,
+)
 from common.preprocess import tokenizer as make_tokenizer
 from common.shards import read_shard
+from serve.build_index import build_index
+from serve.index import SearchIndex
+from tests.serve_support import black_png
+from train.data import decode_samples
 from train.evaluate import embed_shards
+from train.sampling import Reader
 
 
 def png(image: Image.Image) -> bytes:
@@ -64,9 +77,42 @@ def test_evaluation_counts_too_large_images_as_the_others_do(tmp_path: Path):
         + [("2.png", b"junk"), ("2.txt", b"junk")],
     )
     skipped: Counter[str] = Counter()
-    assert decode_or_skip(huge, skipped, key="0") is None and skipped == {"image_too_large": 1}
+    resize = ResizeLimit(PreprocessCfg(size=32))
+    assert decode_or_skip(huge, skipped, key="0", resize=resize) is None
+    assert skipped == {"image_too_large": 1}
     model = build_model("duet-micro").eval()
     transform = image_transform(preprocess_config(model.clip), train=False)
     held_out = embed_shards(model, transform, make_tokenizer("duet-micro"), str(shard))
     assert held_out.skipped == {"image_too_large": 1, "corrupt_image": 1}
     assert len(held_out.labels) == 1
+
+
+def test_a_thin_png_is_skipped_by_evaluation_training_and_index_builds(tmp_path: Path):
+    """A 4.9 KB 40,000,000 x 1 PNG is 40 M pixels (under the decoded-pixel limit) but 32 x 1.28 G
+    once resized for the model: evaluation crashed on it and training ran out of memory. The
+    service's resize bound skips it everywhere, counted, never decoded."""
+    thin = black_png(40_000_000, 1)
+    good = png(Image.new("RGB", (40, 40), (0, 0, 200)))
+    shard = str(
+        write_tar(
+            tmp_path / "thin.tar",
+            [("0.png", thin), ("0.txt", b"thin"), ("1.png", good), ("1.txt", b"blue")],
+        )
+    )
+    model = build_model("duet-micro").eval()
+    cfg = preprocess_config(model.clip)
+    transform = image_transform(cfg, train=False)
+    held_out = embed_shards(model, transform, make_tokenizer("duet-micro"), shard)
+    assert held_out.skipped == {"image_too_large": 1} and len(held_out.labels) == 1
+
+    skipped: Counter[str] = Counter()
+    reader = Reader(0, 0, 0, 1, 0, 1)
+    train_transform = image_transform(cfg, train=True)
+    samples = enumerate(read_shard(shard, skipped))
+    limit = ResizeLimit(cfg)
+    decoded = list(decode_samples(samples, skipped, train_transform, limit, 10**8, reader))
+    assert skipped == {"image_too_large": 1} and [caption for _, caption, _ in decoded] == ["blue"]
+
+    artifact = write_artifact(model, tmp_path / "artifact", provenance={})
+    build_index(artifact, shard, tmp_path / "index")
+    assert SearchIndex.load(tmp_path / "index").manifest["skipped"] == {"image_too_large": 1}

@@ -131,18 +131,20 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     data = f"{folder}::{good}::{truncated}"
     argv = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "index")]
     assert build_index_cli.main([*argv, "--batch-size", "4"]) == 0
-    assert "indexed 9 images" in capsys.readouterr().out  # 7 - 1 pictures, 5 - 2 parquet rows
+    # 7 - 2 pictures (a broken file; a TIFF, not an accepted format), 5 - 2 parquet rows
+    assert "indexed 8 images" in capsys.readouterr().out
     for path in [tmp_path / "index", *(tmp_path / "index").rglob("*")]:  # another user may serve it
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
     index = SearchIndex.load(tmp_path / "index")
     assert index.manifest["skipped"] == {
         "corrupt_image": 2,
+        "unsupported_format": 1,
         "missing_image": 1,
         "failed_shard": 1,
     }
     rows = index.rows(list(range(index.count)))
     assert rows[0].meta["source"] == "2024/summer/photo1.png"
-    assert rows[8].meta["url"] == "https://example.com/4.jpg"
+    assert rows[7].meta["url"] == "https://example.com/4.jpg"
     index.close()
     bad = ["--model", str(artifact), "--data", str(tmp_path / "x.zip"), "--out", "x"]
     (tmp_path / "x.zip").write_bytes(b"PK\x03\x04")
