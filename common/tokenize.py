@@ -149,3 +149,23 @@ class _SpecialTokensOnly(dict[str, str]):
 
     def __reduce__(self) -> Any:  # pickle would refill it through __setitem__
         return (type(self), (dict(self),))
+
+
+def fill_template(template: str, label: str, max_chars: int) -> str:
+    """`template` with each "{}" replaced by `label`, built only as far as `max_chars`.
+
+    The tokenizer reads no further, so the result tokenizes exactly as the whole expansion
+    would, and a template of 500 "{}" with a 1,000-character label is 1,232 characters (at a
+    context of 77), not 500 KB. `replace`, not `format`: other braces stay text.
+    """
+    built: list[str] = []
+    size = 0
+    for i, part in enumerate(template.split("{}")):
+        if size >= max_chars:
+            break
+        if i:
+            built.append(label)
+            size += len(label)
+        built.append(part)
+        size += len(part)
+    return "".join(built)[:max_chars]
