@@ -13,12 +13,19 @@ refused before anything is decoded or encoded, with the setting that refused it 
     /classify prompts             labels x templates              MAX_CLASSIFY_PROMPTS      422
     encoder work                  encode items: 1 per text,       MAX_QUEUE_ITEMS (all      429
                                   image or uncached prompt        requests together)
+    tokenizing a text or prompt   its first 16 x context chars,   fixed by common.tokenize  none
+                                  words in pieces of <= 128 bytes (<= ~10 ms a text), on
+                                                                  the request's own thread
 
 Texts cost one encode item each whatever their length: the tokenizer cuts them at the model's
 context length and every text is encoded at that length. Images cost one encode item each: they
 reach the encoder as model-sized tensors. Decoding is bounded apart from encoding: at most
 DECODE_THREADS images are decoded at once, one at a time per request, so the decoded pixels alive
 at any moment are at most DECODE_THREADS x MAX_IMAGE_PIXELS.
+
+Tokenizing is charged where it runs: on the request's threadpool thread, before its texts are
+queued (`EncodeBatcher.tokenize`), never on the encoder thread; `common.tokenize` bounds it per
+text, whatever the text, and a /classify prompt is built only as far as the tokenizer reads.
 """
 
 from __future__ import annotations

@@ -229,6 +229,12 @@ class Settings(BaseSettings):
         default=32 * 1024, ge=1024, description="Largest request line + headers, in bytes (431)."
     )
     max_header_count: int = Field(default=100, ge=1, description="Most request headers (431).")
+    shutdown_timeout_s: int = Field(
+        default=5,
+        ge=0,
+        description="On SIGTERM, requests still running this long after it are cancelled and the "
+        "server exits (`python -m serve`; the uvicorn command: UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN).",
+    )
     # --- web and logs ---
     cors_origins: list[str] = Field(
         default_factory=list,
