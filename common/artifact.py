@@ -33,13 +33,13 @@ from safetensors.torch import save_file
 from common.model import DualEncoder
 from common.permissions import make_readable
 from common.preprocess import (
-    Tokenizer,
     Transform,
     image_transform,
     preprocess_config,
     preprocess_dict,
     tokenizer,
 )
+from common.tokenize import BoundedTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class LoadedModel:
 
     model: DualEncoder
     transform: Transform
-    tokenize: Tokenizer
+    tokenize: BoundedTokenizer
     manifest: dict[str, Any]
 
 

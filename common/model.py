@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from common.tokenize import fill_template
 from common.weights import load_weights, read_weights
 
 log = logging.getLogger(__name__)
@@ -280,7 +282,8 @@ def class_embeddings(
         raise ValueError("class_embeddings needs at least one class name and one template")
     # `model`: anything with encode_text, e.g. a DualEncoder or ONNX towers (which run on the CPU)
     device = next(model.parameters()).device if isinstance(model, nn.Module) else "cpu"
-    # replace, not format: other braces in a user's template stay text instead of raising
-    prompts = [template.replace("{}", name) for name in classnames for template in templates]
+    # built only as far as a bounded tokenizer reads (common.tokenize): the same tokens
+    max_chars = getattr(tokenize, "max_chars", sys.maxsize)
+    prompts = [fill_template(t, name, max_chars) for name in classnames for t in templates]
     text = model.encode_text(tokenize(prompts).to(device))  # [C*T, D]
     return normalize(text.view(len(classnames), len(templates), -1).mean(dim=1))

@@ -24,6 +24,8 @@ from PIL import Image
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import Compose, GaussianBlur, RandomApply, RandomResizedCrop
 
+from common.tokenize import BoundedTokenizer, bounded
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; larger images are refused before decoding
@@ -359,9 +361,10 @@ def _train_transform(cfg: PreprocessCfg, augment: Augmentation) -> Compose:
     return Compose(steps)
 
 
-def tokenizer(model_name_or_dir: str) -> Tokenizer:
-    """open_clip's tokenizer for a registered model name or a `local-dir:` artifact path."""
+def tokenizer(model_name_or_dir: str) -> BoundedTokenizer:
+    """open_clip's tokenizer for a registered model name or a `local-dir:` artifact path, with
+    the cost bounds of `common.tokenize` (training, evaluation, index builds and the service)."""
     from common.model import register_bundled_configs
 
     register_bundled_configs()
-    return open_clip.get_tokenizer(model_name_or_dir)
+    return bounded(open_clip.get_tokenizer(model_name_or_dir))

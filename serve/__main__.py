@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=not settings.access_log,  # the service logs each request itself, with latency
         http=guarded_protocol(ConnectionLimits.from_settings(settings)),  # slowloris deadlines
+        # SIGTERM cancels what still runs after this, instead of waiting for it
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return 0
 

@@ -9,8 +9,9 @@ The API docs (/docs, /redoc) load Swagger UI and ReDoc from files installed with
 offline and leak no visit to a third party.
 
 Middleware, outermost first: request metrics and access log (so they see every answer, 401s and
-500s included), CORS (preflights answered before the key check), the API key, and the
-catch-all that turns an unexpected exception into a 500 envelope.
+500s included), the cancelling of a request whose client disconnected (`serve.disconnect`, 499),
+CORS (preflights answered before the key check), the API key, and the catch-all that turns an
+unexpected exception into a 500 envelope.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from serve import timing
 from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
 from serve.decoding import DecodeQueue
+from serve.disconnect import CancelOnDisconnect
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
 from serve.images import lower_decode_priority, return_large_frees_to_os
@@ -98,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "X-API-Key", "Authorization"],
             expose_headers=EXPOSED_HEADERS,
         )
+    app.add_middleware(CancelOnDisconnect)  # inside the metrics: they see its 499
     app.add_middleware(
         RequestMetricsMiddleware, metrics=app.state.metrics, log_requests=settings.access_log
     )

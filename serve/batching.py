@@ -14,9 +14,12 @@ A job may carry `then`, a function of its own rows run on the worker thread righ
 forward pass (the search of a /search request): the caller gets `then`'s value, and the request
 makes one thread hand-off instead of two. An exception in `then` fails that job only.
 
-Failure isolation: images arrive already preprocessed (model-sized tensors), so an image that
-cannot be decoded or resized fails its own request before it is queued. If a batched forward pass
-still fails, the batch is split in halves and retried until only the guilty job fails.
+The worker thread runs forward passes only. Texts are tokenized before they are queued, on a
+threadpool thread of the request (`tokenize`; bounded per text by `common.tokenize`), and images
+arrive already preprocessed (model-sized tensors): a request's tokenizing or decoding costs
+that request's time, not everyone's. An image that cannot be decoded or resized fails its own
+request before it is queued. If a batched forward pass still fails, the batch is split in
+halves and retried until only the guilty job fails.
 
 With `batching=False` every job is encoded on its own (the same thread and queue, one job per
 forward pass), which is the baseline the benchmark compares against.
@@ -43,6 +46,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
+from starlette.concurrency import run_in_threadpool
 
 from serve import timing
 from serve.encoder import Encoder
@@ -84,7 +88,7 @@ class _NoObserver:
 @dataclass(slots=True)
 class _Job:
     kind: JobKind
-    items: Sequence[Any]  # texts or preprocessed [3, H, W] images; for "call", empty
+    items: Sequence[Any]  # texts' [C] token ids or preprocessed [3, H, W] images; "call": empty
     size: int  # what the job counts against the queue bound
     call: Callable[[], Any] | None = None
     then: Callable[[np.ndarray], Any] | None = None  # applied to the job's rows, on the worker
@@ -137,7 +141,18 @@ class EncodeBatcher:
         `bulk`: part of a large piece of work (a /classify's label prompts) that should give way
         to interactive requests; it is still encoded within `BULK_MAX_WAIT_S` of being queued.
         """
-        return await self._await(_Job("text", list(texts), len(texts), bulk=bulk))
+        return await self.encode_tokens(await self.tokenize(texts), bulk=bulk)
+
+    async def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """N texts -> [N, C] token ids, on a threadpool thread (neither the event loop nor the
+        encoder thread): a request's tokenizing is its own cost."""
+        if not texts:
+            return torch.zeros((0, 0), dtype=torch.long)
+        return await run_in_threadpool(self.encoder.tokenize, list(texts))
+
+    async def encode_tokens(self, tokens: torch.Tensor, *, bulk: bool = False) -> np.ndarray:
+        """[N, C] token ids (`tokenize`) -> [N, D] unit vectors; `bulk` as in `encode_texts`."""
+        return await self._await(_Job("text", list(tokens), len(tokens), bulk=bulk))
 
     async def encode_images(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
         """N preprocessed [3, H, W] images (`Encoder.preprocess`) -> [N, D] unit vectors, encoded
@@ -147,9 +162,12 @@ class EncodeBatcher:
     async def encode_then(
         self, kind: Literal["text", "image"], items: Sequence[Any], then: Callable[[np.ndarray], T]
     ) -> T:
-        """`then([N, D] vectors of items)`, run on the worker thread after the batch's encoding."""
+        """`then([N, D] vectors of items)`, run on the worker thread after the batch's encoding;
+        `items` are texts (tokenized first) or preprocessed images."""
         if not items:
             raise ValueError("encode_then needs at least one text or image")
+        if kind == "text":
+            items = list(await self.tokenize(items))
         result: T = await self._await(_Job(kind, list(items), len(items), then=then))
         return result
 
@@ -299,9 +317,9 @@ class EncodeBatcher:
         return [_finish(job, job_rows) for job, job_rows in zip(jobs, rows, strict=True)]
 
     def _encode(self, kind: JobKind, items: list[Any]) -> np.ndarray:
-        """[len(items), D]: texts, or preprocessed images, in slices of at most max_batch_size
-        (a job larger than the batch size is alone in its batch)."""
-        encode = self.encoder.encode_texts if kind == "text" else self.encoder.encode_pixels
+        """[len(items), D]: texts' token ids, or preprocessed images, in slices of at most
+        max_batch_size (a job larger than the batch size is alone in its batch)."""
+        encode = self.encoder.encode_tokens if kind == "text" else self.encoder.encode_pixels
         return np.concatenate(
             [
                 encode(items[start : start + self.max_batch_size])

@@ -26,6 +26,9 @@ refused before anything is decoded or encoded, with the setting that refused it 
     decoding (serve.decoding)     decoded pixels of every image   MAX_DECODE_PIXELS per     429
                                   waiting or in decoding, from    lane (small images,
                                   headers, at admission           large ones)
+    tokenizing a text or prompt   its first 16 x context chars,   fixed by common.tokenize  none
+                                  words in pieces of <= 128 bytes (<= ~10 ms a text), on
+                                                                  the request's own thread
 
 Texts cost one encode item each whatever their length: the tokenizer cuts them at the model's
 context length and every text is encoded at that length. Images cost one encode item each: they
@@ -36,6 +39,10 @@ a time per request. An image's pixels are charged by the memory its decode needs
 decode memory alive at any moment is at most
 (DECODE_THREADS x MAX_IMAGE_PIXELS + SMALL_IMAGE_PIXELS) x 8 bytes. Only JPEG, PNG, WebP, GIF and
 BMP are opened (common.preprocess.ACCEPTED_FORMATS), first frame only: 415 for the rest.
+
+Tokenizing is charged where it runs: on the request's threadpool thread, before its texts are
+queued (`EncodeBatcher.tokenize`), never on the encoder thread; `common.tokenize` bounds it per
+text, whatever the text, and a /classify prompt is built only as far as the tokenizer reads.
 """
 
 from __future__ import annotations

@@ -53,10 +53,28 @@ class Encoder:
     def embed_dim(self) -> int:
         return self.loaded.model.embed_dim
 
+    @property
+    def max_text_chars(self) -> int:
+        """The characters of a text the tokenizer reads; the rest is cut unread."""
+        return self.loaded.tokenize.max_chars
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """N texts -> [N, D] unit vectors."""
+        return self.encode_tokens(self.tokenize(texts))
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """N texts -> their [N, C] token ids (the artifact's tokenizer, `common.tokenize`).
+
+        No lock: like `preprocess`, it runs on the caller's thread, so the forward passes never
+        wait for a request's tokenizing.
+        """
+        return self.loaded.tokenize(list(texts))
+
+    def encode_tokens(self, tokens: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
+        """N texts' [C] token ids (`tokenize`) -> [N, D] unit vectors."""
         with self._lock, torch.inference_mode():
-            return _to_numpy(self._texts(texts))
+            batch = torch.stack(list(tokens)).to(self.device)  # [N, C]
+            return _to_numpy(self.towers.encode_text(batch))
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """N RGB images -> [N, D] unit vectors (the artifact's eval transform is applied here)."""
@@ -87,10 +105,6 @@ class Encoder:
         with self._lock, torch.inference_mode():
             prompts = class_embeddings(self.towers, self.loaded.tokenize, labels, templates)
             return _to_numpy(prompts)
-
-    def _texts(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.loaded.tokenize(list(texts)).to(self.device)  # [N, L]
-        return self.towers.encode_text(tokens)
 
 
 def zero_shot_probabilities(

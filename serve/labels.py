@@ -8,6 +8,7 @@ encoded; `ensemble` turns prompt embeddings into class embeddings.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.tokenize import fill_template
 from serve.encoder import Encoder
 from serve.settings import LabelSet
 
@@ -43,10 +45,11 @@ def embed_label_sets(
     return embedded
 
 
-def prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
-    """Every label in every template, label-major: [L * T] (as `common.model.class_embeddings`)."""
-    # replace, not format: other braces in a user's template stay text instead of raising
-    return [template.replace("{}", label) for label in labels for template in templates]
+def prompts(labels: Sequence[str], templates: Sequence[str], max_chars: int) -> list[str]:
+    """Every label in every template, label-major: [L * T] (as `common.model.class_embeddings`),
+    each built only as far as the tokenizer reads (`max_chars`, `common.tokenize`): a template of
+    many "{}" never expands beyond it, and the prompts tokenize as the full expansions would."""
+    return [fill_template(template, label, max_chars) for label in labels for template in templates]
 
 
 def ensemble(prompt_embeddings: np.ndarray, labels: int) -> np.ndarray:
@@ -61,36 +64,45 @@ class PromptCache:
     """Thread-safe bounded LRU: (model name, prompt) -> its [D] unit text embedding.
 
     Per prompt rather than per label set: a request that adds one label to a known set pays for
-    that label's prompts only.
+    that label's prompts only. A prompt is keyed by a 16-byte digest of its text (a bounded
+    prompt, `prompts`), so an entry holds ~300 bytes besides its vector whatever the prompt:
+    `entries` x (4 D + ~300) bytes in all (measured: 37 MiB for 16,384 entries of D = 512).
     """
 
     def __init__(self, entries: int = PROMPT_CACHE_ENTRIES) -> None:
         if entries < 0:
             raise ValueError(f"entries must be >= 0, got {entries}")
         self.entries = entries
-        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._items: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def get_many(self, model: str, texts: Sequence[str]) -> list[np.ndarray | None]:
         """The cached embedding of each text, or None where it is not cached."""
+        keys = [(model, _digest(text)) for text in texts]
         with self._lock:
             found = []
-            for text in texts:
-                vector = self._items.get((model, text))
+            for key in keys:
+                vector = self._items.get(key)
                 if vector is not None:
-                    self._items.move_to_end((model, text))
+                    self._items.move_to_end(key)
                 found.append(vector)
             return found
 
     def put_many(self, model: str, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Cache `vectors` [N, D] for `texts`, dropping the least recently used beyond `entries`."""
+        keys = [(model, _digest(text)) for text in texts]
         with self._lock:
-            for text, vector in zip(texts, vectors, strict=True):
-                self._items[(model, text)] = vector
-                self._items.move_to_end((model, text))
+            for key, vector in zip(keys, vectors, strict=True):
+                self._items[key] = vector
+                self._items.move_to_end(key)
             while len(self._items) > self.entries:
                 self._items.popitem(last=False)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+
+def _digest(text: str) -> bytes:
+    # "surrogatepass": a JSON body may carry a lone surrogate, which plain UTF-8 refuses
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()

@@ -272,6 +272,12 @@ class Settings(BaseSettings):
         description="An answer the client does not read (over 64 KiB left unsent) must drain "
         "within this time, else the connection is aborted and the answer's memory freed.",
     )
+    shutdown_timeout_s: int = Field(
+        default=5,
+        ge=0,
+        description="On SIGTERM, requests still running this long after it are cancelled and the "
+        "server exits (`python -m serve`; the uvicorn command: UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN).",
+    )
     # --- web and logs ---
     cors_origins: list[str] = Field(
         default_factory=list,

@@ -240,26 +240,6 @@ def check_eval_paths(cfg: DataConfig) -> None:
         raise FileNotFoundError(f"data.zeroshot_file: {cfg.zeroshot_file!r} not found; {hint}")
 
 
-CHARS_PER_TOKEN_BOUND = 16
-"""Characters of caption kept per token of context: a CLIP BPE token spans 1-15 characters
-with its space, so the cut never removes text that would have fitted in the context."""
-
-
-def bounded_tokenizer(tokenize: Tokenizer) -> Tokenizer:
-    """`tokenize`, with each caption first cut to CHARS_PER_TOKEN_BOUND x context length chars.
-
-    Tokenizing cleans the whole string (ftfy, regexes) before it truncates to the context: one
-    1 MB caption took 6.5 s, stalling every rank. The bound makes that cost independent of the
-    caption's length. open_clip's tokenizers carry `context_length`; 77 otherwise, CLIP's.
-    """
-    context_length = int(getattr(tokenize, "context_length", 77) or 77)
-    return functools.partial(_cut_and_tokenize, tokenize, context_length * CHARS_PER_TOKEN_BOUND)
-
-
-def _cut_and_tokenize(tokenize: Tokenizer, max_chars: int, captions: list[str]) -> torch.Tensor:
-    return tokenize([caption[:max_chars] for caption in captions])
-
-
 def _tracked(src: Iterable[tuple[int, T]], cursor: list[int]) -> Iterator[tuple[int, T]]:
     """Pass (position, item) on, keeping cursor[0] = items taken, for the batch's position."""
     for position, item in src:

@@ -25,7 +25,7 @@ from common.shards import SKIP_REASONS
 from train import checkpoint
 from train.compute import Precision, prepare_model, uses_channels_last
 from train.config import OptimConfig, TrainConfig
-from train.data import Batch, TrainBatches, bounded_tokenizer, check_eval_paths
+from train.data import Batch, TrainBatches, check_eval_paths
 from train.distributed import (
     DistInfo,
     close_distributed,
@@ -178,7 +178,7 @@ class Trainer:
             self._restore(None if resume is True else Path(resume))
         preprocess = preprocess_config(self.model.clip)
         self.eval_transform = image_transform(preprocess, train=False)
-        self.tokenize = bounded_tokenizer(tokenizer(cfg.model.name))
+        self.tokenize = tokenizer(cfg.model.name)  # cost-bounded (common.tokenize)
         check_eval_paths(cfg.data)
         self.batches = TrainBatches(
             cfg.data,

@@ -2,10 +2,12 @@
 
 GET /label-sets lists the label sets configured at start-up (their embeddings are computed once,
 at load). Labels sent with a request cost labels x templates prompts (`max_classify_prompts`);
-each prompt is embedded on first use and kept in an LRU cache (`prompt_cache_entries`), and the
-prompts not yet cached are encoded as bulk work (`EncodeBatcher`) in chunks of a quarter of
-`max_batch_size`, one chunk at a time, so a large label set takes its turns between other
-requests instead of holding the encoder.
+each prompt is built only as far as the tokenizer reads (a template of many "{}" never expands
+beyond that), embedded on first use and kept in an LRU cache (`prompt_cache_entries`), and the
+prompts not yet cached are tokenized on the request's thread and encoded as bulk work
+(`EncodeBatcher`) in chunks of a quarter of `max_batch_size`, one chunk at a time, so a large
+label set takes its turns between other requests instead of holding the encoder. A client
+that disconnects stops its remaining chunks (`serve.disconnect`).
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ async def label_embeddings(
     assert request.labels is not None
     labels, templates = request.labels, request.templates or settings.default_templates
     charge_prompts(len(labels), len(templates), settings)
-    vectors = await prompt_embeddings(service, prompts(labels, templates))  # [L * T, D]
+    texts = prompts(labels, templates, service.encoder.max_text_chars)
+    vectors = await prompt_embeddings(service, texts)  # [L * T, D]
     return labels, templates, ensemble(vectors, len(labels))
 
 

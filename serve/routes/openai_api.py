@@ -68,8 +68,9 @@ async def embeddings(
         )
         tokens = 0
     else:
-        vectors = await service.batcher.encode_texts(body.inputs)
-        tokens = _token_count(service, body.inputs)
+        ids = await service.batcher.tokenize(body.inputs)  # [N, C], once for both
+        vectors = await service.batcher.encode_tokens(ids)
+        tokens = int((ids != 0).sum())  # up to and with each one's end-of-text, or the context
     data = [
         OpenAIEmbedding(index=i, embedding=_encode(vector, body.encoding_format))
         for i, vector in enumerate(vectors)
@@ -106,9 +107,3 @@ def _encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":  # what OpenAI's clients decode: float32, little-endian
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
     return [float(x) for x in vector]
-
-
-def _token_count(service: Service, texts: list[str]) -> int:
-    """Tokens the texts really use: up to and with each one's end-of-text, or the context."""
-    tokens = service.encoder.loaded.tokenize(texts)  # [N, C]
-    return int((tokens != 0).sum())

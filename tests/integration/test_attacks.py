@@ -8,13 +8,18 @@ attacks and valid traffic go only to it.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
 import os
+import random
 import re
 import socket
+import string
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -26,7 +31,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import running_service
+from tests.conftest import free_port, running_service, subprocess_env
 from tests.serve_support import (
     assert_envelope,
     b64,
@@ -827,3 +832,210 @@ def timed_post(base: str, path: str, body: dict[str, object]) -> tuple[int, floa
     start = time.monotonic()
     response = post(base, path, json=body)
     return response.status_code, time.monotonic() - start, response.headers.get("Retry-After")
+
+
+# --- tokenizer cost and abandoned work ---
+
+
+def letters(count: int, rng: random.Random) -> str:
+    """`count` random letters: one word that byte-pair encoding finds costly."""
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(count))
+
+
+def answered_quickly(base: str, attack: Callable[[], httpx.Response]) -> httpx.Response:
+    """The attack is answered (200 or a 4xx) within QUICK_S while every valid search gets 200,
+    memory stays bounded and the server is healthy afterwards."""
+    baseline = rss_bytes(base)
+    response, elapsed, statuses = under_attack(base, attack)
+    assert isinstance(response, httpx.Response)
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+    assert elapsed < QUICK_S, f"the attack took {elapsed:.1f} s"
+    assert statuses and set(statuses) == {200}, f"valid requests got {sorted(set(statuses))}"
+    assert rss_bytes(base) - baseline < RSS_GROWTH_BOUND
+    assert_healthy(base)
+    return response
+
+
+def test_classify_with_500_label_slots_in_a_template_is_answered_quickly(service: Fixture) -> None:
+    """8 labels of 1,000 letters in "{}" x 500 (11.5 KB) made 500 KB prompts, tokenized whole on
+    the encoder thread: every search waited minutes."""
+    rng = random.Random(22)
+    labels = [letters(1000, rng) for _ in range(8)]
+    body = {"images": [b64(png(24))], "labels": labels, "templates": ["{}" * 500]}
+    response = answered_quickly(service.base, lambda: post(service.base, "/classify", json=body))
+    assert response.status_code == 200
+    assert sorted(p["label"] for p in response.json()["predictions"]) == sorted(labels)
+
+
+def test_embed_of_32_long_words_is_answered_quickly(service: Fixture) -> None:
+    """32 texts of one 1,000-letter word each: ~0.1-0.3 s of byte-pair encoding apiece before."""
+    rng = random.Random(23)
+    body = {"texts": [letters(1000, rng) for _ in range(32)]}
+    response = answered_quickly(service.base, lambda: post(service.base, "/embed", json=body))
+    assert response.status_code == 200 and len(response.json()["text_embeddings"]) == 32
+
+
+def test_classify_of_256_long_labels_in_500_slots_keeps_memory_bounded(service: Fixture) -> None:
+    """256 labels of 1,000 letters in "{}" x 500 (261 KB) expanded to 128 MB of prompts, and
+    their tokenizing took hundreds of MB more; each prompt is now cut at the tokenizer's budget."""
+    rng = random.Random(24)
+    body = {
+        "images": [b64(png(24))],
+        "labels": [letters(1000, rng) for _ in range(256)],
+        "templates": ["{}" * 500],
+    }
+    baseline = rss_bytes(service.base)
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            peak.append(rss_bytes(service.base))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        response, elapsed, statuses = under_attack(
+            service.base, lambda: post(service.base, "/classify", json=body)
+        )
+    finally:
+        done.set()
+        sampler.join()
+    assert isinstance(response, httpx.Response) and response.status_code == 200, response
+    assert elapsed < 60, f"the /classify took {elapsed:.1f} s"
+    assert statuses and set(statuses) == {200}
+    assert max(peak) - baseline < 100 * MIB, f"peak +{(max(peak) - baseline) / MIB:.0f} MiB"
+    assert_healthy(service.base)
+
+
+def test_embeds_of_unique_words_leave_memory_bounded(service: Fixture) -> None:
+    """200 /embed of 32 texts of ~110 unique words each: the tokenizer's word cache kept every
+    word (+130 MB here); now it is an LRU, and words past the context are not encoded."""
+    rng = random.Random(25)
+    bodies = [
+        {"texts": [" ".join(letters(8, rng) for _ in range(110)) for _ in range(32)]}
+        for _ in range(200)
+    ]
+    baseline = rss_bytes(service.base)
+    statuses: list[int] = []
+
+    def send(part: list[dict[str, object]]) -> None:
+        with httpx.Client(base_url=service.base, timeout=60, trust_env=False) as client:
+            statuses.extend(client.post("/embed", json=body).status_code for body in part)
+
+    senders = [threading.Thread(target=send, args=(bodies[i::4],)) for i in range(4)]
+    start = time.monotonic()
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(120)
+    assert statuses == [200] * len(bodies)
+    assert time.monotonic() - start < 60
+    assert rss_bytes(service.base) - baseline < 80 * MIB
+    assert_healthy(service.base)
+
+
+def metric(base: str, name: str, labels: str) -> float:
+    """A sample of /metrics (0 if absent): `name{labels}`."""
+    metrics = httpx.get(f"{base}/metrics", timeout=10, trust_env=False).text
+    found = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def heavy_classify(seed: int) -> bytes:
+    """A /classify of 2,048 prompts (the budget) whose every prompt is a new 1,000-letter word:
+    a few seconds of tokenizing and encoding that no cache shortens."""
+    rng = random.Random(seed)
+    labels = [letters(1000, rng) for _ in range(256)]
+    templates = [letters(3, rng) + "{}" for _ in range(8)]  # glued on: a new word per prompt
+    body = json.dumps({"images": [b64(png(24))], "labels": labels, "templates": templates})
+    head = "POST /classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    return f"{head}Content-Length: {len(body)}\r\n\r\n{body}".encode()
+
+
+def wait_for_text_batches(base: str, count: float, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text_batches(base) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} text batches in {timeout_s} s"
+        time.sleep(0.02)
+
+
+def test_a_classify_whose_client_leaves_stops_encoding(service: Fixture) -> None:
+    """The client of a long /classify disconnects: its remaining prompt chunks are not encoded
+    (it went on for 19 s), and it is counted as 499, not as a server error."""
+    before = text_batches(service.base)
+    labels = 'method="POST",route="/classify",status="499"'
+    counted = metric(service.base, "duet_http_requests_total", labels)
+    host, port = service.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(heavy_classify(26))
+        wait_for_text_batches(service.base, before + 2)  # its encoding has started
+    time.sleep(1.0)  # the disconnect is seen; a chunk already on its way may still finish
+    stopped_at = text_batches(service.base)
+    time.sleep(2.0)
+    assert text_batches(service.base) == stopped_at, "chunks were encoded after the client left"
+    assert stopped_at - before < 2048 / 8 / 2  # far fewer than its 256 chunks
+    assert metric(service.base, "duet_http_requests_total", labels) == counted + 1
+    assert_healthy(service.base)
+
+
+def test_sigterm_with_heavy_work_in_flight_exits_within_the_shutdown_timeout(
+    tmp_path: Path,
+) -> None:
+    """Three long /classify in flight: SIGTERM stops the server within DUET_SHUTDOWN_TIMEOUT_S
+    (and exiting), instead of waiting for them; their clients get 503 not_ready."""
+    artifact = make_artifact(tmp_path)
+    index = make_index(artifact, make_shard(tmp_path / "synth", 8), tmp_path / "index")
+    env = {"DUET_SHUTDOWN_TIMEOUT_S": "1", "DUET_ACCESS_LOG": "false"}
+    with served_process(artifact, index, env) as (base, process):
+        host, port = base.removeprefix("http://").split(":")
+        answers: list[bytes] = []
+
+        def client(seed: int) -> None:
+            with socket.create_connection((host, int(port)), timeout=60) as sock:
+                sock.sendall(heavy_classify(seed))
+                answers.append(sock.recv(65536))
+
+        clients = [threading.Thread(target=client, args=(seed,)) for seed in (27, 28, 29)]
+        for thread in clients:
+            thread.start()
+        wait_for_text_batches(base, 3)
+        start = time.monotonic()
+        process.terminate()
+        process.wait(timeout=60)
+        exited_s = time.monotonic() - start
+        for thread in clients:
+            thread.join(60)
+    assert exited_s < 1 + 4, f"the server took {exited_s:.1f} s to exit after SIGTERM"
+    assert len(answers) == 3
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        assert b'"type":"not_ready"' in answer
+
+
+@contextlib.contextmanager
+def served_process(
+    artifact: Path, index: Path, env: dict[str, str]
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """`python -m serve` on a free port, ready; its base URL and process (killed at the end)."""
+    port = free_port()
+    settings = {**env, "DUET_PORT": str(port), "DUET_LOG_LEVEL": "warning"}
+    settings.update(DUET_ARTIFACT_DIR=str(artifact), DUET_INDEX_DIR=str(index))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve"], env=subprocess_env(**settings), text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/ready", timeout=5, trust_env=False).status_code == 200:
+                    break
+            time.sleep(0.3)
+        assert process.poll() is None, "the server exited while starting"
+        yield base, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)

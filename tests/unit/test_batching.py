@@ -86,10 +86,13 @@ class GatedEncoder:
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def encode_texts(self, texts):  # type: ignore[no-untyped-def]
+    def tokenize(self, texts):  # type: ignore[no-untyped-def]
+        return self.inner.tokenize(texts)
+
+    def encode_tokens(self, tokens):  # type: ignore[no-untyped-def]
         self.started.set()
         assert self.release.wait(WAIT_S)
-        return self.inner.encode_texts(texts)
+        return self.inner.encode_tokens(tokens)
 
     def encode_pixels(self, pixels):  # type: ignore[no-untyped-def]
         self.started.set()
@@ -97,12 +100,22 @@ class GatedEncoder:
         return self.inner.encode_pixels(pixels)
 
 
+async def _queued(batcher: EncodeBatcher, items: int) -> None:
+    """Wait (bounded) until `items` are queued or being encoded: texts are tokenized on a
+    threadpool thread before they are queued."""
+    for _ in range(3000):
+        if batcher.pending_items >= items:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{batcher.pending_items} items queued after 30 s, expected {items}")
+
+
 async def _concurrently(batcher: EncodeBatcher, gate: GatedEncoder) -> list[np.ndarray]:
     """One text first (it occupies the worker), then the rest while it is stuck."""
     first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
     assert await asyncio.to_thread(gate.started.wait, WAIT_S)
     rest = [asyncio.ensure_future(batcher.encode_texts([text])) for text in TEXTS[1:]]
-    await asyncio.sleep(0.05)
+    await _queued(batcher, len(TEXTS))
     gate.release.set()
     return await asyncio.gather(first, *rest)
 
@@ -163,7 +176,7 @@ def test_full_queue_refuses_instead_of_waiting(encoder: Encoder) -> None:
         first = asyncio.ensure_future(batcher.encode_texts(["a", "b"]))  # 2 pending
         assert await asyncio.to_thread(gate.started.wait, WAIT_S)
         second = asyncio.ensure_future(batcher.encode_texts(["c"]))  # 3 pending: at the limit
-        await asyncio.sleep(0)
+        await _queued(batcher, 3)
         with pytest.raises(Overloaded, match="limit 3"):
             await batcher.encode_texts(["d"])
         assert batcher.pending_items == 3
@@ -217,7 +230,7 @@ def test_then_runs_on_the_worker_per_job_and_fails_only_its_own_job(encoder: Enc
             asyncio.ensure_future(batcher.encode_then("text", TEXTS[3:4], failing)),
             asyncio.ensure_future(batcher.encode_texts(TEXTS[4:5])),
         ]
-        await asyncio.sleep(0.05)
+        await _queued(batcher, 5)
         gate.release.set()
         return await asyncio.gather(first, *jobs, return_exceptions=True)
 
@@ -278,9 +291,9 @@ def test_bulk_work_gives_way_to_interactive_jobs_queued_after_it(
         first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
         assert await asyncio.to_thread(gate.started.wait, WAIT_S)
         bulk = asyncio.ensure_future(batcher.encode_texts(TEXTS[1:4], bulk=True))
-        await asyncio.sleep(0.01)
+        await _queued(batcher, 4)
         search = asyncio.ensure_future(batcher.encode_texts(TEXTS[4:5]))
-        await asyncio.sleep(0.01)
+        await _queued(batcher, 5)
         gate.release.set()
         return await asyncio.gather(first, bulk, search)
 
@@ -311,3 +324,43 @@ def test_a_fault_outside_the_jobs_fails_them_and_the_worker_lives_on(encoder: En
             run_bounded(batcher.encode_texts(TEXTS[:1]))
     finally:
         batcher.close()
+
+
+class TokenizeRecorder(GatedEncoder):
+    """A gated encoder that notes the thread each tokenizing runs on."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__(encoder)
+        self.tokenized_on: list[str] = []
+
+    def tokenize(self, texts):  # type: ignore[no-untyped-def]
+        self.tokenized_on.append(threading.current_thread().name)
+        return self.inner.tokenize(texts)
+
+
+def test_texts_are_tokenized_before_they_are_queued_not_on_the_encoder_thread(
+    encoder: Encoder,
+) -> None:
+    """The encoder thread runs forward passes only: a request's texts are tokenized (on a
+    threadpool thread) while the worker is busy with someone else's batch."""
+    gate = TokenizeRecorder(encoder)
+    batcher = EncodeBatcher(gate, max_batch_size=32, max_wait_ms=0)  # type: ignore[arg-type]
+
+    async def scenario() -> list:
+        first = asyncio.ensure_future(batcher.encode_texts(TEXTS[:1]))
+        await asyncio.to_thread(gate.started.wait, 30)  # the worker is held in a forward pass
+        search = asyncio.ensure_future(batcher.encode_then("text", TEXTS[1:2], lambda rows: rows))
+        rest = asyncio.ensure_future(batcher.encode_texts(TEXTS[2:5]))
+        await _queued(batcher, 5)  # queued as tokens while the worker is still held
+        assert len(gate.tokenized_on) == 3
+        gate.release.set()
+        return await asyncio.gather(first, search, rest)
+
+    try:
+        first, search, rest = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    assert gate.tokenized_on and "duet-encoder" not in gate.tokenized_on
+    torch.testing.assert_close(
+        np.concatenate([first, search, rest]), encoder.encode_texts(TEXTS[:5]), atol=1e-5, rtol=0
+    )
