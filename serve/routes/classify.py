@@ -18,7 +18,14 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 
-from serve.body import decode_base64, media_type, read_form, read_json, read_uploads, validate
+from serve.body import (
+    decode_base64_off_loop,
+    media_type,
+    read_form,
+    read_json,
+    read_uploads,
+    validate,
+)
 from serve.cost import charge_prompts
 from serve.encoder import zero_shot_probabilities
 from serve.errors import ApiError, error_responses
@@ -92,7 +99,7 @@ async def classify_query(request: Request, settings: SettingsDep) -> ClassifyQue
     if kind == "application/json":
         parsed = await read_json(request, ClassifyRequest, settings)
         images = [
-            decode_base64(data, f"body.images.{i}", settings)
+            await decode_base64_off_loop(data, f"body.images.{i}", settings)
             for i, data in enumerate(parsed.images)
         ]
         return ClassifyQuery(images, parsed)

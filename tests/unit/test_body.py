@@ -46,3 +46,23 @@ def test_oversized_base64_is_refused_after_the_limit_not_the_whole(
     with pytest.raises(ApiError) as refused:
         body.decode_base64(text, "x", SETTINGS)
     assert refused.value.status == 413
+
+
+def test_a_text_over_the_limit_by_its_length_is_refused_before_any_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its length alone (line breaks not counted) says it decodes to more than the limit."""
+    decoded: list[int] = []
+    decode_piece = body._b64decode
+    monkeypatch.setattr(
+        body,
+        "_b64decode",
+        lambda text, where: decoded.append(len(text)) or decode_piece(text, where),
+    )
+    over = base64.b64encode(bytes(SETTINGS.max_upload_bytes + 3)).decode()
+    with pytest.raises(ApiError) as refused:
+        body.decode_base64(over, "x", SETTINGS)
+    assert refused.value.status == 413 and decoded == []
+    at_limit = base64.b64encode(bytes(SETTINGS.max_upload_bytes)).decode()
+    broken = "\r\n".join(at_limit[i : i + 4] for i in range(0, len(at_limit), 4))
+    assert body.decode_base64(broken, "x", SETTINGS) == bytes(SETTINGS.max_upload_bytes)
