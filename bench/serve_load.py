@@ -211,6 +211,13 @@ def answered(status: int, body: bytes) -> bool:
 async def drive(host: str, port: int, clients: int, duration_s: float, texts: list[str]) -> Result:
     """`clients` connections posting /search back to back until `duration_s` has passed."""
     requests = [search_request(host, port, text) for text in texts]
+    return await drive_requests(host, port, clients, duration_s, requests)
+
+
+async def drive_requests(
+    host: str, port: int, clients: int, duration_s: float, requests: list[bytes]
+) -> Result:
+    """`drive` with prepared /search requests (any query kind answered with K results)."""
     latencies: list[float] = []
     errors = 0
     connections = [await Connection.open(host, port) for _ in range(clients)]
@@ -355,12 +362,17 @@ def free_port() -> int:
 
 
 def start_server(
-    artifact: Path, index: Path, batching: bool, command: list[str] | None = None
+    artifact: Path,
+    index: Path,
+    batching: bool,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, int]:
-    """`python -m serve` (or `command`) on a free loopback port, once /ready and warmed up."""
+    """`python -m serve` (or `command`) on a free loopback port, once /ready and warmed up;
+    `env`: more (or other) DUET_* settings."""
     port = free_port()
-    env = dict(os.environ)
-    env.update(
+    server_env = dict(os.environ)
+    server_env.update(
         PYTHONPATH=str(REPO_ROOT),
         DUET_ARTIFACT_DIR=str(artifact),
         DUET_INDEX_DIR=str(index),
@@ -370,8 +382,9 @@ def start_server(
         DUET_LOG_LEVEL="warning",
         DUET_MAX_QUEUE_ITEMS="4096",  # this measures latency under load, not refusals
     )
+    server_env.update(env or {})
     command = command or [sys.executable, "-m", "serve"]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=server_env)
     base = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
     with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
