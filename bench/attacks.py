@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import base64
 import io
+import multiprocessing
 import random
 import statistics
 import string
@@ -46,6 +47,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -73,11 +75,14 @@ from serve.vector_search import IndexSpec  # noqa: E402
 from tests.serve_support import black_png  # noqa: E402
 
 MIB = 1024 * 1024
+PACE_S = 0.0  # --pace-s: each attack connection sends at most one request this often
 ANSWER_GRACE_S = 10.0  # an attack request unanswered this long after its row ends is given up
 KINDS = ("tokenizer", "ico", "decode-flood", "metadata-readers", "big-body")
-Attack = Callable[[int, float], Awaitable[list[tuple[int, float]]]]
-"""(port, deadline) -> (status, seconds) of every attack request answered; status 0: the
-connection ended without an answer (closed by the server, or still unanswered at the end)."""
+Run = Callable[[float], Awaitable[list[tuple[int, float]]]]
+"""deadline -> (status, seconds) of every attack request answered; status 0: the connection
+ended without an answer (closed by the server, or still unanswered at the end)."""
+Attack = Callable[[int], Run]
+"""port -> the attack with its payloads made, ready to run until a deadline."""
 
 
 def build(root: Path, vectors: int) -> tuple[Path, Path]:
@@ -150,6 +155,7 @@ async def loop_requests(
                 connection = await Connection.open(HOST, port)
                 continue
             answers.append((status, time.perf_counter() - start))
+            await asyncio.sleep(max(0.0, start + PACE_S - time.perf_counter()))
     finally:
         connection.close()
     return answers
@@ -160,7 +166,7 @@ async def in_parallel(connections: int, one: Callable[[], Awaitable[list[tuple[i
     return [answer for result in results for answer in result]
 
 
-def tokenizer_attack(port: int, deadline: float) -> Awaitable[list[tuple[int, float]]]:
+def tokenizer_attack(port: int) -> Run:
     rng = random.Random(0)
     image = base64.b64encode(black_png(32, 32, color_type=2)).decode()
 
@@ -172,26 +178,28 @@ def tokenizer_attack(port: int, deadline: float) -> Awaitable[list[tuple[int, fl
         texts = [random_letters(rng, 1000) for _ in range(32)]
         return json_request(HOST, port, "/embed", {"texts": texts})
 
-    return loop_requests(port, deadline, make)
+    return lambda deadline: loop_requests(port, deadline, make)
 
 
-def ico_attack(port: int, deadline: float) -> Awaitable[list[tuple[int, float]]]:
+def ico_attack(port: int) -> Run:
     ico = base64.b64encode(ico_wrapping(black_png(9400, 9400))).decode()
     request = json_request(HOST, port, "/embed", {"images": [ico, ico]})
-    return in_parallel(6, lambda: loop_requests(port, deadline, lambda n: request))
+    return lambda deadline: in_parallel(6, lambda: loop_requests(port, deadline, lambda n: request))
 
 
-def decode_flood_attack(port: int, deadline: float) -> Awaitable[list[tuple[int, float]]]:
+def decode_flood_attack(port: int) -> Run:
     big = base64.b64encode(black_png(6000, 6000, color_type=2)).decode()
     request = json_request(HOST, port, "/embed", {"images": [big] * 5})
-    return in_parallel(32, lambda: loop_requests(port, deadline, lambda n: request))
+    return lambda deadline: in_parallel(
+        32, lambda: loop_requests(port, deadline, lambda n: request)
+    )
 
 
-async def metadata_readers_attack(port: int, deadline: float) -> list[tuple[int, float]]:
+def metadata_readers_attack(port: int) -> Run:
     ids = list(range(Settings.model_fields["max_metadata_ids"].default))
     request = json_request(HOST, port, "/metadata", {"ids": ids})
 
-    async def never_reads() -> list[tuple[int, float]]:
+    async def never_reads(deadline: float) -> list[tuple[int, float]]:
         """Send once and read nothing until the deadline; then drain what is there: 200 if the
         whole answer had waited for us, 0 if the server had closed the connection before."""
         start = time.perf_counter()
@@ -202,10 +210,13 @@ async def metadata_readers_attack(port: int, deadline: float) -> list[tuple[int,
         writer.close()
         return [(status, time.perf_counter() - start)]
 
-    readers = in_parallel(50, never_reads)
-    loopers = in_parallel(4, lambda: loop_requests(port, deadline, lambda n: request))
-    first, second = await asyncio.gather(readers, loopers)
-    return first + second
+    async def run(deadline: float) -> list[tuple[int, float]]:
+        readers = in_parallel(50, lambda: never_reads(deadline))
+        loopers = in_parallel(4, lambda: loop_requests(port, deadline, lambda n: request))
+        first, second = await asyncio.gather(readers, loopers)
+        return first + second
+
+    return run
 
 
 async def drained_status(reader: asyncio.StreamReader, timeout_s: float = 3.0) -> int:
@@ -219,10 +230,10 @@ async def drained_status(reader: asyncio.StreamReader, timeout_s: float = 3.0) -
     return status
 
 
-def big_body_attack(port: int, deadline: float) -> Awaitable[list[tuple[int, float]]]:
+def big_body_attack(port: int) -> Run:
     not_an_image = base64.b64encode(random.Random(2).randbytes(7 * MIB)).decode()
     request = json_request(HOST, port, "/embed", {"images": [not_an_image] * 3})
-    return loop_requests(port, deadline, lambda n: request)
+    return lambda deadline: loop_requests(port, deadline, lambda n: request)
 
 
 ATTACKS: dict[str, Attack] = {
@@ -271,14 +282,36 @@ class KindRows:
     rss_growth: list[int] = field(default_factory=list)
 
 
-async def attacked_row(
-    port: int, clients: int, duration_s: float, normal: list[bytes], attack: Attack
-) -> tuple[Result, list[tuple[int, float]]]:
+def attacker_process(kind: str, port: int, duration_s: float, ready: Any, out: Any) -> None:
+    """The attack in a process of its own: the bench's normal clients measure the service, not
+    an event loop shared with the attack's clients. Its payloads are made before `ready`."""
+    run = ATTACKS[kind](port)
+    ready.wait()
     deadline = time.perf_counter() + duration_s
-    result, answers = await asyncio.gather(
-        drive_requests(HOST, port, clients, duration_s, normal), attack(port, deadline)
+
+    async def until_deadline() -> list[tuple[int, float]]:
+        return await run(deadline)
+
+    out.put(asyncio.run(until_deadline()))
+
+
+def attacked_row(
+    pid: int, port: int, kind: str, args: argparse.Namespace, normal: list[bytes]
+) -> tuple[Result, list[tuple[int, float]], int]:
+    """Normal traffic while `kind` runs in another process: the normal traffic's result, the
+    attack's answers and the server's peak RSS growth meanwhile."""
+    context = multiprocessing.get_context("fork")  # no threads yet in this process
+    ready, out = context.Event(), context.Queue()
+    attacker = context.Process(
+        target=attacker_process, args=(kind, port, args.duration_s, ready, out)
     )
-    return result, answers
+    attacker.start()
+    with PeakRss(pid) as rss:
+        ready.set()
+        result = asyncio.run(drive_requests(HOST, port, args.clients, args.duration_s, normal))
+        answers = out.get(timeout=args.duration_s + ANSWER_GRACE_S + 60)
+    attacker.join(timeout=60)
+    return result, answers, rss.peak - rss.start
 
 
 def run_kind(
@@ -292,14 +325,11 @@ def run_kind(
                 calm = drive_requests(HOST, port, args.clients, args.duration_s, normal)
                 rows.calm.append(asyncio.run(calm))
                 continue
-            with PeakRss(pid) as rss:
-                result, answers = asyncio.run(
-                    attacked_row(port, args.clients, args.duration_s, normal, ATTACKS[kind])
-                )
+            result, answers, rss_growth = attacked_row(pid, port, kind, args, normal)
             time.sleep(1.0)  # what the attack left in flight settles before the next row
             rows.attacked.append(result)
             rows.answers += answers
-            rows.rss_growth.append(rss.peak - rss.start)
+            rows.rss_growth.append(rss_growth)
         print(
             f"{kind}, round {round_index + 1}: calm "
             f"{rate(rows.calm[-1]):.0f} req/s, attacked {rate(rows.attacked[-1]):.0f} req/s, "
@@ -314,7 +344,10 @@ def rate(result: Result) -> float:
 
 
 def print_table(results: dict[str, KindRows], clients: int) -> None:
-    print(f"\nnormal traffic: {clients} clients of /search, half text, half image\n")
+    pace = f"one request per {PACE_S:g} s per attack connection" if PACE_S else "back to back"
+    print(
+        f"\nnormal traffic: {clients} clients of /search, half text, half image; attacks {pace}\n"
+    )
     print(
         "| attack | calm req/s | attacked req/s | kept | calm p99 ms | attacked p99 ms | p99 ratio "
         "| errors | attack answers | attack median s | peak RSS growth MB |"
@@ -342,7 +375,16 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--vectors", type=int, default=10_000)
     parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument(
+        "--pace-s",
+        type=float,
+        default=0.0,
+        help="each attack connection sends at most one request per this many seconds "
+        "(0: back to back, a flood)",
+    )
     args = parser.parse_args()
+    global PACE_S
+    PACE_S = args.pace_s
     kinds = args.kinds.split(",")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:

@@ -8,6 +8,7 @@ the right thread for each.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ class Service:
     label_sets: dict[str, LabelSetEmbeddings]
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     # decodes and resizes request images: its size bounds how many full-size images are alive
+    # /metadata answers are built one at a time: each is up to megabytes of JSON made by Python
+    # code, and several built at once in the threadpool would take the interpreter lock from
+    # every other request's thread by turns (serve.routes.clip_retrieval.metadata)
+    answer_builds: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     decoder: DecodeQueue = field(
         default_factory=lambda: DecodeQueue(
             2,

@@ -208,10 +208,12 @@ async def metadata(request: Request, service: ServiceDep, settings: SettingsDep)
     query = await read_json(request, MetadataRequest, settings)
     with service.indices.lease(query.indice_name) as index:
         # Off the event loop: reading rows and thumbnails, and serialising up to
-        # max_response_bytes of JSON, would otherwise stall every other request meanwhile.
-        body = await run_in_threadpool(
-            _metadata_answer, index, query.ids, settings.max_response_bytes
-        )
+        # max_response_bytes of JSON, would otherwise stall every other request meanwhile; and
+        # one answer at a time (`answer_builds`), so many at once cannot crowd out the rest.
+        async with service.answer_builds:
+            body = await run_in_threadpool(
+                _metadata_answer, index, query.ids, settings.max_response_bytes
+            )
     return Response(body, media_type="application/json")
 
 

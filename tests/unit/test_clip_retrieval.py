@@ -370,3 +370,40 @@ def test_unparseable_image_urls_are_400(url: str) -> None:
     with pytest.raises(fetch.FetchError, match="not a valid URL") as refused:
         fetch_image(url, max_bytes=10_000, timeout_s=1)
     assert refused.value.status == 400
+
+
+def test_metadata_answers_are_built_one_at_a_time(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent /metadata requests all get their answers, but never two are built at once:
+    several megabyte answers built together would crowd every other request out."""
+    from serve.routes import clip_retrieval
+
+    building, most = [0], [0]
+    build = clip_retrieval._metadata_answer
+
+    def counted(*args: Any) -> bytes:
+        building[0] += 1
+        most[0] = max(most[0], building[0])
+        try:
+            time.sleep(0.05)  # long enough for the other requests to arrive meanwhile
+            return build(*args)
+        finally:
+            building[0] -= 1
+
+    monkeypatch.setattr(clip_retrieval, "_metadata_answer", counted)
+    answers: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda: answers.append(
+                client.post("/metadata", json={"ids": [0, 1]}).status_code
+            )
+        )
+        for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [200] * 6
+    assert most[0] == 1
