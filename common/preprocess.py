@@ -193,9 +193,18 @@ def _other_format(data: bytes) -> str | None:
     Image.init()
     prefix = data[:16]
     for name, (_, accept) in Image.OPEN.items():
-        if name not in ACCEPTED_FORMATS and accept is not None and accept(prefix):
+        if name not in ACCEPTED_FORMATS and accept is not None and _accepts(accept, prefix):
             return name
     return None
+
+
+def _accepts(accept: Any, prefix: bytes) -> bool:
+    """A plugin's signature check; False where it fails on a prefix too short for it (some
+    unpack a fixed number of bytes and raise struct.error on fewer)."""
+    try:
+        return bool(accept(prefix))
+    except Exception:  # a failed check is no match: the bytes then are no image at all
+        return False
 
 
 def _header(image: Image.Image) -> ImageHeader:

@@ -74,6 +74,13 @@ def test_garbage_is_corrupt_not_unsupported():
     assert type(caught.value) is InvalidImageError
 
 
+@pytest.mark.parametrize("data", [b"\x00", b"\xff\xd8", b"\x89P", b"BM", b"\x00\x00\x01"])
+def test_a_few_bytes_are_corrupt_whatever_they_start_like(data: bytes):
+    """Prefixes too short for some plugins' signature checks (they raised struct.error: a 500)."""
+    with pytest.raises(InvalidImageError):
+        read_header(data)
+
+
 @pytest.mark.parametrize(
     ("fmt", "options"),
     [("GIF", {}), ("PNG", {}), ("WEBP", {"lossless": True}), ("MPO", {})],
