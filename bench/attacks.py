@@ -1,18 +1,21 @@
 """Costly requests against the running service, one kind at a time, while normal searches flow.
 
     python bench/attacks.py [--clients 8] [--rounds 3] [--duration-s 5] [--vectors 10000]
+                            [--model duet-tiny|ViT-B-32] [--pace-s 0]
                             [--kinds tokenizer,ico,decode-flood,metadata-readers,big-body]
 
-Builds a random-init `duet-tiny` artifact and a flat index of `--vectors` synthetic rows whose
-metadata is img2dataset-sized (~2 KB a row: /metadata answers are as large as a real index's),
-starts one `python -m serve` on a loopback port, and for every kind, every round, drives C
-clients of normal traffic (/search, half text and half image queries, back to back) for
-`--duration-s` twice: alone, and while the attack runs; the two rows alternate their order
-between rounds so that the machine's drift hits both alike, and rounds are pooled.
+Builds a random-init artifact of `--model` (default `duet-tiny`) and a flat index of `--vectors`
+synthetic rows whose metadata is img2dataset-sized (~2 KB a row: /metadata answers are as large
+as a real index's), starts one `python -m serve` on a loopback port, and for every kind, every
+round, drives C clients of normal traffic (/search, half text and half image queries, back to
+back) for `--duration-s` twice: alone, and while the attack runs (in a process of its own); the
+two rows alternate their order between rounds so that the machine's drift hits both alike, and
+rounds are pooled. Each attack connection sends its requests back to back (a flood), or at most
+one per `--pace-s` seconds.
 
 The attacks (each the shape of one that hurt the service before it was bounded):
 - tokenizer: /classify with 8 labels of 1,000 random letters in the template "{}" x 500, and
-  /embed with 32 texts of 1,000 random letters, never the same letters twice, back to back;
+  /embed with 32 texts of 1,000 random letters, never the same letters twice, in turn;
 - ico: 6 connections, each sending /embed with two ICO files whose 16 x 16 directory wraps a
   9,400 x 9,400 PNG (88 M pixels);
 - decode-flood: 32 connections, each sending /embed with five 6,000 x 6,000 PNGs (a few KB each
@@ -85,10 +88,10 @@ Attack = Callable[[int], Run]
 """port -> the attack with its payloads made, ready to run until a deadline."""
 
 
-def build(root: Path, vectors: int) -> tuple[Path, Path]:
-    """A random-init duet-tiny artifact and a flat index of random unit vectors with ~2 KB of
-    caption and metadata per row, as an img2dataset index has."""
-    artifact = write_artifact(build_model("duet-tiny"), root / "artifact", provenance={})
+def build(root: Path, model: str, vectors: int) -> tuple[Path, Path]:
+    """A random-init artifact of `model` (random weights cost what trained ones do) and a flat
+    index of random unit vectors with ~2 KB of caption and metadata per row, as img2dataset's."""
+    artifact = write_artifact(build_model(model), root / "artifact", provenance={})
     dim = load_artifact(artifact).model.embed_dim
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((vectors, dim), dtype=np.float32)
@@ -99,7 +102,7 @@ def build(root: Path, vectors: int) -> tuple[Path, Path]:
         for i in range(vectors)
     ]
     spec = IndexSpec(index_type="flat", recall_queries=0)
-    manifest = {"model": {"name": "duet-tiny"}}
+    manifest = {"model": {"name": model}}
     index = write_index(root / "index", embeddings, rows, manifest, spec=spec)
     return artifact, index
 
@@ -343,10 +346,11 @@ def rate(result: Result) -> float:
     return result.requests / max(result.seconds, 1e-9)
 
 
-def print_table(results: dict[str, KindRows], clients: int) -> None:
+def print_table(results: dict[str, KindRows], model: str, clients: int) -> None:
     pace = f"one request per {PACE_S:g} s per attack connection" if PACE_S else "back to back"
     print(
-        f"\nnormal traffic: {clients} clients of /search, half text, half image; attacks {pace}\n"
+        f"\n{model}, normal traffic: {clients} clients of /search, half text, half image; "
+        f"attacks {pace}\n"
     )
     print(
         "| attack | calm req/s | attacked req/s | kept | calm p99 ms | attacked p99 ms | p99 ratio "
@@ -374,6 +378,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--vectors", type=int, default=10_000)
+    parser.add_argument("--model", default="duet-tiny", help="an open_clip name, random init")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument(
         "--pace-s",
@@ -391,8 +396,8 @@ def main() -> int:
         parser.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
     results: dict[str, KindRows] = {}
     with tempfile.TemporaryDirectory(prefix="bench-attacks-") as tmp:
-        print(f"building duet-tiny and an index of {args.vectors} rows ...", flush=True)
-        artifact, index = build(Path(tmp), args.vectors)
+        print(f"building {args.model} and an index of {args.vectors} rows ...", flush=True)
+        artifact, index = build(Path(tmp), args.model, args.vectors)
         defaults = {"DUET_MAX_QUEUE_ITEMS": str(Settings.model_fields["max_queue_items"].default)}
         proc, port = start_server(artifact, index, batching=True, env=defaults)
         try:
@@ -402,7 +407,7 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    print_table(results, args.clients)
+    print_table(results, args.model, args.clients)
     return 0
 
 
