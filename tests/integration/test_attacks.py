@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -44,6 +45,7 @@ from tests.serve_support import (
 from train import synth
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 MIB = 1024 * 1024
 HEADER_TIMEOUT_S = BODY_TIMEOUT_S = 1.5
@@ -122,6 +124,27 @@ def rss_bytes(base: str) -> int:
     found = re.search(r"^process_resident_memory_bytes (\S+)$", metrics, re.MULTILINE)
     assert found, "no process_resident_memory_bytes in /metrics"
     return int(float(found.group(1)))
+
+
+def peak_rss_growth(base: str, action: Callable[[], T]) -> tuple[T, int]:
+    """`action()`'s result and the most the server's RSS grew over its baseline meanwhile."""
+    baseline = rss_bytes(base)
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak.append(rss_bytes(base))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = action()
+    finally:
+        done.set()
+        sampler.join()
+    peak.append(rss_bytes(base))
+    return result, max(peak) - baseline
 
 
 def assert_healthy(base: str) -> None:
@@ -228,17 +251,9 @@ def test_large_images_are_decoded_one_at_a_time_and_memory_returns(
     holds more than the decode threads' images, and it comes back down afterwards."""
     baseline = rss_bytes(service.base)
     body = {"images": [b64(big_png)] * 4, "labels": ["black", "white"]}
-    peak = [baseline]
-    done = threading.Event()
+    answers: list[httpx.Response] = []
 
-    def sample() -> None:
-        while not done.wait(0.1):
-            peak.append(rss_bytes(service.base))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        answers: list[httpx.Response] = []
+    def two_at_once() -> None:
         posts = [
             threading.Thread(
                 target=lambda: answers.append(post(service.base, "/classify", json=body))
@@ -249,12 +264,11 @@ def test_large_images_are_decoded_one_at_a_time_and_memory_returns(
             thread.start()
         for thread in posts:
             thread.join(120)
-    finally:
-        done.set()
-        sampler.join()
+
+    _, growth = peak_rss_growth(service.base, two_at_once)
     assert [a.status_code for a in answers] == [200, 200]
     assert answers[0].json()["predictions"][0]["label"] in ("black", "white")
-    assert max(peak) - baseline < RSS_GROWTH_BOUND, f"peak {(max(peak) - baseline) / MIB:.0f} MiB"
+    assert growth < RSS_GROWTH_BOUND, f"peak {growth / MIB:.0f} MiB"
     assert rss_bytes(service.base) - baseline < 200 * MIB
     assert_healthy(service.base)
 
@@ -675,27 +689,6 @@ def ico_bomb() -> bytes:
     return ico_wrapping(black_png(7000, 7000, color_type=2))  # ~140 KB, 49 M pixels inside
 
 
-def peak_rss_growth(base: str, action: Callable[[], object]) -> tuple[object, int]:
-    """`action()`'s result and the most the server's RSS grew over its baseline meanwhile."""
-    baseline = rss_bytes(base)
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.05):
-            peak.append(rss_bytes(base))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = action()
-    finally:
-        done.set()
-        sampler.join()
-    peak.append(rss_bytes(base))
-    return result, max(peak) - baseline
-
-
 def test_an_ico_around_a_large_png_is_refused_before_anything_is_decoded(
     service: Fixture, ico_bomb: bytes
 ) -> None:
@@ -705,7 +698,7 @@ def test_an_ico_around_a_large_png_is_refused_before_anything_is_decoded(
     body, growth = peak_rss_growth(
         service.base, lambda: attack_and_check(service.base, attack, 415, "not_an_image")
     )
-    assert ACCEPTED in str(body["error"])  # type: ignore[index]
+    assert ACCEPTED in str(body["error"])
     assert growth < 100 * MIB, f"RSS grew {growth / MIB:.0f} MiB"
 
 
@@ -728,8 +721,8 @@ def test_concurrent_ico_bombs_cost_no_memory(service: Fixture, ico_bomb: bytes) 
         return answers
 
     answers, growth = peak_rss_growth(service.base, attack)
-    assert [status for status, _ in answers] == [415] * 6  # type: ignore[union-attr]
-    assert max(seconds for _, seconds in answers) < QUICK_S  # type: ignore[union-attr]
+    assert [status for status, _ in answers] == [415] * 6
+    assert max(seconds for _, seconds in answers) < QUICK_S
     assert growth < 150 * MIB, f"RSS grew {growth / MIB:.0f} MiB"
     assert_healthy(service.base)
 
@@ -738,7 +731,7 @@ def pillow_file(fmt: str, frames: int = 1, **options: object) -> bytes:
     images = [Image.new("RGB", (64, 64), (40 * i, 90, 200)) for i in range(frames)]
     out = io.BytesIO()
     extra = {"save_all": True, "append_images": images[1:]} if frames > 1 else {}
-    images[0].save(out, format=fmt, **extra, **options)  # type: ignore[arg-type]
+    images[0].save(out, format=fmt, **extra, **options)
     return out.getvalue()
 
 
@@ -884,27 +877,15 @@ def test_classify_of_256_long_labels_in_500_slots_keeps_memory_bounded(service: 
         "labels": [letters(1000, rng) for _ in range(256)],
         "templates": ["{}" * 500],
     }
-    baseline = rss_bytes(service.base)
-    peak = [baseline]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.1):
-            peak.append(rss_bytes(service.base))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        response, elapsed, statuses = under_attack(
-            service.base, lambda: post(service.base, "/classify", json=body)
-        )
-    finally:
-        done.set()
-        sampler.join()
+    outcome, growth = peak_rss_growth(
+        service.base,
+        lambda: under_attack(service.base, lambda: post(service.base, "/classify", json=body)),
+    )
+    response, elapsed, statuses = outcome
     assert isinstance(response, httpx.Response) and response.status_code == 200, response
     assert elapsed < 60, f"the /classify took {elapsed:.1f} s"
     assert statuses and set(statuses) == {200}
-    assert max(peak) - baseline < 100 * MIB, f"peak +{(max(peak) - baseline) / MIB:.0f} MiB"
+    assert growth < 100 * MIB, f"peak +{growth / MIB:.0f} MiB"
     assert_healthy(service.base)
 
 
