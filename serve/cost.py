@@ -18,7 +18,8 @@ refused before anything is decoded or encoded, with the setting that refused it 
     base64 decoding               decoded bytes, a MiB at a time  MAX_UPLOAD_BYTES          413
                                   in the threadpool, stops there
     bytes sent back (/metadata)   the answer as it is built, off  MAX_RESPONSE_BYTES        413
-                                  the event loop
+                                  the event loop, one answer at
+                                  a time (the others wait)
     an unread answer              time its client leaves it       SEND_TIMEOUT_S            abort
                                   unread (over 64 KiB waiting)
     an image_url download         bytes as sent and as decoded;   MAX_UPLOAD_BYTES,         413/400
