@@ -147,6 +147,15 @@ def peak_rss_growth(base: str, action: Callable[[], T]) -> tuple[T, int]:
     return result, max(peak) - baseline
 
 
+def concurrently(count: int, call: Callable[[], object], timeout_s: float = 120) -> None:
+    """`call()` on `count` threads at once; returns when all are done (or `timeout_s` passed)."""
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+
+
 def assert_healthy(base: str) -> None:
     assert httpx.get(f"{base}/ready", timeout=10, trust_env=False).status_code == 200
     search = post(base, "/search", json={"text": "blue square", "k": 2})
@@ -253,19 +262,10 @@ def test_large_images_are_decoded_one_at_a_time_and_memory_returns(
     body = {"images": [b64(big_png)] * 4, "labels": ["black", "white"]}
     answers: list[httpx.Response] = []
 
-    def two_at_once() -> None:
-        posts = [
-            threading.Thread(
-                target=lambda: answers.append(post(service.base, "/classify", json=body))
-            )
-            for _ in range(2)
-        ]
-        for thread in posts:
-            thread.start()
-        for thread in posts:
-            thread.join(120)
+    def one() -> None:
+        answers.append(post(service.base, "/classify", json=body))
 
-    _, growth = peak_rss_growth(service.base, two_at_once)
+    _, growth = peak_rss_growth(service.base, lambda: concurrently(2, one))
     assert [a.status_code for a in answers] == [200, 200]
     assert answers[0].json()["predictions"][0]["label"] in ("black", "white")
     assert growth < RSS_GROWTH_BOUND, f"peak {growth / MIB:.0f} MiB"
@@ -607,11 +607,7 @@ def test_a_header_drip_is_cut_at_the_deadline_and_holds_nothing(
             response = client.post("/knn-service", json={"image_url": f"{hostile.base}/drip"})
             answers.append((response, time.monotonic() - start))
 
-        clients = [threading.Thread(target=one) for _ in range(20)]
-        for thread in clients:
-            thread.start()
-        for thread in clients:
-            thread.join(30)
+        concurrently(20, one, timeout_s=30)
     answered_at = time.monotonic()
     assert len(answers) == 20
     for response, elapsed_s in answers:
@@ -713,11 +709,7 @@ def test_concurrent_ico_bombs_cost_no_memory(service: Fixture, ico_bomb: bytes) 
             status = post(service.base, "/embed", json=body).status_code
             answers.append((status, time.monotonic() - start))
 
-        threads = [threading.Thread(target=one) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        concurrently(6, one)
         return answers
 
     answers, growth = peak_rss_growth(service.base, attack)
