@@ -72,9 +72,9 @@ from bench.serve_load import (  # noqa: E402  # the service benchmark's client a
 )
 from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.model import build_model  # noqa: E402
-from serve.index import write_index  # noqa: E402
+from serve.indexing.index import write_index  # noqa: E402
+from serve.indexing.vector_search import IndexSpec  # noqa: E402
 from serve.settings import Settings  # noqa: E402
-from serve.vector_search import IndexSpec  # noqa: E402
 from tests.serve_support import black_png  # noqa: E402
 
 MIB = 1024 * 1024

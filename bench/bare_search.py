@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from common.artifact import load_artifact  # noqa: E402
 from serve.app import load_towers  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
-from serve.index import SearchIndex  # noqa: E402
+from serve.indexing.index import SearchIndex  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 
 Scope = dict[str, Any]

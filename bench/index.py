@@ -1,4 +1,4 @@
-"""Benchmark the index types of serve.index on clustered unit vectors: build, memory, q/s, recall.
+"""Benchmark the index types on clustered unit vectors: build, memory, q/s, recall.
 
     python bench/index.py [--count 1000000] [--dim 128 | --model ARTIFACT_OR_NAME]
                           [--types flat,hnsw,ivfpq] [--ef-search N] [--nprobe N] [--rerank-factor N]
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faiss  # noqa: E402
 
-from serve.vector_search import (  # noqa: E402
+from serve.indexing.vector_search import (  # noqa: E402
     IndexSpec,
     VectorSearcher,
     build_faiss_index,

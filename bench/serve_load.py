@@ -59,9 +59,9 @@ from common.model import build_model  # noqa: E402
 from common.onnx_towers import ONNX_DIR, export_onnx  # noqa: E402
 from serve.app import load_towers  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
-from serve.index import SearchIndex, write_index  # noqa: E402
+from serve.indexing.index import SearchIndex, write_index  # noqa: E402
+from serve.indexing.vector_search import IndexSpec  # noqa: E402
 from serve.settings import Settings  # noqa: E402
-from serve.vector_search import IndexSpec  # noqa: E402
 from tests.serve_support import black_png  # noqa: E402
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from serve.thumbnails import PackWriter, ThumbnailSpec, make_thumbnail  # noqa: E402
+from serve.indexing.thumbnails import PackWriter, ThumbnailSpec, make_thumbnail  # noqa: E402
 
 PER = 10_000
 
@@ -73,7 +73,7 @@ def time_builds(jpegs: list[bytes], directory: Path) -> None:
     """A whole index build of `jpegs` with duet-micro, with and without thumbnails."""
     from common.artifact import write_artifact
     from common.model import build_model
-    from serve.build_index import build_index
+    from serve.indexing.build import build_index
 
     shard = directory / "photos.tar"
     with tarfile.open(shard, "w") as tar:

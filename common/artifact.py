@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,8 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 
+from common.atomic_dir import replace_dir, staging_dir
 from common.model import DualEncoder
-from common.permissions import make_readable
 from common.preprocess import (
     Transform,
     image_transform,
@@ -78,7 +77,7 @@ def write_artifact(
     if getattr(model.clip, "logit_bias", None) is not None:
         # open_clip creates the learned bias (SigLIP) only when the config asks for one
         model_cfg["init_logit_bias"] = float(model.clip.logit_bias.detach().reshape(-1)[0])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
@@ -102,12 +101,7 @@ def write_artifact(
         _write_json(tmp / MANIFEST_FILE, manifest)
         if extra_files is not None:
             extra_files(tmp)
-        make_readable(tmp)
-        _fsync_dir(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -151,11 +145,3 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from common.artifact import OPEN_CLIP_CONFIG_FILE, load_artifact, read_manifest, write_artifact
+from common.atomic_dir import replace_dir, staging_dir
 from common.model import (
     DualEncoder,
     count_parameters,
@@ -190,8 +191,7 @@ def export(
     out_dir = Path(out_dir)
     src = resolve_source(source, model, name)
     ours = build_from_source(src)
-    staging = out_dir.with_name(f".{out_dir.name}.verifying")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_dir(out_dir, "verifying")
     provenance = {"exported_from": source, "source_format": src.weights.source_format}
     write_artifact(ours, staging, provenance=provenance, extra_files=_tokenizer_copier(src))
     del ours
@@ -202,9 +202,7 @@ def export(
                 f"the exported model's embeddings differ from open_clip's own by {difference:.3g} "
                 f"(tolerance {tolerance:g}); no artifact written"
             )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {

@@ -22,7 +22,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from common.artifact import load_artifact
+from common.atomic_dir import replace_dir, staging_dir
 from common.model import (
     DualEncoder,
     encode_text_prefix,
@@ -40,7 +40,6 @@ from common.model import (
     pooled_length,
     text_pooling,
 )
-from common.permissions import make_readable
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,8 @@ def export_onnx(artifact_dir: str | Path, *, int8: bool = False) -> dict[str, An
     size = model.clip.visual.image_size
     size = size[0] if isinstance(size, tuple | list) else size
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    staging = Path(tempfile.mkdtemp(prefix=".onnx.", dir=artifact_dir))
+    target = artifact_dir / ONNX_DIR
+    staging = staging_dir(target)
     try:
         _export(_TextTower(model, pooling is not None), tokens, staging / "text.onnx", pooling)
         _export(_ImageTower(model), pixels, staging / "image.onnx", None)
@@ -108,11 +108,7 @@ def export_onnx(artifact_dir: str | Path, *, int8: bool = False) -> dict[str, An
         for variant in variants:
             manifest["checks"][variant] = _check(model, staging, variant, tokens, pixels, pooling)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        make_readable(staging)
-        target = artifact_dir / ONNX_DIR
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest

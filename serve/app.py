@@ -44,7 +44,7 @@ from serve.disconnect import CancelOnDisconnect
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
 from serve.images import lower_decode_priority, return_large_frees_to_os
-from serve.index import IndexLoadError, SearchIndex
+from serve.indexing.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
 from serve.registry import IndexRegistry

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.index import SearchIndex
+from serve.indexing.index import SearchIndex
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serve.index import Hit, SearchIndex
+from serve.indexing.index import Hit, SearchIndex
 
 # clip-retrieval's back end drops results at cosine >= 0.94 to a better one when deduplicating.
 CLIP_RETRIEVAL_DEDUP_THRESHOLD = 0.94

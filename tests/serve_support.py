@@ -17,7 +17,7 @@ from PIL import Image
 from common.artifact import write_artifact
 from common.model import build_model
 from common.shards import RawSample, iter_shards
-from serve.build_index import build_index
+from serve.indexing.build import build_index
 from train import synth
 
 

@@ -39,7 +39,7 @@ from serve.body import decode_base64_off_loop, read_json
 from serve.errors import ApiError, error_responses
 from serve.fetch import FetchError, fetch_image, parse_networks
 from serve.images import prepare_images
-from serve.index import Hit, SearchIndex
+from serve.indexing.index import Hit, SearchIndex
 from serve.schemas import KnnRequest, MetadataRequest
 from serve.service import (
     QuerySource,

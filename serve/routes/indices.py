@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from serve.errors import ApiError, error_responses
-from serve.index import IndexLoadError
+from serve.indexing.index import IndexLoadError
 from serve.schemas import IndexInfo, IndicesResponse
 from serve.service import ServiceDep, SettingsDep
 

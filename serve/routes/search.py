@@ -21,7 +21,7 @@ from serve.body import (
 )
 from serve.errors import ApiError, error_responses
 from serve.images import prepare_images
-from serve.index import Hit, SearchIndex
+from serve.indexing.index import Hit, SearchIndex
 from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
 from serve.service import (
     QuerySource,

@@ -36,8 +36,8 @@ from fastapi import Path as PathParam
 
 from serve.auth import key_bytes, key_problem, signature_problem, unauthorized
 from serve.errors import ApiError, error_responses
+from serve.indexing.thumbnails import MEDIA_TYPES
 from serve.service import ServiceDep, SettingsDep
-from serve.thumbnails import MEDIA_TYPES
 
 router = APIRouter(tags=["search"])
 

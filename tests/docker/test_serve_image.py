@@ -26,7 +26,7 @@ import pytest
 
 from common.artifact import write_artifact
 from common.model import build_model
-from serve.build_index import build_index
+from serve.indexing.build import build_index
 from tests.conftest import REPO_ROOT, free_port
 from train import synth
 

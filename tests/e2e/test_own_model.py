@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from common import export as export_cli
-from serve import build_index as build_index_cli
+from serve.indexing import build as build_index_cli
 from tests.conftest import running_service
 from tests.unit.test_export import random_state, write_hub_folder
 from tests.unit.test_sources import photo_folder

@@ -15,8 +15,8 @@ from PIL import Image
 
 from common.artifact import write_artifact
 from common.model import build_model
-from serve.build_index import build_index
-from serve.index import SearchIndex
+from serve.indexing.build import build_index
+from serve.indexing.index import SearchIndex
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.unit.test_sources import img2dataset_parquet, photo_folder
 

@@ -19,8 +19,8 @@ from common.artifact import write_artifact
 from common.model import build_model
 from common.shards import RawSample, iter_shards
 from serve.app import create_app
-from serve.build_index import build_index
-from serve.index import write_index
+from serve.indexing.build import build_index
+from serve.indexing.index import write_index
 from serve.settings import Settings
 from tests.serve_support import assert_envelope, png, wait_until_loaded
 from train import synth

@@ -25,8 +25,8 @@ from common.preprocess import (
 )
 from common.preprocess import tokenizer as make_tokenizer
 from common.shards import read_shard
-from serve.build_index import build_index
-from serve.index import SearchIndex
+from serve.indexing.build import build_index
+from serve.indexing.index import SearchIndex
 from tests.serve_support import black_png
 from train.data import decode_samples
 from train.evaluate import embed_shards

@@ -1,4 +1,4 @@
-"""Tests for serve.index (exact search, metadata, errors) and serve.build_index over shards.
+"""serve.indexing.index (exact search, metadata, errors) and serve.build_index over shards.
 
 Approximate index types, recall and memory-mapping: test_index_ann.py.
 """
@@ -23,10 +23,10 @@ from common.artifact import load_artifact, write_artifact
 from common.model import build_model
 from common.preprocess import load_image
 from common.shards import iter_shards
-from serve import build_index as build_index_cli
-from serve.build_index import build_index
 from serve.encoder import Encoder
-from serve.index import (
+from serve.indexing import build as build_index_cli
+from serve.indexing.build import build_index
+from serve.indexing.index import (
     FAISS_FILE,
     MANIFEST_FILE,
     METADATA_FILE,
@@ -36,7 +36,7 @@ from serve.index import (
     SearchIndex,
     write_index,
 )
-from serve.vector_search import IndexSpec
+from serve.indexing.vector_search import IndexSpec
 from train import synth
 
 DIM = 8

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve import index as index_module
-from serve.index import FAISS_FILE, VECTORS_FILE, IndexRow, SearchIndex, write_index
-from serve.vector_search import IndexSpec, plan_index
+from serve.indexing import index as index_module
+from serve.indexing.index import FAISS_FILE, VECTORS_FILE, IndexRow, SearchIndex, write_index
+from serve.indexing.vector_search import IndexSpec, plan_index
 
 DIM = 64
 COUNT = 20_000

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.index import SearchIndex, write_index
+from serve.indexing.index import SearchIndex, write_index
 from tests.conftest import REPO_ROOT, subprocess_env
 
 DIM = 8
@@ -32,7 +32,7 @@ def rows(count: int) -> list[tuple[str, str, dict]]:
 REBUILD_FOREVER = f"""
 import sys
 import numpy as np
-from serve.index import write_index
+from serve.indexing.index import write_index
 vectors = np.eye(80, {DIM}, dtype=np.float32)
 vectors[{DIM}:, 0] = 1.0
 print("ready", flush=True)

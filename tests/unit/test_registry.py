@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.index import IndexLoadError, SearchIndex, write_index
+from serve.indexing.index import IndexLoadError, SearchIndex, write_index
 from serve.registry import IndexRegistry, UnknownIndexError
 
 DIM = 8

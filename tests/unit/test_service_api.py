@@ -18,7 +18,7 @@ from pydantic import SecretStr
 
 from common.shards import RawSample
 from serve.app import create_app
-from serve.index import write_index
+from serve.indexing.index import write_index
 from serve.service import Service
 from serve.settings import Settings
 from tests.serve_support import (

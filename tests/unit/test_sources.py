@@ -1,4 +1,4 @@
-"""serve.sources and the index builder over a folder of pictures and img2dataset parquet files."""
+"""serve.indexing.sources and the index builder over picture folders and img2dataset parquet."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from PIL import Image
 
 from common.artifact import write_artifact
 from common.model import build_model
-from serve import build_index as build_index_cli
-from serve.build_index import build_index
-from serve.index import SearchIndex
-from serve.sources import UnsupportedInputError, list_parts, read_part
+from serve.indexing import build as build_index_cli
+from serve.indexing.build import build_index
+from serve.indexing.index import SearchIndex
+from serve.indexing.sources import UnsupportedInputError, list_parts, read_part
 
 FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}
 
@@ -78,10 +78,10 @@ def test_a_folder_is_read_recursively_with_optional_captions_and_metadata(tmp_pa
 
 
 def test_parts_split_big_folders_and_keep_order(tmp_path: Path, monkeypatch):
-    import serve.sources
+    import serve.indexing.sources
 
     folder = photo_folder(tmp_path / "photos")
-    monkeypatch.setattr(serve.sources, "FOLDER_PART_FILES", 3)
+    monkeypatch.setattr(serve.indexing.sources, "FOLDER_PART_FILES", 3)
     parts = list_parts(f"{folder}::{folder}")
     assert [len(p.files) for p in parts] == [3, 3, 1, 3, 3, 1]
 

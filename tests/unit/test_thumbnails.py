@@ -25,10 +25,10 @@ from pydantic import SecretStr
 
 from serve.app import create_app
 from serve.auth import thumbnail_url
-from serve.build_index import build_index
-from serve.index import SearchIndex, write_index
+from serve.indexing.build import build_index
+from serve.indexing.index import SearchIndex, write_index
+from serve.indexing.thumbnails import PackWriter, ThumbnailSpec, make_thumbnail, merge_packs
 from serve.settings import Settings
-from serve.thumbnails import PackWriter, ThumbnailSpec, make_thumbnail, merge_packs
 from tests.serve_support import assert_envelope, make_artifact, make_index, make_shard
 from tests.unit.test_sources import img2dataset_parquet, photo_folder
 

@@ -12,7 +12,7 @@ Both approximate types re-rank k × rerank_factor candidates exactly against the
 vectors, so compressed codes only have to get the right rows into the candidate list. Knobs left
 as None are derived from N; the defaults were tuned with `bench/index.py` (docs/benchmarks.md).
 Everything here works on numpy arrays (in memory or memory-mapped); files and metadata are
-`serve/index.py`'s.
+`serve/indexing/index.py`'s.
 """
 
 from __future__ import annotations

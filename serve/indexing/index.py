@@ -10,36 +10,27 @@ An index is a directory:
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
     metadata.sqlite   table `items`: row id -> key, caption, url, JSON metadata
     thumbnails.bin, thumbnails.offsets.npy
-                      optional: one small image per row (serve/thumbnails.py); indices built
-                      without them (`--thumbnails none`, or before they existed) load as before
+                      optional: one small image per row (serve/indexing/thumbnails.py);
+                      indices built without them (`--thumbnails none`, or before they
+                      existed) load as before
 
 Search is exact (`flat`: inner product against every stored vector) or approximate: the FAISS
 index proposes k x rerank_factor candidates from compressed vectors, which are re-scored exactly
 against `vectors.npy`, so the scores returned are always true cosine similarities. Choosing,
-building and searching the FAISS index is `serve/vector_search.py`; this module is the directory
-around it: files, manifest, metadata, loading.
+building and searching the FAISS index is `serve/indexing/vector_search.py`; this module is
+the directory around it: files, manifest, metadata, loading.
 
-It is written to a temporary sibling directory `.NAME.build-HOST-PID-*`, then swapped into place
-in one atomic step (Linux renameat2 RENAME_EXCHANGE; elsewhere two renames, with a moment in
-between where NAME is absent), so a reader finds the old index or the new one, never none and
-never half of one. Temporary directories of builds whose process is gone (killed) are removed
-at the start of the next build of the same index.
+It is written to a staging sibling directory and swapped into place in one step
+(common/atomic_dir.py), so a reader finds the old index or the new one, never none and never
+half of one; staging directories of builds that were killed are removed by the next build.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import glob
 import json
 import logging
-import os
-import re
 import shutil
-import socket
 import sqlite3
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -52,15 +43,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.permissions import make_readable
-from serve.thumbnails import (
+from common.atomic_dir import replace_dir, staging_dir
+from serve.indexing.thumbnails import (
     OFFSETS_FILE,
     THUMBNAILS_FILE,
     Pack,
     ThumbnailReader,
     ThumbnailSpec,
 )
-from serve.vector_search import (
+from serve.indexing.vector_search import (
     FLAT,
     RECALL_K,
     IndexSpec,
@@ -134,9 +125,7 @@ def write_index(
     spec = spec or IndexSpec()
     plan = plan_index(spec, len(vectors), vectors.shape[1])
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=_build_prefix(out_dir, "build"), dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     try:
         np.save(tmp / VECTORS_FILE, vectors)
         start = time.perf_counter()
@@ -169,8 +158,7 @@ def write_index(
             **(manifest_extra or {}),
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        make_readable(tmp)  # mkdtemp's 0700 would hide it from a service running as another user
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -185,74 +173,6 @@ def write_index(
         index_seconds,
     )
     return out_dir
-
-
-_RENAME_EXCHANGE = 2  # <linux/fs.h>
-_AT_FDCWD = -100
-
-
-def _build_prefix(out_dir: Path, kind: str) -> str:
-    """`.NAME.KIND-HOST-PID-`: whose temporary directory it is, for cleaning up after kills."""
-    host = socket.gethostname().replace("-", "_")
-    return f".{out_dir.name}.{kind}-{host}-{os.getpid()}-"
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap the directories `a` and `b` (Linux renameat2); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:  # glibc < 2.28
-        return False
-    args = (_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if renameat2(*args) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the filesystem cannot
-        return False
-    raise OSError(code, f"cannot swap {a} into {b}: {os.strerror(code)}")
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Make the finished index `tmp` the one at `out_dir`, and delete the old one."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    if _exchange(tmp, out_dir):
-        shutil.rmtree(tmp)  # now the old index; open readers keep their files until closed
-        return
-    old = Path(tempfile.mkdtemp(prefix=_build_prefix(out_dir, "old"), dir=out_dir.parent))
-    os.replace(out_dir, old / out_dir.name)  # recovered by the next build if killed here
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old)
-
-
-def _remove_stale_builds(out_dir: Path) -> None:
-    """Delete temporary directories of this index's builds killed on this host; if a kill left
-    no index at all (between the two renames of the fallback swap), put the old one back."""
-    host = socket.gethostname().replace("-", "_")
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(build|old)-{re.escape(host)}-(\d+)-")
-    for path in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*")):
-        match = pattern.match(path.name)
-        if not match or not path.is_dir() or _alive(int(match.group(2))):
-            continue  # another host's, or a build still running
-        kept = path / out_dir.name
-        if match.group(1) == "old" and kept.is_dir() and not out_dir.exists():
-            os.replace(kept, out_dir)
-            log.warning("restored %s from %s, left by a build that was killed", out_dir, path)
-        log.info("removing %s, left by a build that was killed", path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def _as_row(row: IndexRow | tuple[str, str, dict[str, Any]]) -> IndexRow:
