@@ -67,15 +67,20 @@ def resize_limit(settings: Settings, cfg: PreprocessCfg) -> ResizeLimit:
 
 
 def charge_image_sizes(
-    headers: Sequence[ImageHeader], settings: Settings, limit: ResizeLimit
+    headers: Sequence[ImageHeader],
+    settings: Settings,
+    limit: ResizeLimit,
+    names: Sequence[str] | None = None,
 ) -> None:
     """413 image_too_large if one image (decoded or resized) or all of them together are over
-    their budgets; `headers` are read from the images, nothing decoded."""
+    their budgets; `headers` are read from the images, nothing decoded. `names`: how the
+    message names each image (default: "image i" when there are several)."""
     for i, header in enumerate(headers):
         try:
             check_image(header, max_pixels=settings.max_image_pixels, resize=limit)
         except ImageTooLargeError as exc:
-            where = f"image {i}: " if len(headers) > 1 else ""
+            name = names[i] if names is not None else f"image {i}" if len(headers) > 1 else ""
+            where = f"{name}: " if name else ""
             raise ApiError(413, "image_too_large", f"{where}{exc}") from None
     total = sum(header.charged_pixels for header in headers)
     if total > settings.max_request_pixels:
