@@ -124,6 +124,10 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
         "directory": str(index.directory),
         "mmap": False,
         "thumbnails": None,
+        "writable": True,
+        "read_only_reason": None,
+        "deleted_pending": 0,
+        "journal_bytes": 0,
     }
 
 
