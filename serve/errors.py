@@ -7,8 +7,10 @@ ApiError (our own)                 its status and type: 400 bad_request, 401 una
                                    415 unsupported_media_type / not_an_image, 503 not_ready
 HTTP server limits (serve.http)    408 timeout, 431 headers_too_large, 400 bad_request
 UnknownIndexError                  404 not_found
-IndexReadOnlyError (an update)     409 read_only: this process may not write that index
-JournalWriteError (an update)      507 insufficient_storage: not made durable, nothing changed
+IndexReadOnlyError                 409 read_only (another process writes the index, or it is
+                                   served read-only)
+JournalWriteError                  507 insufficient_storage (an update could not be made
+                                   durable; nothing changed)
 Overloaded (encode queue full)     429 overloaded, with Retry-After
 anything else                      500 internal_error, generic message, logged with traceback
 """
@@ -27,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.batching import Overloaded
-from serve.indexing.index import IndexReadOnlyError, JournalWriteError
+from serve.indexing.journal import IndexReadOnlyError, JournalWriteError
 from serve.registry import UnknownIndexError
 from serve.schemas import ErrorResponse
 
@@ -98,15 +100,12 @@ async def _on_unknown_index(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_read_only(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(409, "read_only", f"this index cannot be changed here: {exc}")
+    return error_response(409, "read_only", str(exc))
 
 
 async def _on_journal_write(request: Request, exc: Exception) -> JSONResponse:
-    """The update was not made durable and changed nothing: the client may retry later."""
-    log.error("an index update could not be journalled: %s", exc)
-    return error_response(
-        507, "insufficient_storage", f"the update was not stored and changed nothing: {exc}"
-    )
+    log.error("an index update was refused: %s", exc)
+    return error_response(507, "insufficient_storage", str(exc))
 
 
 async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
@@ -168,9 +167,9 @@ class CatchAllMiddleware:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(UnknownIndexError, _on_unknown_index)
-    app.add_exception_handler(Overloaded, _on_overloaded)
     app.add_exception_handler(IndexReadOnlyError, _on_read_only)
     app.add_exception_handler(JournalWriteError, _on_journal_write)
+    app.add_exception_handler(Overloaded, _on_overloaded)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_middleware(CatchAllMiddleware)
