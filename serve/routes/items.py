@@ -45,7 +45,8 @@ from serve.body import (
 )
 from serve.errors import ApiError, error_responses
 from serve.images import download_image, prepare_images_for
-from serve.indexing.index import IndexReadOnlyError, IndexRow, SearchIndex
+from serve.indexing.index import IndexRow, SearchIndex
+from serve.indexing.journal import IndexReadOnlyError
 from serve.item_schemas import (
     AddedItem,
     AddItemsRequest,
