@@ -409,6 +409,8 @@ def test_index_written_by_another_process_is_read_only(
             assert wait_until_loaded(reader).status_code == 200
             refused = [
                 reader.post("/indices/default/items", json={"items": [GOOD]}),
+                # refused before the body is read: no image is decoded for nothing
+                reader.post("/indices/default/items", json={"items": [{"embedding": [1.0]}]}),
                 reader.post(
                     "/indices/default/items",
                     files=[("image", ("a.png", png(8), "image/png"))],
@@ -468,3 +470,20 @@ def fill(path: Path) -> Path:
         except OSError:
             pass
     return path
+
+
+def test_openapi_documents_the_item_routes_with_examples(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths["/indices/{name}/items"]) == {"post"}
+    assert set(paths["/indices/{name}/items/{id}"]) == {"get", "head", "delete"}
+    assert set(paths["/indices/{name}/items/delete"]) == {"post"}
+    add_body = paths["/indices/{name}/items"]["post"]["requestBody"]["content"]
+    assert add_body["application/json"]["example"]["items"][0]["image"]
+    assert "multipart/form-data" in add_body
+    statuses = set(paths["/indices/{name}/items"]["post"]["responses"])
+    assert {"200", "404", "409", "413", "415", "422", "429", "507"} <= statuses
+    example = paths["/indices/{name}/items/delete"]["post"]["requestBody"]["content"]
+    assert example["application/json"]["example"] == {"ids": [3, 24]}
+    # the documented example works when sent as it is
+    sent = client.post("/indices/default/items", json=add_body["application/json"]["example"])
+    assert sent.status_code == 200, sent.text
