@@ -2,8 +2,9 @@
 a real `python -m serve` with a non-ASCII API key on a loopback port. The page asks for the key
 (and sends its UTF-8 bytes), then loads the indices; a text search renders cards whose thumbnails
 really load (signed URLs, no key in the <img>); an image search previews the query image; the
-zero-shot panel calls /classify.
-A screenshot of the results is written to runs/test-screenshots/page.png for a person to see."""
+zero-shot panel calls /classify; a picture added through the page is found by the next search
+and, deleted from its result card, is gone from the one after.
+Screenshots are written to runs/test-screenshots/ for a person to see."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from tests.browser import Browser, set_file
 from tests.conftest import REPO_ROOT, running_service
-from tests.serve_support import make_artifact, make_index, make_shard
+from tests.serve_support import b64, make_artifact, make_index, make_shard, png
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +32,12 @@ VISIBLE_IMAGES_LOADED = """(() => {
   return visible.length > 0 && images.every((i) => i && i.complete && i.naturalWidth > 0)
     ? images.length : 0;
 })()"""
+
+
+ADD_FORM_SHOWN = "getComputedStyle(document.querySelector('#add-form')).display !== 'none'"
+CARD_IDS = (
+    "[...document.querySelectorAll('#results .result-card')].map((c) => Number(c.dataset.id))"
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +59,14 @@ def page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
         browser.goto(f"{server}/")
         browser.wait_for("document.querySelector('#status').textContent.includes('API key')")
         assert browser.evaluate("document.querySelector('#index').options.length") == 0
+        assert not browser.evaluate(ADD_FORM_SHOWN)  # changing the index needs the key
         browser.evaluate(
             f"(() => {{ const key = document.querySelector('#api-key'); key.value = {KEY!r};"
             " key.dispatchEvent(new Event('change')); })()"
         )
         options = "[...document.querySelector('#index').options].map((o) => o.textContent)"
         assert browser.wait_for(f"{options}.length && {options}") == [f"default ({SAMPLES})"]
+        assert browser.evaluate(ADD_FORM_SHOWN)
         yield browser
     finally:
         browser.close()
@@ -164,3 +173,41 @@ def test_keyboard_reaches_the_image_search(page: Browser) -> None:
     )
     assert zone == [0, "button"]
     assert Path(SCREENSHOT).is_file()
+
+
+def test_add_a_picture_find_it_delete_it(page: Browser) -> None:
+    """The add form, then an image search for the same picture, then its card's delete button
+    (dismissed once, then confirmed): the results are searched again without it."""
+    picture = "data:image/png;base64," + b64(png(48, (250, 200, 20)))
+    set_file(page, "#add-image", picture, "sun.png")
+    page.evaluate(
+        "(() => { document.querySelector('#add-caption').value = 'a yellow sun';"
+        " document.querySelector('#add-form').requestSubmit(); })()"
+    )
+    added = page.wait_for(
+        "(() => { const s = document.querySelector('#add-status').textContent;"
+        " return s.startsWith('added') && s; })()"
+    )
+    new_id = int(added.split("#")[1].split()[0])
+    assert new_id >= SAMPLES and added.endswith("to default"), added
+    options = "[...document.querySelector('#index').options].map((o) => o.textContent)"
+    assert page.wait_for(f"{options}[0] === 'default ({SAMPLES + 1})'")
+
+    set_file(page, "#image-input", picture, "sun.png")
+    page.wait_for(f"{CARD_IDS}[0] === {new_id}")
+    assert page.evaluate("document.querySelector('.result-card .caption').textContent") == (
+        "a yellow sun"
+    )
+    assert page.wait_for(VISIBLE_IMAGES_LOADED)  # the added picture's thumbnail loads too
+    page.screenshot(SCREENSHOT.with_name("page-added.png"))
+
+    delete_first = "document.querySelector('.result-card .delete').click()"
+    assert "a yellow sun" in page.answer_dialog(delete_first, accept=False)
+    assert page.evaluate(f"{CARD_IDS}[0]") == new_id  # dismissed: nothing deleted
+    page.answer_dialog(delete_first, accept=True)
+    assert page.wait_for(
+        f"document.querySelector('#add-status').textContent === 'deleted #{new_id} from default'"
+    )
+    page.wait_for(f"{CARD_IDS}.length > 0 && !{CARD_IDS}.includes({new_id})")
+    assert page.wait_for(f"{options}[0] === 'default ({SAMPLES})'")
+    page.screenshot(SCREENSHOT.with_name("page-deleted.png"))
