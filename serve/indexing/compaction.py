@@ -36,6 +36,7 @@ from serve.indexing.thumbnails import OFFSETS_FILE, THUMBNAILS_FILE, PackWriter
 from serve.indexing.updates import AddedItem
 from serve.indexing.vector_search import (
     HNSW,
+    RECALL_K,
     IndexPlan,
     VectorSearcher,
     build_faiss_index,
@@ -61,6 +62,7 @@ class _Cut:
     added: dict[int, AddedItem]
     next_id: int
     faiss_index: faiss.Index | None
+    updated_recall: float | None  # recall@10 of the index as updated, before compaction
 
 
 def compact(index: SearchIndex) -> None:
@@ -99,10 +101,11 @@ def _take_cut(index: SearchIndex) -> _Cut:
         alive = items.alive_mask()
         rows = np.flatnonzero(alive) if alive is not None else np.arange(items.rows)
         faiss_index = searcher.index
+        vectors = np.ascontiguousarray(searcher.vectors[rows])
         return _Cut(
             seq=items.seq,
             journal_offset=index._journal.bytes,
-            vectors=np.ascontiguousarray(searcher.vectors[rows]),
+            vectors=vectors,
             ids=items.ids[rows].copy(),
             rows=rows,
             snapshot_rows=items.snapshot_rows,
@@ -111,7 +114,32 @@ def _take_cut(index: SearchIndex) -> _Cut:
             faiss_index=faiss.clone_index(faiss_index)
             if isinstance(faiss_index, faiss.IndexIVF)
             else None,
+            updated_recall=updated_recall(index, vectors, items.ids[rows]),
         )
+
+
+def updated_recall(
+    index: SearchIndex, live_vectors: np.ndarray, live_ids: np.ndarray, queries: int = 1000
+) -> float | None:
+    """recall@10 of `index` as updated (adds in its lists or graph, deletes dropped or masked)
+    against exact search over its live items, as `measure_recall` does for a build: stored
+    vectors as queries, each left out of both lists. Under the write lock: nothing changes."""
+    if index._searcher.exact:
+        return 1.0
+    n = min(queries, len(live_vectors))
+    if n == 0 or len(live_vectors) <= RECALL_K:
+        return None
+    picked = np.sort(np.random.default_rng(0).choice(len(live_vectors), n, replace=False))
+    sample = np.ascontiguousarray(live_vectors[picked])
+    _, exact = faiss.knn(sample, live_vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    with index._lock.shared():
+        _, rows = index._search_rows(sample, RECALL_K + 1)
+        found = np.where(rows >= 0, index._items.ids[np.maximum(rows, 0)], -1)
+    hits = 0
+    for query_id, truth, approx in zip(live_ids[picked], live_ids[exact], found, strict=True):
+        truth_set = set(truth[truth != query_id][:RECALL_K].tolist())
+        hits += len(truth_set & set(approx[approx != query_id][:RECALL_K].tolist()))
+    return round(hits / (n * RECALL_K), 4)
 
 
 def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
@@ -141,6 +169,7 @@ def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
         journal_seq=cut.seq,
         compacted=datetime.now(UTC).isoformat(timespec="seconds"),
         index_build_seconds=seconds,
+        recall_at_10_before_compaction=cut.updated_recall,
         **recall,
     )
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
