@@ -15,7 +15,9 @@ item), then the decode and encode queues (429) as for any image. Images take /se
 (serve/images.py), whose one decode also makes the thumbnail when the index keeps them; an
 embedding is checked and normalised as /search's is. `SearchIndex.add` / `delete` make the
 update durable before the answer; their refusals map to 409 read_only and 507
-insufficient_storage in serve/errors.py.
+insufficient_storage in serve/errors.py. They enter the threadpool one at a time
+(`Service.index_updates`): an index applies one update at a time anyway, and a burst of updates
+waiting on its lock there would hold the threadpool's threads from every other request.
 """
 
 from __future__ import annotations
@@ -305,11 +307,11 @@ async def add_items(name: IndexName, request: Request) -> Response:
     are stored durably and found by searches once this answers."""
     start = time.perf_counter()
     service, settings = service_of(request), settings_of(request)
-    name = service.indices.resolve(name)  # 404 before the body is read
-    with service.indices.lease(name) as index:
-        if not index.writable:  # 409 before the body is read, decoded or encoded
+    with service.indices.lease(name) as index:  # 404, then 409, before the body is read
+        if not index.writable:
             raise IndexReadOnlyError(index.read_only_reason)
-        items = await read_items(request, settings)
+    items = await read_items(request, settings)
+    with service.indices.lease(name) as index:
         vectors = given_vectors(items, index.dim)  # cheap checks before any image work
         vectors.update(await image_vectors(items, service, settings, index))
         stacked = np.concatenate([vectors[i] for i in range(len(items))]).astype(np.float32)
@@ -317,7 +319,8 @@ async def add_items(name: IndexName, request: Request) -> Response:
         thumbnails = (
             [item.thumbnail for item in items] if index.thumbnail_spec is not None else None
         )
-        ids = await run_in_threadpool(index.add, stacked, rows, thumbnails)
+        async with service.index_updates:
+            ids = await run_in_threadpool(index.add, stacked, rows, thumbnails)
         link = thumbnail_links(name, index, settings) if index.thumbnails is not None else None
     added = [
         AddedItem(id=i, key=item.key, thumbnail_url=link(i) if link and item.thumbnail else None)
@@ -368,7 +371,8 @@ def get_item(name: IndexName, id: ItemId, service: ServiceDep, settings: Setting
 )
 async def delete_item(name: IndexName, id: ItemId, service: ServiceDep) -> Response:
     with service.indices.lease(name) as index:
-        deleted, not_found = await run_in_threadpool(index.delete, [id])
+        async with service.index_updates:
+            deleted, not_found = await run_in_threadpool(index.delete, [id])
     if not_found:
         raise ApiError(404, "not_found", f"no item with id {id} in index {name!r}")
     return json_response(DeleteItemsResponse(index=name, deleted=deleted, not_found=[]))
@@ -400,5 +404,6 @@ async def delete_items(name: IndexName, request: Request) -> Response:
     check_batch(len(body.ids), "ids", settings)
     ids = list(dict.fromkeys(body.ids))  # each once, in the order sent
     with service.indices.lease(name) as index:
-        deleted, not_found = await run_in_threadpool(index.delete, ids)
+        async with service.index_updates:
+            deleted, not_found = await run_in_threadpool(index.delete, ids)
     return json_response(DeleteItemsResponse(index=name, deleted=deleted, not_found=not_found))

@@ -37,6 +37,14 @@ function setStatus(element, text, isError = false) {
 
 let maxK = 100;
 let lastSearch = null; // {describe, request}: what "refresh" runs again after an add or delete
+let indexInfo = null; // GET /indices by name, once it answered: whether each is "writable"
+
+// Add and delete are offered when /indices answered (the key is right, or the service has none)
+// and the selected index takes updates in this process.
+function updateEditable() {
+  const info = indexInfo && indexInfo[$("index").value];
+  document.body.classList.toggle("editable", Boolean(info) && info.writable !== false);
+}
 
 function searchOptions() {
   const k = Math.min(Math.max(1, Math.round(Number($("k").value) || 12)), maxK);
@@ -226,9 +234,11 @@ async function loadChoices() {
       ...sets.map((set) => new Option(set.name, set.name)),
     );
     if ($("status").classList.contains("error")) setStatus($("status"), "");
-    document.body.classList.add("editable"); // the key is right, or the service has none
+    indexInfo = Object.fromEntries(body.indices.map((info) => [info.name, info]));
+    updateEditable();
   } catch (error) {
-    document.body.classList.remove("editable");
+    indexInfo = null;
+    updateEditable();
     setStatus($("status"), `not ready: ${error.message}`, true);
   }
 }
@@ -276,11 +286,15 @@ async function main() {
   });
   $("classify-form").addEventListener("submit", classify);
   $("add-form").addEventListener("submit", addPicture);
+  $("index").addEventListener("change", updateEditable);
   setUpDropZone();
   const params = new URLSearchParams(location.search);
   if (params.get("k")) $("k").value = params.get("k");
   await loadChoices();
-  if (params.get("index")) $("index").value = params.get("index");
+  if (params.get("index")) {
+    $("index").value = params.get("index");
+    updateEditable();
+  }
   if (params.get("q")) {
     $("query").value = params.get("q");
     $("search-form").requestSubmit();

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -242,6 +243,37 @@ def test_batch_delete_reports_unknown_ids(client: TestClient) -> None:
     assert sorted(body["deleted"]) == sorted([first, second]) and body["not_found"] == [unknown]
     again = client.post("/indices/default/items/delete", json={"ids": [first]}).json()
     assert again["deleted"] == [] and again["not_found"] == [first]
+
+
+def test_updates_waiting_for_the_index_leave_the_threadpool_to_other_requests(
+    client: TestClient,
+) -> None:
+    """More adds than the threadpool has threads wait while the index holds its updates; a
+    plain-`def` route (GET an item) still answers, and every add goes through afterwards."""
+    adds = 50  # the threadpool has 40 threads
+    statuses: list[int] = []
+    item = {"items": [{"embedding": unit(6).tolist()}]}
+
+    def post() -> None:
+        statuses.append(client.post("/indices/default/items", json=item).status_code)
+
+    before = count(client)
+    threads = [threading.Thread(target=post) for _ in range(adds)]
+    with service_of(client).indices.lease() as index, index.paused_writes():
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)  # the adds reach the index and wait there
+        got: list[int] = []
+        reader = threading.Thread(
+            target=lambda: got.append(client.get("/indices/default/items/0").status_code)
+        )
+        reader.start()
+        reader.join(20)
+        assert got == [200], "a read waited for updates held by the index"
+        assert statuses == []  # held: none answered yet
+    for thread in threads:
+        thread.join(60)
+    assert statuses == [200] * adds and count(client) == before + adds
 
 
 # --- refusals: nothing changes -----------------------------------------------------------------
