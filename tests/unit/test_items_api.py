@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from serve.app import create_app
+from serve.indexing.index import write_index
 from serve.service import Service
 from serve.settings import Settings
 from tests.serve_support import (
@@ -54,9 +55,17 @@ def fresh_index(built: dict[str, Path], where: Path) -> Path:
 
 
 def settings_for(built: dict[str, Path], index: Path, **update: Any) -> Settings:
+    """Index `index` as "default" and, beside it, "plain": 4 vectors and no thumbnails."""
+    plain = write_index(
+        index.with_name(f"{index.name}-plain"),
+        np.eye(4, DIM, dtype=np.float32),
+        [(f"p{i}", f"plain {i}", {}) for i in range(4)],
+    )
     return Settings(
         artifact_dir=built["artifact"],
         index_dir=index,
+        indices={"plain": plain},
+        cors_origins=["http://front.example"],
         max_upload_bytes=64 * 1024,
         max_image_pixels=100 * 100,
         max_request_pixels=15_000,
@@ -172,6 +181,27 @@ def test_added_images_multipart_and_base64_are_found_and_have_thumbnails(
         thumbnail = client.get(url)
         assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/webp"
     assert client.get(f"/indices/default/items/{by_json}").json()["key"] == "t.png"
+
+
+def test_an_image_added_to_an_index_without_thumbnails_has_none(client: TestClient) -> None:
+    picture = png(16, (120, 40, 160))
+    response = client.post("/indices/plain/items", json={"items": [{"image": b64(picture)}]})
+    assert response.status_code == 200, response.text
+    (added,) = response.json()["items"]
+    assert "thumbnail_url" not in added
+    item = client.get(f"/indices/plain/items/{added['id']}").json()
+    assert item["id"] == added["id"] and "thumbnail_url" not in item
+    top = top_of(client, image=b64(picture), index="plain")
+    assert top["id"] == added["id"] and "thumbnail_url" not in top
+
+
+def test_cross_origin_pages_may_delete(client: TestClient) -> None:
+    preflight = client.options(
+        "/indices/default/items/0",
+        headers={"Origin": "http://front.example", "Access-Control-Request-Method": "DELETE"},
+    )
+    assert preflight.status_code == 200
+    assert "DELETE" in preflight.headers["access-control-allow-methods"]
 
 
 class OneImage(http.server.BaseHTTPRequestHandler):
