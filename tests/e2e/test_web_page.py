@@ -8,6 +8,8 @@ Screenshots are written to runs/test-screenshots/ for a person to see."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,14 @@ import pytest
 
 from tests.browser import Browser, set_file
 from tests.conftest import REPO_ROOT, running_service
-from tests.serve_support import b64, make_artifact, make_index, make_shard, png
+from tests.serve_support import (
+    b64,
+    make_artifact,
+    make_index,
+    make_shard,
+    png,
+    write_lock_held,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +51,19 @@ CARD_IDS = (
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m serve` with a tiny random model, 24 synthetic images and an API key."""
+    """`python -m serve` with a tiny random model, 24 synthetic images and an API key; and
+    index "frozen", a copy that another process writes (so it is read-only here)."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
     index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
-    env = {"DUET_API_KEY": KEY, "DUET_MAX_K": str(MAX_K), "DUET_ACCESS_LOG": "false"}
-    with running_service(artifact, index, env=env) as base:
+    frozen = Path(shutil.copytree(index, root / "frozen"))
+    env = {
+        "DUET_API_KEY": KEY,
+        "DUET_MAX_K": str(MAX_K),
+        "DUET_ACCESS_LOG": "false",
+        "DUET_INDICES": json.dumps({"frozen": str(frozen)}),
+    }
+    with write_lock_held(frozen), running_service(artifact, index, env=env) as base:
         yield base
 
 
@@ -65,7 +81,10 @@ def page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
             " key.dispatchEvent(new Event('change')); })()"
         )
         options = "[...document.querySelector('#index').options].map((o) => o.textContent)"
-        assert browser.wait_for(f"{options}.length && {options}") == [f"default ({SAMPLES})"]
+        assert browser.wait_for(f"{options}.length && {options}") == [
+            f"default ({SAMPLES})",
+            f"frozen ({SAMPLES})",
+        ]
         assert browser.evaluate(ADD_FORM_SHOWN)
         yield browser
     finally:
@@ -211,3 +230,24 @@ def test_add_a_picture_find_it_delete_it(page: Browser) -> None:
     page.wait_for(f"{CARD_IDS}.length > 0 && !{CARD_IDS}.includes({new_id})")
     assert page.wait_for(f"{options}[0] === 'default ({SAMPLES})'")
     page.screenshot(SCREENSHOT.with_name("page-deleted.png"))
+
+
+def choose_index(page: Browser, name: str) -> None:
+    page.evaluate(
+        f"(() => {{ const select = document.querySelector('#index'); select.value = {name!r};"
+        " select.dispatchEvent(new Event('change')); })()"
+    )
+
+
+def test_an_index_written_elsewhere_offers_no_add_or_delete(page: Browser) -> None:
+    delete_shown = (
+        "getComputedStyle(document.querySelector('.result-card .delete')).display !== 'none'"
+    )
+    choose_index(page, "frozen")
+    try:
+        assert page.evaluate(ADD_FORM_SHOWN) is False
+        assert search_text(page, "a red circle", 4).endswith("(index frozen)")
+        assert page.evaluate(delete_shown) is False
+    finally:
+        choose_index(page, "default")
+    assert page.evaluate(ADD_FORM_SHOWN) is True

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.server
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from tests.serve_support import (
     make_shard,
     png,
     wait_until_loaded,
+    write_lock_held,
 )
 
 SAMPLES = 24
@@ -448,50 +448,29 @@ def test_item_routes_need_the_api_key(built: dict[str, Path], tmp_path: Path) ->
 
 # --- a read-only index, a full disk ------------------------------------------------------------
 
-HOLD_LOCK = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-sys.stdin.read()
-"""
-
 
 def test_index_written_by_another_process_is_read_only(
     built: dict[str, Path], tmp_path: Path
 ) -> None:
     index = fresh_index(built, tmp_path / "shared")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / ".shared.lock")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with TestClient(create_app(settings_for(built, index))) as reader:
-            assert wait_until_loaded(reader).status_code == 200
-            refused = [
-                reader.post("/indices/default/items", json={"items": [GOOD]}),
-                # refused before the body is read: no image is decoded for nothing
-                reader.post("/indices/default/items", json={"items": [{"embedding": [1.0]}]}),
-                reader.post(
-                    "/indices/default/items",
-                    files=[("image", ("a.png", png(8), "image/png"))],
-                ),
-                reader.delete("/indices/default/items/3"),
-                reader.post("/indices/default/items/delete", json={"ids": [3]}),
-            ]
-            for response in refused:
-                assert (
-                    "one process writes an index"
-                    in assert_envelope(response, 409, "read_only")["error"]
-                )
-            assert count(reader) == SAMPLES
-            assert reader.get("/indices/default/items/3").status_code == 200  # reads still work
-            assert len(search(reader, text="a shape", k=3)) == 3
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
+    with write_lock_held(index), TestClient(create_app(settings_for(built, index))) as reader:
+        assert wait_until_loaded(reader).status_code == 200
+        refused = [
+            reader.post("/indices/default/items", json={"items": [GOOD]}),
+            # refused before the body is read: no image is decoded for nothing
+            reader.post("/indices/default/items", json={"items": [{"embedding": [1.0]}]}),
+            reader.post(
+                "/indices/default/items", files=[("image", ("a.png", png(8), "image/png"))]
+            ),
+            reader.delete("/indices/default/items/3"),
+            reader.post("/indices/default/items/delete", json={"ids": [3]}),
+        ]
+        for response in refused:
+            message = assert_envelope(response, 409, "read_only")["error"]
+            assert "a test's lock holder" in message  # who writes it instead
+        assert count(reader) == SAMPLES
+        assert reader.get("/indices/default/items/3").status_code == 200  # reads still work
+        assert len(search(reader, text="a shape", k=3)) == 3
 
 
 def test_full_disk_is_507_and_changes_nothing(built: dict[str, Path], tmp_path: Path) -> None:
