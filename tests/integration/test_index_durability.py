@@ -121,7 +121,8 @@ def test_kill_9_in_a_loop_loses_no_acknowledged_update(tmp_path: Path):
             if word == "deleting" and applied:
                 acked_live -= ids
             in_flight.append(pending)
-        assert live == acked_live, (round_, sorted(live ^ acked_live))
+        extra, lost = sorted(live - acked_live), sorted(acked_live - live)
+        assert live == acked_live, (round_, extra, lost, pending)
 
     index = SearchIndex.load(out)
     ids = sorted(acked_live)
