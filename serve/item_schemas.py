@@ -27,8 +27,13 @@ EXAMPLE_THUMBNAIL_URL = "/thumbnails/default/24?v=3f2a9c0d51e8b7a4"
 
 
 def metadata_bytes(metadata: dict[str, Any]) -> int:
-    """The size a metadata object is charged: its compact JSON's UTF-8 bytes."""
-    return len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
+    """The size a metadata object is charged: its compact JSON's UTF-8 bytes. ValueError for
+    NaN or infinity (read from a body, they would be answered as JSON no client can parse)."""
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        raise ValueError("metadata numbers must be finite (no NaN or Infinity)") from None
+    return len(text.encode())
 
 
 class ItemFields(BaseModel):

@@ -361,6 +361,18 @@ def test_a_bad_item_refuses_the_whole_add_and_is_named(
     assert count(client) == before  # the good items of the batch were not added either
 
 
+def test_metadata_numbers_must_be_finite(client: TestClient) -> None:
+    """NaN is no JSON: stored, it would be answered as JSON no client parses."""
+    embedding = ", ".join(["1"] + ["0"] * (DIM - 1))
+    body = f'{{"items": [{{"embedding": [{embedding}], "metadata": {{"x": NaN}}}}]}}'
+    before = count(client)
+    response = client.post(
+        "/indices/default/items", content=body, headers={"content-type": "application/json"}
+    )
+    assert "body.items.0.metadata" in assert_envelope(response, 422, "validation_error")["error"]
+    assert count(client) == before
+
+
 def test_request_pixels_are_charged_before_any_decode(client: TestClient) -> None:
     """Two 100 x 100 headers pass max_image_pixels alone but not max_request_pixels together.
     The first cannot be decoded: a 413 (not its 415) shows nothing was decoded first."""
@@ -378,6 +390,7 @@ BAD_FORMS: list[tuple[str, dict[str, Any], str]] = [
     ("metadata not JSON", {"metadata": ["{nope", "{}"]}, "body.metadata.0"),
     ("metadata not an object", {"metadata": ["{}", "[1]"]}, "body.metadata.1"),
     ("caption too long", {"caption": ["ok", "c" * 201]}, "body.items.1.caption"),
+    ("metadata not finite", {"metadata": ["{}", '{"x": Infinity}']}, "body.items.1.metadata"),
 ]
 
 
@@ -392,6 +405,12 @@ def test_bad_multipart_fields_are_named(
     response = client.post("/indices/default/items", files=files, data=data)
     assert named in assert_envelope(response, 422, "validation_error")["error"]
     assert count(client) == before
+
+
+def test_more_files_than_images_per_request_is_named(client: TestClient) -> None:
+    files = [("image", (f"{i}.png", png(8), "image/png")) for i in range(MAX_ITEMS + 1)]
+    response = client.post("/indices/default/items", files=files)
+    assert "max_items_per_request" in assert_envelope(response, 422, "validation_error")["error"]
 
 
 def test_unknown_index_and_id_are_404(client: TestClient) -> None:
