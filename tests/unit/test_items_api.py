@@ -306,6 +306,33 @@ def test_updates_waiting_for_the_index_leave_the_threadpool_to_other_requests(
     assert statuses == [200] * adds and count(client) == before + adds
 
 
+def test_searches_never_fail_while_items_are_added_and_deleted(client: TestClient) -> None:
+    """Searchers by text, image and vector run while a writer adds and deletes over HTTP: every
+    answer is 200, and each added item is found by the writer's very next search."""
+    stop = threading.Event()
+    statuses: list[int] = []
+    queries = [{"text": "a red circle"}, {"image": b64(png(16))}, {"embedding": unit(7).tolist()}]
+
+    def searcher(query: dict[str, Any]) -> None:
+        while not stop.is_set():
+            statuses.append(client.post("/search", json={**query, "k": 5}).status_code)
+
+    threads = [threading.Thread(target=searcher, args=(query,)) for query in queries]
+    for thread in threads:
+        thread.start()
+    try:
+        for round_ in range(15):
+            vector = unit(100 + round_)
+            (new_id,) = add(client, [{"embedding": vector.tolist()}])
+            assert top_of(client, embedding=vector.tolist())["id"] == new_id
+            assert client.delete(f"/indices/default/items/{new_id}").status_code == 200
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert len(statuses) >= 15 and set(statuses) == {200}
+
+
 # --- refusals: nothing changes -----------------------------------------------------------------
 
 
