@@ -183,8 +183,9 @@ class DeleteItemsResponse(BaseModel):
     not_found: list[int] = Field(description="Ids that are not (or no longer) in the index.")
 
 
-class ItemResponse(ItemFields):
-    """One stored item, as GET /indices/{name}/items/{id} shows it."""
+class ItemResponse(BaseModel):
+    """One stored item, as GET /indices/{name}/items/{id} shows it: not validated as an added
+    item is (a built index's metadata is whatever its source held)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -204,6 +205,9 @@ class ItemResponse(ItemFields):
 
     index: str
     id: int
+    key: str
+    caption: str
+    metadata: dict[str, Any] = Field(description="The item's JSON metadata.")
     url: str | None = Field(None, description="The image's source URL, where known.")
     thumbnail_url: str | None = Field(
         None,

@@ -574,3 +574,18 @@ def test_openapi_documents_the_item_routes_with_examples(client: TestClient) -> 
     # the documented example works when sent as it is
     sent = client.post("/indices/default/items", json=add_body["application/json"]["example"])
     assert sent.status_code == 200, sent.text
+
+
+def test_get_shows_a_built_items_metadata_whatever_it_holds(
+    built: dict[str, Path], tmp_path: Path
+) -> None:
+    """A built index's metadata is not an added item's: no size limit, NaN answered as null."""
+    metadata = {"width": float("nan"), "notes": "n" * (2 * MAX_METADATA_BYTES)}
+    index = write_index(
+        tmp_path / "odd", np.eye(2, DIM, dtype=np.float32), [("k", "c", metadata)] * 2
+    )
+    with TestClient(create_app(settings_for(built, index))) as odd:
+        assert wait_until_loaded(odd).status_code == 200
+        response = odd.get("/indices/default/items/1")
+        assert response.status_code == 200, response.text
+        assert response.json()["metadata"] == {"width": None, "notes": metadata["notes"]}
