@@ -37,12 +37,12 @@ function setStatus(element, text, isError = false) {
 
 let maxK = 100;
 let lastSearch = null; // {describe, request}: what "refresh" runs again after an add or delete
-let indexInfo = null; // GET /indices by name, once it answered: whether each is "writable"
+let indexInfo = {}; // GET /indices by name (empty until it answers): whether each is "writable"
 
 // Add and delete are offered when /indices answered (the key is right, or the service has none)
 // and the selected index takes updates in this process.
 function updateEditable() {
-  const info = indexInfo && indexInfo[$("index").value];
+  const info = indexInfo[$("index").value];
   document.body.classList.toggle("editable", Boolean(info) && info.writable !== false);
 }
 
@@ -237,7 +237,7 @@ async function loadChoices() {
     indexInfo = Object.fromEntries(body.indices.map((info) => [info.name, info]));
     updateEditable();
   } catch (error) {
-    indexInfo = null;
+    indexInfo = {};
     updateEditable();
     setStatus($("status"), `not ready: ${error.message}`, true);
   }
