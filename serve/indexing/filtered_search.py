@@ -1,0 +1,118 @@
+"""Top-k among the allowed rows only (a metadata filter's mask, less deleted rows).
+
+    exact (flat), and any index when the allowed rows are few: score the allowed rows only.
+        Few allowed (< DENSE_FRACTION): gather them block by block and score them; many: score
+        every row of a block and drop the rest, cheaper than gathering most of the rows.
+    approximate (hnsw, ivfpq), when enough rows are allowed: the FAISS search itself skips the
+        rest through an `IDSelectorBitmap` in its search parameters, with efSearch / nprobe
+        raised as fewer rows are allowed (a graph walk or a probed cell then holds fewer allowed
+        rows), then the usual exact re-rank. A query that still gets fewer than min(k, allowed)
+        results is answered exactly.
+
+When ANN gives way to exact search, and how far efSearch / nprobe grow, was measured with
+`bench/filters.py` (docs/benchmarks.md, "Filtered search").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+
+if TYPE_CHECKING:
+    from serve.indexing.vector_search import VectorSearcher
+
+EXACT_MAX_FRACTION = 0.02
+"""Approximate indices search exactly when at most this fraction of the rows is allowed."""
+EXACT_MAX_ROWS = 2048
+"""... or when at most this many rows are allowed (scoring them is then cheaper than a search)."""
+DENSE_FRACTION = 0.25
+"""Exact search scores every row of a block (masking the rest) from this allowed fraction up."""
+MAX_EFFORT_FACTOR = 8
+"""efSearch / nprobe grow as 1 / sqrt(allowed fraction), at most this many times."""
+SCORE_BLOCK_ELEMS = 1 << 22
+"""Exact search scores [Q, rows] blocks of at most this many elements (16 MiB of float32)."""
+
+
+def search_allowed(
+    searcher: VectorSearcher, queries: np.ndarray, k: int, allowed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) [Q, k] best first among rows where `allowed` [N] is True; -1 / -inf pad."""
+    total = len(allowed)
+    count = int(np.count_nonzero(allowed))
+    if count == total:
+        return searcher.search_all(queries, k)
+    if count == 0:
+        return _empty(len(queries), k)
+    fraction = count / total
+    if searcher.exact or count <= EXACT_MAX_ROWS or fraction <= EXACT_MAX_FRACTION:
+        return exact_allowed(searcher.vectors, queries, k, allowed, count)
+    bits = np.packbits(allowed, bitorder="little")  # FAISS reads bit i of byte i // 8
+    selector = faiss.IDSelectorBitmap(total, faiss.swig_ptr(bits))
+    scores, ids = searcher.search_all(queries, k, _params(searcher, selector, fraction))
+    wanted = min(k, count)
+    short = (ids[:, :wanted] < 0).any(axis=1)  # [Q]: the walk / the cells held too few
+    if short.any():
+        scores[short], ids[short] = exact_allowed(
+            searcher.vectors, queries[short], k, allowed, count
+        )
+    return scores, ids
+
+
+def _params(searcher: VectorSearcher, selector: faiss.IDSelector, fraction: float) -> object:
+    """Search parameters with the selector and the effort raised for `fraction` allowed."""
+    factor = min(MAX_EFFORT_FACTOR, 1 / math.sqrt(fraction))
+    index = faiss.downcast_index(searcher.index)
+    if isinstance(index, faiss.IndexHNSW):
+        ef = searcher.search_params.get("efSearch", index.hnsw.efSearch)
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=math.ceil(ef * factor))
+    nprobe = searcher.search_params.get("nprobe", faiss.extract_index_ivf(index).nprobe)
+    nlist = faiss.extract_index_ivf(index).nlist
+    return faiss.SearchParametersIVF(sel=selector, nprobe=min(nlist, math.ceil(nprobe * factor)))
+
+
+def exact_allowed(
+    vectors: np.ndarray, queries: np.ndarray, k: int, allowed: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product among the allowed rows, block by block."""
+    block_rows = max(1024, SCORE_BLOCK_ELEMS // max(1, len(queries)))
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    if count / len(allowed) >= DENSE_FRACTION:
+        for start in range(0, len(vectors), block_rows):
+            rows = np.arange(start, min(start + block_rows, len(vectors)))
+            scores = queries @ np.asarray(vectors[start : rows[-1] + 1]).T  # [Q, rows]
+            scores[:, ~allowed[start : rows[-1] + 1]] = -np.inf
+            parts.append(_top(scores, rows, k))
+    else:
+        allowed_rows = np.flatnonzero(allowed)
+        for start in range(0, count, block_rows):
+            rows = allowed_rows[start : start + block_rows]
+            parts.append(_top(queries @ np.take(vectors, rows, axis=0).T, rows, k))
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    top_scores, top_ids = _top(scores, ids, k)
+    top_ids = np.where(np.isfinite(top_scores), top_ids, -1)
+    if top_ids.shape[1] < k:  # fewer allowed rows than k: pad like FAISS does
+        pad = ((0, 0), (0, k - top_ids.shape[1]))
+        top_ids = np.pad(top_ids, pad, constant_values=-1)
+        top_scores = np.pad(top_scores, pad, constant_values=-np.inf)
+    return top_scores.astype(np.float32), top_ids.astype(np.int64)
+
+
+def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best min(k, columns) of `scores` [Q, C] per query, best first, with their ids
+    (`ids`: [C] shared by every query, or [Q, C])."""
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores = np.take_along_axis(scores, part, axis=1)
+        ids = ids[part] if ids.ndim == 1 else np.take_along_axis(ids, part, axis=1)
+    elif ids.ndim == 1:
+        ids = np.broadcast_to(ids, scores.shape)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def _empty(queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((queries, k), -np.inf, np.float32), np.full((queries, k), -1, np.int64)
