@@ -53,7 +53,11 @@ def _timed(searcher: VectorSearcher, queries: np.ndarray, mask_of: object) -> tu
 
 
 def _recall(ids: np.ndarray, truth: np.ndarray) -> float:
-    hits = [len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, (b >= 0).sum()) for a, b in zip(ids, truth)]
+    """Mean over queries of |found & truth| / |truth| (|truth| < K when few rows match)."""
+    hits = [
+        len(set(a[a >= 0]) & set(b[b >= 0])) / max(1, int((b >= 0).sum()))
+        for a, b in zip(ids, truth, strict=True)
+    ]
     return float(np.mean(hits))
 
 

@@ -143,6 +143,11 @@ class SearchOptions(BaseModel):
 
 
 QUERY_FIELDS = ("text", "image", "embedding", "id")
+FILTER_DESCRIPTION = (
+    'Only results whose metadata match: {"field": value} (equality), {"field": {"in": [...]}}, '
+    '{"field": {"gte": 1, "lt": 5}} (gt, gte, lt, lte); all combined with AND. GET /indices '
+    "lists each index's filterable fields."
+)
 
 
 class SearchRequest(SearchOptions):
@@ -154,6 +159,7 @@ class SearchRequest(SearchOptions):
             "examples": [
                 {"text": "red circle", "k": 5},
                 {"id": 17, "k": 5, "dedup": 0.95},
+                {"text": "a star", "k": 5, "filter": {"color": {"in": ["red", "blue"]}}},
                 {"image": EXAMPLE_IMAGE_BASE64, "index": "default"},
             ]
         },
@@ -167,6 +173,7 @@ class SearchRequest(SearchOptions):
         None, description="Query vector of the index's dimension; normalised by the service."
     )
     id: StrictId | None = Field(None, description='"More like this": the id of an indexed item.')
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DESCRIPTION)
 
     @field_validator("text")
     @classmethod
@@ -190,6 +197,8 @@ class SearchRequest(SearchOptions):
 
 class ImageSearchForm(SearchOptions):
     """The form fields beside the `image` file of a multipart POST /search."""
+
+    filter: str | None = Field(None, description="The `filter` object, as JSON text.")
 
 
 class SearchHit(BaseModel):
@@ -446,6 +455,10 @@ class IndexInfo(BaseModel):
     default: bool = Field(description="Searched when a request names no index.")
     count: int
     dim: int
+    filterable: dict[str, str] = Field(
+        default_factory=dict,
+        description='Fields a search `filter` can test, with their kind: "number" or "string".',
+    )
 
 
 class IndicesResponse(BaseModel):
@@ -485,6 +498,9 @@ class KnnRequest(BaseModel):
     use_mclip: bool | None = None
     aesthetic_score: Any = None
     aesthetic_weight: Any = None
+    filter: dict[str, Any] | None = Field(
+        None, description="This service's own addition (as in POST /search): " + FILTER_DESCRIPTION
+    )
 
     @field_validator("text")
     @classmethod

@@ -255,10 +255,10 @@ class AttributeColumns:
             ],
             "excluded": state.excluded,
         }
-        arrays = {f"f{i}": c.values for i, c in enumerate(state.columns.values())}
-        encoded = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        arrays: dict[str, Any] = {f"f{i}": c.values for i, c in enumerate(state.columns.values())}
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         with open(path, "wb") as file:
-            np.savez(file, header=encoded, **arrays)
+            np.savez(file, **arrays)
 
     @classmethod
     def load(cls, path: Path, count: int) -> AttributeColumns:

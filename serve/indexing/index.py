@@ -9,6 +9,9 @@ An index is a directory:
                       similarity; a plain .npy so that it can be memory-mapped
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
     metadata.sqlite   table `items`: row id -> key, caption, url, JSON metadata
+    attributes.npz    columns of the metadata fields searches can filter on
+                      (serve/indexing/filters.py); an index without it builds them from
+                      metadata.sqlite when it loads
     thumbnails.bin, thumbnails.offsets.npy
                       optional: one small image per row (serve/indexing/thumbnails.py);
                       indices built without them (`--thumbnails none`, or before they
@@ -44,6 +47,13 @@ import faiss
 import numpy as np
 
 from common.atomic_dir import replace_dir, staging_dir
+from serve.indexing.filters import (
+    ATTRIBUTES_FILE,
+    AttributeColumns,
+    Filter,
+    metas_of,
+    parse_filter,
+)
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
     THUMBNAILS_FILE,
@@ -137,7 +147,9 @@ def write_index(
             vectors, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
         )
         recall = measure_recall(searcher, spec.recall_queries, seed=spec.seed)
-        _write_metadata(tmp / METADATA_FILE, [_as_row(row) for row in rows])
+        index_rows = [_as_row(row) for row in rows]
+        _write_metadata(tmp / METADATA_FILE, index_rows)
+        AttributeColumns.from_metas(metas_of(index_rows)).save(tmp / ATTRIBUTES_FILE)
         if thumbnails is not None:
             thumbnails.move_to(tmp / THUMBNAILS_FILE)
             thumbnail_info = (thumbnail_spec or ThumbnailSpec()).manifest()
@@ -217,11 +229,13 @@ class SearchIndex:
         *,
         mmap: bool = False,
         thumbnails: ThumbnailReader | None = None,
+        attributes: AttributeColumns | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.mmap = mmap
         self.thumbnails = thumbnails
+        self.attributes = attributes or AttributeColumns.from_metas([{}] * len(searcher.vectors))
         self._searcher = searcher
         self._db = db
         self._db_lock = threading.Lock()
@@ -268,6 +282,7 @@ class SearchIndex:
         try:
             _check_consistent(directory, manifest, vectors, index, db, expected_dim)
             thumbnails = _open_thumbnails(directory, manifest, len(vectors))
+            attributes = _read_attributes(directory, db, len(vectors))
             searcher = VectorSearcher(
                 vectors,
                 index,
@@ -288,10 +303,24 @@ class SearchIndex:
             vectors.shape[1],
             " (memory-mapped)" if mmap else "",
         )
-        return cls(directory, searcher, db, manifest, mmap=mmap, thumbnails=thumbnails)
+        return cls(
+            directory,
+            searcher,
+            db,
+            manifest,
+            mmap=mmap,
+            thumbnails=thumbnails,
+            attributes=attributes,
+        )
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Queries [Q, D] unit vectors -> per query the min(k, count) best hits, best first."""
+    def search(
+        self, queries: np.ndarray, k: int, *, where: Filter | None = None
+    ) -> list[list[Hit]]:
+        """Queries [Q, D] unit vectors -> per query the min(k, count) best hits, best first.
+
+        `where`: only rows matching this filter (`filter`), then min(k, matching rows) hits;
+        FilterError when it names a field this index cannot filter.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
@@ -300,7 +329,9 @@ class SearchIndex:
         k = min(k, self.count)
         if k == 0:
             return [[] for _ in queries]
-        scores, ids = self._searcher.search(queries, k)  # [Q, k] each; id -1 if fewer found
+        allowed = None if where is None else self.attributes.mask(where)  # bool [count]
+        # [Q, k] each; id -1 where fewer found
+        scores, ids = self._searcher.search(queries, k, allowed=allowed)
         rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
         return [
             [
@@ -310,6 +341,13 @@ class SearchIndex:
             ]
             for ids_q, scores_q in zip(ids, scores, strict=True)
         ]
+
+    def filter(self, raw: Any, *, max_conditions: int, max_values: int) -> Filter:
+        """A client's filter object -> a `Filter` for `search(where=...)`; FilterError names
+        the field or operator that is wrong, or a field this index cannot filter."""
+        where = parse_filter(raw, max_conditions=max_conditions, max_values=max_values)
+        self.attributes.check(where)
+        return where
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored unit vectors [len(ids), D] of rows `ids`, for "more like this" queries."""
@@ -340,6 +378,7 @@ class SearchIndex:
             "thumbnails": self.manifest.get("thumbnails", {}).get("format")
             if self.thumbnails is not None
             else None,
+            "filterable": self.attributes.fields(),
         }
 
     def _rows(self, ids: set[int]) -> dict[int, IndexRow]:
@@ -443,6 +482,27 @@ def _open_thumbnails(
         return ThumbnailReader(directory, count, info["format"])
     except (OSError, ValueError) as exc:
         raise IndexLoadError(f"{path}: unusable thumbnails: {exc}; rebuild the index") from exc
+
+
+def _read_attributes(directory: Path, db: sqlite3.Connection, count: int) -> AttributeColumns:
+    """The filterable columns: from their file, or (an index written before there was one)
+    built from the metadata store, one pass over its rows."""
+    path = directory / ATTRIBUTES_FILE
+    if path.is_file():
+        try:
+            return AttributeColumns.load(path, count)
+        except ValueError as exc:
+            raise IndexLoadError(f"{exc}; rebuild the index") from exc
+    start = time.perf_counter()
+    metas = (json.loads(meta) for (meta,) in db.execute("SELECT meta FROM items ORDER BY id"))
+    columns = AttributeColumns.from_metas([m if isinstance(m, dict) else {} for m in metas])
+    log.info(
+        "%s has no %s: filter columns built from its metadata in %.1f s",
+        directory,
+        ATTRIBUTES_FILE,
+        time.perf_counter() - start,
+    )
+    return columns
 
 
 def _open_metadata(path: Path) -> sqlite3.Connection:
