@@ -1,6 +1,8 @@
 // The Duet web page: search by text or image, "more like this", zero-shot classification.
-// Plain JS against the service's own API; URL parameters ?q=...&k=...&index=... run a search
-// on load (bookmarkable queries, and how the headless browser test drives the page).
+// Plain JS against the service's own API; URL parameters ?q=...&k=...&index=...&filter=... run
+// a search on load (bookmarkable queries, and how the headless browser test drives the page).
+// The filter box takes the JSON `filter` of POST /search; the fields it can name are listed
+// under it (GET /indices).
 // Result cards show the index's thumbnails (`thumbnail_url`, signed when the service has a key,
 // so an <img> loads them without one), or the image's web `url`, lazily.
 "use strict";
@@ -34,6 +36,7 @@ function setStatus(element, text, isError = false) {
 }
 
 let maxK = 100;
+let indexInfo = {};
 
 function searchOptions() {
   const k = Math.min(Math.max(1, Math.round(Number($("k").value) || 12)), maxK);
@@ -41,7 +44,25 @@ function searchOptions() {
   const options = { k };
   if ($("index").value) options.index = $("index").value;
   if ($("dedup").checked) options.dedup = Number($("dedup-threshold").value) || 0.95;
+  const filter = $("filter").value.trim();
+  if (filter) {
+    try {
+      options.filter = JSON.parse(filter);
+    } catch (error) {
+      throw new Error(`the filter is not JSON: ${error.message}`);
+    }
+  }
   return options;
+}
+
+function showFilterFields() {
+  const info = indexInfo[$("index").value];
+  const fields = Object.entries((info && info.filterable) || {});
+  $("filter-fields").textContent = !info
+    ? ""
+    : fields.length
+    ? `filterable: ${fields.map(([name, kind]) => `${name} (${kind})`).join(", ")}`
+    : "this index has no filterable fields";
 }
 
 async function runSearch(describe, request) {
@@ -82,10 +103,14 @@ function hideQueryImage() {
 
 function searchImage(file) {
   showQueryImage(file);
-  const form = new FormData();
-  form.append("image", file);
-  for (const [name, value] of Object.entries(searchOptions())) form.append(name, String(value));
-  return runSearch(`image ${file.name}`, () => api("/search", { method: "POST", body: form }));
+  return runSearch(`image ${file.name}`, () => {
+    const form = new FormData();
+    form.append("image", file);
+    for (const [name, value] of Object.entries(searchOptions())) {
+      form.append(name, name === "filter" ? JSON.stringify(value) : String(value));
+    }
+    return api("/search", { method: "POST", body: form });
+  });
 }
 
 function renderResults(results) {
@@ -163,6 +188,8 @@ async function loadChoices() {
       ...body.indices.map((info) => new Option(`${info.name} (${info.count})`, info.name)),
     );
     if (chosen) $("index").value = chosen;
+    indexInfo = Object.fromEntries(body.indices.map((info) => [info.name, info]));
+    showFilterFields();
     maxK = body.max_k;
     $("k").max = String(maxK);
     if (Number($("k").value) > maxK) $("k").value = maxK;
@@ -219,11 +246,14 @@ async function main() {
     }
   });
   $("classify-form").addEventListener("submit", classify);
+  $("index").addEventListener("change", showFilterFields);
   setUpDropZone();
   const params = new URLSearchParams(location.search);
   if (params.get("k")) $("k").value = params.get("k");
   await loadChoices();
   if (params.get("index")) $("index").value = params.get("index");
+  if (params.get("filter")) $("filter").value = params.get("filter");
+  showFilterFields();
   if (params.get("q")) {
     $("query").value = params.get("q");
     $("search-form").requestSubmit();
