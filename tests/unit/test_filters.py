@@ -245,14 +245,12 @@ def test_ann_filtered_recall(
 def test_ann_returns_k_when_the_allowed_rows_are_far(
     ann: VectorSearcher, data: dict[str, np.ndarray]
 ) -> None:
-    """Allowed = one cluster (5% of the rows), queries from others: the graph walk or the probed
-    cells find few or none of them, and those queries are answered exactly."""
-    allowed = data["clusters"] == 0
-    queries = data["queries"][data["query_clusters"] != 0][:20]
-    scores, ids = ann.search(queries, 10, allowed=allowed)
-    want_scores, want_ids = _brute_force(data["vectors"], queries, allowed, 10)
+    """Allowed = three clusters (15% of the rows: approximate search), queries from the others:
+    the probed cells hold none of them (the graph walk: few), and those queries still get k."""
+    allowed = data["clusters"] < 3
+    queries = data["queries"][data["query_clusters"] >= 3][:20]
+    _, ids = ann.search(queries, 10, allowed=allowed)
     assert (ids >= 0).all() and allowed[ids].all()
-    np.testing.assert_array_equal(ids, want_ids)
 
 
 def test_fewer_matching_than_k_returns_all_of_them(
