@@ -2,7 +2,7 @@
 a real `python -m serve` with a non-ASCII API key on a loopback port. The page asks for the key
 (and sends its UTF-8 bytes), then loads the indices; a text search renders cards whose thumbnails
 really load (signed URLs, no key in the <img>); an image search previews the query image; the
-zero-shot panel calls /classify.
+zero-shot panel calls /classify; the filter box narrows a search and shows a bad filter's error.
 A screenshot of the results is written to runs/test-screenshots/page.png for a person to see."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from tests.browser import Browser, set_file
 from tests.conftest import REPO_ROOT, running_service
-from tests.serve_support import make_artifact, make_index, make_shard
+from tests.serve_support import make_artifact, make_index, make_shard, read_samples
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +33,23 @@ VISIBLE_IMAGES_LOADED = """(() => {
 })()"""
 
 
+SHARDS: dict[str, str] = {}  # server URL -> the shard its index was built from
+
+
+def _shard(server: str) -> str:
+    return SHARDS[server]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`python -m serve` with a tiny random model, 24 synthetic images and an API key."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
-    index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
+    shard = make_shard(root / "synth", SAMPLES)
+    index = make_index(artifact, shard, root / "index")
     env = {"DUET_API_KEY": KEY, "DUET_MAX_K": str(MAX_K), "DUET_ACCESS_LOG": "false"}
     with running_service(artifact, index, env=env) as base:
+        SHARDS[base] = shard
         yield base
 
 
@@ -148,6 +157,24 @@ def test_near_duplicate_control_thins_the_results(page: Browser) -> None:
         "(() => { const box = document.querySelector('#dedup'); box.checked = false;"
         " box.dispatchEvent(new Event('change')); })()"
     )
+
+
+def test_filter_box_narrows_the_results_and_shows_errors(page: Browser, server: str) -> None:
+    assert "color (string)" in page.evaluate("document.querySelector('#filter-fields').textContent")
+    set_filter = "(() => {{ document.querySelector('#filter').value = {!r}; }})()"
+    page.evaluate(set_filter.format('{"color": "red"}'))
+    status = search_text(page, "a circle", MAX_K)
+    reds = sum(s.meta["color"] == "red" for s in read_samples(_shard(server)))
+    assert status.startswith(f"{min(reds, MAX_K)} results"), status
+    assert 0 < reds < SAMPLES
+    page.screenshot(SCREENSHOT.with_name("page-filter.png"))
+    page.evaluate(set_filter.format('{"colour": "red"}'))
+    status = search_text(page, "a circle", 5)
+    assert status.startswith("search failed: body.filter: field 'colour' is not"), status
+    page.evaluate(set_filter.format('{"color": '))
+    assert search_text(page, "a circle", 5).startswith("search failed: the filter is not JSON")
+    assert page.evaluate("document.querySelector('#status').className") == "error"
+    page.evaluate(set_filter.format(""))
 
 
 def test_page_shows_a_failed_search(page: Browser) -> None:
