@@ -191,6 +191,8 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
             expected_dim=encoder.embed_dim,
             model_name=encoder.model_name,
             threads=settings.search_threads,
+            writable=None if settings.index_writes else False,
+            compact_journal_bytes=settings.compact_journal_mib << 20,
         )
         registry = IndexRegistry(settings.index_paths, load_index)
         label_sets = embed_label_sets(encoder, settings.label_sets, settings.default_templates)
@@ -232,14 +234,28 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     )
 
 
-def _load_index(path: Path, *, expected_dim: int, model_name: str, threads: int) -> SearchIndex:
+def _load_index(
+    path: Path,
+    *,
+    expected_dim: int,
+    model_name: str,
+    threads: int,
+    writable: bool | None,
+    compact_journal_bytes: int,
+) -> SearchIndex:
     """`SearchIndex.load`, where any failure (a manifest of the wrong shape as much as a missing
     file) is an `IndexLoadError`: a reload answers 409 and the loaded version keeps serving."""
     # Searches run on the batcher's thread and in the threadpool, concurrently; one query
     # parallelised by OpenMP over every core on top of that oversubscribes the CPU (and OpenMP
     # teams spin-wait against torch's).
     try:
-        index = SearchIndex.load(path, expected_dim=expected_dim, threads=threads)
+        index = SearchIndex.load(
+            path,
+            expected_dim=expected_dim,
+            threads=threads,
+            writable=writable,
+            compact_journal_bytes=compact_journal_bytes,
+        )
     except (IndexLoadError, OSError):
         raise
     except Exception as exc:  # e.g. {"search_params": [1]}: a ValueError deep in the loader

@@ -7,6 +7,10 @@ ApiError (our own)                 its status and type: 400 bad_request, 401 una
                                    415 unsupported_media_type / not_an_image, 503 not_ready
 HTTP server limits (serve.http)    408 timeout, 431 headers_too_large, 400 bad_request
 UnknownIndexError                  404 not_found
+IndexReadOnlyError                 409 read_only (another process writes the index, or it is
+                                   served read-only)
+JournalWriteError                  507 insufficient_storage (an update could not be made
+                                   durable; nothing changed)
 Overloaded (encode queue full)     429 overloaded, with Retry-After
 anything else                      500 internal_error, generic message, logged with traceback
 """
@@ -25,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.batching import Overloaded
+from serve.indexing.journal import IndexReadOnlyError, JournalWriteError
 from serve.registry import UnknownIndexError
 from serve.schemas import ErrorResponse
 
@@ -44,6 +49,7 @@ TYPE_BY_STATUS = {
     431: "headers_too_large",
     500: "internal_error",
     503: "not_ready",
+    507: "insufficient_storage",
 }
 
 
@@ -91,6 +97,15 @@ async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_unknown_index(request: Request, exc: Exception) -> JSONResponse:
     return error_response(404, "not_found", str(exc))
+
+
+async def _on_read_only(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(409, "read_only", str(exc))
+
+
+async def _on_journal_write(request: Request, exc: Exception) -> JSONResponse:
+    log.error("an index update was refused: %s", exc)
+    return error_response(507, "insufficient_storage", str(exc))
 
 
 async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
@@ -152,6 +167,8 @@ class CatchAllMiddleware:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(UnknownIndexError, _on_unknown_index)
+    app.add_exception_handler(IndexReadOnlyError, _on_read_only)
+    app.add_exception_handler(JournalWriteError, _on_journal_write)
     app.add_exception_handler(Overloaded, _on_overloaded)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)

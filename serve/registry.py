@@ -94,11 +94,14 @@ class IndexRegistry:
         """
         name = self.resolve(name)
         with self._reload_lock:
-            fresh = _Slot(self._load(self._paths[name]))
-            with self._lock:
-                old, self._slots[name] = self._slots[name], fresh
-                old.retired = True
-                close_now = old.users == 0
+            current = self._slots[name].index
+            with current.paused_writes() as hand_over:  # no update lands between load and swap
+                fresh = _Slot(self._load(self._paths[name]))
+                hand_over(fresh.index)
+                with self._lock:
+                    old, self._slots[name] = self._slots[name], fresh
+                    old.retired = True
+                    close_now = old.users == 0
             if close_now:
                 old.index.close()
             log.info(

@@ -245,6 +245,18 @@ class Settings(BaseSettings):
         ge=1,
         description="OpenMP threads per FAISS search; concurrent requests bring the parallelism.",
     )
+    # --- index updates ---
+    index_writes: bool = Field(
+        default=True,
+        description="Take each index's write lock when it is free, so that items can be added "
+        "and deleted (journalled); false: serve every index read-only (replicas).",
+    )
+    compact_journal_mib: int = Field(
+        default=256,
+        ge=1,
+        description="Compact an index in the background once its journal of updates reaches "
+        "this many MiB (a new snapshot; the journal starts empty).",
+    )
     # --- image_url (clip-retrieval's /knn-service) ---
     image_url_fetch: bool = Field(
         default=False, description="Allow /knn-service to download image_url (public hosts only)."

@@ -205,12 +205,15 @@ class AttributeColumns:
             assert len(new.values) == total
         self._state = _State(total, columns, excluded)
 
-    def take(self, rows: np.ndarray) -> None:
-        """Keep these rows, in this order (compaction); unused string values are dropped."""
+    def take(self, rows: np.ndarray) -> AttributeColumns:
+        """New columns of these rows, in this order (compaction: the live rows); string values
+        no kept row has are dropped. This object is unchanged."""
         state = self._state
         rows = np.asarray(rows, dtype=np.int64)
         columns = {name: _take(column, rows) for name, column in state.columns.items()}
-        self._state = _State(len(rows), columns, dict(state.excluded))
+        taken = AttributeColumns()
+        taken._state = _State(len(rows), columns, dict(state.excluded))
+        return taken
 
     def check(self, where: Filter) -> None:
         """FilterError naming the first field this index cannot filter, or a value of the wrong

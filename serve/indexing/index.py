@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,13 +48,24 @@ from typing import Any
 import faiss
 import numpy as np
 
-from common.atomic_dir import replace_dir, staging_dir
+from common.atomic_dir import remove_stale, replace_dir, staging_dir
 from serve.indexing.filters import (
     ATTRIBUTES_FILE,
     AttributeColumns,
     Filter,
     metas_of,
     parse_filter,
+)
+from serve.indexing.journal import (
+    JOURNAL_FILE,
+    IndexReadOnlyError,
+    Journal,
+    Record,
+    WriterLock,
+    read_records,
+)
+from serve.indexing.journal import (
+    JournalWriteError as JournalWriteError,
 )
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
@@ -61,6 +74,7 @@ from serve.indexing.thumbnails import (
     ThumbnailReader,
     ThumbnailSpec,
 )
+from serve.indexing.updates import ItemTable
 from serve.indexing.vector_search import (
     FLAT,
     RECALL_K,
@@ -78,6 +92,7 @@ MANIFEST_FILE = "index.json"
 VECTORS_FILE = "vectors.npy"
 FAISS_FILE = "index.faiss"
 METADATA_FILE = "metadata.sqlite"
+IDS_FILE = "ids.npy"
 METRIC = "inner_product"
 MMAP_AUTO_BYTES = 1 << 30
 """`SearchIndex.load(mmap=None)` memory-maps an index whose vectors + FAISS file reach this size."""
@@ -214,10 +229,12 @@ def _write_metadata(path: Path, rows: list[IndexRow]) -> None:
 
 
 class SearchIndex:
-    """A loaded index: top-k by cosine similarity, with the stored metadata of each hit.
+    """A loaded index: top-k by cosine similarity, with the stored metadata of each hit; and,
+    when this process writes it, adds and deletes of items (journalled, see `add`).
 
-    Safe to share between threads: searches only read (see `VectorSearcher`), and the one
-    read-only SQLite connection is guarded by a lock.
+    Safe to share between threads. Searches take a shared lock and run side by side; an update
+    is first made durable in the journal, then applied under the exclusive lock, so a search
+    sees each update entirely or not at all. The read-only SQLite connection has its own lock.
     """
 
     def __init__(
@@ -230,19 +247,40 @@ class SearchIndex:
         mmap: bool = False,
         thumbnails: ThumbnailReader | None = None,
         attributes: AttributeColumns | None = None,
+        items: ItemTable | None = None,
+        journal: Journal | None = None,
+        writer: WriterLock | None = None,
+        read_only_reason: str | None = None,
+        compact_journal_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.mmap = mmap
-        self.thumbnails = thumbnails
+        self._snapshot_thumbnails = thumbnails
+        self.thumbnails = ItemThumbnails(self, thumbnails) if thumbnails is not None else None
         self.attributes = attributes or AttributeColumns.from_metas([{}] * len(searcher.vectors))
         self._searcher = searcher
         self._db = db
         self._db_lock = threading.Lock()
+        self._items = items or ItemTable(np.arange(len(searcher.vectors)), len(searcher.vectors), 0)
+        self._journal = journal
+        self._writer = writer
+        self.read_only_reason = read_only_reason if journal is None else None
+        self.compact_journal_bytes = compact_journal_bytes
+        self._lock = ReadWriteLock()
+        self._write_mutex = threading.Lock()  # one update at a time, journal write included
+        self._compaction = threading.Lock()  # one compaction at a time
+        self._compactor: threading.Thread | None = None
+        self._successor: SearchIndex | None = None  # set when a reload replaced this version
+
+    @property
+    def writable(self) -> bool:
+        return self._journal is not None
 
     @property
     def count(self) -> int:
-        return int(self._searcher.vectors.shape[0])
+        """Live items (deleted ones not counted)."""
+        return self._items.live
 
     @property
     def dim(self) -> int:
@@ -250,8 +288,21 @@ class SearchIndex:
 
     @property
     def build_id(self) -> str:
-        """Names this build of the index: a thumbnail URL carrying it never changes content."""
+        """Names this build of the index: a thumbnail URL carrying it never changes content
+        (item ids are never reused, so updates and compactions keep it)."""
         return str(self.manifest.get("build_id") or self.manifest.get("created") or "0")
+
+    @property
+    def thumbnail_spec(self) -> ThumbnailSpec | None:
+        """How this index's thumbnails are made; None when it has none."""
+        info = self.manifest.get("thumbnails")
+        if self.thumbnails is None or not isinstance(info, dict):
+            return None
+        return ThumbnailSpec(
+            format=info["format"],
+            max_side_px=int(info.get("max_side_px", 256)),
+            quality=int(info.get("quality", 80)),
+        )
 
     @classmethod
     def load(
@@ -261,6 +312,8 @@ class SearchIndex:
         expected_dim: int | None = None,
         mmap: bool | None = None,
         threads: int | None = None,
+        writable: bool | None = None,
+        compact_journal_bytes: int | None = None,
     ) -> SearchIndex:
         """Open an index; `expected_dim` (the model's embed_dim) must match its dimension.
 
@@ -269,14 +322,43 @@ class SearchIndex:
 
         `mmap`: memory-map the vectors and the FAISS index instead of reading them into memory
         (pages load on first use and are shared by every process that maps the same files);
-        None = only when they are at least `MMAP_AUTO_BYTES` together.
+        None = only when they are at least `MMAP_AUTO_BYTES` together. A writable index reads
+        its FAISS index into memory (updates change it), and its vectors on the first add.
+
+        `writable`: take the index's write lock (True: or raise `IndexReadOnlyError`; None:
+        when free and the directory is writable; False: never). Either way the journal's
+        updates since the snapshot are applied. `compact_journal_bytes`: compact in the
+        background once the journal reaches this size (None: only when asked).
         """
         directory = Path(directory)
+        writer, reason = _writer_lock(directory, writable)
+        try:
+            return cls._open(
+                directory, expected_dim, mmap, threads, writer, reason, compact_journal_bytes
+            )
+        except BaseException:
+            if writer is not None:
+                writer.release()
+            raise
+
+    @classmethod
+    def _open(
+        cls,
+        directory: Path,
+        expected_dim: int | None,
+        mmap: bool | None,
+        threads: int | None,
+        writer: WriterLock | None,
+        reason: str | None,
+        compact_journal_bytes: int | None,
+    ) -> SearchIndex:
         manifest = read_index_manifest(directory)
         if mmap is None:
             mmap = _data_bytes(directory) >= MMAP_AUTO_BYTES
         vectors = _read_vectors(directory / VECTORS_FILE, mmap)
-        index = None if manifest["index_type"] == FLAT else _read_faiss(directory, mmap)
+        index = None
+        if manifest["index_type"] != FLAT:
+            index = _read_faiss(directory, mmap and writer is None)
         db = _open_metadata(directory / METADATA_FILE)
         thumbnails = None
         try:
@@ -290,18 +372,22 @@ class SearchIndex:
                 rerank_factor=int(manifest.get("rerank_factor", 1)),
                 threads=threads,
             )
+            attributes = _read_attributes(directory, db, len(vectors))
+            items = _item_table(directory, manifest, len(vectors))
+            journal = _replay(directory, items, searcher, attributes, writable=writer is not None)
         except BaseException:
             db.close()
             if thumbnails is not None:
                 thumbnails.close()
             raise
         log.info(
-            "loaded %s index %s: %d vectors of dim %d%s",
+            "loaded %s index %s: %d items of dim %d%s%s",
             manifest["index_type"],
             directory,
-            len(vectors),
+            items.live,
             vectors.shape[1],
             " (memory-mapped)" if mmap else "",
+            "" if writer is not None else f" (read-only: {reason})",
         )
         return cls(
             directory,
@@ -311,6 +397,11 @@ class SearchIndex:
             mmap=mmap,
             thumbnails=thumbnails,
             attributes=attributes,
+            items=items,
+            journal=journal,
+            writer=writer,
+            read_only_reason=reason,
+            compact_journal_bytes=compact_journal_bytes,
         )
 
     def search(
@@ -326,16 +417,18 @@ class SearchIndex:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        k = min(k, self.count)
-        if k == 0:
-            return [[] for _ in queries]
-        allowed = None if where is None else self.attributes.mask(where)  # bool [count]
-        # [Q, k] each; id -1 where fewer found
-        scores, ids = self._searcher.search(queries, k, allowed=allowed)
-        rows = self._rows({int(i) for i in ids.ravel() if i >= 0})
+        with self._lock.shared():
+            k = min(k, self.count)
+            if k == 0:
+                return [[] for _ in queries]
+            scores, rows = self._search_rows(
+                queries, k, where
+            )  # [Q, k] each; row -1 if fewer found
+            ids = np.where(rows >= 0, self._items.ids[np.maximum(rows, 0)], -1)
+            found = self._rows_locked({int(i) for i in ids.ravel() if i >= 0})
         return [
             [
-                _hit(int(i), float(score), rows[int(i)])
+                _hit(int(i), float(score), found[int(i)])
                 for i, score in zip(ids_q, scores_q, strict=True)
                 if i >= 0
             ]
@@ -349,19 +442,49 @@ class SearchIndex:
         self.attributes.check(where)
         return where
 
+    def _search_rows(
+        self, queries: np.ndarray, k: int, where: Filter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k live rows (matching `where`); deleted rows the FAISS index still holds are
+        fetched and dropped, or (with a filter) masked out with the rows it does not match."""
+        alive = self._items.alive_mask()
+        if where is not None:
+            allowed = self.attributes.mask(where)  # bool [rows]
+            if alive is not None:
+                allowed &= alive
+            return self._searcher.search(queries, k, allowed=allowed)
+        if alive is None or self._searcher.deletes_in_index:
+            return self._searcher.search(queries, k)
+        fetch = min(k + self._items.deleted, self._items.rows)
+        scores, rows = self._searcher.search(queries, fetch)
+        keep = (rows >= 0) & alive[np.maximum(rows, 0)]
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # live rows first, in order
+        kept = np.take_along_axis(keep, order, axis=1)
+        rows = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
+        return np.take_along_axis(scores, order, axis=1), rows
+
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """The stored unit vectors [len(ids), D] of rows `ids`, for "more like this" queries."""
-        wanted = np.asarray([int(i) for i in ids], dtype=np.int64)
-        bad = wanted[(wanted < 0) | (wanted >= self.count)]
-        if len(bad):
-            raise KeyError(
-                f"no vector with id {int(bad[0])} in index {self.directory} ({self.count} rows)"
-            )
-        return np.array(self._searcher.vectors[wanted], dtype=np.float32).reshape(-1, self.dim)
+        """The stored unit vectors [len(ids), D] of items `ids`, for "more like this" queries."""
+        with self._lock.shared():
+            rows, missing = self._items.rows_of(ids)
+            if missing:
+                raise KeyError(
+                    f"no item with id {missing[0]} in index {self.directory} ({self.count} items)"
+                )
+            vectors = np.array(self._searcher.vectors[rows], dtype=np.float32)
+        return vectors.reshape(-1, self.dim)
 
     def rows(self, ids: Sequence[int]) -> dict[int, IndexRow]:
-        """The stored metadata of rows `ids`; ids not in the index are absent from the result."""
-        return self._rows({int(i) for i in ids})
+        """The stored metadata of items `ids`; ids not in the index are absent from the result."""
+        with self._lock.shared():
+            return self._rows_locked({int(i) for i in ids})
+
+    def get(self, item_id: int) -> IndexRow:
+        """The metadata of item `item_id`; KeyError when there is no such (live) item."""
+        found = self.rows([item_id])
+        if item_id not in found:
+            raise KeyError(f"no item with id {item_id} in this index")
+        return found[item_id]
 
     def describe(self) -> dict[str, Any]:
         """What a client or operator wants to know about this index, without the raw manifest."""
@@ -379,30 +502,249 @@ class SearchIndex:
             if self.thumbnails is not None
             else None,
             "filterable": self.attributes.fields(),
+            "writable": self.writable,
+            "read_only_reason": self.read_only_reason,
+            "deleted_pending": self._items.deleted,
+            "journal_bytes": self._journal.bytes if self._journal is not None else None,
         }
 
-    def _rows(self, ids: set[int]) -> dict[int, IndexRow]:
+    def add(
+        self,
+        vectors: np.ndarray,
+        rows: Sequence[IndexRow],
+        thumbnails: Sequence[bytes | None] | None = None,
+    ) -> list[int]:
+        """Add items: `vectors` [n, D] unit vectors, their `rows` and optional `thumbnails`.
+
+        Returns their ids. When it returns the update is durable (journalled and fsynced) and
+        searches see it. `JournalWriteError`: it could not be saved, nothing changed.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim or not len(vectors):
+            raise ValueError(f"vectors must be [n >= 1, {self.dim}], got shape {vectors.shape}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("vectors must be finite")
+        if len(rows) != len(vectors) or (thumbnails is not None and len(thumbnails) != len(rows)):
+            raise ValueError(f"{len(vectors)} vectors need as many rows (and thumbnails)")
+        with self._write_mutex:
+            successor = self._successor
+            if successor is None:
+                return self._add_locked(vectors, rows, thumbnails)
+        return successor.add(vectors, rows, thumbnails)
+
+    def _add_locked(
+        self,
+        vectors: np.ndarray,
+        rows: Sequence[IndexRow],
+        thumbnails: Sequence[bytes | None] | None,
+    ) -> list[int]:
+        self._check_writable()
+        first = self._items.next_id
+        ids = list(range(first, first + len(vectors)))
+        record = Record(
+            self._items.seq + 1,
+            "add",
+            ids,
+            vectors,
+            [{"key": r.key, "caption": r.caption, "url": _url(r), "meta": r.meta} for r in rows],
+            list(thumbnails) if thumbnails is not None else [],
+        )
+        self._commit(record)
+        return ids
+
+    def delete(self, ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Delete items `ids`; returns (deleted, not found). Durable when it returns."""
+        wanted = list(dict.fromkeys(int(i) for i in ids))
+        with self._write_mutex:
+            successor = self._successor
+            if successor is None:
+                self._check_writable()
+                rows, missing = self._items.rows_of(wanted)
+                gone = set(missing)
+                deleted = [i for i in wanted if i not in gone]
+                if deleted:
+                    self._commit(Record(self._items.seq + 1, "delete", deleted))
+                return deleted, missing
+        return successor.delete(wanted)
+
+    @contextmanager
+    def paused_writes(self) -> Iterator[Callable[[SearchIndex], None]]:
+        """Hold updates while the index is loaded again; the function it yields hands this
+        version's writes over to the new one (updates that were waiting go to it)."""
+        with self._write_mutex:
+
+            def hand_over(successor: SearchIndex) -> None:
+                self._successor = successor
+                self.read_only_reason = "replaced by a newer version of the same index"
+                if self._journal is not None:
+                    self._journal.close()
+                    self._journal = None
+                if self._writer is not None:
+                    self._writer.release()
+                    self._writer = None
+
+            yield hand_over
+
+    def compact(self) -> dict[str, Any]:
+        """Write a snapshot with every update applied and no deleted row, empty the journal,
+        and serve from it; returns `describe()`. Updates go on meanwhile (see compaction.py)."""
+        from serve.indexing.compaction import compact  # it imports this module
+
+        with self._compaction:
+            compact(self)
+        return self.describe()
+
+    def _check_writable(self) -> None:
+        if self._journal is None:
+            raise IndexReadOnlyError(
+                f"index {self.directory.name!r} is read-only here: {self.read_only_reason}"
+            )
+
+    def _commit(self, record: Record) -> None:
+        """Journal `record` (durable), then apply it for searches. Under `_write_mutex`."""
+        assert self._journal is not None
+        self._journal.append(record)
+        with self._lock.exclusive():
+            _apply(record, self._items, self._searcher, self.attributes)
+        limit = self.compact_journal_bytes
+        if limit is not None and self._journal.bytes >= limit:
+            self._compact_in_background()
+
+    def _compact_in_background(self) -> None:
+        if self._compactor is not None and self._compactor.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.compact()
+            except Exception:
+                log.exception("compaction of %s failed; the journal keeps every update", self)
+
+        self._compactor = threading.Thread(target=run, name="duet-compaction", daemon=True)
+        self._compactor.start()
+
+    def _rows_locked(self, ids: set[int]) -> dict[int, IndexRow]:
+        """Metadata of live items `ids`: added ones from memory, the snapshot's from SQLite."""
+        found: dict[int, IndexRow] = {}
+        stored = []
+        for item_id in ids:
+            added = self._items.added.get(item_id)
+            if added is not None:
+                found[item_id] = IndexRow(added.key, added.caption, added.meta, added.url)
+            elif self._items.row_of(item_id) is not None:
+                stored.append(item_id)
+        return found | self._stored_rows(stored)
+
+    def _stored_rows(self, ids: list[int]) -> dict[int, IndexRow]:
         if not ids:
             return {}
-        found: list[tuple[int, str, str, str, str]] = []
+        rows: list[tuple[int, str, str, str, str]] = []
         ordered = sorted(ids)
         with self._db_lock:
             for start in range(0, len(ordered), SQL_VARIABLES_PER_QUERY):
                 chunk = ordered[start : start + SQL_VARIABLES_PER_QUERY]
-                found += self._db.execute(
+                rows += self._db.execute(
                     "SELECT id, key, caption, url, meta FROM items "
                     f"WHERE id IN ({','.join('?' * len(chunk))})",
                     chunk,
                 ).fetchall()
         return {
-            i: IndexRow(key, caption, json.loads(meta), url) for i, key, caption, url, meta in found
+            i: IndexRow(key, caption, json.loads(meta), url) for i, key, caption, url, meta in rows
         }
+
+    def thumbnail_of(self, item_id: int) -> bytes | None:
+        """Item `item_id`'s thumbnail; None when it has none or is not a live item."""
+        with self._lock.shared():
+            added = self._items.added.get(item_id)
+            if added is not None:
+                return added.thumbnail
+            row = self._items.row_of(item_id)
+            if row is None or row >= self._items.snapshot_rows or self._snapshot_thumbnails is None:
+                return None
+            return self._snapshot_thumbnails.get(row)
+
+    def adopt(self, fresh: SearchIndex) -> None:
+        """Serve from `fresh` (the same index loaded again after a compaction) from now on;
+        closes what this one had open. Under `_write_mutex`."""
+        with self._lock.exclusive():
+            old = (self._db, self._snapshot_thumbnails, self._journal, self._writer)
+            self.manifest = fresh.manifest
+            self._searcher, self._items = fresh._searcher, fresh._items
+            self.attributes = fresh.attributes
+            self._db, self._snapshot_thumbnails = fresh._db, fresh._snapshot_thumbnails
+            self._journal, self._writer = fresh._journal, fresh._writer
+        db, thumbnails, journal, writer = old
+        with self._db_lock:
+            db.close()
+        if thumbnails is not None:
+            thumbnails.close()
+        if journal is not None:
+            journal.close()
+        if writer is not None:
+            writer.release()
 
     def close(self) -> None:
         with self._db_lock:
             self._db.close()
-        if self.thumbnails is not None:
-            self.thumbnails.close()
+        if self._snapshot_thumbnails is not None:
+            self._snapshot_thumbnails.close()
+        if self._journal is not None:
+            self._journal.close()
+        if self._writer is not None:
+            self._writer.release()
+
+    def __repr__(self) -> str:
+        return f"SearchIndex({str(self.directory)!r})"
+
+
+class ItemThumbnails:
+    """An index's thumbnails by item id (the snapshot's and those of added items)."""
+
+    def __init__(self, index: SearchIndex, reader: ThumbnailReader) -> None:
+        self._index = index
+        self.media_type = reader.media_type
+
+    def get(self, item_id: int) -> bytes | None:
+        return self._index.thumbnail_of(item_id)
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer goes before readers that arrive after it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 SQL_VARIABLES_PER_QUERY = 900  # below SQLite's historical limit of 999 bound parameters
@@ -410,6 +752,69 @@ SQL_VARIABLES_PER_QUERY = 900  # below SQLite's historical limit of 999 bound pa
 
 def _hit(row_id: int, score: float, row: IndexRow) -> Hit:
     return Hit(row_id, row.key, score, row.caption, row.meta, row.url)
+
+
+def _writer_lock(directory: Path, writable: bool | None) -> tuple[WriterLock | None, str | None]:
+    """This process's write lock on the index, or None and why not."""
+    if writable is False:
+        return None, "opened read-only"
+    reason = None
+    if not os.access(directory, os.W_OK) or not os.access(directory.parent, os.W_OK):
+        reason = f"its directory {directory.name!r} is not writable by this process"
+    else:
+        try:
+            writer = WriterLock(directory.parent / f".{directory.name}.lock")
+        except IndexReadOnlyError as exc:
+            reason = str(exc)
+        else:
+            remove_stale(directory)  # staging left by a compaction that was killed
+            return writer, None
+    if writable:
+        raise IndexReadOnlyError(f"index {directory} cannot be written: {reason}")
+    return None, reason
+
+
+def _apply(
+    record: Record, items: ItemTable, searcher: VectorSearcher, attributes: AttributeColumns
+) -> None:
+    """One journal record applied to the rows, the vectors and the filter columns."""
+    items.apply(record, searcher)
+    if record.op == "add":
+        attributes.append(
+            [row["meta"] if isinstance(row["meta"], dict) else {} for row in record.rows]
+        )
+
+
+def _item_table(directory: Path, manifest: dict[str, Any], rows: int) -> ItemTable:
+    path = directory / IDS_FILE
+    ids = np.load(path, allow_pickle=False) if path.is_file() else np.arange(rows, dtype=np.int64)
+    if ids.shape != (rows,) or (rows > 1 and not (np.diff(ids) > 0).all()):
+        raise IndexLoadError(f"{path}: expected {rows} increasing item ids")
+    next_id = int(manifest.get("next_id", rows))
+    if rows and next_id <= int(ids[-1]):
+        raise IndexLoadError(f"{directory}: next_id {next_id} is not above the last item id")
+    return ItemTable(ids, next_id, int(manifest.get("journal_seq", 0)))
+
+
+def _replay(
+    directory: Path,
+    items: ItemTable,
+    searcher: VectorSearcher,
+    attributes: AttributeColumns,
+    *,
+    writable: bool,
+) -> Journal | None:
+    """Apply the journal's records after the snapshot; the open journal when writable."""
+    path = directory / JOURNAL_FILE
+    records, valid_bytes = read_records(path)
+    applied = 0
+    for _, record in records:
+        if record.seq > items.seq:
+            _apply(record, items, searcher, attributes)
+            applied += 1
+    if applied:
+        log.info("%s: applied %d journalled updates to the snapshot", directory, applied)
+    return Journal(path, valid_bytes) if writable else None
 
 
 def read_index_manifest(directory: str | Path) -> dict[str, Any]:

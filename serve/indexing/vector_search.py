@@ -226,6 +226,7 @@ class VectorSearcher:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.vectors = vectors  # [N, D] float32, in memory or memory-mapped
+        self._buffer: np.ndarray | None = None  # [capacity, D] once rows have been added
         self._index = index
         self.rerank_factor = rerank_factor
         self.threads = threads
@@ -289,9 +290,43 @@ class VectorSearcher:
         return self._index is None
 
     @property
+    def deletes_in_index(self) -> bool:
+        """IVF lists drop deleted rows themselves; exact and HNSW search need them masked out
+        (an HNSW graph cannot lose a node without losing the paths through it)."""
+        return isinstance(self._index, faiss.IndexIVF)
+
+    @property
     def index(self) -> faiss.Index | None:
         """The approximate index (None for flat)."""
         return self._index
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows [n, D] (unit vectors) after the last; not safe beside a running search.
+
+        Vectors live in a buffer with room to grow (doubling), so n single adds cost O(n) copies
+        in all; a search holding the previous `self.vectors` keeps a valid view of it.
+        """
+        count = len(self.vectors)
+        total = count + len(vectors)
+        if self._buffer is None or len(self._buffer) < total:
+            capacity = max(total, 2 * count, 1024)
+            grown = np.empty((capacity, self.vectors.shape[1]), np.float32)
+            grown[:count] = self.vectors  # a memory-mapped index is read into memory here
+            self._buffer = grown
+        self._buffer[count:total] = vectors
+        if self._index is not None:
+            if isinstance(self._index, faiss.IndexIVF):  # explicit ids: deletes removed some
+                self._index.add_with_ids(vectors, np.arange(count, total, dtype=np.int64))
+            else:
+                assert self._index.ntotal == count, "an HNSW graph holds every row ever added"
+                self._index.add(vectors)
+        self.vectors = self._buffer[:total]
+
+    def remove(self, rows: np.ndarray) -> None:
+        """Drop `rows` from an IVF index's lists (others: the caller masks them out)."""
+        if self.deletes_in_index:
+            assert self._index is not None
+            self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
 
 
 def _rerank(

@@ -1,4 +1,5 @@
-"""GET /indices (what each named index holds) and POST /indices/{name}/reload (swap from disk)."""
+"""GET /indices (what each named index holds), POST /indices/{name}/reload (swap from disk) and
+POST /indices/{name}/compact (fold the journal of updates into a new snapshot)."""
 
 from __future__ import annotations
 
@@ -49,4 +50,27 @@ async def reload_index(name: str, service: ServiceDep) -> IndexInfo:
         raise ApiError(
             409, "reload_failed", f"index {name!r} was not reloaded, the loaded one stays: {exc}"
         ) from exc
+    return IndexInfo(name=name, default=name == service.indices.default_name, **info)
+
+
+@router.post(
+    "/indices/{name}/compact",
+    response_model=IndexInfo,
+    summary="Write a new snapshot of index `name` with every update applied; empty its journal",
+    responses=error_responses(401, 404, 409, 503, 507),
+)
+async def compact_index(name: str, service: ServiceDep) -> IndexInfo:
+    """Searches and updates go on while the snapshot is written (docs/operations.md,
+    "Updating an index"). 409 on a read-only index; 507 when the disk has no room for it."""
+    service.indices.resolve(name)
+    with service.indices.lease(name) as index:
+        try:
+            info: dict[str, Any] = await run_in_threadpool(index.compact)
+        except OSError as exc:  # IndexReadOnlyError: 409 read_only (serve/errors.py)
+            raise ApiError(
+                507,
+                "insufficient_storage",
+                f"index {name!r} was not compacted ({exc.strerror or exc}); its journal keeps "
+                "every update",
+            ) from exc
     return IndexInfo(name=name, default=name == service.indices.default_name, **info)

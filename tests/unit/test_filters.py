@@ -151,8 +151,7 @@ def test_append_take_and_files_give_the_same_columns(tmp_path: Path) -> None:
     whole.save(tmp_path / ATTRIBUTES_FILE)
     loaded = AttributeColumns.load(tmp_path / ATTRIBUTES_FILE, 2000)
     rows = np.random.default_rng(0).permutation(2000)[:900]
-    taken = AttributeColumns.from_metas(metas)
-    taken.take(rows)
+    taken = AttributeColumns.from_metas(metas).take(rows)
     for raw in RANDOM_FILTERS:
         where = _parse(raw)
         expected = whole.mask(where)
@@ -310,3 +309,45 @@ def test_search_index_where(index: SearchIndex, data: dict[str, np.ndarray], wri
         index.filter({"size": 3}, **LIMITS)
     if not written:
         index.close()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+def test_filters_follow_adds_deletes_replay_and_compaction(tmp_path: Path, kind: str) -> None:
+    """Added items are filterable at once, deleted ones never come back, and the columns
+    survive a reload (journal replay) and a compaction (rows shift, ids stay)."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((3000, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    metas = [{"color": COLORS[i % 4], "n": i} for i in range(3000)]
+    spec = IndexSpec(index_type=kind, nlist=32 if kind == "ivfpq" else None)
+    write_index(
+        tmp_path / "i", base, [IndexRow(f"k{i}", "", m) for i, m in enumerate(metas)], spec=spec
+    )
+    index = SearchIndex.load(tmp_path / "i")
+    added = base[:50] + 0.01  # near existing rows, so they are found
+    ids = index.add(added, [IndexRow(f"a{i}", "", {"color": "violet", "n": -i}) for i in range(50)])
+    deleted, _ = index.delete(list(range(0, 3000, 2)) + ids[:10])
+    queries = base[:20]
+
+    def check(current: SearchIndex) -> None:
+        where = current.filter({"color": {"in": ["red", "violet"]}}, **LIMITS)
+        for hits in current.search(queries, 10, where=where):
+            assert len(hits) == 10
+            assert all(h.meta["color"] in ("red", "violet") and h.id not in deleted for h in hits)
+        violet = current.filter({"color": "violet"}, **LIMITS)
+        found = {h.id for h in current.search(queries[:1], 100, where=violet)[0]}
+        assert found == set(ids[10:])  # all 40 live added items, nothing else
+
+    check(index)
+    index.close()
+    index = SearchIndex.load(tmp_path / "i")  # the journal replayed
+    check(index)
+    index.compact()
+    check(index)
+    index.close()
+    index = SearchIndex.load(tmp_path / "i")  # the compacted snapshot's attributes.npz
+    assert (
+        tmp_path / "i" / ATTRIBUTES_FILE
+    ).is_file() and index.attributes.count == 3000 - 1500 + 40
+    check(index)
+    index.close()

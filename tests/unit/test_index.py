@@ -108,7 +108,7 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
     np.testing.assert_array_equal(index.vectors([3, 0, 3]), vectors[[3, 0, 3]])
     assert index.vectors([]).shape == (0, DIM)
     for bad in (20, -1):
-        with pytest.raises(KeyError, match=f"no vector with id {bad}"):
+        with pytest.raises(KeyError, match=f"no item with id {bad}"):
             index.vectors([1, bad])
     assert index.rows([2, 99]) == {2: IndexRow("key-002", "caption 2", {"i": 2})}
     assert index.rows([]) == {}
@@ -125,6 +125,10 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
         "mmap": False,
         "thumbnails": None,
         "filterable": {"i": "number"},
+        "writable": True,
+        "read_only_reason": None,
+        "deleted_pending": 0,
+        "journal_bytes": 0,
     }
 
 

@@ -94,7 +94,7 @@ def test_mmap_load_gives_the_same_results(
     built: Path, loaded: SearchIndex, data: tuple[np.ndarray, np.ndarray]
 ) -> None:
     _, queries = data
-    mapped = SearchIndex.load(built, mmap=True)
+    mapped = SearchIndex.load(built, mmap=True, writable=False)  # a writer reads FAISS in
     assert mapped.describe()["mmap"]
     maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else None
     if maps is not None:  # the files themselves are mapped, not read
