@@ -38,6 +38,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -259,6 +260,8 @@ class SearchIndex:
         self._snapshot_thumbnails = thumbnails
         self.thumbnails = ItemThumbnails(self, thumbnails) if thumbnails is not None else None
         self.attributes = attributes or AttributeColumns.from_metas([{}] * len(searcher.vectors))
+        self._mask_cache: OrderedDict[tuple[Filter, int], np.ndarray] = OrderedDict()
+        self._mask_lock = threading.Lock()
         self._searcher = searcher
         self._db = db
         self._db_lock = threading.Lock()
@@ -447,12 +450,9 @@ class SearchIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k live rows (matching `where`); deleted rows the FAISS index still holds are
         fetched and dropped, or (with a filter) masked out with the rows it does not match."""
-        alive = self._items.alive_mask()
         if where is not None:
-            allowed = self.attributes.mask(where)  # bool [rows]
-            if alive is not None:
-                allowed &= alive
-            return self._searcher.search(queries, k, allowed=allowed)
+            return self._searcher.search(queries, k, allowed=self._allowed(where))
+        alive = self._items.alive_mask()
         if alive is None or self._searcher.deletes_in_index:
             return self._searcher.search(queries, k)
         fetch = min(k + self._items.deleted, self._items.rows)
@@ -462,6 +462,28 @@ class SearchIndex:
         kept = np.take_along_axis(keep, order, axis=1)
         rows = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
         return np.take_along_axis(scores, order, axis=1), rows
+
+    def _allowed(self, where: Filter) -> np.ndarray:
+        """bool [rows], read-only: the live rows matching `where`. The masks of the last
+        MASK_CACHE_ENTRIES filters are kept until the next update, so a repeated filter costs
+        no pass over the rows (the mask: 0.1-0.3 ms per condition at 1M rows)."""
+        items = self._items
+        key = (where, items.seq)  # any add or delete moves seq; adopt() empties the cache
+        with self._mask_lock:
+            cached = self._mask_cache.get(key)
+            if cached is not None:
+                self._mask_cache.move_to_end(key)
+                return cached
+        allowed = self.attributes.mask(where)
+        alive = items.alive_mask()
+        if alive is not None:
+            allowed &= alive
+        allowed.flags.writeable = False  # searches may keep what they derive from it
+        with self._mask_lock:
+            self._mask_cache[key] = allowed
+            while len(self._mask_cache) > MASK_CACHE_ENTRIES:
+                self._mask_cache.popitem(last=False)
+        return allowed
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored unit vectors [len(ids), D] of items `ids`, for "more like this" queries."""
@@ -671,6 +693,8 @@ class SearchIndex:
             self.manifest = fresh.manifest
             self._searcher, self._items = fresh._searcher, fresh._items
             self.attributes = fresh.attributes
+            with self._mask_lock:
+                self._mask_cache.clear()  # masks of the old rows
             self._db, self._snapshot_thumbnails = fresh._db, fresh._snapshot_thumbnails
             self._journal, self._writer = fresh._journal, fresh._writer
         db, thumbnails, journal, writer = old
@@ -747,6 +771,8 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+MASK_CACHE_ENTRIES = 8
+"""Filter masks kept per index (one byte per row each: 8 MB at 1M rows)."""
 SQL_VARIABLES_PER_QUERY = 900  # below SQLite's historical limit of 999 bound parameters
 
 

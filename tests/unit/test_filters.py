@@ -270,9 +270,9 @@ def test_exact_allowed_blocks_merge(
     vectors, queries = data["vectors"], data["queries"]
     for fraction in (0.6, 0.05):
         allowed = np.random.default_rng(2).random(COUNT) < fraction
-        whole = exact_allowed(vectors, queries, 10, allowed, int(allowed.sum()))
+        whole = exact_allowed(vectors, queries, 10, allowed)
         monkeypatch.setattr(filtered_search, "SCORE_BLOCK_ELEMS", 1)  # blocks of 1024 rows
-        blocks = exact_allowed(vectors, queries, 10, allowed, int(allowed.sum()))
+        blocks = exact_allowed(vectors, queries, 10, allowed)
         monkeypatch.undo()
         np.testing.assert_array_equal(blocks[1], whole[1])
 
@@ -326,7 +326,9 @@ def test_filters_follow_adds_deletes_replay_and_compaction(tmp_path: Path, kind:
     index = SearchIndex.load(tmp_path / "i")
     added = base[:50] + 0.01  # near existing rows, so they are found
     ids = index.add(added, [IndexRow(f"a{i}", "", {"color": "violet", "n": -i}) for i in range(50)])
-    deleted, _ = index.delete(list(range(0, 3000, 2)) + ids[:10])
+    violet = index.filter({"color": "violet"}, **LIMITS)
+    assert {h.id for h in index.search(base[:1], 100, where=violet)[0]} == set(ids)
+    deleted, _ = index.delete(list(range(0, 3000, 2)) + ids[:10])  # the cached mask is stale
     queries = base[:20]
 
     def check(current: SearchIndex) -> None:
