@@ -353,3 +353,28 @@ def test_filters_follow_adds_deletes_replay_and_compaction(tmp_path: Path, kind:
     ).is_file() and index.attributes.count == 3000 - 1500 + 40
     check(index)
     index.close()
+
+
+def test_what_a_cached_mask_keeps(
+    data: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only (cached) mask keeps its allowed rows' vectors, within the byte budget; the
+    results are the same either way, and a writable mask keeps nothing."""
+    from serve.indexing import filtered_search
+
+    searcher = VectorSearcher(data["vectors"], None)
+    queries = data["queries"][:5]
+    allowed = data["bucket"] < 1
+    allowed.flags.writeable = False
+    first = searcher.search(queries, 10, allowed=allowed)
+    kept = filtered_search._prepare(allowed).gathered
+    assert kept is not None and kept.shape == (int(allowed.sum()), DIM)
+    np.testing.assert_array_equal(searcher.search(queries, 10, allowed=allowed)[1], first[1])
+    writable = allowed.copy()
+    np.testing.assert_array_equal(searcher.search(queries, 10, allowed=writable)[1], first[1])
+    assert filtered_search._prepare(writable).gathered is None
+    monkeypatch.setattr(filtered_search, "GATHER_CACHE_BYTES", kept.nbytes)  # one fits, not two
+    other = data["bucket"] == 1
+    other.flags.writeable = False
+    searcher.search(queries, 10, allowed=other)
+    assert filtered_search._prepare(other).gathered is None
