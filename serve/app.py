@@ -54,6 +54,7 @@ from serve.routes import (
     embed,
     health,
     indices,
+    items,
     openai_api,
     page,
     search,
@@ -96,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=["Content-Type", "X-API-Key", "Authorization"],
             expose_headers=EXPOSED_HEADERS,
         )
@@ -104,7 +105,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         RequestMetricsMiddleware, metrics=app.state.metrics, log_requests=settings.access_log
     )
-    routes = (search, thumbnails, classify, embed, openai_api, indices, clip_retrieval, health)
+    routes = (
+        search,
+        thumbnails,
+        classify,
+        embed,
+        openai_api,
+        indices,
+        items,
+        clip_retrieval,
+        health,
+    )
     for module in (*routes, page):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

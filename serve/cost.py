@@ -9,6 +9,9 @@ refused before anything is decoded or encoded, with the setting that refused it 
     pixels after the model resize its header + the model's resize MAX_RESIZED_PIXELS        413
     decoded pixels of a request   every image header              MAX_REQUEST_PIXELS        413
     texts + images of a request   count                           MAX_ITEMS_PER_REQUEST     422
+    items of an add / ids of a    count                           MAX_UPDATE_ITEMS          413
+    batch delete
+    an added item's metadata      its compact JSON's bytes        MAX_ITEM_METADATA_BYTES   422
     a text, label or template     characters                      MAX_TEXT_CHARS            422
     /classify prompts             labels x templates              MAX_CLASSIFY_PROMPTS      422
     encoder work                  encode items: 1 per text,       MAX_QUEUE_ITEMS (all      429
@@ -23,7 +26,9 @@ refused before anything is decoded or encoded, with the setting that refused it 
     an unread answer              time its client leaves it       SEND_TIMEOUT_S            abort
                                   unread (over 64 KiB waiting)
     an image_url download         bytes as sent and as decoded;   MAX_UPLOAD_BYTES,         413/400
-                                  time, on the event loop         IMAGE_URL_TIMEOUT_S
+                                  time, on the event loop; an     IMAGE_URL_TIMEOUT_S
+                                  add's downloads one at a time,  (MAX_REQUEST_BYTES for
+                                  their bytes summed              an add's together)
     decoding (serve.decoding)     decoded pixels of every image   MAX_DECODE_PIXELS per     429
                                   waiting or in decoding, from    lane (small images,
                                   headers, at admission           large ones)
@@ -33,6 +38,9 @@ refused before anything is decoded or encoded, with the setting that refused it 
     tokenizing a text or prompt   its first 16 x context chars,   fixed by common.tokenize  none
                                   words in pieces of <= 128 bytes (<= ~10 ms a text), on
                                                                   the request's own thread
+
+An added image's thumbnail is made in the same decode as its model input (serve.images), so it
+costs what that decode is charged, on the decode threads.
 
 Texts cost one encode item each whatever their length: the tokenizer cuts them at the model's
 context length and every text is encoded at that length. Images cost one encode item each: they
@@ -70,15 +78,20 @@ def resize_limit(settings: Settings, cfg: PreprocessCfg) -> ResizeLimit:
 
 
 def charge_image_sizes(
-    headers: Sequence[ImageHeader], settings: Settings, limit: ResizeLimit
+    headers: Sequence[ImageHeader],
+    settings: Settings,
+    limit: ResizeLimit,
+    names: Sequence[str] | None = None,
 ) -> None:
     """413 image_too_large if one image (decoded or resized) or all of them together are over
-    their budgets; `headers` are read from the images, nothing decoded."""
+    their budgets; `headers` are read from the images, nothing decoded. `names`: how the
+    message names each image (default: "image i" when there are several)."""
     for i, header in enumerate(headers):
         try:
             check_image(header, max_pixels=settings.max_image_pixels, resize=limit)
         except ImageTooLargeError as exc:
-            where = f"image {i}: " if len(headers) > 1 else ""
+            name = names[i] if names is not None else f"image {i}" if len(headers) > 1 else ""
+            where = f"{name}: " if name else ""
             raise ApiError(413, "image_too_large", f"{where}{exc}") from None
     total = sum(header.charged_pixels for header in headers)
     if total > settings.max_request_pixels:

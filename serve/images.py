@@ -7,7 +7,9 @@ already waiting) and decoded one per hand-off: a request's full-size image lives
 small [3, H, W] tensor exists, so N images in one request never mean N full-size images in
 memory, and a request with many images waits between its images while other requests' images
 are decoded. An image that cannot be decoded or resized fails its own request (413/415) before
-anything is batched.
+anything is batched. Where a route asks (adding images to an index), the same decode also makes
+each image's thumbnail, so an image is decoded once. `download_image` fetches an `image_url`
+(serve.fetch) for the routes that take one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import functools
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -34,10 +39,13 @@ from common.preprocess import (
 from serve.cost import charge_image_sizes, resize_limit
 from serve.encoder import Encoder
 from serve.errors import ApiError
+from serve.fetch import FetchError, fetch_image, parse_networks
+from serve.indexing.thumbnails import ThumbnailSpec, make_thumbnail
 from serve.service import Service
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NOT_AN_IMAGE = f"the upload is not a decodable image (send {FORMAT_NAMES})"
 DECODE_NICENESS = 10  # decode threads yield the CPU to the encoder and the event loop
@@ -75,6 +83,14 @@ def return_large_frees_to_os() -> bool:
         return False
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """A request image ready for the encoder, and its thumbnail when one was asked for."""
+
+    pixels: torch.Tensor  # [3, H, W], the model's input
+    thumbnail: bytes | None = None
+
+
 async def prepare_images(
     files: list[bytes], service: Service, settings: Settings
 ) -> list[torch.Tensor]:
@@ -82,19 +98,79 @@ async def prepare_images(
 
     Text-only requests have nothing to hand off.
     """
+    return [image.pixels for image in await prepare_images_for(files, service, settings)]
+
+
+async def prepare_images_for(
+    files: list[bytes],
+    service: Service,
+    settings: Settings,
+    *,
+    thumbnail_spec: ThumbnailSpec | None = None,
+    names: Sequence[str] | None = None,
+) -> list[PreparedImage]:
+    """`prepare_images`, each image also shrunk to a thumbnail by `thumbnail_spec` (if given)
+    from the same decode; `names` (one per image, e.g. "body.items.3.image") prefix each error
+    message, so that a client knows which image was refused."""
     if not files:
         return []
     limit = resize_limit(settings, service.encoder.preprocess_cfg)
+    labels = list(names) if names is not None else [""] * len(files)
     # every header before the first decode: the request's total is charged up front
-    headers = await run_in_threadpool(lambda: [read_image_header(data) for data in files])
-    charge_image_sizes(headers, settings, limit)
+    headers = await run_in_threadpool(
+        lambda: [
+            _named(label, read_image_header, data)
+            for data, label in zip(files, labels, strict=True)
+        ]
+    )
+    charge_image_sizes(headers, settings, limit, names)
     with service.decoder.admit([header.charged_pixels for header in headers]) as admission:
         return [
             await admission.decode(
-                functools.partial(preprocess_image, data, service.encoder, settings, limit)
+                functools.partial(
+                    _named,
+                    label,
+                    preprocess_image,
+                    data,
+                    service.encoder,
+                    settings,
+                    limit,
+                    thumbnail_spec,
+                )
             )
-            for data in files
+            for data, label in zip(files, labels, strict=True)
         ]
+
+
+def _named(name: str, run: Callable[..., T], *args: Any) -> T:
+    """`run(*args)`, its ApiError's message prefixed by `name` (when there is one)."""
+    try:
+        return run(*args)
+    except ApiError as exc:
+        if name:
+            raise ApiError(exc.status, exc.type, f"{name}: {exc.message}", exc.headers) from None
+        raise
+
+
+async def download_image(url: str, settings: Settings) -> bytes:
+    """An `image_url`'s bytes (serve.fetch: public hosts only, within `max_upload_bytes` and
+    `image_url_timeout_s`); 400 when fetching is off or fails."""
+    if not settings.image_url_fetch:
+        raise ApiError(
+            400,
+            "bad_request",
+            "image_url fetching is off on this service (DUET_IMAGE_URL_FETCH); send the image "
+            "itself as base64 in `image`",
+        )
+    try:
+        return await fetch_image(
+            url,
+            max_bytes=settings.max_upload_bytes,
+            timeout_s=settings.image_url_timeout_s,
+            allowed=parse_networks(settings.image_url_allowed_networks),
+        )
+    except FetchError as exc:
+        raise ApiError(exc.status, exc.type, str(exc)) from None
 
 
 def read_image_header(data: bytes) -> ImageHeader:
@@ -109,9 +185,14 @@ def read_image_header(data: bytes) -> ImageHeader:
 
 
 def preprocess_image(
-    data: bytes, encoder: Encoder, settings: Settings, limit: ResizeLimit
-) -> torch.Tensor:
-    """Bytes -> the model's [3, H, W] input; the decoded image is dropped on return. CPU work."""
+    data: bytes,
+    encoder: Encoder,
+    settings: Settings,
+    limit: ResizeLimit,
+    thumbnail_spec: ThumbnailSpec | None = None,
+) -> PreparedImage:
+    """Bytes -> the model's [3, H, W] input (and the thumbnail, by `thumbnail_spec`); the
+    decoded image is dropped on return. CPU work."""
     try:
         image = load_image(data, max_pixels=settings.max_image_pixels, resize=limit)
     except ImageTooLargeError as exc:
@@ -121,8 +202,10 @@ def preprocess_image(
         log.info("refused upload: %s", exc)
         raise ApiError(415, "not_an_image", NOT_AN_IMAGE) from exc
     try:
-        return encoder.preprocess(image)
+        pixels = encoder.preprocess(image)
+        thumbnail = None if thumbnail_spec is None else make_thumbnail(image, thumbnail_spec)
     except (OSError, ValueError, OverflowError, MemoryError) as exc:
         # e.g. a truncated file that PIL only notices while resizing: this request's fault alone
         log.info("an upload could not be preprocessed: %r", exc)
         raise ApiError(415, "not_an_image", f"{NOT_AN_IMAGE}; it could not be resized") from exc
+    return PreparedImage(pixels, thumbnail)

@@ -68,6 +68,10 @@ def _check_items(count: int, info: ValidationInfo) -> None:
         )
 
 
+# the same checks for the item bodies (serve/item_schemas.py)
+settings_in, check_length, check_items = _settings, _check_length, _check_items
+
+
 def _split_labels(labels: Any) -> Any:
     """One comma-separated value means several labels; repeated fields are taken as they are."""
     if isinstance(labels, list) and len(labels) == 1 and isinstance(labels[0], str):

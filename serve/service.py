@@ -50,6 +50,9 @@ class Service:
     # code, and several built at once in the threadpool would take the interpreter lock from
     # every other request's thread by turns (serve.routes.clip_retrieval.metadata)
     answer_builds: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    # index updates (SearchIndex.add / delete) enter the threadpool one at a time: an index
+    # applies one at a time, and updates waiting on its lock would hold threadpool threads
+    index_updates: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     decoder: DecodeQueue = field(
         default_factory=lambda: DecodeQueue(
             2,

@@ -201,7 +201,21 @@ class Settings(BaseSettings):
         description="Prompt embeddings kept for /classify (LRU over (model, label in template)).",
     )
     max_items_per_request: int = Field(
-        default=32, ge=1, description="Most texts + images one /embed or /classify may send."
+        default=32,
+        ge=1,
+        description="Most texts + images one /embed or /classify may send, and most images "
+        "one POST /indices/{name}/items may add.",
+    )
+    max_update_items: int = Field(
+        default=256,
+        ge=1,
+        description="Most items one POST /indices/{name}/items may add (images and embeddings "
+        "together), and most ids one POST /indices/{name}/items/delete may name; over it, 413.",
+    )
+    max_item_metadata_bytes: int = Field(
+        default=16 * 1024,
+        ge=2,
+        description="Largest `metadata` of one added item, as compact JSON (UTF-8 bytes).",
     )
     max_metadata_ids: int = Field(
         default=1000, ge=1, description="Most ids one POST /metadata may ask for."

@@ -110,6 +110,21 @@ class Browser:
             time.sleep(0.1)
         return value
 
+    def answer_dialog(self, action: str, accept: bool, timeout_s: float = 30) -> str:
+        """Run `action` (JavaScript that opens a `confirm()`, e.g. a button's click), then accept
+        or dismiss the dialog as a person would; the dialog's message."""
+        # later, not inside this evaluate: a dialog blocks the script until it is answered
+        self.evaluate(f"setTimeout(() => {{ {action}; }}, 50)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                raise AssertionError(f"no dialog opened after {action!r}")
+            message = json.loads(self.socket.recv(timeout=left_s))
+            if message.get("method") == "Page.javascriptDialogOpening":
+                self.call("Page.handleJavaScriptDialog", accept=accept)
+                return str(message["params"]["message"])
+
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]
         path.parent.mkdir(parents=True, exist_ok=True)

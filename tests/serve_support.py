@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,31 @@ def black_png(width: int, height: int, color_type: int = 0) -> bytes:
     pixels = b"".join(pieces) + compressor.flush()
     signature = b"\x89PNG\r\n\x1a\n"
     return signature + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.pwrite(fd, b"a test's lock holder", 0)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def write_lock_held(index: Path) -> Iterator[None]:
+    """Another process holds index `index`'s write lock (`.NAME.lock` beside it, as
+    serve.indexing takes it) until the block ends: a service started meanwhile serves it
+    read-only."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(index.parent / f".{index.name}.lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)

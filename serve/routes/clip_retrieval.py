@@ -39,8 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from serve import retrieval
 from serve.body import decode_base64_off_loop, read_json
 from serve.errors import ApiError, error_responses
-from serve.fetch import FetchError, fetch_image, parse_networks
-from serve.images import prepare_images
+from serve.images import download_image, prepare_images
 from serve.indexing.index import Hit, SearchIndex
 from serve.schemas import KnnRequest, MetadataRequest
 from serve.service import (
@@ -146,28 +145,9 @@ async def _query_source(
         data = await decode_base64_off_loop(query.image, "body.image", settings)
     else:
         assert query.image_url
-        data = await _download(query.image_url, settings)
+        data = await download_image(query.image_url, settings)
     (pixels,) = await prepare_images([data], service, settings)
     return QuerySource(image=pixels)
-
-
-async def _download(url: str, settings: Settings) -> bytes:
-    if not settings.image_url_fetch:
-        raise ApiError(
-            400,
-            "bad_request",
-            "image_url fetching is off on this service (DUET_IMAGE_URL_FETCH); send the image "
-            "itself as base64 in `image`",
-        )
-    try:
-        return await fetch_image(
-            url,
-            max_bytes=settings.max_upload_bytes,
-            timeout_s=settings.image_url_timeout_s,
-            allowed=parse_networks(settings.image_url_allowed_networks),
-        )
-    except FetchError as exc:
-        raise ApiError(exc.status, exc.type, str(exc)) from None
 
 
 def _flat_metadata(

@@ -210,7 +210,7 @@ async def query_source(
 
 def search_hit(hit: Hit, thumbnail: str | None = None) -> SearchHit:
     """A hit as the API shows it; `thumbnail`: its thumbnail's URL, if the index has them."""
-    url = hit.meta.get("url")
+    url = hit.url or hit.meta.get("url")  # an added image_url item has it beside its metadata
     return SearchHit(
         id=hit.id,
         key=hit.key,

@@ -5,6 +5,8 @@
 // under it (GET /indices).
 // Result cards show the index's thumbnails (`thumbnail_url`, signed when the service has a key,
 // so an <img> loads them without one), or the image's web `url`, lazily.
+// Adding a picture and deleting a result change the index: they are offered only once /indices
+// answered, i.e. the page's key is right or the service has none, and refresh the results after.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -36,7 +38,15 @@ function setStatus(element, text, isError = false) {
 }
 
 let maxK = 100;
-let indexInfo = {};
+let lastSearch = null; // {describe, request}: what "refresh" runs again after an add or delete
+let indexInfo = {}; // GET /indices by name (empty until it answers): "writable", "filterable"
+
+// Add and delete are offered when /indices answered (the key is right, or the service has none)
+// and the selected index takes updates in this process.
+function updateEditable() {
+  const info = indexInfo[$("index").value];
+  document.body.classList.toggle("editable", Boolean(info) && info.writable !== false);
+}
 
 function searchOptions() {
   const k = Math.min(Math.max(1, Math.round(Number($("k").value) || 12)), maxK);
@@ -66,11 +76,12 @@ function showFilterFields() {
 }
 
 async function runSearch(describe, request) {
+  lastSearch = { describe, request };
   const status = $("status");
   setStatus(status, `searching ${describe} ...`);
   try {
     const body = await request();
-    renderResults(body.results);
+    renderResults(body.results, body.index);
     setStatus(status, `${body.results.length} results for ${describe} in ${body.took_ms} ms (index ${body.index})`);
   } catch (error) {
     $("results").replaceChildren();
@@ -113,7 +124,51 @@ function searchImage(file) {
   });
 }
 
-function renderResults(results) {
+function refreshResults() {
+  if (lastSearch) return runSearch(lastSearch.describe, lastSearch.request);
+}
+
+function itemPath(index, id) {
+  return `/indices/${encodeURIComponent(index)}/items/${id}`;
+}
+
+async function deleteResult(hit, index) {
+  const what = hit.caption ? `"${hit.caption}"` : `#${hit.id}`;
+  if (!confirm(`Delete ${what} (#${hit.id}) from index ${index}? This cannot be undone.`)) return;
+  try {
+    await api(itemPath(index, hit.id), { method: "DELETE" });
+    setStatus($("add-status"), `deleted #${hit.id} from ${index}`);
+    await loadChoices();
+    await refreshResults();
+  } catch (error) {
+    setStatus($("add-status"), `delete failed: ${error.message}`, true);
+  }
+}
+
+async function addPicture(event) {
+  event.preventDefault();
+  const status = $("add-status");
+  const file = $("add-image").files[0];
+  if (!file) return setStatus(status, "choose a picture first", true);
+  const index = $("index").value;
+  const form = new FormData();
+  form.append("image", file);
+  const caption = $("add-caption").value.trim();
+  if (caption) form.append("caption", caption);
+  form.append("key", file.name || "");
+  setStatus(status, `adding ${file.name} ...`);
+  try {
+    const body = await api(`/indices/${encodeURIComponent(index)}/items`, { method: "POST", body: form });
+    setStatus(status, `added ${file.name} as #${body.ids[0]} to ${body.index}`);
+    $("add-form").reset();
+    await loadChoices();
+    await refreshResults();
+  } catch (error) {
+    setStatus(status, `adding failed: ${error.message}`, true);
+  }
+}
+
+function renderResults(results, index) {
   const cards = results.map((hit) => {
     const card = document.createElement("article");
     card.className = "result-card";
@@ -144,7 +199,13 @@ function renderResults(results) {
       hideQueryImage();
       searchJson({ id: hit.id }, `items like #${hit.id}`);
     });
-    card.append(thumb, caption, score, more);
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "delete needs-edit";
+    remove.textContent = "delete";
+    remove.title = `delete #${hit.id} from index ${index}`;
+    remove.addEventListener("click", () => deleteResult(hit, index));
+    card.append(thumb, caption, score, more, remove);
     return card;
   });
   $("results").replaceChildren(...cards);
@@ -188,8 +249,6 @@ async function loadChoices() {
       ...body.indices.map((info) => new Option(`${info.name} (${info.count})`, info.name)),
     );
     if (chosen) $("index").value = chosen;
-    indexInfo = Object.fromEntries(body.indices.map((info) => [info.name, info]));
-    showFilterFields();
     maxK = body.max_k;
     $("k").max = String(maxK);
     if (Number($("k").value) > maxK) $("k").value = maxK;
@@ -198,8 +257,14 @@ async function loadChoices() {
       new Option("(labels below)", ""),
       ...sets.map((set) => new Option(set.name, set.name)),
     );
-    setStatus($("status"), "");
+    if ($("status").classList.contains("error")) setStatus($("status"), "");
+    indexInfo = Object.fromEntries(body.indices.map((info) => [info.name, info]));
+    updateEditable();
+    showFilterFields();
   } catch (error) {
+    indexInfo = {};
+    updateEditable();
+    showFilterFields();
     setStatus($("status"), `not ready: ${error.message}`, true);
   }
 }
@@ -246,12 +311,19 @@ async function main() {
     }
   });
   $("classify-form").addEventListener("submit", classify);
-  $("index").addEventListener("change", showFilterFields);
+  $("add-form").addEventListener("submit", addPicture);
+  $("index").addEventListener("change", () => {
+    updateEditable();
+    showFilterFields();
+  });
   setUpDropZone();
   const params = new URLSearchParams(location.search);
   if (params.get("k")) $("k").value = params.get("k");
   await loadChoices();
-  if (params.get("index")) $("index").value = params.get("index");
+  if (params.get("index")) {
+    $("index").value = params.get("index");
+    updateEditable();
+  }
   if (params.get("filter")) $("filter").value = params.get("filter");
   showFilterFields();
   if (params.get("q")) {

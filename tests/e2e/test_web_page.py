@@ -2,11 +2,15 @@
 a real `python -m serve` with a non-ASCII API key on a loopback port. The page asks for the key
 (and sends its UTF-8 bytes), then loads the indices; a text search renders cards whose thumbnails
 really load (signed URLs, no key in the <img>); an image search previews the query image; the
-zero-shot panel calls /classify; the filter box narrows a search and shows a bad filter's error.
-A screenshot of the results is written to runs/test-screenshots/page.png for a person to see."""
+zero-shot panel calls /classify; the filter box narrows a search and shows a bad filter's
+error; a picture added through the page is found by the next search
+and, deleted from its result card, is gone from the one after.
+Screenshots are written to runs/test-screenshots/ for a person to see."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +18,15 @@ import pytest
 
 from tests.browser import Browser, set_file
 from tests.conftest import REPO_ROOT, running_service
-from tests.serve_support import make_artifact, make_index, make_shard, read_samples
+from tests.serve_support import (
+    b64,
+    make_artifact,
+    make_index,
+    make_shard,
+    png,
+    read_samples,
+    write_lock_held,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,22 +45,29 @@ VISIBLE_IMAGES_LOADED = """(() => {
 })()"""
 
 
+ADD_FORM_SHOWN = "getComputedStyle(document.querySelector('#add-form')).display !== 'none'"
+CARD_IDS = (
+    "[...document.querySelectorAll('#results .result-card')].map((c) => Number(c.dataset.id))"
+)
 SHARDS: dict[str, str] = {}  # server URL -> the shard its index was built from
-
-
-def _shard(server: str) -> str:
-    return SHARDS[server]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m serve` with a tiny random model, 24 synthetic images and an API key."""
+    """`python -m serve` with a tiny random model, 24 synthetic images and an API key; and
+    index "frozen", a copy that another process writes (so it is read-only here)."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
     shard = make_shard(root / "synth", SAMPLES)
     index = make_index(artifact, shard, root / "index")
-    env = {"DUET_API_KEY": KEY, "DUET_MAX_K": str(MAX_K), "DUET_ACCESS_LOG": "false"}
-    with running_service(artifact, index, env=env) as base:
+    frozen = Path(shutil.copytree(index, root / "frozen"))
+    env = {
+        "DUET_API_KEY": KEY,
+        "DUET_MAX_K": str(MAX_K),
+        "DUET_ACCESS_LOG": "false",
+        "DUET_INDICES": json.dumps({"frozen": str(frozen)}),
+    }
+    with write_lock_held(frozen), running_service(artifact, index, env=env) as base:
         SHARDS[base] = shard
         yield base
 
@@ -61,12 +80,17 @@ def page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
         browser.goto(f"{server}/")
         browser.wait_for("document.querySelector('#status').textContent.includes('API key')")
         assert browser.evaluate("document.querySelector('#index').options.length") == 0
+        assert not browser.evaluate(ADD_FORM_SHOWN)  # changing the index needs the key
         browser.evaluate(
             f"(() => {{ const key = document.querySelector('#api-key'); key.value = {KEY!r};"
             " key.dispatchEvent(new Event('change')); })()"
         )
         options = "[...document.querySelector('#index').options].map((o) => o.textContent)"
-        assert browser.wait_for(f"{options}.length && {options}") == [f"default ({SAMPLES})"]
+        assert browser.wait_for(f"{options}.length && {options}") == [
+            f"default ({SAMPLES})",
+            f"frozen ({SAMPLES})",
+        ]
+        assert browser.evaluate(ADD_FORM_SHOWN)
         yield browser
     finally:
         browser.close()
@@ -164,7 +188,7 @@ def test_filter_box_narrows_the_results_and_shows_errors(page: Browser, server: 
     set_filter = "(() => {{ document.querySelector('#filter').value = {!r}; }})()"
     page.evaluate(set_filter.format('{"color": "red"}'))
     status = search_text(page, "a circle", MAX_K)
-    reds = sum(s.meta["color"] == "red" for s in read_samples(_shard(server)))
+    reds = sum(s.meta["color"] == "red" for s in read_samples(SHARDS[server]))
     assert status.startswith(f"{min(reds, MAX_K)} results"), status
     assert 0 < reds < SAMPLES
     page.screenshot(SCREENSHOT.with_name("page-filter.png"))
@@ -191,3 +215,62 @@ def test_keyboard_reaches_the_image_search(page: Browser) -> None:
     )
     assert zone == [0, "button"]
     assert Path(SCREENSHOT).is_file()
+
+
+def test_add_a_picture_find_it_delete_it(page: Browser) -> None:
+    """The add form, then an image search for the same picture, then its card's delete button
+    (dismissed once, then confirmed): the results are searched again without it."""
+    picture = "data:image/png;base64," + b64(png(48, (250, 200, 20)))
+    set_file(page, "#add-image", picture, "sun.png")
+    page.evaluate(
+        "(() => { document.querySelector('#add-caption').value = 'a yellow sun';"
+        " document.querySelector('#add-form').requestSubmit(); })()"
+    )
+    added = page.wait_for(
+        "(() => { const s = document.querySelector('#add-status').textContent;"
+        " return s.startsWith('added') && s; })()"
+    )
+    new_id = int(added.split("#")[1].split()[0])
+    assert new_id >= SAMPLES and added.endswith("to default"), added
+    options = "[...document.querySelector('#index').options].map((o) => o.textContent)"
+    assert page.wait_for(f"{options}[0] === 'default ({SAMPLES + 1})'")
+
+    set_file(page, "#image-input", picture, "sun.png")
+    page.wait_for(f"{CARD_IDS}[0] === {new_id}")
+    assert page.evaluate("document.querySelector('.result-card .caption').textContent") == (
+        "a yellow sun"
+    )
+    assert page.wait_for(VISIBLE_IMAGES_LOADED)  # the added picture's thumbnail loads too
+    page.screenshot(SCREENSHOT.with_name("page-added.png"))
+
+    delete_first = "document.querySelector('.result-card .delete').click()"
+    assert "a yellow sun" in page.answer_dialog(delete_first, accept=False)
+    assert page.evaluate(f"{CARD_IDS}[0]") == new_id  # dismissed: nothing deleted
+    page.answer_dialog(delete_first, accept=True)
+    assert page.wait_for(
+        f"document.querySelector('#add-status').textContent === 'deleted #{new_id} from default'"
+    )
+    page.wait_for(f"{CARD_IDS}.length > 0 && !{CARD_IDS}.includes({new_id})")
+    assert page.wait_for(f"{options}[0] === 'default ({SAMPLES})'")
+    page.screenshot(SCREENSHOT.with_name("page-deleted.png"))
+
+
+def choose_index(page: Browser, name: str) -> None:
+    page.evaluate(
+        f"(() => {{ const select = document.querySelector('#index'); select.value = {name!r};"
+        " select.dispatchEvent(new Event('change')); })()"
+    )
+
+
+def test_an_index_written_elsewhere_offers_no_add_or_delete(page: Browser) -> None:
+    delete_shown = (
+        "getComputedStyle(document.querySelector('.result-card .delete')).display !== 'none'"
+    )
+    choose_index(page, "frozen")
+    try:
+        assert page.evaluate(ADD_FORM_SHOWN) is False
+        assert search_text(page, "a red circle", 4).endswith("(index frozen)")
+        assert page.evaluate(delete_shown) is False
+    finally:
+        choose_index(page, "default")
+    assert page.evaluate(ADD_FORM_SHOWN) is True

@@ -13,13 +13,19 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 
 from serve.indexing.index import SearchIndex, write_index
-from tests.conftest import REPO_ROOT, subprocess_env
+from tests.conftest import REPO_ROOT, free_port, subprocess_env
+from tests.serve_support import make_artifact
+
+pytestmark = pytest.mark.slow
 
 DIM = 8
 BATCH = 3
@@ -121,7 +127,8 @@ def test_kill_9_in_a_loop_loses_no_acknowledged_update(tmp_path: Path):
             if word == "deleting" and applied:
                 acked_live -= ids
             in_flight.append(pending)
-        assert live == acked_live, (round_, sorted(live ^ acked_live))
+        extra, lost = sorted(live - acked_live), sorted(acked_live - live)
+        assert live == acked_live, (round_, extra, lost, pending)
 
     index = SearchIndex.load(out)
     ids = sorted(acked_live)
@@ -131,3 +138,100 @@ def test_kill_9_in_a_loop_loses_no_acknowledged_update(tmp_path: Path):
     assert [[h.id for h in q] for q in index.search(queries, 5)] == expected.tolist()
     index.close()
     assert len(acked_live) > 20
+
+
+def service_vector(n: int, dim: int) -> np.ndarray:
+    v = np.random.default_rng(50_000 + n).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def start_service(artifact: Path, index: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m serve` on a free loopback port, once /ready; killed by the caller."""
+    port = free_port()
+    env = subprocess_env(
+        DUET_ARTIFACT_DIR=str(artifact), DUET_INDEX_DIR=str(index), DUET_PORT=str(port)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=env, stderr=subprocess.DEVNULL
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    with httpx.Client(base_url=base, timeout=5, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the service exited while loading"
+            try:
+                if client.get("/ready").status_code == 200:
+                    return proc, base
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("the service did not become ready")
+
+
+def test_a_live_service_killed_in_a_loop_loses_no_acknowledged_update(tmp_path: Path):
+    """The same against `python -m serve`: adds (by embedding), batch deletes and compactions
+    over HTTP, the server SIGKILLed at a random moment each round, then restarted."""
+    artifact = make_artifact(tmp_path)
+    dim = 64  # duet-micro
+    out = tmp_path / "index"
+    base_rows = [(f"s{i}", "", {}) for i in range(10)]
+    write_index(out, np.stack([service_vector(-i - 1, dim) for i in range(10)]), base_rows)
+    acked: dict[str, int] = {f"s{i}": i for i in range(10)}  # key -> id, acknowledged live
+    vectors = {f"s{i}": service_vector(-i - 1, dim) for i in range(10)}
+    rng = random.Random(1)
+    n = 0
+    for round_ in range(3):
+        proc, base = start_service(artifact, out)
+        killer = threading.Timer(rng.uniform(0.2, 1.0), proc.kill)
+        killer.start()
+        pending: tuple[str, list[str]] | None = None
+        with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
+            try:
+                while True:
+                    keys = [f"r{round_}-{n}-{j}" for j in range(3)]
+                    n += 1
+                    for j, key in enumerate(keys):
+                        vectors[key] = service_vector(n * 10 + j, dim)
+                    pending = ("add", keys)
+                    items = [{"embedding": vectors[key].tolist(), "key": key} for key in keys]
+                    answer = client.post("/indices/default/items", json={"items": items})
+                    assert answer.status_code == 200, answer.text
+                    acked.update(zip(keys, answer.json()["ids"], strict=True))
+                    doomed = rng.sample(sorted(acked), 2)
+                    pending = ("delete", doomed)
+                    answer = client.post(
+                        "/indices/default/items/delete", json={"ids": [acked[k] for k in doomed]}
+                    )
+                    assert answer.status_code == 200, answer.text
+                    for key in doomed:
+                        del acked[key]
+                    pending = None
+                    if n % 4 == 0:
+                        assert client.post("/indices/default/compact").status_code == 200
+            except httpx.TransportError:
+                pass  # killed
+        killer.join()
+        proc.wait()
+        index = SearchIndex.load(out, writable=False)
+        live = {row.key: i for i, row in index.rows(range(index._items.next_id)).items()}
+        index.close()
+        if pending is not None:  # the request the kill cut off: all of it or none
+            op, keys = pending
+            present = [key in live for key in keys]
+            assert all(present) or not any(present), (op, keys, present)
+            if op == "add" and all(present):
+                acked.update({key: live[key] for key in keys})
+            if op == "delete" and not any(present):
+                for key in keys:
+                    del acked[key]
+        assert live == acked, (round_, sorted(live.keys() ^ acked.keys()))
+
+    index = SearchIndex.load(out)
+    keys = sorted(acked)
+    queries = np.stack([service_vector(90_000 + i, dim) for i in range(5)])
+    matrix = np.stack([vectors[key] for key in keys])
+    top = np.argsort(-(queries @ matrix.T), axis=1, kind="stable")[:, :5]
+    expected = [[acked[keys[j]] for j in row] for row in top]
+    assert [[h.id for h in q] for q in index.search(queries, 5)] == expected
+    index.close()
