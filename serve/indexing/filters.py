@@ -70,10 +70,6 @@ class Filter:
 
     conditions: tuple[Condition, ...] = ()
 
-    @property
-    def fields(self) -> list[str]:
-        return sorted({c.field for c in self.conditions})
-
 
 def parse_filter(raw: Any, *, max_conditions: int, max_values: int) -> Filter:
     """A filter object (module docstring) -> `Filter`; FilterError names what is wrong.
