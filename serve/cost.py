@@ -32,6 +32,9 @@ refused before anything is decoded or encoded, with the setting that refused it 
     decoding (serve.decoding)     decoded pixels of every image   MAX_DECODE_PIXELS per     429
                                   waiting or in decoding, from    lane (small images,
                                   headers, at admission           large ones)
+    a search's metadata filter    conditions; values of its `in`  MAX_FILTER_CONDITIONS,    422
+                                  lists (each one vectorised      MAX_FILTER_VALUES
+                                  pass over the index's rows)
     tokenizing a text or prompt   its first 16 x context chars,   fixed by common.tokenize  none
                                   words in pieces of <= 128 bytes (<= ~10 ms a text), on
                                                                   the request's own thread

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from serve.indexing.filters import Filter
 from serve.indexing.index import Hit, SearchIndex
 
 # clip-retrieval's back end drops results at cosine >= 0.94 to a better one when deduplicating.
@@ -38,8 +39,9 @@ def search(
     dedup_threshold: float | None = None,
     overfetch: int = 4,
     exclude_id: int | None = None,
+    where: Filter | None = None,
 ) -> list[Hit]:
-    """The best `k` hits for one query [1, D], best first.
+    """The best `k` hits for one query [1, D], best first; `where`: only rows matching it.
 
     `exclude_id` leaves out that row ("more like this" should not return the item itself).
     With `dedup_threshold`, `k x overfetch` candidates are read and a hit is dropped when its
@@ -47,7 +49,7 @@ def search(
     """
     fetch = k * overfetch if dedup_threshold is not None else k
     fetch += exclude_id is not None
-    (hits,) = index.search(query, max(1, min(fetch, index.count)))
+    (hits,) = index.search(query, max(1, min(fetch, index.count)), where=where)
     hits = [hit for hit in hits if hit.id != exclude_id]
     if dedup_threshold is not None and len(hits) > 1:
         vectors = index.vectors([hit.id for hit in hits])  # [H, D] unit vectors

@@ -147,6 +147,11 @@ class SearchOptions(BaseModel):
 
 
 QUERY_FIELDS = ("text", "image", "embedding", "id")
+FILTER_DESCRIPTION = (
+    'Only results whose metadata match: {"field": value} (equality), {"field": {"in": [...]}}, '
+    '{"field": {"gte": 1, "lt": 5}} (gt, gte, lt, lte); all combined with AND. GET /indices '
+    "lists each index's filterable fields."
+)
 
 
 class SearchRequest(SearchOptions):
@@ -158,6 +163,7 @@ class SearchRequest(SearchOptions):
             "examples": [
                 {"text": "red circle", "k": 5},
                 {"id": 17, "k": 5, "dedup": 0.95},
+                {"text": "a star", "k": 5, "filter": {"color": {"in": ["red", "blue"]}}},
                 {"image": EXAMPLE_IMAGE_BASE64, "index": "default"},
             ]
         },
@@ -171,6 +177,7 @@ class SearchRequest(SearchOptions):
         None, description="Query vector of the index's dimension; normalised by the service."
     )
     id: StrictId | None = Field(None, description='"More like this": the id of an indexed item.')
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DESCRIPTION)
 
     @field_validator("text")
     @classmethod
@@ -194,6 +201,8 @@ class SearchRequest(SearchOptions):
 
 class ImageSearchForm(SearchOptions):
     """The form fields beside the `image` file of a multipart POST /search."""
+
+    filter: str | None = Field(None, description="The `filter` object, as JSON text.")
 
 
 class SearchHit(BaseModel):
@@ -450,6 +459,10 @@ class IndexInfo(BaseModel):
     default: bool = Field(description="Searched when a request names no index.")
     count: int
     dim: int
+    filterable: dict[str, str] = Field(
+        default_factory=dict,
+        description='Fields a search `filter` can test, with their kind: "number" or "string".',
+    )
 
 
 class IndicesResponse(BaseModel):
@@ -489,6 +502,9 @@ class KnnRequest(BaseModel):
     use_mclip: bool | None = None
     aesthetic_score: Any = None
     aesthetic_weight: Any = None
+    filter: dict[str, Any] | None = Field(
+        None, description="This service's own addition (as in POST /search): " + FILTER_DESCRIPTION
+    )
 
     @field_validator("text")
     @classmethod

@@ -12,7 +12,7 @@ import asyncio
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from serve.batching import EncodeBatcher
 from serve.decoding import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_SMALL_IMAGE_PIXELS, DecodeQueue
 from serve.encoder import Encoder
 from serve.errors import ApiError
+from serve.indexing.filters import Filter, FilterError
+from serve.indexing.index import SearchIndex
 from serve.labels import LabelSetEmbeddings, PromptCache
 from serve.registry import IndexRegistry
 from serve.settings import Settings
@@ -107,6 +109,23 @@ def embedding_query(values: list[float], dim: int, where: str) -> np.ndarray:
     try:
         return retrieval.normalized_query(values, dim)
     except retrieval.QueryError as exc:
+        raise ApiError(422, "validation_error", f"{where}: {exc}") from None
+
+
+def filter_query(index: SearchIndex, raw: Any, settings: Settings, where: str) -> Filter | None:
+    """A client's `filter` for `index`, or 422 naming the field or operator that is wrong.
+
+    Parsed before anything is encoded: a filter is charged (its conditions and `in` values,
+    each a pass over the rows) and checked against the index's fields first."""
+    if raw is None:
+        return None
+    try:
+        return index.filter(
+            raw,
+            max_conditions=settings.max_filter_conditions,
+            max_values=settings.max_filter_values,
+        )
+    except FilterError as exc:
         raise ApiError(422, "validation_error", f"{where}: {exc}") from None
 
 

@@ -220,6 +220,17 @@ class Settings(BaseSettings):
     max_metadata_ids: int = Field(
         default=1000, ge=1, description="Most ids one POST /metadata may ask for."
     )
+    max_filter_conditions: int = Field(
+        default=16,
+        ge=1,
+        description="Most conditions in one search's `filter` (each is a pass over the rows).",
+    )
+    max_filter_values: int = Field(
+        default=64,
+        ge=1,
+        description="Most values in one search's `filter` `in` lists together (each is a pass "
+        "over the index's rows).",
+    )
     max_response_bytes: int = Field(
         default=16 * MIB,
         ge=1024,

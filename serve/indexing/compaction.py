@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from common.atomic_dir import replace_dir, staging_dir
+from serve.indexing.filters import ATTRIBUTES_FILE, AttributeColumns
 from serve.indexing.journal import JOURNAL_FILE
 from serve.indexing.thumbnails import OFFSETS_FILE, THUMBNAILS_FILE, PackWriter
 from serve.indexing.updates import AddedItem
@@ -63,6 +64,7 @@ class _Cut:
     next_id: int
     faiss_index: faiss.Index | None
     updated_recall: float | None  # recall@10 of the index as updated, before compaction
+    attributes: AttributeColumns  # the filter columns of `rows`
 
 
 def compact(index: SearchIndex) -> None:
@@ -115,6 +117,7 @@ def _take_cut(index: SearchIndex) -> _Cut:
             if isinstance(faiss_index, faiss.IndexIVF)
             else None,
             updated_recall=updated_recall(index, vectors, items.ids[rows]),
+            attributes=index.attributes.take(rows),
         )
 
 
@@ -161,6 +164,7 @@ def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
     )
     recall = measure_recall(searcher, int(manifest.get("recall_queries") or 1000))
     _write_metadata(index, cut, staged / "metadata.sqlite")
+    cut.attributes.save(staged / ATTRIBUTES_FILE)
     if index._snapshot_thumbnails is not None:
         _write_thumbnails(index, cut, staged / THUMBNAILS_FILE)
     manifest.update(

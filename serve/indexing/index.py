@@ -9,6 +9,9 @@ An index is a directory:
                       similarity; a plain .npy so that it can be memory-mapped
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
     metadata.sqlite   table `items`: row id -> key, caption, url, JSON metadata
+    attributes.npz    columns of the metadata fields searches can filter on
+                      (serve/indexing/filters.py); an index without it builds them from
+                      metadata.sqlite when it loads
     thumbnails.bin, thumbnails.offsets.npy
                       optional: one small image per row (serve/indexing/thumbnails.py);
                       indices built without them (`--thumbnails none`, or before they
@@ -35,6 +38,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +50,13 @@ import faiss
 import numpy as np
 
 from common.atomic_dir import remove_stale, replace_dir, staging_dir
+from serve.indexing.filters import (
+    ATTRIBUTES_FILE,
+    AttributeColumns,
+    Filter,
+    metas_of,
+    parse_filter,
+)
 from serve.indexing.journal import (
     JOURNAL_FILE,
     IndexReadOnlyError,
@@ -152,7 +163,9 @@ def write_index(
             vectors, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
         )
         recall = measure_recall(searcher, spec.recall_queries, seed=spec.seed)
-        _write_metadata(tmp / METADATA_FILE, [_as_row(row) for row in rows])
+        index_rows = [_as_row(row) for row in rows]
+        _write_metadata(tmp / METADATA_FILE, index_rows)
+        AttributeColumns.from_metas(metas_of(index_rows)).save(tmp / ATTRIBUTES_FILE)
         if thumbnails is not None:
             thumbnails.move_to(tmp / THUMBNAILS_FILE)
             thumbnail_info = (thumbnail_spec or ThumbnailSpec()).manifest()
@@ -234,6 +247,7 @@ class SearchIndex:
         *,
         mmap: bool = False,
         thumbnails: ThumbnailReader | None = None,
+        attributes: AttributeColumns | None = None,
         items: ItemTable | None = None,
         journal: Journal | None = None,
         writer: WriterLock | None = None,
@@ -245,6 +259,9 @@ class SearchIndex:
         self.mmap = mmap
         self._snapshot_thumbnails = thumbnails
         self.thumbnails = ItemThumbnails(self, thumbnails) if thumbnails is not None else None
+        self.attributes = attributes or AttributeColumns.from_metas([{}] * len(searcher.vectors))
+        self._mask_cache: OrderedDict[tuple[Filter, int], np.ndarray] = OrderedDict()
+        self._mask_lock = threading.Lock()
         self._searcher = searcher
         self._db = db
         self._db_lock = threading.Lock()
@@ -350,6 +367,7 @@ class SearchIndex:
         try:
             _check_consistent(directory, manifest, vectors, index, db, expected_dim)
             thumbnails = _open_thumbnails(directory, manifest, len(vectors))
+            attributes = _read_attributes(directory, db, len(vectors))
             searcher = VectorSearcher(
                 vectors,
                 index,
@@ -357,8 +375,9 @@ class SearchIndex:
                 rerank_factor=int(manifest.get("rerank_factor", 1)),
                 threads=threads,
             )
+            attributes = _read_attributes(directory, db, len(vectors))
             items = _item_table(directory, manifest, len(vectors))
-            journal = _replay(directory, items, searcher, writable=writer is not None)
+            journal = _replay(directory, items, searcher, attributes, writable=writer is not None)
         except BaseException:
             db.close()
             if thumbnails is not None:
@@ -380,6 +399,7 @@ class SearchIndex:
             manifest,
             mmap=mmap,
             thumbnails=thumbnails,
+            attributes=attributes,
             items=items,
             journal=journal,
             writer=writer,
@@ -387,8 +407,14 @@ class SearchIndex:
             compact_journal_bytes=compact_journal_bytes,
         )
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Queries [Q, D] unit vectors -> per query the min(k, count) best hits, best first."""
+    def search(
+        self, queries: np.ndarray, k: int, *, where: Filter | None = None
+    ) -> list[list[Hit]]:
+        """Queries [Q, D] unit vectors -> per query the min(k, count) best hits, best first.
+
+        `where`: only rows matching this filter (`filter`), then min(k, matching rows) hits;
+        FilterError when it names a field this index cannot filter.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {queries.shape}")
@@ -398,7 +424,9 @@ class SearchIndex:
             k = min(k, self.count)
             if k == 0:
                 return [[] for _ in queries]
-            scores, rows = self._search_rows(queries, k)  # [Q, k] each; row -1 if fewer found
+            scores, rows = self._search_rows(
+                queries, k, where
+            )  # [Q, k] each; row -1 if fewer found
             ids = np.where(rows >= 0, self._items.ids[np.maximum(rows, 0)], -1)
             found = self._rows_locked({int(i) for i in ids.ravel() if i >= 0})
         return [
@@ -410,8 +438,20 @@ class SearchIndex:
             for ids_q, scores_q in zip(ids, scores, strict=True)
         ]
 
-    def _search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k live rows; deleted rows the FAISS index still holds are fetched and dropped."""
+    def filter(self, raw: Any, *, max_conditions: int, max_values: int) -> Filter:
+        """A client's filter object -> a `Filter` for `search(where=...)`; FilterError names
+        the field or operator that is wrong, or a field this index cannot filter."""
+        where = parse_filter(raw, max_conditions=max_conditions, max_values=max_values)
+        self.attributes.check(where)
+        return where
+
+    def _search_rows(
+        self, queries: np.ndarray, k: int, where: Filter | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k live rows (matching `where`); deleted rows the FAISS index still holds are
+        fetched and dropped, or (with a filter) masked out with the rows it does not match."""
+        if where is not None:
+            return self._searcher.search(queries, k, allowed=self._allowed(where))
         alive = self._items.alive_mask()
         if alive is None or self._searcher.deletes_in_index:
             return self._searcher.search(queries, k)
@@ -422,6 +462,28 @@ class SearchIndex:
         kept = np.take_along_axis(keep, order, axis=1)
         rows = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
         return np.take_along_axis(scores, order, axis=1), rows
+
+    def _allowed(self, where: Filter) -> np.ndarray:
+        """bool [rows], read-only: the live rows matching `where`. The masks of the last
+        MASK_CACHE_ENTRIES filters are kept until the next update, so a repeated filter costs
+        no pass over the rows (the mask: 0.1-0.3 ms per condition at 1M rows)."""
+        items = self._items
+        key = (where, items.seq)  # any add or delete moves seq; adopt() empties the cache
+        with self._mask_lock:
+            cached = self._mask_cache.get(key)
+            if cached is not None:
+                self._mask_cache.move_to_end(key)
+                return cached
+        allowed = self.attributes.mask(where)
+        alive = items.alive_mask()
+        if alive is not None:
+            allowed &= alive
+        allowed.flags.writeable = False  # searches may keep what they derive from it
+        with self._mask_lock:
+            self._mask_cache[key] = allowed
+            while len(self._mask_cache) > MASK_CACHE_ENTRIES:
+                self._mask_cache.popitem(last=False)
+        return allowed
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """The stored unit vectors [len(ids), D] of items `ids`, for "more like this" queries."""
@@ -461,6 +523,7 @@ class SearchIndex:
             "thumbnails": self.manifest.get("thumbnails", {}).get("format")
             if self.thumbnails is not None
             else None,
+            "filterable": self.attributes.fields(),
             "writable": self.writable,
             "read_only_reason": self.read_only_reason,
             "deleted_pending": self._items.deleted,
@@ -564,7 +627,7 @@ class SearchIndex:
         assert self._journal is not None
         self._journal.append(record)
         with self._lock.exclusive():
-            self._items.apply(record, self._searcher)
+            _apply(record, self._items, self._searcher, self.attributes)
         limit = self.compact_journal_bytes
         if limit is not None and self._journal.bytes >= limit:
             self._compact_in_background()
@@ -629,6 +692,9 @@ class SearchIndex:
             old = (self._db, self._snapshot_thumbnails, self._journal, self._writer)
             self.manifest = fresh.manifest
             self._searcher, self._items = fresh._searcher, fresh._items
+            self.attributes = fresh.attributes
+            with self._mask_lock:
+                self._mask_cache.clear()  # masks of the old rows
             self._db, self._snapshot_thumbnails = fresh._db, fresh._snapshot_thumbnails
             self._journal, self._writer = fresh._journal, fresh._writer
         db, thumbnails, journal, writer = old
@@ -705,6 +771,8 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+MASK_CACHE_ENTRIES = 8
+"""Filter masks kept per index (one byte per row each: 8 MB at 1M rows)."""
 SQL_VARIABLES_PER_QUERY = 900  # below SQLite's historical limit of 999 bound parameters
 
 
@@ -732,6 +800,17 @@ def _writer_lock(directory: Path, writable: bool | None) -> tuple[WriterLock | N
     return None, reason
 
 
+def _apply(
+    record: Record, items: ItemTable, searcher: VectorSearcher, attributes: AttributeColumns
+) -> None:
+    """One journal record applied to the rows, the vectors and the filter columns."""
+    items.apply(record, searcher)
+    if record.op == "add":
+        attributes.append(
+            [row["meta"] if isinstance(row["meta"], dict) else {} for row in record.rows]
+        )
+
+
 def _item_table(directory: Path, manifest: dict[str, Any], rows: int) -> ItemTable:
     path = directory / IDS_FILE
     ids = np.load(path, allow_pickle=False) if path.is_file() else np.arange(rows, dtype=np.int64)
@@ -744,7 +823,12 @@ def _item_table(directory: Path, manifest: dict[str, Any], rows: int) -> ItemTab
 
 
 def _replay(
-    directory: Path, items: ItemTable, searcher: VectorSearcher, *, writable: bool
+    directory: Path,
+    items: ItemTable,
+    searcher: VectorSearcher,
+    attributes: AttributeColumns,
+    *,
+    writable: bool,
 ) -> Journal | None:
     """Apply the journal's records after the snapshot; the open journal when writable."""
     path = directory / JOURNAL_FILE
@@ -752,7 +836,7 @@ def _replay(
     applied = 0
     for _, record in records:
         if record.seq > items.seq:
-            items.apply(record, searcher)
+            _apply(record, items, searcher, attributes)
             applied += 1
     if applied:
         log.info("%s: applied %d journalled updates to the snapshot", directory, applied)
@@ -829,6 +913,27 @@ def _open_thumbnails(
         return ThumbnailReader(directory, count, info["format"])
     except (OSError, ValueError) as exc:
         raise IndexLoadError(f"{path}: unusable thumbnails: {exc}; rebuild the index") from exc
+
+
+def _read_attributes(directory: Path, db: sqlite3.Connection, count: int) -> AttributeColumns:
+    """The filterable columns: from their file, or (an index written before there was one)
+    built from the metadata store, one pass over its rows."""
+    path = directory / ATTRIBUTES_FILE
+    if path.is_file():
+        try:
+            return AttributeColumns.load(path, count)
+        except ValueError as exc:
+            raise IndexLoadError(f"{exc}; rebuild the index") from exc
+    start = time.perf_counter()
+    metas = (json.loads(meta) for (meta,) in db.execute("SELECT meta FROM items ORDER BY id"))
+    columns = AttributeColumns.from_metas([m if isinstance(m, dict) else {} for m in metas])
+    log.info(
+        "%s has no %s: filter columns built from its metadata in %.1f s",
+        directory,
+        ATTRIBUTES_FILE,
+        time.perf_counter() - start,
+    )
+    return columns
 
 
 def _open_metadata(path: Path) -> sqlite3.Connection:

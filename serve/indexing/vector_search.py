@@ -25,6 +25,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from serve.indexing.filtered_search import search_allowed
+
 log = logging.getLogger(__name__)
 
 AUTO, FLAT, HNSW, IVFPQ = "auto", "flat", "hnsw", "ivfpq"
@@ -228,33 +230,54 @@ class VectorSearcher:
         self._index = index
         self.rerank_factor = rerank_factor
         self.threads = threads
-        for name, value in (search_params or {}).items():
+        self.search_params = dict(search_params or {})
+        for name, value in self.search_params.items():
             if index is None:
                 raise ValueError(f"search parameter {name} given for an exact (flat) index")
             faiss.ParameterSpace().set_index_parameter(index, name, value)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Queries [Q, D] -> (scores, ids), each [Q, k], best first; id -1 where fewer found.
+
+        `allowed`: bool [N], the rows that may be returned (None: all); min(k, allowed rows)
+        come back per query (see `search_allowed`).
 
         The thread's OpenMP setting is put back afterwards: torch imported first shares FAISS's
         OpenMP runtime, so leaving it at `threads` would also leave every later forward pass on
         this thread (the batcher's) with that many threads.
         """
         if self.threads is None:
-            return self._search(queries, k)
+            return self._search_any(queries, k, allowed)
         previous = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(self.threads)  # this thread's setting; ~1 us
         try:
-            return self._search(queries, k)
+            return self._search_any(queries, k, allowed)
         finally:
             faiss.omp_set_num_threads(previous)
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_any(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is None:
+            return self.search_all(queries, k)
+        allowed = np.asarray(allowed, dtype=bool)
+        if allowed.shape != (len(self.vectors),):
+            raise ValueError(f"allowed must be bool [{len(self.vectors)}], got {allowed.shape}")
+        return search_allowed(self, queries, k, allowed)
+
+    def search_all(
+        self, queries: np.ndarray, k: int, params: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top k over every row; `params`: FAISS search parameters of the approximate index
+        (filtered search passes its ID selector and a raised efSearch / nprobe here)."""
         if self._index is None:
             scores, ids = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
             return scores, ids
         k_candidates = min(k * self.rerank_factor, len(self.vectors))
-        _, candidates = self._index.search(queries, k_candidates)  # [Q, k'], approximate order
+        # [Q, k'], approximate order; `params` (filtered search): a selector and its ef / nprobe
+        _, candidates = self._index.search(queries, k_candidates, params=params)
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
         for start in range(0, len(queries), RERANK_QUERY_CHUNK):
@@ -274,6 +297,7 @@ class VectorSearcher:
 
     @property
     def index(self) -> faiss.Index | None:
+        """The approximate index (None for flat)."""
         return self._index
 
     def add(self, vectors: np.ndarray) -> None:

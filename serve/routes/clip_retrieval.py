@@ -12,7 +12,9 @@ carry metadata (its front fetches the rest from /metadata as the user scrolls). 
 service does not have (safety and violence filters, multilingual CLIP, aesthetic re-weighting,
 a separate text index for modality "text") are accepted and ignored; the response names the
 ones that were asked for in `X-Duet-Ignored`. `num_result_ids` above DUET_MAX_K is lowered to it
-and reported in `X-Duet-Clamped`. Errors use the service's own JSON envelope.
+and reported in `X-Duet-Clamped`. One field is this service's own: `filter` (the metadata filter
+of POST /search); clip-retrieval's clients never send it, so they see no change. Errors use the
+service's own JSON envelope.
 
 What the front shows (read from its built code, `renderImage`): `url` if the result has the key
 at all, else `data:image/png;base64, ` + `image`; a result whose picture fails to load is hidden.
@@ -46,6 +48,7 @@ from serve.service import (
     ServiceDep,
     SettingsDep,
     embedding_query,
+    filter_query,
     search_with,
 )
 from serve.settings import Settings
@@ -99,6 +102,7 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
     name = service.indices.resolve(query.indice_name)
     dedup = retrieval.CLIP_RETRIEVAL_DEDUP_THRESHOLD if query.deduplicate else None
     with service.indices.lease(name) as index:
+        where = filter_query(index, query.filter, settings, "body.filter")
 
         def find(vector: np.ndarray) -> list[Hit]:
             return retrieval.search(
@@ -107,6 +111,7 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
                 num_result_ids,
                 dedup_threshold=dedup,
                 overfetch=settings.dedup_overfetch,
+                where=where,
             )
 
         source = await _query_source(service, index, query, settings)

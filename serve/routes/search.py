@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -27,6 +29,7 @@ from serve.service import (
     QuerySource,
     Service,
     embedding_query,
+    filter_query,
     search_with,
     service_of,
     settings_of,
@@ -51,6 +54,7 @@ REQUEST_BODY_DOC = {
                     "k": {"type": "integer", "minimum": 1, "description": "number of results"},
                     "index": {"type": "string", "description": "index name"},
                     "dedup": {"type": "number", "description": "near-duplicate threshold"},
+                    "filter": {"type": "string", "description": "the filter object as JSON"},
                 },
             }
         },
@@ -69,6 +73,8 @@ class SearchQuery:
     image: bytes | None = None
     embedding: list[float] | None = None
     id: int | None = None
+    filter: Any = None
+    """the client's filter object, parsed against the index once it is known"""
 
 
 async def search_query(request: Request, settings: Settings) -> SearchQuery:
@@ -89,6 +95,7 @@ async def search_query(request: Request, settings: Settings) -> SearchQuery:
             image=image,
             embedding=parsed.embedding,
             id=parsed.id,
+            filter=parsed.filter,
         )
     if kind == "multipart/form-data":
         form = await read_form(request, settings)
@@ -96,13 +103,17 @@ async def search_query(request: Request, settings: Settings) -> SearchQuery:
             image = await read_upload(form, "image", settings)
             fields = validate(
                 ImageSearchForm,
-                {name: form.get(name) for name in ("k", "index", "dedup")},
+                {name: form.get(name) for name in ("k", "index", "dedup", "filter")},
                 settings,
             )
         finally:
             await form.close()
         return SearchQuery(
-            k=fields.k or settings.default_k, index=fields.index, dedup=fields.dedup, image=image
+            k=fields.k or settings.default_k,
+            index=fields.index,
+            dedup=fields.dedup,
+            image=image,
+            filter=_form_filter(fields.filter),
         )
     raise ApiError(
         415,
@@ -132,6 +143,7 @@ async def search(request: Request) -> Response:
     query = await search_query(request, settings)
     name = service.indices.resolve(query.index)
     with service.indices.lease(name) as index:
+        where = filter_query(index, query.filter, settings, "body.filter")
 
         def find(vector: np.ndarray) -> list[Hit]:
             return retrieval.search(
@@ -141,6 +153,7 @@ async def search(request: Request) -> Response:
                 dedup_threshold=query.dedup,
                 overfetch=settings.dedup_overfetch,
                 exclude_id=query.id,
+                where=where,
             )
 
         source = await query_source(service, index, query, settings)
@@ -162,6 +175,16 @@ async def search(request: Request) -> Response:
             took_ms=round(took_ms, 2),
         )
     )
+
+
+def _form_filter(text: str | None) -> Any:
+    """A multipart `filter` field: the filter object as JSON text."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "validation_error", f"body.filter: not JSON: {exc}") from None
 
 
 async def query_source(

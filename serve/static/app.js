@@ -1,6 +1,8 @@
 // The Duet web page: search by text or image, "more like this", zero-shot classification.
-// Plain JS against the service's own API; URL parameters ?q=...&k=...&index=... run a search
-// on load (bookmarkable queries, and how the headless browser test drives the page).
+// Plain JS against the service's own API; URL parameters ?q=...&k=...&index=...&filter=... run
+// a search on load (bookmarkable queries, and how the headless browser test drives the page).
+// The filter box takes the JSON `filter` of POST /search; the fields it can name are listed
+// under it (GET /indices).
 // Result cards show the index's thumbnails (`thumbnail_url`, signed when the service has a key,
 // so an <img> loads them without one), or the image's web `url`, lazily.
 // Adding a picture and deleting a result change the index: they are offered only once /indices
@@ -37,7 +39,7 @@ function setStatus(element, text, isError = false) {
 
 let maxK = 100;
 let lastSearch = null; // {describe, request}: what "refresh" runs again after an add or delete
-let indexInfo = {}; // GET /indices by name (empty until it answers): whether each is "writable"
+let indexInfo = {}; // GET /indices by name (empty until it answers): "writable", "filterable"
 
 // Add and delete are offered when /indices answered (the key is right, or the service has none)
 // and the selected index takes updates in this process.
@@ -52,7 +54,25 @@ function searchOptions() {
   const options = { k };
   if ($("index").value) options.index = $("index").value;
   if ($("dedup").checked) options.dedup = Number($("dedup-threshold").value) || 0.95;
+  const filter = $("filter").value.trim();
+  if (filter) {
+    try {
+      options.filter = JSON.parse(filter);
+    } catch (error) {
+      throw new Error(`the filter is not JSON: ${error.message}`);
+    }
+  }
   return options;
+}
+
+function showFilterFields() {
+  const info = indexInfo[$("index").value];
+  const fields = Object.entries((info && info.filterable) || {});
+  $("filter-fields").textContent = !info
+    ? ""
+    : fields.length
+    ? `filterable: ${fields.map(([name, kind]) => `${name} (${kind})`).join(", ")}`
+    : "this index has no filterable fields";
 }
 
 async function runSearch(describe, request) {
@@ -94,10 +114,14 @@ function hideQueryImage() {
 
 function searchImage(file) {
   showQueryImage(file);
-  const form = new FormData();
-  form.append("image", file);
-  for (const [name, value] of Object.entries(searchOptions())) form.append(name, String(value));
-  return runSearch(`image ${file.name}`, () => api("/search", { method: "POST", body: form }));
+  return runSearch(`image ${file.name}`, () => {
+    const form = new FormData();
+    form.append("image", file);
+    for (const [name, value] of Object.entries(searchOptions())) {
+      form.append(name, name === "filter" ? JSON.stringify(value) : String(value));
+    }
+    return api("/search", { method: "POST", body: form });
+  });
 }
 
 function refreshResults() {
@@ -236,9 +260,11 @@ async function loadChoices() {
     if ($("status").classList.contains("error")) setStatus($("status"), "");
     indexInfo = Object.fromEntries(body.indices.map((info) => [info.name, info]));
     updateEditable();
+    showFilterFields();
   } catch (error) {
     indexInfo = {};
     updateEditable();
+    showFilterFields();
     setStatus($("status"), `not ready: ${error.message}`, true);
   }
 }
@@ -286,7 +312,10 @@ async function main() {
   });
   $("classify-form").addEventListener("submit", classify);
   $("add-form").addEventListener("submit", addPicture);
-  $("index").addEventListener("change", updateEditable);
+  $("index").addEventListener("change", () => {
+    updateEditable();
+    showFilterFields();
+  });
   setUpDropZone();
   const params = new URLSearchParams(location.search);
   if (params.get("k")) $("k").value = params.get("k");
@@ -295,6 +324,8 @@ async function main() {
     $("index").value = params.get("index");
     updateEditable();
   }
+  if (params.get("filter")) $("filter").value = params.get("filter");
+  showFilterFields();
   if (params.get("q")) {
     $("query").value = params.get("q");
     $("search-form").requestSubmit();

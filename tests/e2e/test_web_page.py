@@ -2,7 +2,8 @@
 a real `python -m serve` with a non-ASCII API key on a loopback port. The page asks for the key
 (and sends its UTF-8 bytes), then loads the indices; a text search renders cards whose thumbnails
 really load (signed URLs, no key in the <img>); an image search previews the query image; the
-zero-shot panel calls /classify; a picture added through the page is found by the next search
+zero-shot panel calls /classify; the filter box narrows a search and shows a bad filter's
+error; a picture added through the page is found by the next search
 and, deleted from its result card, is gone from the one after.
 Screenshots are written to runs/test-screenshots/ for a person to see."""
 
@@ -23,6 +24,7 @@ from tests.serve_support import (
     make_index,
     make_shard,
     png,
+    read_samples,
     write_lock_held,
 )
 
@@ -47,6 +49,7 @@ ADD_FORM_SHOWN = "getComputedStyle(document.querySelector('#add-form')).display 
 CARD_IDS = (
     "[...document.querySelectorAll('#results .result-card')].map((c) => Number(c.dataset.id))"
 )
+SHARDS: dict[str, str] = {}  # server URL -> the shard its index was built from
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     index "frozen", a copy that another process writes (so it is read-only here)."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
-    index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
+    shard = make_shard(root / "synth", SAMPLES)
+    index = make_index(artifact, shard, root / "index")
     frozen = Path(shutil.copytree(index, root / "frozen"))
     env = {
         "DUET_API_KEY": KEY,
@@ -64,6 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "DUET_INDICES": json.dumps({"frozen": str(frozen)}),
     }
     with write_lock_held(frozen), running_service(artifact, index, env=env) as base:
+        SHARDS[base] = shard
         yield base
 
 
@@ -176,6 +181,24 @@ def test_near_duplicate_control_thins_the_results(page: Browser) -> None:
         "(() => { const box = document.querySelector('#dedup'); box.checked = false;"
         " box.dispatchEvent(new Event('change')); })()"
     )
+
+
+def test_filter_box_narrows_the_results_and_shows_errors(page: Browser, server: str) -> None:
+    assert "color (string)" in page.evaluate("document.querySelector('#filter-fields').textContent")
+    set_filter = "(() => {{ document.querySelector('#filter').value = {!r}; }})()"
+    page.evaluate(set_filter.format('{"color": "red"}'))
+    status = search_text(page, "a circle", MAX_K)
+    reds = sum(s.meta["color"] == "red" for s in read_samples(SHARDS[server]))
+    assert status.startswith(f"{min(reds, MAX_K)} results"), status
+    assert 0 < reds < SAMPLES
+    page.screenshot(SCREENSHOT.with_name("page-filter.png"))
+    page.evaluate(set_filter.format('{"colour": "red"}'))
+    status = search_text(page, "a circle", 5)
+    assert status.startswith("search failed: body.filter: field 'colour' is not"), status
+    page.evaluate(set_filter.format('{"color": '))
+    assert search_text(page, "a circle", 5).startswith("search failed: the filter is not JSON")
+    assert page.evaluate("document.querySelector('#status').className") == "error"
+    page.evaluate(set_filter.format(""))
 
 
 def test_page_shows_a_failed_search(page: Browser) -> None:

@@ -124,6 +124,7 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
         "directory": str(index.directory),
         "mmap": False,
         "thumbnails": None,
+        "filterable": {"i": "number"},
         "writable": True,
         "read_only_reason": None,
         "deleted_pending": 0,

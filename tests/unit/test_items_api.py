@@ -148,6 +148,19 @@ def test_added_embedding_is_found_by_the_next_search(client: TestClient) -> None
     }  # no thumbnail_url: an embedding has no picture
 
 
+def test_added_items_metadata_is_filterable_at_once(client: TestClient) -> None:
+    """A field no built item has becomes filterable with the add; a delete takes it away."""
+    metadata = {"album": "paris-2031", "year": 2031}
+    (new_id,) = add(client, [{"embedding": unit(2).tolist(), "metadata": metadata}])
+    query = {"embedding": unit(3).tolist(), "k": 5}
+    found = search(client, **query, filter={"album": "paris-2031", "year": {"gte": 2031}})
+    assert [hit["id"] for hit in found] == [new_id]
+    indices = client.get("/indices").json()["indices"]
+    assert indices[0]["filterable"]["album"] == "string"
+    client.delete(f"/indices/default/items/{new_id}")
+    assert search(client, **query, filter={"album": "paris-2031"}) == []
+
+
 def test_added_images_multipart_and_base64_are_found_and_have_thumbnails(
     client: TestClient,
 ) -> None:

@@ -160,6 +160,65 @@ def test_named_index(client: TestClient) -> None:
     assert body["index"] == "second" and len(body["results"]) == SECOND_SAMPLES
 
 
+def test_filtered_search_json_multipart_and_knn_service(
+    client: TestClient, samples: dict[str, Any]
+) -> None:
+    """Every result matches the filter, and all matching items come back when k is larger."""
+    by_color: dict[str, set[str]] = {}
+    for sample in samples["samples"]:
+        by_color.setdefault(sample.meta["color"], set()).add(sample.key)
+    color, keys = max(by_color.items(), key=lambda item: len(item[1]))
+    assert 1 < len(keys) < SAMPLES
+    body = _search(client, text="a green star", k=MAX_K, filter={"color": color})
+    assert {hit["key"] for hit in body["results"]} == keys
+    assert all(hit["metadata"]["color"] == color for hit in body["results"])
+    other = sorted(by_color.keys() - {color})[:2]
+    ranged = _search(
+        client, text="a star", k=3, filter={"color": {"in": other}, "label": {"gte": 0}}
+    )
+    assert len(ranged["results"]) == 3
+    assert all(hit["metadata"]["color"] in other for hit in ranged["results"])
+    response = client.post(
+        "/search",
+        files={"image": ("q.png", png(16), "image/png")},
+        data={"k": "4", "filter": f'{{"color": "{color}"}}'},
+    )
+    assert response.status_code == 200, response.text
+    assert {hit["key"] for hit in response.json()["results"]} <= keys
+    knn = client.post(
+        "/knn-service", json={"text": "a star", "num_images": MAX_K, "filter": {"color": color}}
+    )
+    assert knn.status_code == 200, knn.text
+    assert {hit["key"] for hit in knn.json()} == keys
+    filterable = client.get("/indices").json()["indices"][0]["filterable"]
+    assert filterable["color"] == "string" and filterable["label"] == "number"
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "message"),
+    [
+        ("/search", {"text": "a", "filter": {"colour": "red"}}, "body.filter: field 'colour' is"),
+        ("/search", {"text": "a", "filter": {"label": {"near": 3}}}, "unknown operator 'near'"),
+        ("/search", {"text": "a", "filter": {"color": 3}}, "field 'color' holds strings"),
+        ("/search", {"text": "a", "filter": {"label": {"in": list(range(65))}}}, "65 values"),
+        ("/knn-service", {"text": "a", "filter": {"colour": "red"}}, "field 'colour' is not"),
+        ("/search", {"text": "a", "filter": ["color"]}, "body.filter"),
+    ],
+)
+def test_bad_filters_are_422_naming_the_field(
+    client: TestClient, route: str, body: dict[str, Any], message: str
+) -> None:
+    error = assert_envelope(client.post(route, json=body), 422, "validation_error")
+    assert message in error["error"], error
+
+
+def test_bad_multipart_filter_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/search", files={"image": ("q.png", png(16), "image/png")}, data={"filter": "{color"}
+    )
+    assert "body.filter: not JSON" in assert_envelope(response, 422, "validation_error")["error"]
+
+
 BAD_SEARCHES: list[tuple[str, dict[str, Any] | bytes, int, str]] = [
     ("unknown index", {"text": "red", "index": "nope"}, 404, "not_found"),
     ("unknown id", {"id": SAMPLES}, 404, "not_found"),
