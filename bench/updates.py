@@ -2,6 +2,7 @@
 
     python bench/updates.py [--model duet-tiny] [--vectors 100000] [--index-type hnsw]
                             [--duration-s 5] [--rounds 2] [--clients 4]
+    python bench/updates.py --recall [--vectors 100000]
 
 Builds a random-init artifact of `--model` (random weights cost what trained ones do) and an
 index of `--vectors` random unit vectors (bench/serve_load.py's `build`), then:
@@ -15,6 +16,11 @@ index of `--vectors` random unit vectors (bench/serve_load.py's `build`), then:
    more client adds 8 items by embedding and deletes 4 of them, back to back; idle and busy rows
    alternate in every round and rounds are pooled. p50 / p99 and errors of the searches, and the
    updates made meanwhile.
+
+`--recall` instead: for HNSW and IVF-PQ, an index of `--vectors` clustered unit vectors (D = 128,
+bench/index.py's mixture) gets +10% adds and -5% deletes; its recall@10 as updated (measured by
+the compaction that follows: `recall_at_10_before_compaction`) and after compaction, against a
+fresh build of the same live items. Target: updated within 1 point of fresh.
 
 Targets (docs/benchmarks.md): 0 errors; an added item searchable when its add is answered (the
 tests check it: tests/unit/test_items_api.py).
@@ -40,6 +46,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench.index import clustered_unit_vectors  # noqa: E402
 from bench.serve_load import (  # noqa: E402  # the service benchmark's client and server
     HOST,
     Connection,
@@ -50,7 +57,8 @@ from bench.serve_load import (  # noqa: E402  # the service benchmark's client a
     queries,
     start_server,
 )
-from serve.indexing.index import IndexRow, SearchIndex  # noqa: E402
+from serve.indexing.index import IndexRow, SearchIndex, write_index  # noqa: E402
+from serve.indexing.vector_search import IndexSpec  # noqa: E402
 
 
 def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
@@ -145,6 +153,42 @@ async def searches(port: int, clients: int, duration_s: float, busy: bool, dim: 
     return result, updates
 
 
+def updated_recall(root: Path, count: int) -> None:
+    """Recall@10 after +10% adds and -5% deletes vs a fresh build, for HNSW and IVF-PQ."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((max(1, count // 1000), 128)).astype(np.float32)  # as index.py
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = clustered_unit_vectors(rng, centers, count + count // 10)
+    print(f"# recall@10 after +10% adds, -5% deletes on {count} vectors (D = 128)")
+    print("| type | updated | after compaction | fresh build | compaction s |")
+    print("|---|---|---|---|---|")
+    for kind in ("hnsw", "ivfpq"):
+        out = root / f"{kind}-updated"
+        write_index(out, vectors[:count], [("", "", {})] * count, spec=IndexSpec(index_type=kind))
+        index = SearchIndex.load(out)
+        for start in range(count, len(vectors), 1000):  # adds of 1,000, as a stream would come
+            batch = vectors[start : start + 1000]
+            index.add(batch, [IndexRow("", "", {})] * len(batch))
+        doomed = rng.choice(len(vectors), len(vectors) // 20, replace=False)
+        index.delete(doomed.tolist())
+        start = time.perf_counter()
+        index.compact()
+        seconds = time.perf_counter() - start
+        manifest = index.manifest
+        live = np.delete(vectors, doomed, axis=0)
+        index.close()
+        fresh_dir = root / f"{kind}-fresh"
+        spec = IndexSpec(index_type=kind)
+        write_index(fresh_dir, live, [("", "", {})] * len(live), spec=spec)
+        fresh = SearchIndex.load(fresh_dir, writable=False).manifest["recall_at_10"]
+        print(
+            f"| {kind} | {manifest['recall_at_10_before_compaction']:.4f} "
+            f"| {manifest['recall_at_10']:.4f} | {fresh:.4f} | {seconds:.1f} |"
+        )
+        shutil.rmtree(out)
+        shutil.rmtree(fresh_dir)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="duet-tiny")
@@ -153,9 +197,13 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--recall", action="store_true", help="updated vs fresh recall only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.recall:
+            updated_recall(root, args.vectors)
+            return 0
         artifact, index_dir = build(root, args.model, args.vectors, args.index_type)
         dim = SearchIndex.load(index_dir, writable=False).dim
         print(f"# {args.model} (dim {dim}), {args.index_type} index of {args.vectors} vectors")
