@@ -33,6 +33,14 @@ import numpy as np
 from common.atomic_dir import replace_dir, staging_dir
 from serve.indexing.filters import ATTRIBUTES_FILE, AttributeColumns
 from serve.indexing.journal import JOURNAL_FILE
+from serve.indexing.layout import (
+    CREATE_ITEMS_TABLE,
+    FAISS_FILE,
+    IDS_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    VECTORS_FILE,
+)
 from serve.indexing.thumbnails import OFFSETS_FILE, THUMBNAILS_FILE, PackWriter
 from serve.indexing.updates import AddedItem
 from serve.indexing.vector_search import (
@@ -146,8 +154,6 @@ def updated_recall(
 
 
 def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
-    from serve.indexing.index import FAISS_FILE, IDS_FILE, MANIFEST_FILE, VECTORS_FILE
-
     np.save(staged / VECTORS_FILE, cut.vectors)
     np.save(staged / IDS_FILE, cut.ids)
     manifest: dict[str, Any] = dict(index.manifest)
@@ -163,7 +169,7 @@ def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
         rerank_factor=int(manifest.get("rerank_factor", 1)),
     )
     recall = measure_recall(searcher, int(manifest.get("recall_queries") or 1000))
-    _write_metadata(index, cut, staged / "metadata.sqlite")
+    _write_metadata(index, cut, staged / METADATA_FILE)
     cut.attributes.save(staged / ATTRIBUTES_FILE)
     if index._snapshot_thumbnails is not None:
         _write_thumbnails(index, cut, staged / THUMBNAILS_FILE)
@@ -201,17 +207,12 @@ def _rebuild_faiss(manifest: dict[str, Any], cut: _Cut) -> faiss.Index | None:
 
 def _write_metadata(index: SearchIndex, cut: _Cut, path: Path) -> None:
     """The snapshot's live rows copied from the old store, then the added items."""
-    from serve.indexing.index import METADATA_FILE
-
     old = index.directory / METADATA_FILE
     snapshot_ids = cut.ids[cut.rows < cut.snapshot_rows]
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode = OFF")  # a staging file: fsynced before the swap
         db.execute("PRAGMA synchronous = OFF")
-        db.execute(
-            "CREATE TABLE items (id INTEGER PRIMARY KEY, key TEXT NOT NULL, "
-            "caption TEXT NOT NULL, url TEXT NOT NULL, meta TEXT NOT NULL)"
-        )
+        db.execute(CREATE_ITEMS_TABLE)
         db.execute("CREATE TEMP TABLE live (id INTEGER PRIMARY KEY)")
         db.executemany("INSERT INTO live VALUES (?)", ((int(i),) for i in snapshot_ids))
         db.execute("ATTACH DATABASE ? AS old", (str(old),))

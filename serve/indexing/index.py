@@ -50,6 +50,7 @@ import faiss
 import numpy as np
 
 from common.atomic_dir import remove_stale, replace_dir, staging_dir
+from serve.indexing.compaction import compact
 from serve.indexing.filters import (
     ATTRIBUTES_FILE,
     AttributeColumns,
@@ -67,6 +68,14 @@ from serve.indexing.journal import (
 )
 from serve.indexing.journal import (
     JournalWriteError as JournalWriteError,
+)
+from serve.indexing.layout import (
+    CREATE_ITEMS_TABLE,
+    FAISS_FILE,
+    IDS_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    VECTORS_FILE,
 )
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
@@ -89,11 +98,6 @@ from serve.indexing.vector_search import (
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
-MANIFEST_FILE = "index.json"
-VECTORS_FILE = "vectors.npy"
-FAISS_FILE = "index.faiss"
-METADATA_FILE = "metadata.sqlite"
-IDS_FILE = "ids.npy"
 METRIC = "inner_product"
 MMAP_AUTO_BYTES = 1 << 30
 """`SearchIndex.load(mmap=None)` memory-maps an index whose vectors + FAISS file reach this size."""
@@ -218,10 +222,7 @@ def _write_metadata(path: Path, rows: list[IndexRow]) -> None:
         # The file lives in the temporary directory until the rename: no journal needed.
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("PRAGMA synchronous = OFF")
-        db.execute(
-            "CREATE TABLE items (id INTEGER PRIMARY KEY, key TEXT NOT NULL, "
-            "caption TEXT NOT NULL, url TEXT NOT NULL, meta TEXT NOT NULL)"
-        )
+        db.execute(CREATE_ITEMS_TABLE)
         db.executemany(
             "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
             ((i, r.key, r.caption, _url(r), json.dumps(r.meta)) for i, r in enumerate(rows)),
@@ -608,8 +609,6 @@ class SearchIndex:
     def compact(self) -> dict[str, Any]:
         """Write a snapshot with every update applied and no deleted row, empty the journal,
         and serve from it; returns `describe()`. Updates go on meanwhile (see compaction.py)."""
-        from serve.indexing.compaction import compact  # it imports this module
-
         with self._compaction:
             compact(self)
         return self.describe()
