@@ -13,7 +13,8 @@ index of `--vectors` random unit vectors (bench/serve_load.py's `build`), then:
    by embedding (1 and 64 items a request: embedding excluded) and by 64 x 64 JPEG (1 and 16 a
    request: decoded, encoded by the model, thumbnail made: embedding included). Items per s.
 3. Searches (POST /search by text: encode + search, `--clients` connections) idle, and while one
-   more client adds 8 items by embedding and deletes 4 of them, back to back; idle and busy rows
+   more client adds 8 items by embedding and deletes 4 of them, back to back or at
+   `--adds-per-s` items added per second (`--skip-rates`: this part only); idle and busy rows
    alternate in every round and rounds are pooled. p50 / p99 and errors of the searches, and the
    updates made meanwhile.
 
@@ -118,13 +119,19 @@ async def adds_per_second(port: int, requests: list[bytes], batch: int, duration
     return added / (time.perf_counter() - start)
 
 
-async def churn(port: int, dim: int, stop: asyncio.Event) -> tuple[int, int, int]:
-    """Add 8 items by embedding, delete 4 of them, until `stop`; (added, deleted, errors)."""
+async def churn(
+    port: int, dim: int, stop: asyncio.Event, adds_per_s: float
+) -> tuple[int, int, int]:
+    """Add 8 items by embedding, delete 4 of them, until `stop`, at most `adds_per_s` items
+    added per second (0: back to back); (added, deleted, errors)."""
     connection = await Connection.open(HOST, port)
     added = deleted = errors = 0
     seed = 10_000
+    start = time.perf_counter()
     try:
         while not stop.is_set():
+            if adds_per_s:  # paced: the next 8 when the rate allows them
+                await asyncio.sleep(max(0.0, start + added / adds_per_s - time.perf_counter()))
             seed += 1
             status, body = await connection.request(add_request(port, dim, 8, "embedding", seed))
             if status != 200:
@@ -141,10 +148,12 @@ async def churn(port: int, dim: int, stop: asyncio.Event) -> tuple[int, int, int
     return added, deleted, errors
 
 
-async def searches(port: int, clients: int, duration_s: float, busy: bool, dim: int):
+async def searches(
+    port: int, clients: int, duration_s: float, busy: bool, dim: int, adds_per_s: float
+):
     texts = queries(400, seed=3)
     stop = asyncio.Event()
-    writer = asyncio.create_task(churn(port, dim, stop)) if busy else None
+    writer = asyncio.create_task(churn(port, dim, stop, adds_per_s)) if busy else None
     try:
         result = await drive(HOST, port, clients, duration_s, texts)
     finally:
@@ -198,6 +207,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--recall", action="store_true", help="updated vs fresh recall only")
+    parser.add_argument("--skip-rates", action="store_true", help="searches idle vs busy only")
+    parser.add_argument(
+        "--adds-per-s",
+        type=float,
+        default=0.0,
+        help="pace of adds beside searches (0: flat out)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -207,7 +223,7 @@ def main() -> int:
         artifact, index_dir = build(root, args.model, args.vectors, args.index_type)
         dim = SearchIndex.load(index_dir, writable=False).dim
         print(f"# {args.model} (dim {dim}), {args.index_type} index of {args.vectors} vectors")
-        rates = in_process_adds(index_dir, root, args.duration_s)
+        rates = {} if args.skip_rates else in_process_adds(index_dir, root, args.duration_s)
         for batch, rate in rates.items():
             print(f"in process, embedding excluded, {batch:>2} per add: {rate:8.1f} items/s")
         proc, port = start_server(artifact, index_dir, batching=True)
@@ -220,7 +236,8 @@ def main() -> int:
 
 
 def run_http(port: int, dim: int, args: argparse.Namespace) -> None:
-    for kind, batch in (("embedding", 1), ("embedding", 64), ("image", 1), ("image", 16)):
+    rate_rows = (("embedding", 1), ("embedding", 64), ("image", 1), ("image", 16))
+    for kind, batch in () if args.skip_rates else rate_rows:
         requests = [add_request(port, dim, batch, kind, seed) for seed in range(8)]
         rate = asyncio.run(adds_per_second(port, requests, batch, args.duration_s))
         included = "excluded" if kind == "embedding" else "included"
@@ -229,10 +246,16 @@ def run_http(port: int, dim: int, args: argparse.Namespace) -> None:
     updates = [0, 0, 0]
     for round_ in range(args.rounds):
         for busy in (False, True) if round_ % 2 == 0 else (True, False):
-            result, made = asyncio.run(searches(port, args.clients, args.duration_s, busy, dim))
+            result, made = asyncio.run(
+                searches(port, args.clients, args.duration_s, busy, dim, args.adds_per_s)
+            )
             rows[busy].append(result)
             updates = [a + b for a, b in zip(updates, made, strict=True)]
-    print(f"\n/search by text, {args.clients} clients, {args.rounds} rounds of {args.duration_s} s")
+    pace = f"{args.adds_per_s:g} items/s" if args.adds_per_s else "back to back"
+    print(
+        f"\n/search by text, {args.clients} clients, {args.rounds} rounds of {args.duration_s} s; "
+        f"adds {pace}"
+    )
     print("| searches | req/s | p50 ms | p99 ms | errors | updates meanwhile |")
     print("|---|---|---|---|---|---|")
     for busy in (False, True):
