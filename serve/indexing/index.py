@@ -668,7 +668,7 @@ class SearchIndex:
                     chunk,
                 ).fetchall()
         return {
-            i: IndexRow(key, caption, json.loads(meta), url) for i, key, caption, url, meta in rows
+            i: IndexRow(key, caption, read_meta(meta), url) for i, key, caption, url, meta in rows
         }
 
     def thumbnail_of(self, item_id: int) -> bytes | None:
@@ -771,6 +771,13 @@ class ReadWriteLock:
 MASK_CACHE_ENTRIES = 8
 """Filter masks kept per index (one byte per row each: 8 MB at 1M rows)."""
 SQL_VARIABLES_PER_QUERY = 900  # below SQLite's historical limit of 999 bound parameters
+
+
+def read_meta(text: str) -> dict[str, Any]:
+    """A row's stored JSON metadata, with NaN and infinities (Python's json writes them, as an
+    img2dataset JSON may hold them) read as null: answers must be JSON every client parses."""
+    meta: dict[str, Any] = json.loads(text, parse_constant=lambda _: None)
+    return meta
 
 
 def _hit(row_id: int, score: float, row: IndexRow) -> Hit:
@@ -922,7 +929,7 @@ def _read_attributes(directory: Path, db: sqlite3.Connection, count: int) -> Att
         except ValueError as exc:
             raise IndexLoadError(f"{exc}; rebuild the index") from exc
     start = time.perf_counter()
-    metas = (json.loads(meta) for (meta,) in db.execute("SELECT meta FROM items ORDER BY id"))
+    metas = (read_meta(meta) for (meta,) in db.execute("SELECT meta FROM items ORDER BY id"))
     columns = AttributeColumns.from_metas([m if isinstance(m, dict) else {} for m in metas])
     log.info(
         "%s has no %s: filter columns built from its metadata in %.1f s",

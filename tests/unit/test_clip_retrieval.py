@@ -10,13 +10,16 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from serve import fetch
 from serve.app import create_app
+from serve.indexing.index import write_index
 from serve.settings import Settings
 from tests.serve_support import (
     assert_envelope,
@@ -407,3 +410,24 @@ def test_metadata_answers_are_built_one_at_a_time(
         thread.join(30)
     assert answers == [200] * 6
     assert most[0] == 1
+
+
+def test_stored_nan_metadata_is_answered_as_null(tmp_path: Path) -> None:
+    """An index built from JSON holding NaN (Python's json reads and writes it): /knn-service
+    answered 500 and /metadata sent `NaN`, which no strict JSON parser reads."""
+    setup = make_artifact(tmp_path)
+    vectors = np.eye(3, 64, dtype=np.float32)
+    rows = [(f"k{i}", "c", {"x": float("nan"), "y": float("inf"), "n": i}) for i in range(3)]
+    index = write_index(tmp_path / "index", vectors, rows)
+    with TestClient(create_app(Settings(artifact_dir=setup, index_dir=index))) as nan_client:
+        wait_until_loaded(nan_client)
+
+        def strict(response: Any) -> Any:
+            assert response.status_code == 200, response.text
+            return json.loads(response.text, parse_constant=pytest.fail)
+
+        knn = {"embedding_input": vectors[0].tolist(), "num_images": 2}
+        found = strict(nan_client.post("/knn-service", json=knn))
+        assert found[0]["x"] is None and found[0]["y"] is None and found[0]["n"] == 0
+        (first,) = strict(nan_client.post("/metadata", json={"ids": [0]}))
+        assert first["metadata"]["x"] is None
