@@ -41,7 +41,7 @@ from serve.indexing.layout import (
     METADATA_FILE,
     VECTORS_FILE,
 )
-from serve.indexing.thumbnails import OFFSETS_FILE, THUMBNAILS_FILE, PackWriter
+from serve.indexing.thumbnails import THUMBNAILS_FILE, PackWriter
 from serve.indexing.updates import AddedItem
 from serve.indexing.vector_search import (
     HNSW,
@@ -183,7 +183,6 @@ def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
         **recall,
     )
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    assert (staged / OFFSETS_FILE).is_file() or index._snapshot_thumbnails is None
 
 
 def _rebuild_faiss(manifest: dict[str, Any], cut: _Cut) -> faiss.Index | None:
