@@ -10,8 +10,8 @@ offline and leak no visit to a third party.
 
 Middleware, outermost first: request metrics and access log (so they see every answer, 401s and
 500s included), the cancelling of a request whose client disconnected (`serve.disconnect`, 499),
-CORS (preflights answered before the key check), the API key, and the catch-all that turns an
-unexpected exception into a 500 envelope.
+CORS (preflights answered before the key check), the API key, HEAD run as GET (`serve.head`),
+and the catch-all that turns an unexpected exception into a 500 envelope.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from serve.decoding import DecodeQueue
 from serve.disconnect import CancelOnDisconnect
 from serve.encoder import Encoder
 from serve.errors import install_error_handlers
+from serve.head import HeadAsGet
 from serve.images import lower_decode_priority, return_large_frees_to_os
 from serve.indexing.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = ServiceState()
     app.state.metrics = ServiceMetrics()
     install_error_handlers(app)
+    app.add_middleware(HeadAsGet)  # inside the key check and the metrics: they see the HEAD
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:

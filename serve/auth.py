@@ -137,6 +137,6 @@ class ApiKeyMiddleware:
         if message is None:
             await self.app(scope, receive, send)
             return
-        response = error_response(401, "unauthorized", message)
+        response = error_response(401, "unauthorized", message, path=path)
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)

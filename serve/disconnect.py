@@ -110,7 +110,7 @@ class _Exchange:
         middleware outside (metrics, access log): the server drops it, its client is gone."""
         if self._started:
             return
-        response = error_response(status, type_, message)
+        response = error_response(status, type_, message, path=scope.get("path", ""))
         await response(scope, self._receive, self._send)
 
     def stop_watching(self) -> None:

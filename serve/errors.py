@@ -1,4 +1,12 @@
-"""The one error envelope `{"error": ..., "type": ...}` and the one place errors map to statuses.
+"""The error envelopes and the one place errors map to statuses.
+
+Every route answers errors in Duet's envelope `{"error": "<message>", "type": "<type>"}`, except
+the OpenAI-compatible routes under /v1, which answer in OpenAI's
+`{"error": {"message", "type", "param", "code"}}` (its clients, and LangChain and LlamaIndex
+through them, show only `error.message`): `type` is `invalid_request_error` (4xx) or
+`server_error` (5xx) as OpenAI's own API says, `code` is Duet's type below, `param` the request
+field at fault where one is (`input`, `model`, `dimensions`), else null. `error_body` chooses
+by the request's path, for the handlers here, the middlewares and the HTTP server's limits alike.
 
 request validation (pydantic)      422 validation_error
 HTTPException (routing, parsing)   its status; type from the status (404 not_found, ...)
@@ -24,6 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -53,29 +62,64 @@ TYPE_BY_STATUS = {
 }
 
 
+OPENAI_PREFIX = "/v1"
+
+
 class ApiError(Exception):
-    """An error of ours with its HTTP status, envelope type and message for the client."""
+    """An error of ours with its HTTP status, envelope type and message for the client;
+    `param`: the request field at fault, for OpenAI's envelope."""
 
     def __init__(
-        self, status: int, type: str, message: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        type: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.type = type
         self.message = message
         self.headers = headers or {}
+        self.param = param
 
 
-def error_response(status: int, type: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "type": type}, status_code=status)
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting the envelope for these statuses."""
+def error_body(
+    path: str, status: int, type: str, message: str, param: str | None = None
+) -> dict[str, Any]:
+    """Duet's envelope, or OpenAI's for a path under /v1."""
+    if not is_openai_path(path):
+        return {"error": message, "type": type}
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": type}}
+
+
+def error_response(
+    status: int, type: str, message: str, *, path: str, param: str | None = None
+) -> JSONResponse:
+    """The error answer to a request for `path` (the envelope depends on it)."""
+    return JSONResponse(error_body(path, status, type, message, param), status_code=status)
+
+
+def error_responses(
+    *statuses: int, model: type[BaseModel] = ErrorResponse
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting the envelope (`model`) for these statuses."""
     return {
-        status: {"model": ErrorResponse, "description": TYPE_BY_STATUS.get(status, "error")}
+        status: {"model": model, "description": TYPE_BY_STATUS.get(status, "error")}
         for status in statuses
     }
+
+
+def validation_param(errors: Sequence[Any]) -> str | None:
+    """The body field of the first error (`input` for body.input.3), for OpenAI's `param`."""
+    loc = tuple(errors[0].get("loc", ())) if errors else ()
+    return str(loc[1]) if len(loc) > 1 and loc[0] == "body" else None
 
 
 def validation_message(errors: Sequence[Any]) -> str:
@@ -90,42 +134,50 @@ def validation_message(errors: Sequence[Any]) -> str:
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    response = error_response(exc.status, exc.type, exc.message)
+    response = error_response(
+        exc.status, exc.type, exc.message, path=request.url.path, param=exc.param
+    )
     response.headers.update(exc.headers)
     return response
 
 
 async def _on_unknown_index(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(404, "not_found", str(exc))
+    return error_response(404, "not_found", str(exc), path=request.url.path)
 
 
 async def _on_read_only(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(409, "read_only", str(exc))
+    return error_response(409, "read_only", str(exc), path=request.url.path)
 
 
 async def _on_journal_write(request: Request, exc: Exception) -> JSONResponse:
     log.error("an index update was refused: %s", exc)
-    return error_response(507, "insufficient_storage", str(exc))
+    return error_response(507, "insufficient_storage", str(exc), path=request.url.path)
 
 
 async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
     """Refuse now rather than queue: the client retries after Retry-After seconds."""
     request.app.state.metrics.rejected.inc()
-    response = error_response(429, "overloaded", str(exc))
+    response = error_response(429, "overloaded", str(exc), path=request.url.path)
     response.headers["Retry-After"] = str(request.app.state.settings.retry_after_s)
     return response
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return error_response(422, "validation_error", validation_message(exc.errors()))
+    errors = exc.errors()
+    return error_response(
+        422,
+        "validation_error",
+        validation_message(errors),
+        path=request.url.path,
+        param=validation_param(errors),
+    )
 
 
 async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    response = error_response(
-        exc.status_code, TYPE_BY_STATUS.get(exc.status_code, "http_error"), str(exc.detail)
-    )
+    type_ = TYPE_BY_STATUS.get(exc.status_code, "http_error")
+    response = error_response(exc.status_code, type_, str(exc.detail), path=request.url.path)
     response.headers.update(exc.headers or {})  # e.g. Allow on 405
     return response
 
@@ -159,9 +211,10 @@ class CatchAllMiddleware:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if started:  # too late for an envelope; let the server close the connection
                 raise
-            await error_response(500, "internal_error", "internal server error")(
-                scope, receive, send
+            response = error_response(
+                500, "internal_error", "internal server error", path=scope.get("path", "")
             )
+            await response(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -15,7 +15,8 @@ is uvicorn's httptools protocol with:
   small requests for large answers and never reads them cannot hold the service's memory;
 - header limits: more than `max_header_count` headers, or a request line plus headers over
   `max_header_bytes`, get 431 and the connection is closed;
-- malformed HTTP gets the service's JSON error envelope (400) instead of uvicorn's plain text.
+- malformed HTTP gets the service's JSON error envelope (400) instead of uvicorn's plain text
+  (OpenAI's envelope when the request line named a path under /v1, as `serve.errors` says).
 
 `python -m serve` passes `guarded_protocol(...)` to uvicorn; under the `uvicorn` command (the
 Docker image) use `--http serve.http:GuardedHttpToolsProtocol` (`UVICORN_HTTP=...`), which reads
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from serve.errors import error_body
 from serve.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _write_error(self, status: int, type_: str, message: str) -> None:
-        body = json.dumps({"error": message, "type": type_}).encode()
+        # the request target so far, if any: under /v1 the envelope is OpenAI's
+        path = getattr(self, "url", b"").partition(b"?")[0].decode("latin-1")
+        body = json.dumps(error_body(path, status, type_, message)).encode()
         head = [STATUS_LINE[status]]
         head += [
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers

@@ -118,6 +118,34 @@ class ErrorResponse(BaseModel):
     type: str = Field(description="Machine-readable kind, e.g. validation_error, not_ready.")
 
 
+class OpenAIError(BaseModel):
+    message: str = Field(description="What went wrong, for a person to read.")
+    type: str = Field(description="invalid_request_error (4xx) or server_error (5xx).")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str = Field(description="Machine-readable kind, as `type` in the other routes.")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """The error envelope of the /v1 routes: OpenAI's, which its clients read."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "message": "model 'text-embedding-3-small' is not served here",
+                        "type": "invalid_request_error",
+                        "param": "model",
+                        "code": "model_not_found",
+                    }
+                }
+            ]
+        }
+    )
+
+    error: OpenAIError
+
+
 # --- /search -----------------------------------------------------------------------------------
 
 
@@ -548,6 +576,14 @@ class MetadataRequest(BaseModel):
 # --- OpenAI-compatible embeddings (/v1/embeddings, /v1/models) ---------------------------------
 
 
+TOKEN_IDS_REFUSED = (
+    "token ids are not accepted: send the texts, which this service tokenizes with its own "
+    "model's tokenizer (ids from another tokenizer, such as the tiktoken ids LangChain's "
+    "OpenAIEmbeddings sends by default, would stand for other words). With LangChain: "
+    "OpenAIEmbeddings(..., check_embedding_ctx_length=False)"
+)
+
+
 class OpenAIEmbeddingsRequest(BaseModel):
     """OpenAI's embeddings request; images by infinity's convention (`modality: "image"`)."""
 
@@ -566,7 +602,9 @@ class OpenAIEmbeddingsRequest(BaseModel):
     )
 
     input: str | list[str] = Field(
-        description="A text or a list of texts; with modality image, base64 images or data URIs."
+        description="A text or a list of texts; with modality image, base64 images or data URIs. "
+        "Token ids (lists of integers) are refused (422): this service tokenizes with its own "
+        "model's tokenizer."
     )
     model: str | None = Field(None, description="The served model's name (GET /v1/models).")
     encoding_format: str = Field(
@@ -577,6 +615,16 @@ class OpenAIEmbeddingsRequest(BaseModel):
         None, description="Must be the model's dimension if given (no truncation)."
     )
     user: str | None = Field(None, description="Accepted and ignored, as by OpenAI's own API.")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: object) -> object:
+        """Token ids are another tokenizer's (LangChain's default sends tiktoken's): refused with
+        the way to send texts instead, not a bare "should be a valid string" per item."""
+        first = value[0] if isinstance(value, list) and value else None
+        if isinstance(first, int | list) and not isinstance(first, bool):
+            raise ValueError(TOKEN_IDS_REFUSED)
+        return value
 
     @field_validator("input")
     @classmethod

@@ -76,6 +76,20 @@ def assert_envelope(response: Any, status: int, type_: str) -> dict[str, Any]:
     return body
 
 
+def assert_openai_envelope(
+    response: Any, status: int, code: str, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's envelope, as the /v1 routes answer errors; returns its `error` object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    error: dict[str, Any] = body["error"]
+    assert (error["code"], error["param"]) == (code, param), error
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
 def black_png(width: int, height: int, color_type: int = 0) -> bytes:
     """A valid black PNG of any size, built row by row: never the whole image in memory.
 

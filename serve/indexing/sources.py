@@ -10,7 +10,15 @@
   folder is its key and its `source` in the metadata, so a result leads back to the file;
 - img2dataset's `--output_format parquet` files: one row per sample, the image bytes in a binary
   `jpg` (or png/webp/image) column, the caption in `txt` (or `caption`), every other scalar
-  column (url, key, width, ...) kept as metadata.
+  column (url, key, width, ...) kept as metadata;
+- img2dataset's output folder itself: a folder with no image files but `.tar` shards at its top
+  (webdataset output; the `.parquet` beside them are metadata only) is read as those shards,
+  one with `.parquet` files only (parquet output) as those.
+
+A local path with `*`, `?` or `[` that is not a file is a glob, expanded in sorted order (as a
+shell would, for a pattern given in quotes); one that matches nothing, or a remote URL with
+them, is refused with the brace form that names shards without listing them
+(`shards/{00000..00009}.tar`).
 
 Each input is cut into parts: a shard, a parquet file, or FOLDER_PART_FILES files of a folder in
 sorted order. Parts are the unit of order (row ids follow parts) and of the torchrun split (rank r
@@ -20,6 +28,7 @@ Unusable samples are skipped and counted under `common.shards.SKIP_REASONS`, lik
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -41,6 +50,7 @@ PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")
 PARQUET_CAPTION_COLUMNS = ("txt", "caption")
 PARQUET_BATCH_ROWS = 256
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+GLOB_CHARACTERS = frozenset("*?[")
 PartKind = Literal["shard", "files", "parquet"]
 
 
@@ -65,7 +75,7 @@ def list_parts(data: str) -> list[Part]:
             parts.extend(_folder_parts(Path(spec)))
             continue
         for url in braceexpand.braceexpand(spec):
-            parts.append(_file_part(url))
+            parts.extend(_file_part(match) for match in _expand_glob(url))
     if not parts:
         raise ValueError(f"no inputs in {data!r}")
     return parts
@@ -79,6 +89,27 @@ def read_part(part: Part, skipped: Counter[str]) -> Iterator[RawSample]:
         yield from _folder_samples(Path(part.location), part.files, skipped)
     else:
         yield from _parquet_samples(Path(part.location), skipped)
+
+
+def _expand_glob(url: str) -> list[str]:
+    """`url`'s local matches if it is a glob pattern (see the module doc), else `url` itself."""
+    pattern = GLOB_CHARACTERS.intersection(url)
+    if not pattern or url.startswith("pipe:") or (not is_remote(url) and Path(url).exists()):
+        return [url]  # a pipe: command is the shell's to read
+    hint = f"name the files with braces instead, e.g. {_brace_example(url)!r}"
+    if is_remote(url):
+        raise UnsupportedInputError(f"{url}: a wildcard in a URL cannot be listed; {hint}")
+    matches = sorted(glob.glob(url))
+    if not matches:
+        raise FileNotFoundError(f"{url!r} matches no file; {hint}")
+    return matches
+
+
+def _brace_example(url: str) -> str:
+    """`url` with its last path element as img2dataset's numbered shards in brace form."""
+    head, _, name = url.rpartition("/")
+    suffix = next((s for s in (*TAR_SUFFIXES, ".parquet") if name.endswith(s)), ".tar")
+    return f"{head}/{{00000..00009}}{suffix}" if head else f"{{00000..00009}}{suffix}"
 
 
 def _file_part(url: str) -> Part:
@@ -131,13 +162,26 @@ def _folder_parts(folder: Path) -> list[Part]:
         if path.suffix.lower() in FOLDER_IMAGE_EXTENSIONS
     )
     if not files:
-        raise UnsupportedInputError(
-            f"{folder}: a folder with no image files ({' '.join(FOLDER_IMAGE_EXTENSIONS)})"
-        )
+        return _img2dataset_output_parts(folder)
     return [
         Part("files", str(folder), tuple(files[start : start + FOLDER_PART_FILES]))
         for start in range(0, len(files), FOLDER_PART_FILES)
     ]
+
+
+def _img2dataset_output_parts(folder: Path) -> list[Part]:
+    """A folder without images as img2dataset leaves its output: its shards, else its parquet
+    files (with the webdataset format, the parquet files hold only the metadata)."""
+    shards = sorted(str(p) for p in folder.iterdir() if p.name.endswith(TAR_SUFFIXES))
+    parquets = sorted(str(p) for p in folder.glob("*.parquet"))
+    if not shards and not parquets:
+        raise UnsupportedInputError(
+            f"{folder}: a folder with no image files ({' '.join(FOLDER_IMAGE_EXTENSIONS)}), "
+            "no .tar shards and no .parquet files"
+        )
+    kind: PartKind = "shard" if shards else "parquet"
+    log.info("%s: no image files; reading its %d %s files", folder, len(shards or parquets), kind)
+    return [Part(kind, location) for location in shards or parquets]
 
 
 def _walk(folder: Path) -> Iterator[Path]:

@@ -14,14 +14,12 @@ from serve.service import ServiceDep, ServiceState
 router = APIRouter(tags=["health"])
 
 
-@router.head("/health", include_in_schema=False)  # load balancers' and uptime monitors' probes
 @router.get("/health", response_model=HealthResponse, summary="Liveness: is the process serving?")
 async def health() -> HealthResponse:
     """200 whenever the server answers, also while loading or after loading failed (see /ready)."""
     return HealthResponse(status="ok")
 
 
-@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     response_model=ReadyResponse,

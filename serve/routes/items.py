@@ -337,12 +337,6 @@ async def add_items(name: IndexName, request: Request) -> Response:
     summary="One item of index `name`: key, caption, url, metadata, thumbnail URL",
     responses=error_responses(401, 404, 422, 503),
 )
-@router.head(
-    "/indices/{name}/items/{id}",
-    response_model=ItemResponse,
-    summary="Whether item `id` is in index `name` (GET without the body)",
-    responses=error_responses(401, 404, 422, 503),
-)
 def get_item(name: IndexName, id: ItemId, service: ServiceDep, settings: SettingsDep) -> Response:
     """Plain `def`: one metadata read and, with thumbnails, one `os.pread` (the threadpool)."""
     with service.indices.lease(name) as index:

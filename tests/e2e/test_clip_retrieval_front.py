@@ -1,18 +1,21 @@
-"""clip-retrieval's own web front, unchanged, shows pictures from this service.
+"""clip-retrieval's own web front and its `ClipClient`, unchanged, against this service.
 
 The front (the `front/build` of a pinned `clip-retrieval` wheel, checked against its sha256) is
 fetched with `pip download --no-deps` into a temporary directory — never installed, never part of
 this project — and served from a loopback port with its `config.json` pointed at a key-less
 `python -m serve` that allows the front's origin (CORS). Headless Chromium opens it with a query;
 the index holds synthetic images without web URLs, so every picture the front shows is a
-thumbnail inlined by /knn-service or /metadata. The test needs the package index (PyPI): without
-the wheel it fails, with the reason, rather than pass untested.
+thumbnail inlined by /knn-service or /metadata. `ClipClient` is the wheel's own
+`clip_retrieval/clip_client.py`, loaded from its file (see `load_clip_client`). The tests need the
+package index (PyPI): without the wheel they fail, with the reason, rather than pass untested.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -21,8 +24,10 @@ import zipfile
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 
 from tests.browser import Browser
@@ -49,8 +54,8 @@ SHOWN_PICTURES = """(() => {
 })()"""
 
 
-def download_front(directory: Path) -> Path:
-    """The front's files from the pinned clip-retrieval wheel (pip download --no-deps)."""
+def download_wheel(directory: Path) -> Path:
+    """The pinned clip-retrieval wheel (pip download --no-deps), checked against its sha256."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--quiet", "--dest", str(directory), CLIP_RETRIEVAL]  # fmt: skip
     try:
@@ -62,7 +67,12 @@ def download_front(directory: Path) -> Path:
     (wheel,) = directory.glob("clip_retrieval-*.whl")
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     assert digest == WHEEL_SHA256, f"{wheel.name} is not the wheel this test pins ({digest})"
-    front = directory / "front"
+    return wheel
+
+
+def extract_front(wheel: Path) -> Path:
+    """The front's files (`front/build` of the wheel) in a folder beside it."""
+    front = wheel.parent / "front"
     with zipfile.ZipFile(wheel) as archive:
         for name in archive.namelist():
             if name.startswith(FRONT) and not name.endswith("/"):
@@ -73,16 +83,37 @@ def download_front(directory: Path) -> Path:
     return front
 
 
+def load_clip_client(wheel: Path) -> Any:
+    """clip-retrieval's own `clip_retrieval/clip_client.py` from the wheel, as a module.
+
+    Loaded from its file rather than imported as `clip_retrieval.clip_client`: the package's
+    `__init__` imports its back end (flask, faiss, torch models), whose pinned versions conflict
+    with this project's (numpy<2, an older open_clip), so the package is not installed. The module
+    itself needs only `requests` and the standard library, and runs unchanged."""
+    target = wheel.parent / "clip_client.py"
+    with zipfile.ZipFile(wheel) as archive:
+        target.write_bytes(archive.read("clip_retrieval/clip_client.py"))
+    spec = importlib.util.spec_from_file_location("clip_client", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 class QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
 
 
 @pytest.fixture(scope="module")
-def front_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The front on 127.0.0.1, its config pointed at a key-less service on 127.0.0.1."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return download_wheel(tmp_path_factory.mktemp("clip-retrieval-wheel"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """A key-less service on 127.0.0.1 that allows the front's origin, and that origin's port."""
     root = tmp_path_factory.mktemp("clip-front")
-    front = download_front(root / "wheel")
     front_port = free_port()
     artifact = make_artifact(root)
     index = make_index(artifact, make_shard(root / "synth", SAMPLES), root / "index")
@@ -91,17 +122,25 @@ def front_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "DUET_ACCESS_LOG": "false",
     }
     with running_service(artifact, index, env=env) as base:
-        config = {"defaultBackend": base, "defaultIndex": "default"}
-        (front / "config.json").write_text(json.dumps(config))
-        handler = functools.partial(QuietHandler, directory=str(front))
-        server = ThreadingHTTPServer(("127.0.0.1", front_port), handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{front_port}"
-        finally:
-            server.shutdown()
-            server.server_close()
+        yield base, front_port
+
+
+@pytest.fixture(scope="module")
+def front_url(wheel: Path, served: tuple[str, int]) -> Iterator[str]:
+    """The front on 127.0.0.1, its config pointed at the service."""
+    base, front_port = served
+    front = extract_front(wheel)
+    config = {"defaultBackend": base, "defaultIndex": "default"}
+    (front / "config.json").write_text(json.dumps(config))
+    handler = functools.partial(QuietHandler, directory=str(front))
+    server = ThreadingHTTPServer(("127.0.0.1", front_port), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{front_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_clip_retrieval_front_shows_the_result_pictures(front_url: str, tmp_path: Path) -> None:
@@ -123,3 +162,22 @@ def test_clip_retrieval_front_shows_the_result_pictures(front_url: str, tmp_path
         browser.screenshot(REPO_ROOT / "runs" / "test-screenshots" / "clip-retrieval-front.png")
     finally:
         browser.close()
+
+
+def test_clip_client_queries_by_text_image_and_embedding(
+    wheel: Path, served: tuple[str, int], tmp_path: Path
+) -> None:
+    base, _ = served
+    clip_client = load_clip_client(wheel)
+    client = clip_client.ClipClient(
+        url=f"{base}/knn-service", indice_name="default", num_images=5, deduplicate=False
+    )
+    by_text = client.query(text="a red circle")
+    assert len(by_text) == 5 and {"id", "similarity", "caption"} <= set(by_text[0])
+    picture = tmp_path / "query.png"
+    picture.write_bytes(base64.b64decode(by_text[0]["image"]))  # a thumbnail the index holds
+    by_image = client.query(image=str(picture))
+    assert len(by_image) == 5 and by_image[0]["similarity"] > 0.9
+    vector = httpx.post(f"{base}/embed", json={"texts": ["a red circle"]}, timeout=30)
+    by_embedding = client.query(embedding_input=vector.json()["text_embeddings"][0])
+    assert [r["id"] for r in by_embedding] == [r["id"] for r in by_text]

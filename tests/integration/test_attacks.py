@@ -340,6 +340,13 @@ def test_oversized_headers_get_431(service: Fixture, headers: dict[str, str]) ->
     )
 
 
+def test_the_http_servers_refusals_under_v1_use_openais_envelope(service: Fixture) -> None:
+    headers = {"x-big": "a" * 64 * 1024}
+    response = post(service.base, "/v1/embeddings", json={"input": "x"}, headers=headers)
+    assert response.status_code == 431
+    assert response.json()["error"]["code"] == "headers_too_large"
+
+
 # --- 7: the smaller ones ---
 
 

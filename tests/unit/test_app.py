@@ -1,4 +1,5 @@
-"""The HTTP service: liveness and readiness, search by text and image, classify, error envelopes."""
+"""The HTTP service: liveness and readiness, search by text and image, classify, error envelopes
+(OpenAI's on /v1), HEAD wherever GET."""
 
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from starlette.routing import Mount
 
 from common.artifact import write_artifact
 from common.model import build_model
 from common.shards import RawSample, iter_shards
 from serve.app import create_app
+from serve.batching import Overloaded
 from serve.indexing.build import build_index
 from serve.indexing.index import write_index
 from serve.settings import Settings
-from tests.serve_support import assert_envelope, png, wait_until_loaded
+from tests.serve_support import (
+    assert_envelope,
+    assert_openai_envelope,
+    png,
+    wait_until_loaded,
+)
 from train import synth
 
 SAMPLES = 24
@@ -394,11 +404,114 @@ def test_unexpected_error_is_generic_500(settings: Settings) -> None:
     app = create_app(settings)
 
     @app.get("/boom")
+    @app.get("/v1/boom")
     def boom() -> None:
         raise RuntimeError("secret internals")
 
     body = assert_envelope(TestClient(app).get("/boom"), 500, "internal_error")
     assert "secret" not in body["error"]
+    error = assert_openai_envelope(TestClient(app).get("/v1/boom"), 500, "internal_error")
+    assert "secret" not in error["message"]
+
+
+# --- the OpenAI-compatible routes: OpenAI's envelope, so that its clients show the reason ------
+
+TOO_BIG = {"content": b'{"input": "' + b"x" * (1 << 20) + b'"}'}
+V1_ERRORS = [  # (id, method, path, kwargs, status, code, param, in the message)
+    ("empty-input", "POST", "/v1/embeddings", {"json": {"input": []}}, 422,
+     "validation_error", "input", "must not be empty"),
+    ("token-id-lists", "POST", "/v1/embeddings", {"json": {"input": [[1, 2], [3]]}}, 422,
+     "validation_error", "input", "check_embedding_ctx_length=False"),
+    ("token-ids", "POST", "/v1/embeddings", {"json": {"input": [1, 2, 3]}}, 422,
+     "validation_error", "input", "check_embedding_ctx_length=False"),
+    ("dimensions", "POST", "/v1/embeddings", {"json": {"input": "x", "dimensions": 32}}, 422,
+     "validation_error", "dimensions", "have 64 dimensions"),
+    ("unknown-field", "POST", "/v1/embeddings", {"json": {"input": "x", "size": 1}}, 422,
+     "validation_error", "size", "Extra inputs"),
+    ("wrong-model", "POST", "/v1/embeddings", {"json": {"input": "x", "model": "gpt"}}, 404,
+     "model_not_found", "model", "'gpt' is not served here"),
+    ("retrieve-wrong-model", "GET", "/v1/models/gpt", {}, 404,
+     "model_not_found", "model", "'gpt' is not served here"),
+    ("too-large", "POST", "/v1/embeddings", TOO_BIG, 413, "too_large", None, "over the limit"),
+    ("no-route", "GET", "/v1/nowhere", {}, 404, "not_found", None, "Not Found"),
+    ("wrong-method", "GET", "/v1/embeddings", {}, 405, "method_not_allowed", None, "Not Allowed"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code", "param", "message"),
+    [case[1:] for case in V1_ERRORS],
+    ids=[case[0] for case in V1_ERRORS],
+)
+def test_v1_errors_use_openais_envelope(
+    client: TestClient,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+    param: str | None,
+    message: str,
+) -> None:
+    error = assert_openai_envelope(client.request(method, path, **kwargs), status, code, param)
+    assert message in error["message"]
+
+
+def test_v1_401_429_503_use_openais_envelope(settings: Settings) -> None:
+    keyed = TestClient(create_app(settings.model_copy(update={"api_key": SecretStr("k")})))
+    assert_openai_envelope(keyed.get("/v1/models"), 401, "unauthorized")
+    assert_envelope(keyed.get("/indices"), 401, "unauthorized")
+    app = create_app(settings)  # no lifespan: not ready
+
+    @app.get("/v1/busy")
+    def busy() -> None:
+        raise Overloaded("the encode queue is full")
+
+    not_loaded = TestClient(app)
+    assert_openai_envelope(not_loaded.get("/v1/models"), 503, "not_ready")
+    response = not_loaded.get("/v1/busy")
+    assert (
+        assert_openai_envelope(response, 429, "overloaded")["message"] == "the encode queue is full"
+    )
+    assert response.headers["Retry-After"] == str(settings.retry_after_s)
+
+
+def test_v1_models_retrieve(client: TestClient) -> None:
+    (listed,) = client.get("/v1/models").json()["data"]
+    response = client.get("/v1/models/duet-micro")
+    assert response.status_code == 200 and response.json() == listed
+
+
+# --- HEAD wherever GET ---------------------------------------------------------------------------
+
+PATH_PARAMETERS = {"name": "default", "index": "default", "id": "0", "model_id": "duet-micro"}
+VARYING_HEADERS = {"date", "x-queue-time", "x-inference-time", "x-total-time"}
+
+
+def get_paths(app: Any) -> list[str]:
+    """A URL for every GET route of `app` (path parameters filled in) and one file per mount."""
+    paths = []
+    for context in iter_route_contexts(app.routes):  # routes of included routers too
+        if isinstance(context.route, Mount):
+            directory = Path(context.route.app.directory)  # type: ignore[attr-defined]
+            name = next(p.name for p in sorted(directory.iterdir()) if p.is_file())
+            paths.append(f"{context.path}/{name}")
+        elif "GET" in (context.methods or ()):
+            paths.append(context.path.format(**PATH_PARAMETERS))
+    return paths
+
+
+def test_every_get_route_answers_head(client: TestClient) -> None:
+    paths = get_paths(client.app)
+    assert {"/thumbnails/default/0", "/v1/models/duet-micro", "/docs", "/"} <= set(paths)
+    for path in paths:
+        got, head = client.get(path), client.head(path)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert got.status_code in (200, 307), path  # every path names something that exists
+        varying = VARYING_HEADERS | ({"content-length"} if path == "/metrics" else set())
+        same = {k: v for k, v in got.headers.items() if k not in varying}  # /metrics: counts grew
+        assert {k: v for k, v in head.headers.items() if k not in varying} == same, path
+    assert client.head("/search").status_code == 405  # HEAD where GET is, not everywhere
 
 
 def test_still_serves_after_bad_requests(client: TestClient, samples: list[RawSample]) -> None:

@@ -18,6 +18,7 @@ from serve.indexing import build as build_index_cli
 from serve.indexing.build import build_index
 from serve.indexing.index import SearchIndex
 from serve.indexing.sources import UnsupportedInputError, list_parts, read_part
+from train import synth
 
 FORMATS = {".jpg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}
 
@@ -152,3 +153,46 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     assert "a zip archive" in capsys.readouterr().err
     with pytest.raises(UnsupportedInputError):
         build_index(artifact, str(tmp_path / "x.zip"), tmp_path / "never")
+
+
+def img2dataset_output(root: Path, output_format: str, shard_count: int = 2) -> Path:
+    """A folder as img2dataset leaves it: numbered shards (webdataset: .tar with a metadata-only
+    .parquet beside each; parquet: .parquet with the images), and a _stats.json per shard."""
+    root.mkdir()
+    for shard in range(shard_count):
+        name = f"{shard:05d}"
+        if output_format == "webdataset":
+            made = root.parent / f"synth{shard}"
+            synth.generate(
+                made, train_shards=1, samples_per_shard=3, seed=shard, val_samples=1, image_size=32
+            )
+            (made / "train" / "shard-000000.tar").rename(root / f"{name}.tar")
+        img2dataset_parquet(root / f"{name}.parquet", with_images=output_format == "parquet")
+        (root / f"{name}_stats.json").write_text('{"successes": 3}')
+    return root
+
+
+@pytest.mark.parametrize(
+    ("output_format", "kind"), [("webdataset", "shard"), ("parquet", "parquet")]
+)
+def test_an_img2dataset_output_folder_is_read_as_its_shards(
+    tmp_path: Path, output_format: str, kind: str
+):
+    folder = img2dataset_output(tmp_path / "out", output_format)
+    parts = list_parts(str(folder))
+    suffix = ".tar" if kind == "shard" else ".parquet"
+    assert [(p.kind, Path(p.location).name) for p in parts] == [
+        (kind, f"00000{suffix}"),
+        (kind, f"00001{suffix}"),
+    ]
+    assert all(list(read_part(part, Counter())) for part in parts)  # each gives samples
+
+
+def test_a_glob_is_expanded_and_one_that_matches_nothing_suggests_braces(tmp_path: Path):
+    folder = img2dataset_output(tmp_path / "out", "parquet", shard_count=3)
+    parts = list_parts(f"{folder}/*.parquet")
+    assert [Path(p.location).name for p in parts] == [f"0000{i}.parquet" for i in range(3)]
+    with pytest.raises(FileNotFoundError, match=r"matches no file.*\{00000\.\.00009\}\.tar"):
+        list_parts(f"{folder}/*.tar")
+    with pytest.raises(UnsupportedInputError, match=r"braces.*/\{00000\.\.00009\}\.parquet"):
+        list_parts("https://example.com/data/*.parquet")
