@@ -7,6 +7,7 @@ build, the service) gets unit vectors from `DualEncoder`, so inner product == co
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from common.hf_text import text_cfg_override
 from common.tokenize import fill_template
 from common.weights import load_weights, read_weights
 
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUNDLED_MODELS = tuple(sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json")))
+LOCAL_DIR_PREFIX = "local-dir:"
+"""open_clip's spelling of "the architecture (and tokenizer) of this artifact / hub folder"."""
 
 
 @functools.cache
@@ -38,7 +42,15 @@ def register_bundled_configs() -> None:
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """The open_clip model config (embed_dim, vision_cfg, text_cfg) for a registered name."""
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) for a registered name, or
+    of the artifact or hub-layout folder named `local-dir:FOLDER`."""
+    folder = local_dir(name)
+    if folder is not None:
+        config_path = folder / "open_clip_config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{name!r}: {folder} has no open_clip_config.json")
+        content: dict[str, Any] = json.loads(config_path.read_text())["model_cfg"]
+        return content
     register_bundled_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
@@ -47,6 +59,23 @@ def model_config(name: str) -> dict[str, Any]:
             f"open_clip has {len(open_clip.list_models())} more (open_clip.list_models())"
         )
     return cfg
+
+
+def local_dir(name: str) -> Path | None:
+    """FOLDER of a `local-dir:FOLDER` model name, else None."""
+    return Path(name[len(LOCAL_DIR_PREFIX) :]) if name.startswith(LOCAL_DIR_PREFIX) else None
+
+
+def display_name(name: str) -> str:
+    """The model's name in artifacts: a registered name, or a `local-dir:` artifact's own name
+    (its manifest's; a hub-layout folder's: the folder's)."""
+    folder = local_dir(name)
+    if folder is None:
+        return name
+    manifest = folder / "duet_artifact.json"
+    if manifest.is_file():
+        return str(json.loads(manifest.read_text())["model_name"])
+    return folder.resolve().name
 
 
 class OpenClipChatter(logging.Filter):
@@ -241,6 +270,9 @@ def build_model(
     base weights (timm / Hugging Face) are not fetched either. `init_logit_bias` gives the model
     open_clip's learned `logit_bias` (SigLIP); without it the model has none. `locks` freezes
     towers after the weights are loaded (frozen parameters have requires_grad=False).
+    `name` may be `local-dir:FOLDER` (an artifact or hub-layout folder): its architecture, with
+    a Hugging Face text tower's config and tokenizer from that folder (`common.hf_text`); its
+    weights are loaded only when `pretrained` names them too.
     """
     cfg = model_config(name)  # validates the name with a helpful message
     weights = read_weights(pretrained) if pretrained else None  # a bad file fails before building
@@ -249,8 +281,15 @@ def build_model(
         kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = init_logit_bias
+    # a Hugging Face text tower is built from its config on disk, never the hub's
+    kwargs.update(text_cfg_override(cfg, local_dir(name)))
     clip = open_clip.create_model(
-        name, device="cpu", pretrained_image=False, pretrained_text=False, **kwargs
+        name,
+        device="cpu",
+        load_weights=False,  # a local-dir's weights load only as `pretrained`, reported
+        pretrained_image=False,
+        pretrained_text=False,
+        **kwargs,
     )
     if weights is not None:
         report = load_weights(clip, weights)
@@ -259,7 +298,7 @@ def build_model(
         lock_towers(clip, locks)
     clip.to(device)
     log.info("built %s (%.2fM parameters)", name, count_parameters(clip) / 1e6)
-    return DualEncoder(clip, name, int(cfg["embed_dim"]), cfg)
+    return DualEncoder(clip, display_name(name), int(cfg["embed_dim"]), cfg)
 
 
 def count_parameters(module: nn.Module) -> int:
