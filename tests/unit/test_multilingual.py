@@ -18,12 +18,21 @@ import huggingface_hub.constants
 import open_clip
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
+from common import onnx_towers
 from common.artifact import load_artifact
+from common.config import validate
 from common.export import export, probe_image
 from common.hf_text import TEXT_CONFIG_DIR, HfTextFilesError, text_cfg_override
 from common.model import normalize
+from common.onnx_towers import OnnxTowers
+from serve.app import create_app
+from serve.settings import Settings
+from tests.serve_support import make_index, make_shard, wait_until_loaded
+from train.config import smoke
+from train.trainer import Trainer
 
 HF_NAME = "duet-test/xlm-roberta-tiny"  # on no hub: only the copies on disk can serve it
 SENTENCES = [
@@ -166,3 +175,74 @@ def test_a_folder_without_the_towers_config_says_where_to_put_it(source: Path, a
     with pytest.raises(HfTextFilesError, match=rf"{HF_NAME}.*{bare / TEXT_CONFIG_DIR}"):
         export(str(bare), artifact.parent / "never")
     assert not (artifact.parent / "never").exists()
+
+
+@pytest.mark.slow
+def test_fine_tuning_with_a_locked_image_tower_keeps_it_and_carries_the_text_files(
+    artifact: Path, synth_dir: Path, tmp_path: Path
+):
+    """`model.name=local-dir:ARTIFACT`: the architecture and tokenizer of the artifact, offline;
+    the run's own artifact is as self-contained as the one it started from."""
+    cfg = smoke()
+    cfg.run_dir, cfg.device, cfg.steps = str(tmp_path / "run"), "cpu", 2
+    cfg.model.name, cfg.model.pretrained = f"local-dir:{artifact}", str(artifact)
+    cfg.model.lock_image = True
+    cfg.data.train_shards = f"{synth_dir}/train/shard-000000.tar"
+    cfg.data.val_shards = cfg.data.zeroshot_file = ""
+    cfg.data.batch_size_per_rank, cfg.data.shuffle_buffer = 8, 0
+    cfg.logging.tensorboard = False
+    validate(cfg)
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    tuned_dir = tmp_path / "run" / "artifact"
+    assert (tuned_dir / TEXT_CONFIG_DIR / "config.json").is_file()
+    assert (tuned_dir / "tokenizer.json").is_file()
+    base, tuned = load_artifact(artifact), load_artifact(tuned_dir)
+    assert tuned.manifest["model_name"] == base.manifest["model_name"]
+    base_state, tuned_state = base.model.clip.state_dict(), tuned.model.clip.state_dict()
+    for key, value in base_state.items():
+        if key.startswith("visual."):
+            torch.testing.assert_close(tuned_state[key], value, atol=0, rtol=0)
+    assert any(
+        not torch.equal(tuned_state[k], v) for k, v in base_state.items() if k.startswith("text.")
+    )
+    torch.testing.assert_close(tuned.tokenize(QUERIES), base.tokenize(QUERIES), atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_search_answers_non_latin_and_accented_queries(artifact: Path, tmp_path: Path):
+    """An index built with the model, then /search in Japanese, Russian, Greek and French: each
+    answer is the index's nearest items to the query as the model embeds it."""
+    shard = make_shard(tmp_path / "data", samples=24)
+    index = make_index(artifact, shard, tmp_path / "index")
+    loaded = load_artifact(artifact)
+    with torch.no_grad():
+        queries = loaded.model.encode_text(loaded.tokenize(QUERIES))  # [Q, D]
+    settings = Settings(artifact_dir=artifact, index_dir=index)
+    with TestClient(create_app(settings)) as client:
+        assert wait_until_loaded(client).status_code == 200
+        for query, embedding in zip(QUERIES, queries, strict=True):
+            by_text = client.post("/search", json={"text": query, "k": 5})
+            by_vector = client.post("/search", json={"embedding": embedding.tolist(), "k": 5})
+            assert by_text.status_code == 200, by_text.text
+            found = [(r["id"], r["score"]) for r in by_text.json()["results"]]
+            expected = [(r["id"], r["score"]) for r in by_vector.json()["results"]]
+            assert len(found) == 5
+            assert [i for i, _ in found] == [i for i, _ in expected]
+            assert [s for _, s in found] == pytest.approx([s for _, s in expected], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_runs_the_hugging_face_tower(artifact: Path, tmp_path: Path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    checks = onnx_towers.export_onnx(copy)["checks"]
+    assert checks["fp32"]["max_abs_difference"] < 1e-4
+    loaded, towers = load_artifact(copy), OnnxTowers.load(copy, "fp32")
+    tokens = loaded.tokenize(QUERIES + SENTENCES)
+    with torch.no_grad():
+        expected = loaded.model.encode_text(tokens)
+    torch.testing.assert_close(towers.encode_text(tokens), expected, atol=1e-5, rtol=0)
