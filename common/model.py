@@ -20,6 +20,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MeanPooler
 from open_clip.transformer import text_global_pool
 from torch import nn
 
@@ -200,6 +201,8 @@ def lock_towers(clip: Any, locks: TowerLocks) -> None:
 TEXT_LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64)
 """Lengths a batch of texts is cut to (the shortest that holds every row's pooling token), so
 that few distinct shapes reach the model; longer batches run at the full context."""
+PADDING_FREE_POOLERS = (MeanPooler, ClsPooler, ClsLastHiddenStatePooler)
+"""Poolers of a Hugging Face tower that read no padding (open_clip's MaxPooler reads it)."""
 
 
 def short_text_length(clip: Any, tokens: torch.Tensor) -> int | None:
@@ -207,15 +210,22 @@ def short_text_length(clip: Any, tokens: torch.Tensor) -> int | None:
 
     A CLIP text tower is causal and pools at the end-of-text token (`argmax`: the highest id, or
     `eos`): the padding after that token can change no position up to it, so dropping the
-    padding gives the same embedding. Towers that attend both ways, pool at the last or first
-    position, or are not open_clip's built-in text transformer are left alone.
+    padding gives the same embedding. A Hugging Face tower (`HFTextEncoder`) masks its padding
+    out of attention and of its mean or CLS pooling, and numbers positions from the start: the
+    padding after the last real token changes nothing either. Towers that attend both ways
+    without such a mask, or pool at the last position, are left alone.
     """
     pooling = text_pooling(clip)
     return None if pooling is None else pooled_length(tokens, *pooling)
 
 
 def text_pooling(clip: Any) -> tuple[str, int | None] | None:
-    """(pool type, end-of-text id) of a text tower whose padding can be cut, else None."""
+    """(pool type, end-of-text or padding id) of a text tower whose padding can be cut, else
+    None. A Hugging Face tower's is ("padding", its pad id)."""
+    text = getattr(clip, "text", None)
+    if isinstance(text, HFTextEncoder) and isinstance(text.pooler, PADDING_FREE_POOLERS):
+        pad_id = getattr(text.config, "pad_token_id", None)
+        return None if pad_id is None else ("padding", int(pad_id))
     if type(clip) is not open_clip.CLIP or getattr(clip, "attn_mask", None) is None:
         return None
     if clip.text_pool_type == "argmax" or (
@@ -227,7 +237,10 @@ def text_pooling(clip: Any) -> tuple[str, int | None] | None:
 
 def pooled_length(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> int | None:
     """The shortest bucket holding every row's pooling position, or None if none is shorter."""
-    if pool_type == "argmax" or eos_id is None:
+    if pool_type == "padding" and eos_id is not None:  # the last token that is not padding
+        real = tokens.ne(eos_id).long() * torch.arange(tokens.shape[1], device=tokens.device)
+        positions = real.amax(dim=-1)
+    elif pool_type == "argmax" or eos_id is None:
         positions = tokens.argmax(dim=-1)
     else:
         positions = tokens.eq(eos_id).int().argmax(dim=-1)
@@ -239,8 +252,11 @@ def pooled_length(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> i
 def encode_text_prefix(clip: Any, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's `CLIP.encode_text` over the first L positions: [B, L] ids -> [B, D].
 
-    The same steps, with the positional embedding and the causal mask cut to L.
+    The same steps, with the positional embedding and the causal mask cut to L. A Hugging Face
+    tower takes any length as it is.
     """
+    if isinstance(getattr(clip, "text", None), HFTextEncoder):
+        return clip.encode_text(tokens)
     length = tokens.shape[1]
     cast_dtype = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(tokens).to(cast_dtype)  # [B, L, W]
