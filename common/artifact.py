@@ -7,6 +7,9 @@ An artifact is a directory:
                                   so `open_clip.create_model_and_transforms("local-dir:DIR")` works
     model_configs/NAME.json       the bare model config: `open_clip.add_model_config(...)`, then
                                   `create_model_and_transforms(NAME, pretrained=DIR/WEIGHTS)`
+    hf_text_config/config.json    only for a Hugging Face text tower (multilingual models): its
+                                  transformers config, so loading never asks the hub
+                                  (`common.hf_text`); the tokenizer's files lie beside it
     duet_artifact.json            our manifest: format version, model name, embed dim, tokenizer
                                   context length, provenance (training step, config)
 
@@ -30,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.atomic_dir import replace_dir, staging_dir
+from common.hf_text import text_cfg_override, write_text_config
 from common.model import DualEncoder
 from common.preprocess import (
     Transform,
@@ -99,6 +103,7 @@ def write_artifact(
             "provenance": provenance,
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
+        write_text_config(model.clip, tmp)
         if extra_files is not None:
             extra_files(tmp)
         replace_dir(tmp, out_dir)
@@ -131,10 +136,14 @@ def load_artifact(artifact_dir: str | Path, *, device: str | torch.device = "cpu
     """
     artifact_dir = Path(artifact_dir).resolve()
     manifest = read_manifest(artifact_dir)
-    clip = open_clip.create_model(
-        f"local-dir:{artifact_dir}", device=device, pretrained_image=False, pretrained_text=False
-    )
     config = json.loads((artifact_dir / OPEN_CLIP_CONFIG_FILE).read_text())["model_cfg"]
+    clip = open_clip.create_model(
+        f"local-dir:{artifact_dir}",
+        device=device,
+        pretrained_image=False,
+        pretrained_text=False,
+        **text_cfg_override(config, artifact_dir),  # a Hugging Face tower's config: its own copy
+    )
     model = DualEncoder(clip, manifest["model_name"], int(manifest["embed_dim"]), config).eval()
     transform = image_transform(preprocess_config(clip), train=False)
     return LoadedModel(model, transform, tokenizer(f"local-dir:{artifact_dir}"), manifest)

@@ -37,6 +37,12 @@ from PIL import Image, ImageDraw
 
 from common.artifact import OPEN_CLIP_CONFIG_FILE, load_artifact, read_manifest, write_artifact
 from common.atomic_dir import replace_dir, staging_dir
+from common.hf_text import HF_TOKENIZER_FILES as HF_TOKENIZER_FILES  # was defined here
+from common.hf_text import (
+    has_tokenizer_files,
+    text_cfg_override,
+    tokenizer_copier,
+)
 from common.model import (
     DualEncoder,
     count_parameters,
@@ -50,20 +56,6 @@ log = logging.getLogger(__name__)
 HF_HUB_PREFIX = "hf-hub:"
 DEFAULT_TOLERANCE = 1e-5
 PROBE_TEXTS = ("a photo of a dog.", "a small red circle left of a large blue square")
-# The files a Hugging Face tokenizer may consist of; open_clip's HFTokenizer reads them from the
-# artifact folder itself when the artifact is loaded with `local-dir:`.
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-)
 
 
 class ExportError(ValueError):
@@ -171,7 +163,10 @@ def build_from_source(src: Source) -> DualEncoder:
         content = {"model_cfg": src.config, "preprocess_cfg": src.preprocess or {}}
         (Path(tmp) / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(content))
         clip = open_clip.create_model(
-            f"local-dir:{tmp}", pretrained_image=False, pretrained_text=False
+            f"local-dir:{tmp}",
+            pretrained_image=False,
+            pretrained_text=False,
+            **text_cfg_override(src.config, src.folder),
         )
     report = load_weights(clip, src.weights)
     log.info("%s: %s", src.weights.path, report.describe())
@@ -234,7 +229,8 @@ def verify(artifact_dir: Path, src: Source) -> float:
 
 def _open_clip_reference(src: Source) -> tuple[Any, Any, Any]:
     """open_clip's own model (eval mode), eval transform and tokenizer for the source."""
-    kwargs: dict[str, Any] = {}
+    # a Hugging Face text tower's transformers config from disk, as everywhere (common.hf_text)
+    kwargs: dict[str, Any] = text_cfg_override(src.config, src.folder)
     from_folder = src.open_clip_name.startswith("local-dir:")
     if "init_logit_bias" in src.config and not from_folder:  # a folder's config has it already
         kwargs["init_logit_bias"] = src.config["init_logit_bias"]
@@ -264,21 +260,14 @@ def probe_image(size: tuple[int, int] = (320, 240)) -> Image.Image:
 
 def _tokenizer_copier(src: Source) -> Any:
     """For a model with a Hugging Face tokenizer: a function copying its files into the
-    artifact, from the source folder or the tokenizer's own folder in the local cache."""
+    artifact, from the source folder or the tokenizer's own folder in the local cache. (The
+    text tower's transformers config is written by `write_artifact` from the model itself.)"""
     if not src.hf_tokenizer:
         return None
     folder = src.folder
-    if folder is None or not any((folder / f).is_file() for f in HF_TOKENIZER_FILES):
+    if folder is None or not has_tokenizer_files(folder):
         folder = cached_hub_folder(src.hf_tokenizer)
-
-    def copy(artifact: Path) -> None:
-        copied = [f for f in HF_TOKENIZER_FILES if (folder / f).is_file()]
-        if not copied:
-            raise ExportError(f"no tokenizer files ({', '.join(HF_TOKENIZER_FILES)}) in {folder}")
-        for file_name in copied:
-            shutil.copyfile(folder / file_name, artifact / file_name)
-
-    return copy
+    return tokenizer_copier(folder)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

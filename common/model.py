@@ -7,6 +7,7 @@ build, the service) gets unit vectors from `DualEncoder`, so inner product == co
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -19,9 +20,11 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MeanPooler
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from common.hf_text import text_cfg_override
 from common.tokenize import fill_template
 from common.weights import load_weights, read_weights
 
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "model_configs"
 BUNDLED_MODELS = tuple(sorted(p.stem for p in BUNDLED_CONFIG_DIR.glob("*.json")))
+LOCAL_DIR_PREFIX = "local-dir:"
+"""open_clip's spelling of "the architecture (and tokenizer) of this artifact / hub folder"."""
 
 
 @functools.cache
@@ -38,7 +43,15 @@ def register_bundled_configs() -> None:
 
 
 def model_config(name: str) -> dict[str, Any]:
-    """The open_clip model config (embed_dim, vision_cfg, text_cfg) for a registered name."""
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) for a registered name, or
+    of the artifact or hub-layout folder named `local-dir:FOLDER`."""
+    folder = local_dir(name)
+    if folder is not None:
+        config_path = folder / "open_clip_config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{name!r}: {folder} has no open_clip_config.json")
+        content: dict[str, Any] = json.loads(config_path.read_text())["model_cfg"]
+        return content
     register_bundled_configs()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
@@ -47,6 +60,23 @@ def model_config(name: str) -> dict[str, Any]:
             f"open_clip has {len(open_clip.list_models())} more (open_clip.list_models())"
         )
     return cfg
+
+
+def local_dir(name: str) -> Path | None:
+    """FOLDER of a `local-dir:FOLDER` model name, else None."""
+    return Path(name[len(LOCAL_DIR_PREFIX) :]) if name.startswith(LOCAL_DIR_PREFIX) else None
+
+
+def display_name(name: str) -> str:
+    """The model's name in artifacts: a registered name, or a `local-dir:` artifact's own name
+    (its manifest's; a hub-layout folder's: the folder's)."""
+    folder = local_dir(name)
+    if folder is None:
+        return name
+    manifest = folder / "duet_artifact.json"
+    if manifest.is_file():
+        return str(json.loads(manifest.read_text())["model_name"])
+    return folder.resolve().name
 
 
 class OpenClipChatter(logging.Filter):
@@ -171,6 +201,8 @@ def lock_towers(clip: Any, locks: TowerLocks) -> None:
 TEXT_LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64)
 """Lengths a batch of texts is cut to (the shortest that holds every row's pooling token), so
 that few distinct shapes reach the model; longer batches run at the full context."""
+PADDING_FREE_POOLERS = (MeanPooler, ClsPooler, ClsLastHiddenStatePooler)
+"""Poolers of a Hugging Face tower that read no padding (open_clip's MaxPooler reads it)."""
 
 
 def short_text_length(clip: Any, tokens: torch.Tensor) -> int | None:
@@ -178,15 +210,22 @@ def short_text_length(clip: Any, tokens: torch.Tensor) -> int | None:
 
     A CLIP text tower is causal and pools at the end-of-text token (`argmax`: the highest id, or
     `eos`): the padding after that token can change no position up to it, so dropping the
-    padding gives the same embedding. Towers that attend both ways, pool at the last or first
-    position, or are not open_clip's built-in text transformer are left alone.
+    padding gives the same embedding. A Hugging Face tower (`HFTextEncoder`) masks its padding
+    out of attention and of its mean or CLS pooling, and numbers positions from the start: the
+    padding after the last real token changes nothing either. Towers that attend both ways
+    without such a mask, or pool at the last position, are left alone.
     """
     pooling = text_pooling(clip)
     return None if pooling is None else pooled_length(tokens, *pooling)
 
 
 def text_pooling(clip: Any) -> tuple[str, int | None] | None:
-    """(pool type, end-of-text id) of a text tower whose padding can be cut, else None."""
+    """(pool type, end-of-text or padding id) of a text tower whose padding can be cut, else
+    None. A Hugging Face tower's is ("padding", its pad id)."""
+    text = getattr(clip, "text", None)
+    if isinstance(text, HFTextEncoder) and isinstance(text.pooler, PADDING_FREE_POOLERS):
+        pad_id = getattr(text.config, "pad_token_id", None)
+        return None if pad_id is None else ("padding", int(pad_id))
     if type(clip) is not open_clip.CLIP or getattr(clip, "attn_mask", None) is None:
         return None
     if clip.text_pool_type == "argmax" or (
@@ -198,7 +237,10 @@ def text_pooling(clip: Any) -> tuple[str, int | None] | None:
 
 def pooled_length(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> int | None:
     """The shortest bucket holding every row's pooling position, or None if none is shorter."""
-    if pool_type == "argmax" or eos_id is None:
+    if pool_type == "padding" and eos_id is not None:  # the last token that is not padding
+        real = tokens.ne(eos_id).long() * torch.arange(tokens.shape[1], device=tokens.device)
+        positions = real.amax(dim=-1)
+    elif pool_type == "argmax" or eos_id is None:
         positions = tokens.argmax(dim=-1)
     else:
         positions = tokens.eq(eos_id).int().argmax(dim=-1)
@@ -210,8 +252,11 @@ def pooled_length(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> i
 def encode_text_prefix(clip: Any, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's `CLIP.encode_text` over the first L positions: [B, L] ids -> [B, D].
 
-    The same steps, with the positional embedding and the causal mask cut to L.
+    The same steps, with the positional embedding and the causal mask cut to L. A Hugging Face
+    tower takes any length as it is.
     """
+    if isinstance(getattr(clip, "text", None), HFTextEncoder):
+        return clip.encode_text(tokens)
     length = tokens.shape[1]
     cast_dtype = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(tokens).to(cast_dtype)  # [B, L, W]
@@ -241,6 +286,9 @@ def build_model(
     base weights (timm / Hugging Face) are not fetched either. `init_logit_bias` gives the model
     open_clip's learned `logit_bias` (SigLIP); without it the model has none. `locks` freezes
     towers after the weights are loaded (frozen parameters have requires_grad=False).
+    `name` may be `local-dir:FOLDER` (an artifact or hub-layout folder): its architecture, with
+    a Hugging Face text tower's config and tokenizer from that folder (`common.hf_text`); its
+    weights are loaded only when `pretrained` names them too.
     """
     cfg = model_config(name)  # validates the name with a helpful message
     weights = read_weights(pretrained) if pretrained else None  # a bad file fails before building
@@ -249,8 +297,15 @@ def build_model(
         kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = init_logit_bias
+    # a Hugging Face text tower is built from its config on disk, never the hub's
+    kwargs.update(text_cfg_override(cfg, local_dir(name)))
     clip = open_clip.create_model(
-        name, device="cpu", pretrained_image=False, pretrained_text=False, **kwargs
+        name,
+        device="cpu",
+        load_weights=False,  # a local-dir's weights load only as `pretrained`, reported
+        pretrained_image=False,
+        pretrained_text=False,
+        **kwargs,
     )
     if weights is not None:
         report = load_weights(clip, weights)
@@ -259,7 +314,7 @@ def build_model(
         lock_towers(clip, locks)
     clip.to(device)
     log.info("built %s (%.2fM parameters)", name, count_parameters(clip) / 1e6)
-    return DualEncoder(clip, name, int(cfg["embed_dim"]), cfg)
+    return DualEncoder(clip, display_name(name), int(cfg["embed_dim"]), cfg)
 
 
 def count_parameters(module: nn.Module) -> int:

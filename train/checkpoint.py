@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from common.artifact import write_artifact
+from common.hf_text import tokenizer_copier
 from common.model import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,13 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def export_model(model: DualEncoder, out_dir: Path, provenance: dict[str, Any]) -> Path:
-    """Write the inference artifact (see common/artifact.py) for the trained model."""
-    return write_artifact(model, out_dir, provenance=provenance)
+def export_model(
+    model: DualEncoder,
+    out_dir: Path,
+    provenance: dict[str, Any],
+    tokenizer_folder: Path | None = None,
+) -> Path:
+    """Write the inference artifact (see common/artifact.py) for the trained model, with the
+    files of its Hugging Face tokenizer from `tokenizer_folder` (None: open_clip's own)."""
+    copier = tokenizer_copier(tokenizer_folder) if tokenizer_folder is not None else None
+    return write_artifact(model, out_dir, provenance=provenance, extra_files=copier)

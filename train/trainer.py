@@ -19,7 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from common.config import to_dict
-from common.model import DualEncoder, build_model
+from common.hf_text import tokenizer_folder
+from common.model import DualEncoder, build_model, local_dir
 from common.preprocess import ResizeLimit, image_transform, preprocess_config, tokenizer
 from common.shards import SKIP_REASONS
 from train import checkpoint
@@ -179,6 +180,8 @@ class Trainer:
         preprocess = preprocess_config(self.model.clip)
         self.eval_transform = image_transform(preprocess, train=False)
         self.tokenize = tokenizer(cfg.model.name)  # cost-bounded (common.tokenize)
+        # a Hugging Face tokenizer's files travel into the artifact (found now, not after training)
+        self.tokenizer_folder = tokenizer_folder(self.model.config, local_dir(cfg.model.name))
         check_eval_paths(cfg.data)
         self.batches = TrainBatches(
             cfg.data,
@@ -479,6 +482,7 @@ class Trainer:
                 model,
                 self.run_dir / "artifact",
                 {"step": self.step, "config": to_dict(self.cfg)},
+                self.tokenizer_folder,
             )
         self._barrier()
         return out
