@@ -179,9 +179,11 @@ def test_the_export_command_prints_no_warning(clip_folder: Path, tmp_path: Path)
 
 def test_only_the_build_steps_no_weights_warning_is_dropped(tmp_path: Path, caplog):
     source = write_source("safetensors", "duet-micro", random_state("duet-micro"), tmp_path / "s")
+    root_filters = list(logging.getLogger().filters)
     with caplog.at_level(logging.WARNING):
         export(source, tmp_path / "artifact", model="duet-micro")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert logging.getLogger().filters == root_filters  # dropped during the call only
     empty = tmp_path / "config-only"  # elsewhere open_clip's warning still reaches the log
     empty.mkdir()
     config = {"model_cfg": open_clip.get_model_config("ViT-S-32"), "preprocess_cfg": {}}
