@@ -16,8 +16,8 @@ The artifact is then what every `--model` takes (`serve.build_index`, `train.eva
 service's DUET_ARTIFACT_DIR). Before it is put in place, a probe image and probe texts are
 embedded twice: by open_clip itself, loading the source its own way (in eval mode, with its own
 transform and tokenizer), or for a transformers folder by transformers itself, and by our loader
-from the new artifact. An artifact whose embeddings
-differ by more than `--tolerance` is not written.
+from the new artifact. An artifact whose embeddings differ by more than `--tolerance` is not
+written.
 """
 
 from __future__ import annotations
@@ -348,7 +348,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     parser.add_argument(
-        "source", help="a weights file, a hub-layout folder or hf-hub:ORG/NAME (local cache)"
+        "source",
+        help="a weights file, a hub-layout folder, a transformers CLIPModel folder or "
+        "hf-hub:ORG/NAME (local cache)",
     )
     parser.add_argument("--out", required=True, help="artifact directory to write (replaced)")
     parser.add_argument("--model", help="open_clip architecture of a weights file, e.g. ViT-B-32")
