@@ -9,12 +9,15 @@ r"""`python -m common.export`: a CLIP model you already have -> a verified model
     python -m common.export /models/CLIP-ViT-B-32-laion2B-s34B-b79K --out artifacts/laion-b32
     # the same model from the local Hugging Face cache (offline; it is never downloaded)
     python -m common.export hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K --out artifacts/laion-b32
+    # a Hugging Face transformers CLIPModel folder (config.json + model.safetensors), converted
+    python -m common.export /models/clip-vit-base-patch32 --out artifacts/openai-b32
 
 The artifact is then what every `--model` takes (`serve.build_index`, `train.evaluate`, the
 service's DUET_ARTIFACT_DIR). Before it is put in place, a probe image and probe texts are
 embedded twice: by open_clip itself, loading the source its own way (in eval mode, with its own
-transform and tokenizer), and by our loader from the new artifact. An artifact whose embeddings
-differ by more than `--tolerance` is not written.
+transform and tokenizer), or for a transformers folder by transformers itself, and by our loader
+from the new artifact. An artifact whose embeddings differ by more than `--tolerance` is not
+written.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import logging
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ import open_clip
 import torch
 from PIL import Image, ImageDraw
 
+from common import hf_convert
 from common.artifact import OPEN_CLIP_CONFIG_FILE, load_artifact, read_manifest, write_artifact
 from common.atomic_dir import replace_dir, staging_dir
 from common.hf_text import HF_TOKENIZER_FILES as HF_TOKENIZER_FILES  # was defined here
@@ -73,6 +78,13 @@ class Source:
     open_clip_name: str  # what open_clip.create_model_and_transforms is given ...
     open_clip_pretrained: str | None  # ... with this `pretrained` (None: it reads no file)
     folder: Path | None  # a hub-layout folder: where a Hugging Face tokenizer's files may be
+    # the embeddings of the source by its own library when that is not open_clip (transformers)
+    reference: hf_convert.TransformersReference | None = None
+
+    @property
+    def reference_library(self) -> str:
+        """The library whose embeddings of the source the artifact must reproduce."""
+        return self.reference.library if self.reference is not None else "open_clip"
 
     @property
     def hf_tokenizer(self) -> str:
@@ -90,6 +102,12 @@ def resolve_source(source: str, model: str | None = None, name: str | None = Non
     if not path.is_file():
         raise FileNotFoundError(f"{source!r} is not a file, a folder or hf-hub:ORG/NAME")
     weights = read_weights(path)
+    if hf_convert.looks_like_transformers_clip(weights.state_dict):
+        raise ExportError(
+            f"{path} holds a Hugging Face transformers CLIPModel's weights: export the folder "
+            f"they came in (config.json, preprocessor_config.json and the tokenizer's files "
+            f"beside them; no --model needed), e.g. python -m common.export {path.parent} --out ..."
+        )
     arch = model or weights.model_name
     if arch is None:
         raise ExportError(
@@ -125,10 +143,12 @@ def cached_hub_folder(repo_id: str) -> Path:
 
 def _folder_source(folder: Path, model: str | None, name: str | None) -> Source:
     config_path = folder / OPEN_CLIP_CONFIG_FILE
+    if not config_path.is_file() and hf_convert.is_transformers_folder(folder):
+        return _transformers_source(folder, _safe_name(name or model or folder.resolve().name))
     if not config_path.is_file():
         raise ExportError(
-            f"{folder} is not an open_clip hub-layout folder or artifact "
-            f"(no {OPEN_CLIP_CONFIG_FILE})"
+            f"{folder} is neither an open_clip hub-layout folder or artifact "
+            f"({OPEN_CLIP_CONFIG_FILE} + weights) nor {hf_convert.LAYOUT}"
         )
     content = json.loads(config_path.read_text())
     if "model_cfg" not in content:
@@ -150,6 +170,18 @@ def _folder_source(folder: Path, model: str | None, name: str | None) -> Source:
     )
 
 
+def _transformers_source(folder: Path, model_name: str) -> Source:
+    """A transformers CLIPModel folder, converted; transformers' own model is the reference."""
+    converted = hf_convert.convert_folder(folder)
+    config = converted.config
+    if not converted.open_clip_tokenizer:  # another BPE: the artifact carries the folder's files
+        config = config | {"text_cfg": config["text_cfg"] | {"hf_tokenizer_name": model_name}}
+    weights = Weights(converted.state_dict, converted.weights_path, hf_convert.SOURCE_FORMAT)
+    reference = hf_convert.TransformersReference(folder)
+    # open_clip cannot read the folder: it is given nothing, and transformers is the reference
+    return Source(model_name, config, converted.preprocess, weights, "", None, folder, reference)
+
+
 def _safe_name(name: str) -> str:
     """A model name usable as a file name (hub ids and folder names may hold '/' or ':')."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
@@ -162,16 +194,34 @@ def build_from_source(src: Source) -> DualEncoder:
         # its preprocessing from any config, registered name or not, and initialises it randomly
         content = {"model_cfg": src.config, "preprocess_cfg": src.preprocess or {}}
         (Path(tmp) / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(content))
-        clip = open_clip.create_model(
-            f"local-dir:{tmp}",
-            pretrained_image=False,
-            pretrained_text=False,
-            **text_cfg_override(src.config, src.folder),
-        )
+        # open_clip warns that this folder has no weights: they are loaded right below
+        with _dropped_root_record(f"Local config loaded, but no CLIP weights found in {tmp}"):
+            clip = open_clip.create_model(
+                f"local-dir:{tmp}",
+                pretrained_image=False,
+                pretrained_text=False,
+                **text_cfg_override(src.config, src.folder),
+            )
     report = load_weights(clip, src.weights)
     log.info("%s: %s", src.weights.path, report.describe())
     log.info("built %s (%.2fM parameters)", src.name, count_parameters(clip) / 1e6)
     return DualEncoder(clip, src.name, int(src.config["embed_dim"]), src.config).eval()
+
+
+@contextmanager
+def _dropped_root_record(message: str) -> Iterator[None]:
+    """Drop the one root-logger record (open_clip logs on the root logger) whose message is
+    `message`, while the block runs; every other record passes."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != message
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def export(
@@ -194,8 +244,8 @@ def export(
         difference = verify(staging, src)
         if difference > tolerance:
             raise ExportError(
-                f"the exported model's embeddings differ from open_clip's own by {difference:.3g} "
-                f"(tolerance {tolerance:g}); no artifact written"
+                f"the exported model's embeddings differ from {_owner(src.reference_library)} "
+                f"own by {difference:.3g} (tolerance {tolerance:g}); no artifact written"
             )
         replace_dir(staging, out_dir)
     finally:
@@ -205,25 +255,29 @@ def export(
         "model": src.name,
         "source_format": src.weights.source_format,
         "max_abs_difference": difference,
+        "reference": src.reference_library,
     }
 
 
 @torch.no_grad()
 def verify(artifact_dir: Path, src: Source) -> float:
-    """Max |difference| between the artifact's embeddings (our loader) and open_clip's own of
-    the source, over a probe image and the probe texts."""
+    """Max |difference| between the artifact's embeddings (our loader) and those of the source's
+    own library (open_clip, or transformers for its folders), over a probe image and texts."""
     loaded = load_artifact(artifact_dir)
-    ref_model, ref_transform, ref_tokenize = _open_clip_reference(src)
     image = probe_image()
     texts = list(PROBE_TEXTS)
     ours = (
         loaded.model.encode_image(loaded.transform(image)[None]),
         loaded.model.encode_text(loaded.tokenize(texts)),
     )
-    theirs = (
-        normalize(ref_model.encode_image(ref_transform(image)[None])),
-        normalize(ref_model.encode_text(ref_tokenize(texts))),
-    )
+    if src.reference is not None:
+        theirs = src.reference(image, texts)
+    else:
+        ref_model, ref_transform, ref_tokenize = _open_clip_reference(src)
+        theirs = (
+            normalize(ref_model.encode_image(ref_transform(image)[None])),
+            normalize(ref_model.encode_text(ref_tokenize(texts))),
+        )
     return max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -270,6 +324,11 @@ def _tokenizer_copier(src: Source) -> Any:
     return tokenizer_copier(folder)
 
 
+def _owner(name: str) -> str:
+    """open_clip -> open_clip's, transformers -> transformers'."""
+    return f"{name}'" if name.endswith("s") else f"{name}'s"
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m common.export",
@@ -278,7 +337,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     parser.add_argument(
-        "source", help="a weights file, a hub-layout folder or hf-hub:ORG/NAME (local cache)"
+        "source",
+        help="a weights file, a hub-layout folder, a transformers CLIPModel folder or "
+        "hf-hub:ORG/NAME (local cache)",
     )
     parser.add_argument("--out", required=True, help="artifact directory to write (replaced)")
     parser.add_argument("--model", help="open_clip architecture of a weights file, e.g. ViT-B-32")
@@ -305,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(
         f"exported {summary['model']} ({summary['source_format']}) to {summary['out']}; "
-        f"embeddings equal open_clip's own (max difference {summary['max_abs_difference']:.2g})"
+        f"embeddings equal {_owner(summary['reference'])} own "
+        f"(max difference {summary['max_abs_difference']:.2g})"
     )
     return 0
 
