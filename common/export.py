@@ -54,7 +54,13 @@ from common.model import (
     model_config,
     normalize,
 )
-from common.weights import Weights, WeightsError, load_weights, read_weights
+from common.weights import (
+    Weights,
+    WeightsError,
+    load_weights,
+    looks_like_transformers_clip,
+    read_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +108,7 @@ def resolve_source(source: str, model: str | None = None, name: str | None = Non
     if not path.is_file():
         raise FileNotFoundError(f"{source!r} is not a file, a folder or hf-hub:ORG/NAME")
     weights = read_weights(path)
-    if hf_convert.looks_like_transformers_clip(weights.state_dict):
+    if looks_like_transformers_clip(weights.state_dict):
         raise ExportError(
             f"{path} holds a Hugging Face transformers CLIPModel's weights: export the folder "
             f"they came in (config.json, preprocessor_config.json and the tokenizer's files "

@@ -111,11 +111,6 @@ def is_transformers_folder(folder: Path) -> bool:
         return False
 
 
-def looks_like_transformers_clip(state: dict[str, torch.Tensor]) -> bool:
-    """A state dict with transformers' CLIP names (a weights file taken out of its folder)."""
-    return any(k.startswith(("vision_model.embeddings.", "text_model.embeddings.")) for k in state)
-
-
 def convert_folder(folder: Path) -> Converted:
     """Read and convert a transformers CLIPModel folder (see the module doc)."""
     hf_config = clip_config(folder)

@@ -135,6 +135,12 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def load_weights(clip: nn.Module, weights: Weights) -> LoadReport:
     """Load `weights` into the open_clip model `clip` (strictly; see the module doc)."""
+    if looks_like_transformers_clip(weights.state_dict):
+        # no architecture name would fit them: their names are transformers', not open_clip's
+        raise WeightsError(
+            f"{weights.path} holds a Hugging Face transformers CLIPModel's weights: convert its "
+            "folder first (python -m common.export FOLDER --out ARTIFACT) and give the artifact"
+        )
     try:
         state = open_clip_fixups(clip, dict(weights.state_dict))
     except (AssertionError, RuntimeError, ValueError, KeyError) as exc:  # open_clip asserts
@@ -168,6 +174,11 @@ def load_weights(clip: nn.Module, weights: Weights) -> LoadReport:
         )
     clip.load_state_dict(state, strict=False)
     return LoadReport(len(state), weights.source_format)
+
+
+def looks_like_transformers_clip(state: dict[str, torch.Tensor]) -> bool:
+    """A state dict with transformers' CLIP names (a CLIPModel's weights file)."""
+    return any(k.startswith(("vision_model.embeddings.", "text_model.embeddings.")) for k in state)
 
 
 def open_clip_fixups(clip: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ from transformers import (
 from common.artifact import load_artifact
 from common.export import ExportError, export, probe_image
 from common.hf_convert import ConvertError, open_clip_config
+from common.model import build_model
+from common.weights import WeightsError
 from tests.unit.test_export import random_state, write_source
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,3 +226,11 @@ def test_the_open_clip_config_follows_transformers_pooling_and_activation():
     mixed = CLIPConfig(text_config=tower | {"hidden_act": "gelu"}, vision_config=tower)
     with pytest.raises(ConvertError, match="one activation for both towers"):
         open_clip_config(mixed)
+
+
+def test_training_from_a_transformers_folder_says_to_export_it_first(clip_folder: Path):
+    # model.pretrained reads weights files; a transformers folder's names fit no architecture,
+    # so the error points at the conversion rather than at the architecture name
+    with pytest.raises(WeightsError, match=r"python -m common.export FOLDER") as caught:
+        build_model("duet-micro", pretrained=clip_folder / "model.safetensors")
+    assert "right architecture name" not in str(caught.value)
