@@ -284,7 +284,6 @@ class LossConfig:
     """negatives=global, learned temperature: rho of FastCLIP-v3's objective (its tau term)."""
     global_eps: float = 1e-14
     """negatives=global: epsilon in log(eps + u), as in FastCLIP."""
-
     def __post_init__(self) -> None:
         _require(self.kind in LOSS_KINDS, "loss.kind", f"must be one of {', '.join(LOSS_KINDS)}")
         _require(
@@ -537,10 +536,6 @@ class TrainConfig:
             "compute.precision",
             "fp16 needs a CUDA device (loss scaling is GPU only); use bf16 on CPU",
         )
-
-    @property
-    def init_logit_scale(self) -> float:
-        return self.loss.init_logit_scale
 
 
 def default() -> TrainConfig:

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from train.synth import (
+from train.synth_draw import (
     COLOR_JITTER,
     COLOR_RGB,
     COLORS,

@@ -19,8 +19,9 @@ from train.compute import Precision
 from train.config import LossConfig, smoke
 from train.distributed import DistInfo, sync_replicated_grads, wrap_model
 from train.negatives import GlobalDenominators, StepNegatives
+from train.objective import Inputs, StepLoss, contrastive_loss
 from train.stability import NonFiniteGuard, clip_grad_norm, model_is_finite
-from train.step import contrastive_loss, forward_backward
+from train.step import forward_backward
 from train.trainer import Trainer
 
 WORLD = 2
@@ -60,7 +61,6 @@ def step_negatives(cfg: LossConfig, info: DistInfo) -> StepNegatives | None:
     own = slice(info.rank * PER_RANK, (info.rank + 1) * PER_RANK) if info.enabled else slice(None)
     moco = cfg.queue_batch_keys == "momentum"
     return StepNegatives(
-        cfg,
         queue_images=queue[0],
         queue_texts=queue[1],
         key_images=keys[0][own] if moco else None,
@@ -101,20 +101,14 @@ def run_case(rank: int, name: str, out_dir: str) -> None:
     images, tokens = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     negatives = step_negatives(cfg, info)
+    inputs = Inputs(images[rows], tokens[rows])
     if parallel == "ddp" and not chunk:  # the loss function on its own
-        loss = contrastive_loss(wrapped, images[rows], tokens[rows], info, cfg, negatives)
+        loss = contrastive_loss(wrapped, inputs, StepLoss(cfg, info, negatives))
         loss.backward()
     else:  # the trainer's step: GradCache chunks of 4 of the 6 samples (no_sync, then sync)
         fp32 = Precision("fp32", info.device)
         loss = forward_backward(
-            wrapped,
-            images[rows],
-            tokens[rows],
-            info,
-            cfg,
-            fp32,
-            grad_cache_chunk=chunk,
-            negatives=negatives,
+            wrapped, inputs, StepLoss(cfg, info, negatives), fp32, grad_cache_chunk=chunk
         )
     estimates = None  # the updated per-sample estimates, looked up from their owners ...
     if negatives is not None and negatives.denominators is not None:
@@ -209,7 +203,7 @@ def test_two_processes_apply_the_single_process_gradient(two_process_results, ca
     model = fresh_model(cfg)
     images, tokens = global_batch()
     negatives = step_negatives(cfg, ONE)
-    reference_loss = contrastive_loss(model, images, tokens, ONE, cfg, negatives)
+    reference_loss = contrastive_loss(model, Inputs(images, tokens), StepLoss(cfg, ONE, negatives))
     reference_loss.backward()
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
