@@ -273,10 +273,13 @@ def _validate(
     val_samples: int,
     image_size: int,
     kind: str,
+    train_negatives: bool = False,
 ) -> None:
     """Raise ValueError naming the first bad argument."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if train_negatives and kind != "compositional":
+        raise ValueError("train_negatives needs --kind compositional (shapes have no negatives)")
     for name, value in (
         ("train_shards", train_shards),
         ("samples_per_shard", samples_per_shard),
@@ -299,14 +302,20 @@ def _validate(
         )
 
 
-def _kind_parts(kind: str) -> tuple[dict[str, SampleDrawer], tuple[str, ...], dict]:
+def _kind_parts(
+    kind: str, train_negatives: bool
+) -> tuple[dict[str, SampleDrawer], tuple[str, ...], dict]:
     """A kind's drawer per split, its zero-shot templates, and its extra dataset.json fields."""
     if kind == "shapes":
         return {split: draw_sample for split in SPLITS}, ZEROSHOT_TEMPLATES, {}
     drawers: dict[str, SampleDrawer] = {
-        split: functools.partial(scenes.draw_scene, split=split) for split in SPLITS
+        split: functools.partial(
+            scenes.draw_scene, split=split, negatives=split == "val" or train_negatives
+        )
+        for split in SPLITS
     }
-    return drawers, scenes.ZEROSHOT_TEMPLATES, scenes.dataset_fields()
+    fields = {**scenes.dataset_fields(), "train_negatives": train_negatives}
+    return drawers, scenes.ZEROSHOT_TEMPLATES, fields
 
 
 def generate(
@@ -318,8 +327,12 @@ def generate(
     val_samples: int = 512,
     image_size: int = 64,
     kind: str = "shapes",
+    train_negatives: bool = False,
 ) -> dict:
-    """Write the dataset of `kind` (one of KINDS) under out_dir; returns dataset.json's content."""
+    """Write the dataset of `kind` (one of KINDS) under out_dir; returns dataset.json's content.
+
+    train_negatives (compositional only): train samples carry hard negatives too, as val's do.
+    """
     _validate(
         train_shards=train_shards,
         samples_per_shard=samples_per_shard,
@@ -327,8 +340,9 @@ def generate(
         val_samples=val_samples,
         image_size=image_size,
         kind=kind,
+        train_negatives=train_negatives,
     )
-    drawers, zeroshot_templates, extra_fields = _kind_parts(kind)
+    drawers, zeroshot_templates, extra_fields = _kind_parts(kind, train_negatives)
     out_dir = Path(out_dir)
     # img2dataset widens the sample part of the key when a shard holds more than 10^4 samples.
     sample_digits = max(4, len(str(samples_per_shard - 1)))
@@ -385,6 +399,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=KINDS,
         help="shapes: one shape per image; compositional: two or three objects in a spatial "
         "relation, held-out colour-shape pairs, hard-negative captions (default: shapes)",
+    )
+    parser.add_argument(
+        "--train-negatives",
+        action="store_true",
+        help="compositional: train samples carry hard-negative captions too (loss.hard_negatives)",
     )
     args = parser.parse_args(argv)
     try:

@@ -40,7 +40,7 @@ from train.negatives import Negatives
 from train.objective import Inputs, StepLoss
 from train.optimizer import build_optimizer, warmup_cosine
 from train.preemption import StopSignals
-from train.rundir import RunDirError, RunDirLock, acquire_lock, check_reuse, log_to_file
+from train.rundir import claim_run_dir
 from train.stability import NonFiniteGuard, clip_grad_norm
 from train.step import forward_backward
 
@@ -58,7 +58,10 @@ class Trainer:
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.device)
         self.run_dir = Path(cfg.run_dir)
-        self.lock = self._claim_run_dir(resume=bool(resume), overwrite=overwrite)
+        # from here on each rank's log also goes to RUN_DIR/logs/rank-R.log
+        self.lock, self.log_file = claim_run_dir(
+            self.run_dir, self.dist, resume=bool(resume), overwrite=overwrite
+        )
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model: DualEncoder = build_model(
             cfg.model.name,
@@ -107,6 +110,8 @@ class Trainer:
             restored = self.checkpointer.restore(None if resume is True else Path(resume))
         self.step = restored.step if restored else 0
         self.skipped = restored.skipped if restored else Counter[str]()
+        # loss.hard_negatives: (real negatives, samples) of this rank's steps since the last record
+        self.hard_negatives_used = torch.zeros(2, dtype=torch.int64, device=self.dist.device)
         preprocess = preprocess_config(self.model.clip)
         self.eval_transform = image_transform(preprocess, train=False)
         self.tokenize = tokenizer(cfg.model.name)  # cost-bounded (common.tokenize)
@@ -125,6 +130,7 @@ class Trainer:
             state=restored.data_state if restored else None,
             pin_memory=self.dist.device.type == "cuda",
             sample_ids=cfg.loss.negatives == "global",
+            hard_negatives=cfg.data.hard_negatives if cfg.loss.hard_negatives else None,
         )
         self.negatives.set_num_samples(self.batches.num_samples)
         if restored:
@@ -209,6 +215,11 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         tokens = batch.tokens.to(device, non_blocking=True)
         inputs = Inputs(images, tokens)
+        if batch.negative_tokens is not None and batch.negative_mask is not None:
+            mask = batch.negative_mask.to(device, non_blocking=True)
+            inputs = Inputs(images, tokens, batch.negative_tokens.to(device), mask)
+            self.hard_negatives_used[0] += mask.sum()  # on the device: no sync per step
+            self.hard_negatives_used[1] += len(mask)
         self.optimizer.zero_grad(set_to_none=True)
         negatives = self.negatives.before_step(
             images, tokens, batch.ids, self.precision, cfg.optim.grad_cache_chunk
@@ -245,6 +256,22 @@ class Trainer:
             dist.all_reduce(counts)
         return dict(zip(SKIP_REASONS, counts.tolist(), strict=True))
 
+    def _hard_negative_stats(self) -> dict[str, float]:
+        """Real hard negatives the steps since the last record used, over all ranks: in all, and
+        per sample (padding and samples without any make it less than data.hard_negatives'
+        max_per_sample). Empty without loss.hard_negatives."""
+        if not self.cfg.loss.hard_negatives:
+            return {}
+        used = self.hard_negatives_used.clone()
+        if self.dist.enabled:
+            dist.all_reduce(used)
+        self.hard_negatives_used.zero_()
+        negatives, samples = used.tolist()
+        return {
+            "hard_negatives": negatives,
+            "hard_negatives_per_sample": negatives / max(1, samples),
+        }
+
     def _log_train(self, loss: torch.Tensor, window: dict[str, float]) -> dict[str, Any]:
         skipped = self._skipped_over_ranks()
         samples_per_s = window.pop("samples_per_s")
@@ -264,6 +291,7 @@ class Trainer:
             "nonfinite_skipped": self.guard.skipped,  # steps skipped: non-finite loss/gradients
             **window,  # data_wait_s and friends: how long the steps waited for input
             **self.negatives.stats(),  # loss.negatives: keys queued, samples with an estimate
+            **self._hard_negative_stats(),
         }
         if self.precision.scaler is not None:
             stats["loss_scale"] = self.precision.loss_scale
@@ -366,29 +394,6 @@ class Trainer:
     def _barrier(self) -> None:
         if self.dist.enabled:
             dist.barrier()
-
-    def _claim_run_dir(self, *, resume: bool, overwrite: bool) -> RunDirLock | None:
-        """Rank 0 locks run_dir and checks this run may use it; every rank learns the verdict.
-
-        From here on each rank's log also goes to RUN_DIR/logs/rank-R.log.
-        """
-        lock, error = None, ""
-        if self.dist.is_main:
-            try:
-                lock = acquire_lock(self.run_dir)
-                check_reuse(self.run_dir, resume=resume, overwrite=overwrite)
-            except RunDirError as exc:
-                error = str(exc)
-        if self.dist.enabled:
-            verdict = [error]
-            dist.broadcast_object_list(verdict, src=0)
-            error = verdict[0]
-        if error:
-            if lock is not None:
-                lock.release()
-            raise RunDirError(error)
-        self.log_file = log_to_file(self.run_dir, self.dist.rank)
-        return lock
 
     def close(self, *, keep_process_group: bool = False) -> None:
         """Release what the run holds: signal handlers, metrics files, the process group (unless
