@@ -141,8 +141,9 @@ def step_overhead(model_name: str, batch: int, steps: int) -> list[str]:
     from train.config import LossConfig, OptimConfig
     from train.distributed import DistInfo
     from train.negatives import Negatives
+    from train.objective import Inputs, StepLoss
+    from train.optimizer import build_optimizer
     from train.step import forward_backward
-    from train.trainer import build_optimizer
 
     info = DistInfo(0, 1, 0, torch.device("cpu"))
     precision = Precision("fp32", info.device)
@@ -170,7 +171,8 @@ def step_overhead(model_name: str, batch: int, steps: int) -> list[str]:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             step_negatives = negatives.before_step(images, tokens, ids + step * batch, precision, 0)
-            forward_backward(model, images, tokens, info, cfg, precision, negatives=step_negatives)
+            step_loss = StepLoss(cfg, info, step_negatives)
+            forward_backward(model, Inputs(images, tokens), step_loss, precision)
             optimizer.step()
             negatives.after_step(model, applied=True)
             elapsed.append(time.perf_counter() - start)

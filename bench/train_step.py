@@ -27,6 +27,7 @@ from common.model import build_model, model_config  # noqa: E402
 from train.compute import Precision, prepare_model, uses_channels_last  # noqa: E402
 from train.config import ComputeConfig, LossConfig  # noqa: E402
 from train.distributed import DistInfo  # noqa: E402
+from train.objective import Inputs, StepLoss  # noqa: E402
 from train.step import forward_backward  # noqa: E402
 
 
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace, precision: str, chunk: int, checkpointing: boo
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        loss = forward_backward(model, images, tokens, info, loss_cfg, amp, grad_cache_chunk=chunk)
+        inputs, step_loss = Inputs(images, tokens), StepLoss(loss_cfg, info)
+        loss = forward_backward(model, inputs, step_loss, amp, grad_cache_chunk=chunk)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:

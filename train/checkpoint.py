@@ -11,6 +11,10 @@ Keep-last counts only checkpoints that are readable (a whole zip archive with it
 unreadable one is renamed `step-N.pt.unreadable`, so it is neither kept in place of a good one
 nor tried again. `last-good.pt` (a hard link) holds the checkpoint written before a run's first
 non-finite step, out of rotation, to resume from after a blow-up.
+
+`Checkpointer` is the run's side of it: it saves and restores the model, optimizer, scheduler and
+loss scale of a (distributed) run, and hands back what belongs to others (the data stream's
+position, the negatives' state) as a `Restored` value.
 """
 
 from __future__ import annotations
@@ -23,15 +27,29 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common.artifact import write_artifact
+from common.config import to_dict
 from common.hf_text import tokenizer_copier
 from common.model import DualEncoder
+from train.compute import Precision
+from train.config import TrainConfig
+from train.distributed import DistInfo, full_state_dicts, is_sharded, load_full_state_dicts
+from train.resume import (
+    apply_optimizer_changes,
+    check_changes,
+    config_changes,
+    needs_optimizer_changes,
+)
+from train.stability import model_is_finite
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +224,162 @@ def export_model(
     files of its Hugging Face tokenizer from `tokenizer_folder` (None: open_clip's own)."""
     copier = tokenizer_copier(tokenizer_folder) if tokenizer_folder is not None else None
     return write_artifact(model, out_dir, provenance=provenance, extra_files=copier)
+
+
+@dataclass(slots=True)
+class Restored:
+    """What a restored checkpoint holds for the rest of the run besides the model's state."""
+
+    step: int
+    path: Path
+    data_epoch: int
+    """Where this rank's data stream starts when `data_state` is None."""
+    data_state: dict[str, Any] | None
+    """This rank's stream position; None when the checkpoint was saved by another number of
+    ranks (positions do not map onto these ranks: the stream restarts at `data_epoch`)."""
+    negatives: dict[str, Any] | None
+    """The loss.negatives state (`Negatives.load_state_dict`), once the data's size is known."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """This rank's skip counts (rank 0 gets every rank's when the rank count changed)."""
+
+
+class Checkpointer:
+    """Saves and restores one run's resumable state in RUN_DIR/checkpoints (every rank calls
+    save and restore: with FSDP they are collectives)."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        info: DistInfo,
+        model: DualEncoder,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LambdaLR,
+        precision: Precision,
+    ) -> None:
+        self.cfg, self.info = cfg, info
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.precision = precision
+        self.ckpt_dir = Path(cfg.run_dir) / "checkpoints"
+        self.saved_step = -1  # the step whose state is on disk (restored or last saved)
+        self.saved_path: Path | None = None  # and its file
+        self.last_good_kept = False  # whether this run's first non-finite step came yet
+
+    def save(self, step: int, rank_state: dict[str, Any], shared: dict[str, Any]) -> Path | None:
+        """Rank 0 writes the checkpoint of `step`; the others wait so none runs ahead of a save.
+
+        rank_state: what differs between ranks (gathered to rank 0 as "ranks"); shared: the
+        rest of the run's state besides model, optimizer, scheduler and loss scale (e.g. the
+        negatives' state, itself gathered by a collective before this call).
+        """
+        if not model_is_finite(self.model, self.info):  # every rank takes part, and agrees
+            raise FloatingPointError(
+                f"the model has non-finite parameters at step {step}: not checkpointing it"
+            )
+        ranks = self._gather_to_main(rank_state)
+        # FSDP gathers the whole weights to rank 0 in a collective: every rank takes part
+        state: dict[str, Any] = {}
+        if self.info.is_main or is_sharded(self.model):
+            model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)
+            state = {
+                **shared,
+                "step": step,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": self.scheduler.state_dict(),
+                "config": to_dict(self.cfg),
+                "ranks": ranks,
+                "scaler": self.precision.state_dict(),  # fp16's loss scale; empty otherwise
+            }
+        if self.info.is_main and step != self.saved_step:  # e.g. resumed at the end
+            self.saved_path = save_checkpoint(
+                self.ckpt_dir, step, state, self.cfg.checkpoint.keep_last
+            )
+            log.info("saved checkpoint %s", self.saved_path)
+        self.saved_step = step
+        self._barrier()
+        return self.saved_path
+
+    def restore(self, path: Path | None) -> Restored | None:
+        """Load the checkpoint at `path` (None: the newest readable one; none there: None)."""
+        if path is None:
+            found = load_latest(self.ckpt_dir)
+            if found is None:
+                log.info("no checkpoint in %s: starting from step 0", self.ckpt_dir)
+                return None
+            state, path = found
+        else:
+            state = load_checkpoint(path)
+        changes = config_changes(state["config"], self.cfg)
+        check_changes(changes, path)  # refuses what the restored state would undo
+        load_full_state_dicts(self.model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if needs_optimizer_changes(changes):
+            apply_optimizer_changes(self.optimizer, self.scheduler, state["config"], self.cfg)
+        self.precision.load_state_dict(state.get("scaler") or {})
+        step = self.saved_step = int(state["step"])
+        self.saved_path = path
+        self._barrier()  # every rank has read the checkpoints before any is moved
+        if self.info.is_main:
+            for moved in set_aside_newer(self.ckpt_dir, step):
+                log.warning("newer than the resumed checkpoint: moved to %s", moved)
+        restored = self._rank_part(state, path)
+        log.info("resumed from %s at step %d", path, step)
+        return restored
+
+    def _rank_part(self, state: dict[str, Any], path: Path) -> Restored:
+        """This rank's RNGs set back, and the rest of `state` as `Restored`."""
+        restored = Restored(
+            int(state["step"]), path, int(state["data_epoch"]), None, state.get("negatives")
+        )
+        ranks = state.get("ranks") or []
+        if len(ranks) == self.info.world_size:
+            mine = ranks[self.info.rank]
+            set_rng_state(mine["rng"], self.info.device)
+            restored.data_state = mine["data"]  # the stream resumes exactly where it stopped
+            restored.skipped = Counter(mine["skipped"])
+            return restored
+        # Saved by another number of ranks: positions and RNG streams do not map onto these
+        # ranks, so the data restarts at the next epoch and rank 0 keeps the counts.
+        log.warning(
+            "%s was saved by %d ranks, this run has %d: the data stream restarts at epoch %d "
+            "and the RNGs are not restored",
+            path,
+            len(ranks),
+            self.info.world_size,
+            restored.data_epoch + 1,
+        )
+        restored.data_epoch += 1
+        if self.info.is_main:
+            restored.skipped = sum((Counter(r["skipped"]) for r in ranks), Counter[str]())
+        return restored
+
+    def keep_last_good(self, failing_step: int) -> None:
+        """At the run's first non-finite step, protect the newest checkpoint from rotation: the
+        ones written while the run goes on may hold weights already on their way to blowing up."""
+        if self.last_good_kept:
+            return
+        self.last_good_kept = True
+        if self.saved_path is None or not self.info.is_main:
+            return
+        kept = keep_as_last_good(self.ckpt_dir, self.saved_path)
+        log.warning(
+            "step %d is non-finite: %s (step %d) kept as %s; to go back to it, resume with "
+            "--resume %s (e.g. with a lower optim.lr)",
+            failing_step,
+            self.saved_path.name,
+            self.saved_step,
+            kept,
+            kept,
+        )
+
+    def _gather_to_main(self, obj: Any) -> list[Any]:
+        """[rank 0's obj, rank 1's, ...] on rank 0 (other ranks get an empty list)."""
+        if not self.info.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.info.world_size if self.info.is_main else []
+        dist.gather_object(obj, out if self.info.is_main else None, dst=0)
+        return out
+
+    def _barrier(self) -> None:
+        if self.info.enabled:
+            dist.barrier()

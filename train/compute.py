@@ -2,7 +2,7 @@
 
 Weights, gradients and optimizer state stay float32 in every precision; autocast runs the towers'
 matmuls and convolutions in bf16/fp16, and the loss is computed in float32
-(`train.step.features_loss`). fp16's narrow range needs a loss scale: `torch.amp.GradScaler`
+(`train.objective.features_loss`). fp16's narrow range needs a loss scale: `torch.amp.GradScaler`
 multiplies the loss before backward and divides the gradients before the optimizer step.
 """
 

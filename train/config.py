@@ -118,6 +118,45 @@ class AugmentConfig:
         )
 
 
+HARD_NEGATIVE_SOURCES = ("off", "missing", "always")
+GENERATED_KINDS = ("swap_attribute", "swap_object", "replace_relation")
+
+
+@dataclass(kw_only=True, slots=True)
+class HardNegativesConfig:
+    """Where a training sample's hard-negative captions come from (with loss.hard_negatives):
+    the "hard_negatives" of its KEY.json (a list, or kind -> caption), and the built-in
+    generator of train/hard_negatives.py. Each sample takes at most max_per_sample."""
+
+    generate: str = "off"
+    """off: the shard's negatives only; missing: generated for samples whose JSON has none;
+    always: generated for every sample, the shard's ignored."""
+    kinds: tuple[str, ...] = GENERATED_KINDS
+    """The generator's kinds: swap_attribute, swap_object, replace_relation."""
+    max_per_sample: int = 3
+    """K: negatives per sample (more are sampled down to K, fewer padded and masked). Each
+    sample's text forward costs 1 + K captions."""
+    max_chars: int = 300
+    """Longer negatives (and captions, for the generator) are left out: a shard's JSON may hold
+    anything, and tokenizing it is work before the tokenizer's own bound."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.generate in HARD_NEGATIVE_SOURCES,
+            "data.hard_negatives.generate",
+            f"must be one of {', '.join(HARD_NEGATIVE_SOURCES)}",
+        )
+        _require(
+            bool(self.kinds) and all(kind in GENERATED_KINDS for kind in self.kinds),
+            "data.hard_negatives.kinds",
+            f"must be some of {', '.join(GENERATED_KINDS)}",
+        )
+        _require(
+            1 <= self.max_per_sample <= 16, "data.hard_negatives.max_per_sample", "must be 1..16"
+        )
+        _require(self.max_chars >= 1, "data.hard_negatives.max_chars", "must be >= 1")
+
+
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     train_shards: str = "data/synth/train/shard-{000000..000015}.tar"
@@ -157,6 +196,8 @@ class DataConfig:
     refuses them."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training image augmentation (`--set data.augment.blur_prob=0.5`)."""
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+    """Hard-negative captions per sample, used with loss.hard_negatives=true."""
 
     def __post_init__(self) -> None:
         _require(bool(self.train_shards.strip()), "data.train_shards", "must name shards")
@@ -284,6 +325,11 @@ class LossConfig:
     """negatives=global, learned temperature: rho of FastCLIP-v3's objective (its tau term)."""
     global_eps: float = 1e-14
     """negatives=global: epsilon in log(eps + u), as in FastCLIP."""
+    hard_negatives: bool = False
+    """NegCLIP (Yuksekgonul et al. 2023): each sample's hard-negative captions (from its shard
+    or generated: data.hard_negatives) are encoded by the text tower and become extra columns of
+    the image->text direction for every image of the global batch. kind=clip only; combines with
+    any loss.negatives, GradCache, accumulation, DDP and FSDP."""
 
     def __post_init__(self) -> None:
         _require(self.kind in LOSS_KINDS, "loss.kind", f"must be one of {', '.join(LOSS_KINDS)}")
@@ -351,6 +397,11 @@ class LossConfig:
         )
         _require(self.global_rho >= 0, "loss.global_rho", "must be >= 0")
         _require(self.global_eps > 0, "loss.global_eps", "must be > 0")
+        _require(
+            not self.hard_negatives or self.kind == "clip",
+            "loss.hard_negatives",
+            f"works with loss.kind=clip only, not {self.kind}",
+        )
 
     @property
     def init_logit_scale(self) -> float:
@@ -533,14 +584,15 @@ class TrainConfig:
             f"must be <= data.batch_size_per_rank ({batch})",
         )
         _require(
+            self.loss.hard_negatives or self.data.hard_negatives.generate == "off",
+            "data.hard_negatives.generate",
+            "generates negatives for loss.hard_negatives=true only: set it too",
+        )
+        _require(
             not (self.compute.precision == "fp16" and self.device == "cpu"),
             "compute.precision",
             "fp16 needs a CUDA device (loss scaling is GPU only); use bf16 on CPU",
         )
-
-    @property
-    def init_logit_scale(self) -> float:
-        return self.loss.init_logit_scale
 
 
 def default() -> TrainConfig:

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common.preprocess import ResizeLimit, Tokenizer, Transform, decode_or_skip
 from common.shards import SampleError, count_samples, expand_urls, shard_sizes, to_raw_sample
-from train.config import DataConfig
+from train.config import DataConfig, HardNegativesConfig
+from train.hard_negatives import sample_negatives
 from train.sampling import (
     Reader,
     Source,
@@ -63,6 +64,11 @@ class Batch:
     ids: torch.Tensor | None = None
     """[B] each sample's place in the training set (`TrainBatches(sample_ids=True)`): its shard's
     offset plus its place in the shard; -1 where unknown. None unless asked for."""
+    negative_tokens: torch.Tensor | None = None
+    """[B, K, L] each sample's hard-negative captions, padded to K (`TrainBatches(hard_negatives=
+    ...)`); None unless asked for."""
+    negative_mask: torch.Tensor | None = None
+    """[B, K] bool: which of negative_tokens are real, not padding."""
 
 
 @dataclass(slots=True)
@@ -126,13 +132,16 @@ def decode_samples(
     max_pixels: int,
     reader: Reader,
     offsets: dict[str, tuple[int, int]] | None = None,
-) -> Iterator[tuple[torch.Tensor, str, int]]:
-    """(position, raw sample) -> (augmented image, caption, sample id); bad samples skipped and
-    counted (common.preprocess.decode_or_skip: the service's bounds, `resize` the model's).
-    Sample ids come from `offsets` (see `sample_id`).
+    hard_negatives: HardNegativesConfig | None = None,
+) -> Iterator[tuple[torch.Tensor, str, int, list[str]]]:
+    """(position, raw sample) -> (augmented image, caption, sample id, hard negatives); bad
+    samples skipped and counted (common.preprocess.decode_or_skip: the service's bounds, `resize`
+    the model's). Sample ids come from `offsets` (see `sample_id`), hard negatives from the
+    sample's JSON or the generator as `hard_negatives` says (none: []).
 
-    The augmentation of the sample at `position` is seeded by (seed, epoch, rank, worker,
-    position), so it is the same whichever run (first or resumed) makes it.
+    The augmentation (and the choice of negatives) of the sample at `position` is seeded by
+    (seed, epoch, rank, worker, position), so it is the same whichever run (first or resumed)
+    makes it.
     """
     for position, sample in src:
         try:
@@ -146,9 +155,13 @@ def decode_samples(
         )
         if image is None:
             continue
-        with seeded(reader.sample_seed(position)):
+        seed = reader.sample_seed(position)
+        with seeded(seed):
             image_tensor = transform(image)
-        yield image_tensor, raw.caption, sample_id(sample, offsets)
+        negatives = []
+        if hard_negatives is not None:
+            negatives = sample_negatives(raw.caption, raw.meta, hard_negatives, seed)
+        yield image_tensor, raw.caption, sample_id(sample, offsets), negatives
 
 
 class EpochData(IterableDataset):
@@ -172,8 +185,10 @@ class EpochData(IterableDataset):
         position: DataPosition,
         batch_quota: list[int] | None,
         offsets: dict[str, tuple[int, int]] | None = None,
+        hard_negatives: HardNegativesConfig | None = None,
     ) -> None:
         self.cfg, self.sources, self.offsets = cfg, sources, offsets
+        self.hard_negatives = hard_negatives
         self.transform, self.tokenize, self.resize = transform, tokenize, resize
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = position
@@ -204,6 +219,7 @@ class EpochData(IterableDataset):
             self.cfg.max_image_pixels,
             reader,
             self.offsets,
+            self.hard_negatives,
         )
         quota = self.batch_quota
         batches_left = None if quota is None else quota[w] - self.position.worker_batches[w]
@@ -211,10 +227,10 @@ class EpochData(IterableDataset):
             chunk = list(itertools.islice(decoded, size))
             if len(chunk) < size:  # only full batches: a partial one would differ across ranks
                 break
-            images, captions, ids = zip(*chunk, strict=True)
+            images, captions, ids, negatives = zip(*chunk, strict=True)
             delta = dict(skipped)
             skipped.clear()
-            yield Batch(
+            batch = Batch(
                 torch.stack(images),
                 self.tokenize(list(captions)),
                 delta,
@@ -222,8 +238,20 @@ class EpochData(IterableDataset):
                 cursor[0],
                 None if self.offsets is None else torch.tensor(ids, dtype=torch.int64),
             )
+            if self.hard_negatives is not None:
+                batch.negative_tokens, batch.negative_mask = self._negatives(negatives)
+            yield batch
             batches_left = None if batches_left is None else batches_left - 1
         yield WorkerEnd(w, cursor[0], dict(skipped))
+
+    def _negatives(self, per_sample: tuple[list[str], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens [B, K, L] of each sample's negatives, padded to K with empty captions, and
+        the mask [B, K] of the real ones: the same shapes every step, whatever each sample has."""
+        assert self.hard_negatives is not None
+        k = self.hard_negatives.max_per_sample
+        padded = [row[j] if j < len(row) else "" for row in per_sample for j in range(k)]
+        mask = torch.tensor([[j < len(row) for j in range(k)] for row in per_sample])
+        return self.tokenize(padded).unflatten(0, (len(per_sample), k)), mask
 
 
 def check_eval_paths(cfg: DataConfig) -> None:
@@ -310,11 +338,13 @@ class TrainBatches:
         state: dict[str, Any] | None = None,
         pin_memory: bool = False,
         sample_ids: bool = False,
+        hard_negatives: HardNegativesConfig | None = None,
     ) -> None:
         """resize: the model's bound on an image's resized pixels (samples over it are skipped).
         sample_ids: give each batch its samples' ids (`Batch.ids`), from the shards' sample
-        counts (local shards only); `num_samples` is then the number of ids."""
-        self.cfg = cfg
+        counts (local shards only); `num_samples` is then the number of ids. hard_negatives:
+        give each batch its samples' hard-negative captions (`Batch.negative_tokens`)."""
+        self.cfg, self.hard_negatives = cfg, hard_negatives
         self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         self.sources = data_sources(cfg)
         if not cfg.resampled:
@@ -468,6 +498,7 @@ class TrainBatches:
             position=DataPosition(**dataclasses.asdict(position)),  # a snapshot
             batch_quota=self._batch_quota(),
             offsets=self.offsets,
+            hard_negatives=self.hard_negatives,
         )
         workers = self.cfg.workers
         niceness = self.cfg.worker_niceness

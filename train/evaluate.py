@@ -12,7 +12,10 @@ expected hit under random tie-breaking, so a collapsed model scores chance, not 
 
 Samples whose JSON carries "hard_negatives" ({kind: caption}, as `train.synth --kind
 compositional` writes) are also scored against those captions: `compositional_<kind>` is the
-fraction whose image scores its true caption above the negative. Samples marked "held_out": true
+fraction whose image scores its true caption above the negative, and `compositional_blind_<kind>`
+the same with every image replaced by one constant image, the mean of the held-out images: a
+control that needs no image at all, so a score well above 0.5 there says the negatives can be
+told apart by their wording alone (NegCLIP's warning). Samples marked "held_out": true
 (a combination never seen in training) get their own zero-shot figure, `zeroshot_top1_held_out`.
 """
 
@@ -196,6 +199,8 @@ class HeldOut:
     skipped: Counter[str]
     held_out: torch.Tensor  # [N] bool: the sample's JSON says "held_out": true
     negatives: dict[str, HardNegatives]  # by kind; empty when no sample has hard negatives
+    blind_image_features: torch.Tensor | None = None
+    """[D] the features of the mean image (the blind control); None without hard negatives."""
 
 
 @dataclass(slots=True)
@@ -248,13 +253,16 @@ def embed_shards(
     negative_rows: defaultdict[str, list[int]] = defaultdict(list)
     negative_texts: defaultdict[str, list[torch.Tensor]] = defaultdict(list)
     batch: list[_Pending] = []
+    pixel_sum: list[torch.Tensor] = []  # [1, 3, H, W] running sum of the transformed images
 
     def encode_text(captions: list[str]) -> torch.Tensor:
         return model.encode_text(tokenize(captions).to(device)).cpu()
 
     def flush() -> None:
         first_row = len(labels)
-        images.append(model.encode_image(torch.stack([b.image for b in batch]).to(device)).cpu())
+        pixels = torch.stack([b.image for b in batch])
+        pixel_sum[:] = [pixels.sum(0, keepdim=True) + (pixel_sum[0] if pixel_sum else 0)]
+        images.append(model.encode_image(pixels.to(device)).cpu())
         texts.append(encode_text([b.caption for b in batch]))
         labels.extend(b.label for b in batch)
         held_out.extend(b.held_out for b in batch)
@@ -286,6 +294,9 @@ def embed_shards(
         kind: HardNegatives(torch.tensor(rows), torch.stack(negative_texts[kind]))
         for kind, rows in sorted(negative_rows.items())
     }
+    blind = None
+    if negatives:  # the blind control's one image: the mean of those seen
+        blind = model.encode_image((pixel_sum[0] / len(labels)).to(device)).cpu()[0]
     return HeldOut(
         image_features=torch.cat(images),
         text_features=torch.cat(texts),
@@ -293,22 +304,28 @@ def embed_shards(
         skipped=skipped,
         held_out=torch.tensor(held_out, dtype=torch.bool),
         negatives=negatives,
+        blind_image_features=blind,
     )
 
 
 def compositional_metrics(held: HeldOut) -> dict[str, float]:
     """`compositional_<kind>`: hard-negative accuracy per kind, over the samples that have that
-    kind; `compositional_samples`: how many samples have any. Empty when none has negatives."""
+    kind; `compositional_blind_<kind>`: the same with the mean image in place of each image;
+    `compositional_samples`: how many samples have any. Empty when none has negatives."""
     if not held.negatives:
         return {}
-    metrics = {
-        f"compositional_{kind}": hard_negative_accuracy(
-            held.image_features[negatives.rows],
-            held.text_features[negatives.rows],
-            negatives.text_features,
+    metrics = {}
+    for kind, negatives in held.negatives.items():
+        images = held.image_features[negatives.rows]
+        true_texts = held.text_features[negatives.rows]
+        metrics[f"compositional_{kind}"] = hard_negative_accuracy(
+            images, true_texts, negatives.text_features
         )
-        for kind, negatives in held.negatives.items()
-    }
+        if held.blind_image_features is not None:
+            blind = held.blind_image_features.expand_as(images)
+            metrics[f"compositional_blind_{kind}"] = hard_negative_accuracy(
+                blind, true_texts, negatives.text_features
+            )
     rows = torch.cat([negatives.rows for negatives in held.negatives.values()])
     metrics["compositional_samples"] = float(rows.unique().numel())
     return metrics

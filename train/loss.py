@@ -16,6 +16,11 @@ maxima (or sums) of hinge terms, which are over the cosines themselves.
 
 `reference_clip_loss` is the definition of `clip_loss` in five lines, for one process and
 materialising the [N, N] logits; it is the oracle the tests compare `clip_loss` against.
+
+Hard-negative captions (NegCLIP, Yuksekgonul et al. 2023) are `extra_texts` [M, D]: more
+columns of the image->text direction, shared by every image anchor, with gradient (they are the
+text tower's features of captions that are false for their images). The text->image direction
+is unchanged: a negative caption is no anchor and has no image.
 """
 
 from __future__ import annotations
@@ -42,13 +47,18 @@ from train.tiled import lse as tiled_lse
 __all__ = ["DEFAULT_BLOCK_SIZE"]  # re-exported: LossConfig's default block size
 
 
-def reference_clip_loss(images: Tensor, texts: Tensor, logit_scale: Tensor) -> Tensor:
+def reference_clip_loss(
+    images: Tensor, texts: Tensor, logit_scale: Tensor, extra_texts: Tensor | None = None
+) -> Tensor:
     """CLIP's loss by definition, for one process: cross-entropy over the [N, N] logits with
-    pair i as class i, image->text (rows) and text->image (columns), averaged. clip_loss computes
-    the same, split over ranks and tiled."""
-    logits = logit_scale.exp() * images @ texts.T  # [N, N]
+    pair i as class i, image->text (rows) and text->image (columns), averaged; extra_texts
+    [M, D] are M more columns of every image's row. clip_loss computes the same, split over
+    ranks and tiled."""
+    columns = texts if extra_texts is None else torch.cat([texts, extra_texts])  # [N + M, D]
+    by_image = logit_scale.exp() * images @ columns.T  # [N, N + M]
+    by_text = logit_scale.exp() * texts @ images.T  # [N, N]
     labels = torch.arange(images.shape[0], device=images.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return (F.cross_entropy(by_image, labels) + F.cross_entropy(by_text, labels)) / 2
 
 
 def _span(rows: slice | None, n: int) -> Span:
@@ -107,18 +117,23 @@ def clip_loss(
     rows: slice | None = None,
     implementation: str = "tiled",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    extra_texts: Tensor | None = None,
 ) -> Tensor:
     """CLIP's symmetric InfoNCE: image->text and text->image cross-entropy, averaged.
 
     images, texts: [N, D] the global batch (unit vectors); rows: this rank's samples (None: all).
-    The rank's image anchors meet all N texts and its text anchors all N images.
+    The rank's image anchors meet all N texts (and extra_texts [M, D], hard negatives) and its
+    text anchors all N images.
     """
     n = _check(images, texts, block_size)
     span = _span(rows, n)
     lse_images, lse_texts, positive = tiled_lse(
         images, texts, logit_scale, BlockPlan(n, span, span, block_size), implementation
     )
-    return _symmetric((lse_images[0], positive), (lse_texts[0], positive), logit_bias)
+    by_image = _with_extra(
+        lse_images[0], images, extra_texts, logit_scale, span, implementation, block_size
+    )
+    return _symmetric((by_image, positive), (lse_texts[0], positive), logit_bias)
 
 
 def nt_xent_loss(
@@ -272,6 +287,23 @@ def _rows_lse(
     return tiled_lse(a, keys, logit_scale, plan, implementation).rows[0]
 
 
+def _with_extra(
+    lse: Tensor,
+    anchors: Tensor,
+    extra: Tensor | None,
+    logit_scale: Tensor,
+    span: Span,
+    implementation: str,
+    block: int,
+) -> Tensor:
+    """The rank's anchors' LSEs [n] with extra columns [M, D] added (none: unchanged)."""
+    if extra is None or not extra.shape[0]:
+        return lse
+    if extra.ndim != 2 or extra.shape[1] != anchors.shape[1]:
+        raise ValueError(f"extra_texts must be [M, {anchors.shape[1]}], got {list(extra.shape)}")
+    return torch.logaddexp(lse, _rows_lse(anchors, extra, logit_scale, span, implementation, block))
+
+
 def queue_clip_loss(
     images: Tensor,
     texts: Tensor,
@@ -285,6 +317,7 @@ def queue_clip_loss(
     rows: slice | None = None,
     implementation: str = "tiled",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    extra_texts: Tensor | None = None,
 ) -> Tensor:
     """clip_loss with a queue of earlier keys as extra negatives (MoCo, He et al. 2020).
 
@@ -293,6 +326,7 @@ def queue_clip_loss(
     gradient: it adds columns to each row's LSE. key_images, key_texts [N, D] (optional, no
     gradient): the batch's candidates are these momentum keys instead of the online features,
     as in MoCo, and only the anchors get gradient. An empty queue gives clip_loss.
+    extra_texts [M, D]: hard-negative captions, more columns of the image anchors, with gradient.
     """
     n = _check(images, texts, block_size)
     span = _span(rows, n)
@@ -315,6 +349,9 @@ def queue_clip_loss(
     if queue_images.shape[0]:
         from_queue = _rows_lse(texts, queue_images, logit_scale, span, implementation, block_size)
         lse_texts = torch.logaddexp(lse_texts, from_queue)
+    lse_images = _with_extra(
+        lse_images, images, extra_texts, logit_scale, span, implementation, block_size
+    )
     return _symmetric((lse_images, image_positive), (lse_texts, text_positive), logit_bias)
 
 
@@ -326,12 +363,14 @@ def log_denominators(
     rows: slice | None = None,
     implementation: str = "tiled",
     block_size: int = DEFAULT_BLOCK_SIZE,
+    extra_texts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """log g of the rank's image anchors and of its text anchors: [n] each, differentiable.
 
     g_i = 1/(N-1) sum_{j != i} exp(s * (<I_i, T_j> - <I_i, T_i>)), the batch's estimate of the
     mean over all negatives that the global contrastive loss tracks per sample (text anchors
-    alike, over images). clip_loss's image term is log(1 + (N-1) g_i).
+    alike, over images). clip_loss's image term is log(1 + (N-1) g_i). extra_texts [M, D] (hard
+    negatives) join the image anchors' negatives: their mean is then over N - 1 + M.
     """
     n = _check(images, texts, block_size)
     if n < 2:
@@ -340,8 +379,14 @@ def log_denominators(
     plan = BlockPlan(n, span, span, block_size, exclude_diagonal=True)
     # LSEs over the negatives only; the pairs' logits are taken before they are excluded
     by_image, by_text, positive = tiled_lse(images, texts, logit_scale, plan, implementation)
-    shift = positive + math.log(n - 1)
-    return by_image[0] - shift, by_text[0] - shift
+    lse_images = _with_extra(
+        by_image[0], images, extra_texts, logit_scale, span, implementation, block_size
+    )
+    extra = 0 if extra_texts is None else extra_texts.shape[0]
+    return (
+        lse_images - (positive + math.log(n - 1 + extra)),
+        by_text[0] - (positive + math.log(n - 1)),
+    )
 
 
 def moving_log_average(log_u: Tensor, log_g: Tensor, gamma: float) -> Tensor:
@@ -482,11 +527,15 @@ def rank_loss(
     *,
     rows: slice | None = None,
     labels: Tensor | None = None,
+    extra_texts: Tensor | None = None,
 ) -> Tensor:
     """This rank's loss of kind `cfg.kind`: the one place where the config picks the loss.
 
-    labels ([N], e.g. caption_labels of the global batch's tokens) is needed by multi_positive.
+    labels ([N], e.g. caption_labels of the global batch's tokens) is needed by multi_positive;
+    extra_texts ([M, D], hard-negative captions) are taken by clip only.
     """
+    if extra_texts is not None and cfg.kind != "clip":
+        raise ValueError(f"hard-negative captions work with loss.kind=clip only, not {cfg.kind}")
     common: dict[str, Any] = {
         "rows": rows,
         "implementation": cfg.implementation,
@@ -495,7 +544,7 @@ def rank_loss(
     args = (images, texts, logit_scale, logit_bias)
     match cfg.kind:
         case "clip":
-            return clip_loss(*args, **common)
+            return clip_loss(*args, extra_texts=extra_texts, **common)
         case "nt_xent":
             return nt_xent_loss(*args, **common)
         case "siglip":

@@ -1,4 +1,5 @@
-"""One metrics sink for a run: JSONL in the run directory plus TensorBoard, on rank 0 only.
+"""One metrics sink for a run: JSONL in the run directory plus TensorBoard, on rank 0 only; and
+the timings of the steps between two records (`StepWindow`).
 
 RUN_DIR/metrics.jsonl   every record: {"step", "time", "train/loss", ...} or {"eval/...": ...}
 RUN_DIR/eval.jsonl      one line per evaluation: {"step", "time", "samples", "zeroshot_top1", ...}
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +69,31 @@ class MetricsLogger:
             self._file.close()
         if self._writer is not None:
             self._writer.close()
+
+
+@dataclass(slots=True)
+class StepWindow:
+    """Timings of the steps since the last metrics record, and that record's values."""
+
+    start: float = field(default_factory=time.perf_counter)
+    data_wait_s: list[float] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, global_batch: int) -> dict[str, float]:
+        """samples/s, and the wait for input per step: mean, max, share of the window's time."""
+        elapsed = time.perf_counter() - self.start
+        waited = sum(self.data_wait_s)
+        return {
+            "samples_per_s": len(self.data_wait_s) * global_batch / elapsed,
+            "data_wait_s": waited / len(self.data_wait_s),
+            "data_wait_max_s": max(self.data_wait_s),
+            "data_wait_fraction": waited / elapsed,
+        }
+
+    def postfix(self) -> dict[str, str]:
+        """The progress bar's: the last record's loss and samples/s, this step's input wait."""
+        shown = {"data": f"{self.data_wait_s[-1]:.3f}s"}
+        if self.stats:
+            shown["loss"] = f"{self.stats['loss']:.3f}"
+            shown["samples_per_s"] = f"{self.stats['samples_per_s']:.0f}"
+        return shown

@@ -206,9 +206,8 @@ class GlobalDenominators:
 
 @dataclass(slots=True)
 class StepNegatives:
-    """What one step's loss takes besides the batch (given to `train.step.features_loss`)."""
+    """What one step's loss takes besides the batch (given to `train.objective.StepLoss`)."""
 
-    cfg: LossConfig
     queue_images: Tensor | None = None
     """negatives=queue: the queue's image and text keys [K, D], the same on every rank."""
     queue_texts: Tensor | None = None
@@ -273,7 +272,7 @@ class Negatives:
         """The step's `StepNegatives`: the queue as it stands, the batch's keys or ids."""
         if not self.enabled:
             return None
-        step = StepNegatives(self.cfg, denominators=self.denominators)
+        step = StepNegatives(denominators=self.denominators)
         if self.queue is not None:
             step.queue_images, step.queue_texts = self.queue.columns()
         if self.momentum is not None:

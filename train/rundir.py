@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 from typing import IO
 
+import torch.distributed as dist
+
+from train.distributed import DistInfo
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -134,3 +138,27 @@ def log_to_file(run_dir: Path, rank: int) -> logging.Handler:
     )
     logging.getLogger().addHandler(handler)
     return handler
+
+
+def claim_run_dir(
+    run_dir: Path, info: DistInfo, *, resume: bool, overwrite: bool
+) -> tuple[RunDirLock | None, logging.Handler]:
+    """Rank 0 locks run_dir and checks this run may use it; every rank learns the verdict
+    (RunDirError on every rank if it is no). Returns rank 0's lock (None on the others) and the
+    handler that from now on copies this rank's log to RUN_DIR/logs/rank-R.log."""
+    lock, error = None, ""
+    if info.is_main:
+        try:
+            lock = acquire_lock(run_dir)
+            check_reuse(run_dir, resume=resume, overwrite=overwrite)
+        except RunDirError as exc:
+            error = str(exc)
+    if info.enabled:
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        error = verdict[0]
+    if error:
+        if lock is not None:
+            lock.release()
+        raise RunDirError(error)
+    return lock, log_to_file(run_dir, info.rank)

@@ -29,7 +29,6 @@ import functools
 import io
 import json
 import logging
-import math
 import numbers
 import os
 import struct
@@ -41,19 +40,24 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageDraw
 
+from train import synth_compositional as scenes
+from train.synth_draw import (
+    COLOR_JITTER,
+    COLOR_RGB,
+    COLORS,
+    GREY_RANGE,
+    NUM_CLASSES,
+    SHAPES,
+    SPLITS,
+    class_index,
+    classname,
+    classnames,
+    draw_shape,
+    noisy_background,
+)
+
 logger = logging.getLogger(__name__)
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-# Saturated, mutually distant RGB values so each hue survives JPEG at 64 px and grey noise.
-COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
-COLOR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 175, 45),
-    "blue": (35, 65, 225),
-    "yellow": (240, 220, 30),
-    "purple": (150, 40, 190),
-    "orange": (250, 140, 15),
-}
 SIZES: tuple[str, ...] = ("small", "large")
 # Shape extent (bounding-box side) as a fraction of the image side: (low, high).
 SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.25, 0.35), "large": (0.50, 0.65)}
@@ -68,10 +72,6 @@ POSITION_CENTERS: dict[str, tuple[float, float]] = {
     "center": (0.5, 0.5),
 }
 CENTER_JITTER = 0.04  # ± fraction of the side; keeps every centre well inside its region
-COLOR_JITTER = 12  # ± per channel
-GREY_RANGE = (70, 185)  # per-image background level
-NOISE_SHIFT = 2  # per-pixel noise = random byte >> 2, i.e. 0..63 around the grey level
-NOISE_AMPLITUDE = (256 >> NOISE_SHIFT) // 2  # GREY_RANGE ± this stays inside 0..255
 
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {size} {color} {shape} {where}",
@@ -97,43 +97,10 @@ ZEROSHOT_TEMPLATES: tuple[str, ...] = (
 )
 VAL_SHARD_OFFSET = 90000  # val keys use shard numbers 90000.. so they never collide with train
 JPEG_QUALITY = 90
-NUM_CLASSES = len(COLORS) * len(SHAPES)
 KINDS: tuple[str, ...] = ("shapes", "compositional")
-SPLITS: tuple[str, ...] = ("train", "val")  # index = the split's id in its shards' random streams
 
 # Draws one sample from a shard's random stream at a given image side: (image, JSON attributes).
 SampleDrawer = Callable[[np.random.Generator, int], tuple[Image.Image, dict]]
-
-
-def _star_offsets() -> tuple[tuple[float, float], ...]:
-    """Unit vertices of a five-pointed star, point up, inner radius 0.45 of the outer."""
-    radii = [1.0 if i % 2 == 0 else 0.45 for i in range(10)]
-    angles = [-math.pi / 2 + i * math.pi / 5 for i in range(10)]
-    return tuple((r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles, strict=True))
-
-
-# Polygon vertices (x, y) for a shape of half-extent 1 centred at the origin; y points down.
-# The triangle's centroid, not its bounding box, sits at the origin, so it looks centred.
-_POLYGON_OFFSETS: dict[str, tuple[tuple[float, float], ...]] = {
-    "triangle": ((0.0, -4 / 3), (-1.0, 2 / 3), (1.0, 2 / 3)),
-    "star": _star_offsets(),
-}
-CROSS_HALF_THICKNESS = 0.35  # arm half-width relative to the half-extent
-
-
-def classname(color: str, shape: str) -> str:
-    """The zero-shot class name of a colour and shape, e.g. "red circle"."""
-    return f"{color} {shape}"
-
-
-def class_index(color: str, shape: str) -> int:
-    """Class index in classnames order: color_index * len(SHAPES) + shape_index."""
-    return COLORS.index(color) * len(SHAPES) + SHAPES.index(shape)
-
-
-def classnames() -> list[str]:
-    """All class names in class-index order."""
-    return [classname(color, shape) for color in COLORS for shape in SHAPES]
 
 
 def make_caption(template_index: int, *, shape: str, color: str, size: str, position: str) -> str:
@@ -149,32 +116,6 @@ def make_caption(template_index: int, *, shape: str, color: str, size: str, posi
         at="in the center" if is_center else f"at the {position}",
         a_color="an" if color[0] in "aeiou" else "a",
     )
-
-
-def draw_shape(
-    draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple
-) -> None:
-    """Draw `shape` with half-extent r (pixels) centred at (cx, cy)."""
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "cross":
-        t = r * CROSS_HALF_THICKNESS
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
-    else:
-        draw.polygon([(cx + r * x, cy + r * y) for x, y in _POLYGON_OFFSETS[shape]], fill=fill)
-
-
-def noisy_background(rng: np.random.Generator, image_size: int, grey: int) -> Image.Image:
-    """Uniform grey level plus independent per-pixel, per-channel noise."""
-    n_bytes = image_size * image_size * 3
-    # Raw bit-generator words are ~5x cheaper than Generator.integers for bulk uint8 noise.
-    raw = rng.bit_generator.random_raw(math.ceil(n_bytes / 8)).view(np.uint8)[:n_bytes]
-    pixels = raw.reshape(image_size, image_size, 3) >> NOISE_SHIFT
-    pixels += np.uint8(grey - NOISE_AMPLITUDE)  # no overflow: GREY_RANGE leaves the margin
-    return Image.fromarray(pixels)
 
 
 def draw_sample(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, dict]:
@@ -332,10 +273,13 @@ def _validate(
     val_samples: int,
     image_size: int,
     kind: str,
+    train_negatives: bool = False,
 ) -> None:
     """Raise ValueError naming the first bad argument."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if train_negatives and kind != "compositional":
+        raise ValueError("train_negatives needs --kind compositional (shapes have no negatives)")
     for name, value in (
         ("train_shards", train_shards),
         ("samples_per_shard", samples_per_shard),
@@ -358,17 +302,20 @@ def _validate(
         )
 
 
-def _kind_parts(kind: str) -> tuple[dict[str, SampleDrawer], tuple[str, ...], dict]:
+def _kind_parts(
+    kind: str, train_negatives: bool
+) -> tuple[dict[str, SampleDrawer], tuple[str, ...], dict]:
     """A kind's drawer per split, its zero-shot templates, and its extra dataset.json fields."""
     if kind == "shapes":
         return {split: draw_sample for split in SPLITS}, ZEROSHOT_TEMPLATES, {}
-    # Imported on use: the compositional scenes are drawn with this module's shapes and colours.
-    from train import synth_compositional as scenes
-
     drawers: dict[str, SampleDrawer] = {
-        split: functools.partial(scenes.draw_scene, split=split) for split in SPLITS
+        split: functools.partial(
+            scenes.draw_scene, split=split, negatives=split == "val" or train_negatives
+        )
+        for split in SPLITS
     }
-    return drawers, scenes.ZEROSHOT_TEMPLATES, scenes.dataset_fields()
+    fields = {**scenes.dataset_fields(), "train_negatives": train_negatives}
+    return drawers, scenes.ZEROSHOT_TEMPLATES, fields
 
 
 def generate(
@@ -380,8 +327,12 @@ def generate(
     val_samples: int = 512,
     image_size: int = 64,
     kind: str = "shapes",
+    train_negatives: bool = False,
 ) -> dict:
-    """Write the dataset of `kind` (one of KINDS) under out_dir; returns dataset.json's content."""
+    """Write the dataset of `kind` (one of KINDS) under out_dir; returns dataset.json's content.
+
+    train_negatives (compositional only): train samples carry hard negatives too, as val's do.
+    """
     _validate(
         train_shards=train_shards,
         samples_per_shard=samples_per_shard,
@@ -389,8 +340,9 @@ def generate(
         val_samples=val_samples,
         image_size=image_size,
         kind=kind,
+        train_negatives=train_negatives,
     )
-    drawers, zeroshot_templates, extra_fields = _kind_parts(kind)
+    drawers, zeroshot_templates, extra_fields = _kind_parts(kind, train_negatives)
     out_dir = Path(out_dir)
     # img2dataset widens the sample part of the key when a shard holds more than 10^4 samples.
     sample_digits = max(4, len(str(samples_per_shard - 1)))
@@ -447,6 +399,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=KINDS,
         help="shapes: one shape per image; compositional: two or three objects in a spatial "
         "relation, held-out colour-shape pairs, hard-negative captions (default: shapes)",
+    )
+    parser.add_argument(
+        "--train-negatives",
+        action="store_true",
+        help="compositional: train samples carry hard-negative captions too (loss.hard_negatives)",
     )
     args = parser.parse_args(argv)
     try:

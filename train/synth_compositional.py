@@ -16,7 +16,8 @@ Three things make it hard where one shape per image is not:
 - Zero-shot asks for the anchor's colour and shape ("a scene with a large {}."): the model must
   pick the large object out of the scene, not any object.
 
-Hard negatives (SugarCrepe / ARO style): each val sample's JSON maps a kind to a caption that
+Hard negatives (SugarCrepe / ARO style): each val sample's JSON (and with `--train-negatives`
+each train sample's, for loss.hard_negatives) maps a kind to a caption that
 differs from the true one in one controlled way and is false for the image:
     swap_attribute     the two related objects' colours swapped (their sizes where the colours
                        are equal): "a large blue circle left of a small red square, ..."
@@ -39,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from train.synth import (
+from train.synth_draw import (
     COLOR_JITTER,
     COLOR_RGB,
     COLORS,
@@ -252,12 +253,14 @@ def _draw_objects(
 
 
 def draw_scene(
-    rng: np.random.Generator, image_size: int, *, split: str
+    rng: np.random.Generator, image_size: int, *, split: str, negatives: bool | None = None
 ) -> tuple[Image.Image, dict]:
     """Draw one scene of `split` ("train" or "val"): an RGB image and its JSON attributes.
 
     objects[0] is `relation` objects[1] in the JSON; `label` is the anchor's colour–shape class.
-    Val samples also carry `hard_negatives` (kind -> caption).
+    With `negatives` (None: val only) the sample also carries `hard_negatives` (kind ->
+    caption), each checked false for the scene; writing them draws nothing from `rng`, so the
+    images and captions are the same either way.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -277,7 +280,7 @@ def draw_scene(
         "classname": classname(anchor.color, anchor.shape),
         "held_out": held_out,
     }
-    if split == "val":
+    if split == "val" if negatives is None else negatives:
         attributes["hard_negatives"] = {
             kind: render_caption(negative, third, template, third_template)
             for kind, negative in negative_claims(claim).items()

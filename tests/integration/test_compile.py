@@ -11,6 +11,7 @@ from tests.conftest import micro_models, micro_step_inputs
 from train.compute import Precision
 from train.config import ComputeConfig, LossConfig
 from train.distributed import DistInfo
+from train.objective import Inputs, StepLoss
 from train.step import one_pass
 
 CPU = torch.device("cpu")
@@ -21,8 +22,8 @@ def test_compiled_step_equals_eager_and_keeps_the_state_dict_keys():
     images, tokens = micro_step_inputs()
     eager, compiled = micro_models(ComputeConfig(), ComputeConfig(compile=True))
     assert_close(
-        one_pass(compiled, images, tokens, DistInfo(0, 1, 0, CPU), cfg, fp32),
-        one_pass(eager, images, tokens, DistInfo(0, 1, 0, CPU), cfg, fp32),
+        one_pass(compiled, Inputs(images, tokens), StepLoss(cfg, DistInfo(0, 1, 0, CPU)), fp32),
+        one_pass(eager, Inputs(images, tokens), StepLoss(cfg, DistInfo(0, 1, 0, CPU)), fp32),
     )
     reference = dict(eager.named_parameters())
     grads = 0

@@ -19,8 +19,9 @@ from train.compute import Precision
 from train.config import LossConfig, smoke
 from train.distributed import DistInfo, sync_replicated_grads, wrap_model
 from train.negatives import GlobalDenominators, StepNegatives
+from train.objective import Inputs, StepLoss, contrastive_loss
 from train.stability import NonFiniteGuard, clip_grad_norm, model_is_finite
-from train.step import contrastive_loss, forward_backward
+from train.step import forward_backward
 from train.trainer import Trainer
 
 WORLD = 2
@@ -44,6 +45,21 @@ SIGLIP = LossConfig(kind="siglip", implementation="tiled", block_size=4)
 QUEUE = LossConfig(kind="clip", block_size=4, negatives="queue")
 MOCO = LossConfig(kind="clip", block_size=4, negatives="queue", queue_batch_keys="momentum")
 GLOBAL = LossConfig(kind="clip", block_size=4, negatives="global", global_gamma=0.5)
+HARD = LossConfig(kind="clip", block_size=4, hard_negatives=True)
+HARD_QUEUE = LossConfig(kind="clip", block_size=4, negatives="queue", hard_negatives=True)
+
+
+def step_inputs(cfg: LossConfig, rows: slice = slice(None)) -> Inputs:
+    """The global batch's rows; with hard negatives, 2 per sample, some of them padding (rank 1
+    has more real ones than rank 0, so the gathered columns come unevenly from the ranks)."""
+    images, tokens = global_batch()
+    if not cfg.hard_negatives:
+        return Inputs(images[rows], tokens[rows])
+    n = WORLD * PER_RANK
+    captions = [f"a {'blue' if i % 2 else 'red'} square left of a circle {i}" for i in range(n)]
+    negatives = tokenizer("duet-micro")([c for c in captions for _ in (0, 1)]).unflatten(0, (n, 2))
+    mask = torch.tensor([[i % 3 != 0, i >= PER_RANK and i % 2 == 0] for i in range(n)])
+    return Inputs(images[rows], tokens[rows], negatives[rows], mask[rows])
 
 
 def step_negatives(cfg: LossConfig, info: DistInfo) -> StepNegatives | None:
@@ -60,7 +76,6 @@ def step_negatives(cfg: LossConfig, info: DistInfo) -> StepNegatives | None:
     own = slice(info.rank * PER_RANK, (info.rank + 1) * PER_RANK) if info.enabled else slice(None)
     moco = cfg.queue_batch_keys == "momentum"
     return StepNegatives(
-        cfg,
         queue_images=queue[0],
         queue_texts=queue[1],
         key_images=keys[0][own] if moco else None,
@@ -89,6 +104,8 @@ CASES = {
     "fsdp_moco_grad_cache": (MOCO, "fsdp", 4, ["clip.logit_scale"]),
     "ddp_global": (GLOBAL, "ddp", 0, ["clip.logit_scale"]),
     "ddp_global_grad_cache": (GLOBAL, "ddp", 4, ["clip.logit_scale"]),
+    "ddp_hard_negatives": (HARD, "ddp", 0, ["clip.logit_scale"]),
+    "fsdp_queue_hard_negatives_grad_cache": (HARD_QUEUE, "fsdp", 4, ["clip.logit_scale"]),
 }
 
 
@@ -98,23 +115,16 @@ def run_case(rank: int, name: str, out_dir: str) -> None:
     model = fresh_model(cfg)
     # DDP's static graph where the trainer uses it: one backward per step
     wrapped = wrap_model(model, info, parallel=parallel, static_graph=chunk == 0)
-    images, tokens = global_batch()
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     negatives = step_negatives(cfg, info)
+    inputs = step_inputs(cfg, rows)
     if parallel == "ddp" and not chunk:  # the loss function on its own
-        loss = contrastive_loss(wrapped, images[rows], tokens[rows], info, cfg, negatives)
+        loss = contrastive_loss(wrapped, inputs, StepLoss(cfg, info, negatives))
         loss.backward()
     else:  # the trainer's step: GradCache chunks of 4 of the 6 samples (no_sync, then sync)
         fp32 = Precision("fp32", info.device)
         loss = forward_backward(
-            wrapped,
-            images[rows],
-            tokens[rows],
-            info,
-            cfg,
-            fp32,
-            grad_cache_chunk=chunk,
-            negatives=negatives,
+            wrapped, inputs, StepLoss(cfg, info, negatives), fp32, grad_cache_chunk=chunk
         )
     estimates = None  # the updated per-sample estimates, looked up from their owners ...
     if negatives is not None and negatives.denominators is not None:
@@ -207,9 +217,8 @@ def two_process_results(tmp_path_factory: pytest.TempPathFactory, synth_dir: Pat
 def test_two_processes_apply_the_single_process_gradient(two_process_results, case: str):
     cfg, _, _, temperature_params = CASES[case]
     model = fresh_model(cfg)
-    images, tokens = global_batch()
     negatives = step_negatives(cfg, ONE)
-    reference_loss = contrastive_loss(model, images, tokens, ONE, cfg, negatives)
+    reference_loss = contrastive_loss(model, step_inputs(cfg), StepLoss(cfg, ONE, negatives))
     reference_loss.backward()
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 

@@ -320,8 +320,16 @@ def test_evaluate_scores_hard_negatives_and_held_out_zeroshot(micro_artifact, co
     weights = zeroshot_class_weights(model, tokenize, *load_zeroshot(zeroshot_file))
     margins = {"swap_attribute": [], "swap_object": [], "replace_relation": []}
     held_out_margins = []
-    for image, meta in _val_samples(compositional_dir):
-        image_features = model.encode_image(transform(image)[None])[0]
+    samples = [(transform(image), meta) for image, meta in _val_samples(compositional_dir)]
+    # the blind control: one image, the mean of all, against every sample's captions
+    blind = model.encode_image(torch.stack([pixels for pixels, _ in samples]).mean(0)[None])[0]
+    blind_margins: dict[str, list[float]] = {kind: [] for kind in margins}
+    for pixels, meta in samples:
+        image_features = model.encode_image(pixels[None])[0]
+        true_text = model.encode_text(tokenize([meta["caption"]]))[0]
+        for kind, caption in meta["hard_negatives"].items():
+            negative = model.encode_text(tokenize([caption]))[0]
+            blind_margins[kind].append(float(blind @ true_text - blind @ negative))
         true = image_features @ model.encode_text(tokenize([meta["caption"]]))[0]
         for kind, caption in meta["hard_negatives"].items():
             margins[kind].append(
@@ -334,6 +342,8 @@ def test_evaluate_scores_hard_negatives_and_held_out_zeroshot(micro_artifact, co
     for kind, kind_margins in margins.items():
         low, high = _bounds(kind_margins)
         assert low <= metrics[f"compositional_{kind}"] <= high, kind
+        low, high = _bounds(blind_margins[kind])
+        assert low <= metrics[f"compositional_blind_{kind}"] <= high, kind
     low, high = _bounds(held_out_margins)
     assert low <= metrics["zeroshot_top1_held_out"] <= high
     assert metrics["zeroshot_held_out_samples"] == len(held_out_margins) > 0

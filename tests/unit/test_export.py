@@ -20,7 +20,8 @@ from common.export import ExportError, export, probe_image
 from common.model import TowerLocks, build_model, model_config, normalize
 from common.weights import WeightsError, read_weights
 from train.config import OptimConfig, smoke
-from train.trainer import Trainer, build_optimizer
+from train.optimizer import build_optimizer
+from train.trainer import Trainer
 
 
 def random_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:

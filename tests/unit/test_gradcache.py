@@ -13,7 +13,8 @@ from common.preprocess import tokenizer
 from train.compute import Precision
 from train.config import LossConfig, TrainConfig
 from train.distributed import DistInfo
-from train.step import accumulate, features_loss, forward_backward, grad_cache, one_pass
+from train.objective import Features, Inputs, StepLoss
+from train.step import accumulate, forward_backward, grad_cache, one_pass
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
 FP32 = Precision("fp32", ONE.device)
@@ -56,8 +57,8 @@ def test_grad_cache_equals_one_pass(kind: str, chunk: int):
     cfg = LossConfig(kind=kind, block_size=4)
     images, tokens = batch()
     reference, model = model_for(cfg), model_for(cfg)
-    expected = one_pass(reference, images, tokens, ONE, cfg, FP32)
-    loss = grad_cache(model, images, tokens, ONE, cfg, FP32, chunk)
+    expected = one_pass(reference, Inputs(images, tokens), StepLoss(cfg, ONE), FP32)
+    loss = grad_cache(model, Inputs(images, tokens), StepLoss(cfg, ONE), FP32, chunk)
     assert_close(loss, expected)
     assert_same_grads(model, reference)  # every parameter, the temperature (and bias) included
 
@@ -77,12 +78,13 @@ def test_grad_cache_replays_the_random_state_of_each_chunk():
     image_features = torch.cat([o[0] for o in outputs])
     text_features = torch.cat([o[1] for o in outputs])
     scale = outputs[0][2]
-    expected = features_loss(image_features, text_features, scale, None, tokens, ONE, cfg)
+    features = Features(image_features, text_features, scale, None)
+    expected = StepLoss(cfg, ONE)(features, Inputs(images, tokens))
     expected.backward()
     after_reference = torch.rand(1)
 
     torch.manual_seed(7)
-    loss = grad_cache(model, images, tokens, ONE, cfg, FP32, 5)
+    loss = grad_cache(model, Inputs(images, tokens), StepLoss(cfg, ONE), FP32, 5)
     assert torch.rand(1) == after_reference  # the replays leave the global random state alone
     assert_close(loss, expected.detach())
     assert_same_grads(model, reference)
@@ -100,7 +102,7 @@ def test_grad_cache_updates_batch_norm_statistics_once():
     cfg = LossConfig(kind="clip")
     images, tokens = batch(8, size=64)
     model, reference = model_for(cfg, "duet-tiny"), model_for(cfg, "duet-tiny")
-    grad_cache(model, images, tokens, ONE, cfg, FP32, 4)
+    grad_cache(model, Inputs(images, tokens), StepLoss(cfg, ONE), FP32, 4)
     with torch.no_grad():
         for i, t in zip(images.split(4), tokens.split(4), strict=True):
             reference(i, t)  # one train-mode forward per chunk
@@ -114,18 +116,18 @@ def test_accumulation_averages_micro_batch_losses_and_changes_the_loss():
     cfg = LossConfig(kind="clip")
     images, tokens = batch()
     model, reference = model_for(cfg), model_for(cfg)
-    loss = accumulate(model, images, tokens, ONE, cfg, FP32, micro_batches=3)
+    loss = accumulate(model, Inputs(images, tokens), StepLoss(cfg, ONE), FP32, micro_batches=3)
     # reference: each third of the batch is its own loss, gradients averaged
     losses = []
     for i, t in zip(images.chunk(3), tokens.chunk(3), strict=True):
-        part = one_pass(reference, i, t, ONE, cfg, FP32)
+        part = one_pass(reference, Inputs(i, t), StepLoss(cfg, ONE), FP32)
         losses.append(part)
     for p in reference.parameters():
         p.grad /= 3
     assert_close(loss, torch.stack(losses).mean())
     assert_same_grads(model, reference)
     # fewer negatives per anchor: not the big-batch loss (which GradCache keeps)
-    full = one_pass(model_for(cfg), images, tokens, ONE, cfg, FP32)
+    full = one_pass(model_for(cfg), Inputs(images, tokens), StepLoss(cfg, ONE), FP32)
     assert abs(loss.item() - full.item()) > 0.1
 
 
@@ -133,9 +135,13 @@ def test_forward_backward_picks_the_configured_strategy():
     cfg = LossConfig(kind="clip")
     images, tokens = batch()
     plain, cached, accumulated = model_for(cfg), model_for(cfg), model_for(cfg)
-    a = forward_backward(plain, images, tokens, ONE, cfg, FP32)
-    b = forward_backward(cached, images, tokens, ONE, cfg, FP32, grad_cache_chunk=4)
-    c = forward_backward(accumulated, images, tokens, ONE, cfg, FP32, accum_steps=2)
+    a = forward_backward(plain, Inputs(images, tokens), StepLoss(cfg, ONE), FP32)
+    b = forward_backward(
+        cached, Inputs(images, tokens), StepLoss(cfg, ONE), FP32, grad_cache_chunk=4
+    )
+    c = forward_backward(
+        accumulated, Inputs(images, tokens), StepLoss(cfg, ONE), FP32, accum_steps=2
+    )
     assert_close(a, b)
     assert abs(a.item() - c.item()) > 0.1
 
@@ -145,8 +151,8 @@ def test_bf16_autocast_keeps_the_loss_and_gradients_float32():
     images, tokens = batch()
     bf16 = Precision("bf16", ONE.device)
     model, reference = model_for(cfg), model_for(cfg)
-    loss = grad_cache(model, images, tokens, ONE, cfg, bf16, 4)
-    expected = one_pass(reference, images, tokens, ONE, cfg, FP32)
+    loss = grad_cache(model, Inputs(images, tokens), StepLoss(cfg, ONE), bf16, 4)
+    expected = one_pass(reference, Inputs(images, tokens), StepLoss(cfg, ONE), FP32)
     assert loss.dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in grads(model).values())
     assert_close(loss, expected, rtol=2e-2, atol=0.0)  # bf16 towers: ~3 significant digits

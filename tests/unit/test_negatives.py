@@ -25,6 +25,7 @@ from train.loss import (
     queue_clip_loss,
 )
 from train.negatives import FeatureQueue, GlobalDenominators, Negatives, StepNegatives
+from train.objective import Features, Inputs, StepLoss
 from train.trainer import Trainer
 
 ONE = DistInfo(0, 1, 0, torch.device("cpu"))
@@ -206,18 +207,17 @@ def test_global_denominators_keep_what_they_are_given():
 def test_a_non_finite_estimate_is_not_kept():
     """A step whose features blew up is skipped; its samples' estimates start over, rather than
     an infinite u silencing those samples for the rest of the run."""
-    from train.step import features_loss
-
     cfg = LossConfig(negatives="global", global_gamma=0.5)
     table = GlobalDenominators(4, ONE)
-    step = StepNegatives(cfg, ids=torch.arange(4), denominators=table)
+    step = StepNegatives(ids=torch.arange(4), denominators=table)
     images, texts = unit(4, 3, seed=1).float(), unit(4, 3, seed=2).float()
+    no_inputs = Inputs(torch.zeros(4, 3, 1, 1), torch.zeros(4, 1))  # the loss reads no pixels
     images[1] = float("inf")
-    features_loss(images, texts, torch.tensor(2.0), None, torch.zeros(4, 1), ONE, cfg, step)
+    StepLoss(cfg, ONE, step)(Features(images, texts, torch.tensor(2.0), None), no_inputs)
     kept = table.lookup(torch.arange(4))
     assert not torch.isinf(kept).any() and torch.isnan(kept[1]).all()  # unknown, not inf
     images[1] = unit(3, seed=3).float()
-    features_loss(images, texts, torch.tensor(2.0), None, torch.zeros(4, 1), ONE, cfg, step)
+    StepLoss(cfg, ONE, step)(Features(images, texts, torch.tensor(2.0), None), no_inputs)
     assert torch.isfinite(table.lookup(torch.arange(4))).all()
 
 

@@ -15,6 +15,7 @@ from train import checkpoint
 from train.compute import Precision, has_conv_image_tower, prepare_model, uses_channels_last
 from train.config import ComputeConfig, LossConfig, TrainConfig, smoke
 from train.distributed import DistInfo
+from train.objective import Inputs, StepLoss
 from train.step import grad_cache, one_pass
 from train.trainer import Trainer
 
@@ -75,8 +76,8 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert not models[0].clip.transformer.grad_checkpointing
     fp32 = Precision("fp32", CPU)
     assert_close(
-        one_pass(models[0], images, tokens, ONE, cfg, fp32),
-        grad_cache(models[1], images, tokens, ONE, cfg, fp32, 4),  # the two combine
+        one_pass(models[0], Inputs(images, tokens), StepLoss(cfg, ONE), fp32),
+        grad_cache(models[1], Inputs(images, tokens), StepLoss(cfg, ONE), fp32, 4),  # combined
     )
     reference = dict(models[0].named_parameters())
     for name, param in models[1].named_parameters():
@@ -127,7 +128,12 @@ def test_channels_last_conv_tower_gives_the_same_step_on_gpu():
         prepare_model(model, ComputeConfig(channels_last=channels_last), cuda)
         x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
         losses.append(
-            one_pass(model, x, tokens, DistInfo(0, 1, 0, cuda), cfg, Precision("fp32", cuda))
+            one_pass(
+                model,
+                Inputs(x, tokens),
+                StepLoss(cfg, DistInfo(0, 1, 0, cuda)),
+                Precision("fp32", cuda),
+            )
         )
         grads.append(model.clip.visual.conv1.weight.grad)
         if channels_last:

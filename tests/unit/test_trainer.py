@@ -7,7 +7,7 @@ import torch
 
 from common.model import build_model
 from train.config import OptimConfig
-from train.trainer import build_optimizer, warmup_cosine
+from train.optimizer import build_optimizer, warmup_cosine
 
 
 def test_no_weight_decay_on_biases_norms_and_temperature():
