@@ -7,7 +7,9 @@
   read and counted as `unsupported_format`, a format the service refuses too; the layout of
   img2dataset's `--output_format files` too): a same-name `.txt` beside an image is its caption
   (optional), a same-name `.json` its metadata (optional); the image's path relative to the
-  folder is its key and its `source` in the metadata, so a result leads back to the file;
+  folder is its `source` in the metadata, so a result leads back to the file, and the path
+  without its extension its key (with it, where files of one folder share a stem: `china.bmp`,
+  `china.webp`); the walk is iterative, so a folder's depth is bounded by the file system only;
 - img2dataset's `--output_format parquet` files: one row per sample, the image bytes in a binary
   `jpg` (or png/webp/image) column, the caption in `txt` (or `caption`), every other scalar
   column (url, key, width, ...) kept as metadata;
@@ -33,7 +35,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +67,7 @@ class Part:
     kind: PartKind
     location: str  # the shard URL, the parquet path, or the folder
     files: tuple[str, ...] = ()  # kind "files": image paths relative to `location`
+    keys: tuple[str, ...] = ()  # kind "files": each file's key (`folder_keys`)
 
 
 def list_parts(data: str) -> list[Part]:
@@ -86,7 +89,7 @@ def read_part(part: Part, skipped: Counter[str]) -> Iterator[RawSample]:
     if part.kind == "shard":
         yield from raw_samples(read_shard(part.location, skipped), skipped)
     elif part.kind == "files":
-        yield from _folder_samples(Path(part.location), part.files, skipped)
+        yield from _folder_samples(Path(part.location), part.files, part.keys, skipped)
     else:
         yield from _parquet_samples(Path(part.location), skipped)
 
@@ -163,10 +166,31 @@ def _folder_parts(folder: Path) -> list[Part]:
     )
     if not files:
         return _img2dataset_output_parts(folder)
+    keys = folder_keys(files)  # over the whole folder: files sharing a stem may span two parts
     return [
-        Part("files", str(folder), tuple(files[start : start + FOLDER_PART_FILES]))
+        Part(
+            "files",
+            str(folder),
+            tuple(files[start : start + FOLDER_PART_FILES]),
+            tuple(keys[start : start + FOLDER_PART_FILES]),
+        )
         for start in range(0, len(files), FOLDER_PART_FILES)
     ]
+
+
+def folder_keys(files: Sequence[str]) -> list[str]:
+    """Each file's key: its relative path without the extension (`2024/beach`), as indices
+    built before always had it; with the extension (`2024/beach.png`) where that would be
+    another file's key too, so `china.bmp` and `china.webp` stay two items. Paths are unique,
+    so the loop ends: each round gives at least one more file its full path."""
+    keys = [str(Path(name).with_suffix("")) for name in files]
+    while True:
+        counts = Counter(keys)
+        shared = [i for i, key in enumerate(keys) if counts[key] > 1 and key != files[i]]
+        if not shared:
+            return keys
+        for i in shared:
+            keys[i] = files[i]
 
 
 def _img2dataset_output_parts(folder: Path) -> list[Part]:
@@ -185,18 +209,29 @@ def _img2dataset_output_parts(folder: Path) -> list[Part]:
 
 
 def _walk(folder: Path) -> Iterator[Path]:
-    """Every file under `folder`; symlinked folders are not followed (no cycles), hidden skipped."""
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            if not name.startswith("."):
-                yield Path(root) / name
+    """Every file under `folder`, hidden ones skipped; symlinked folders are not followed (no
+    cycles). A stack, not recursion (os.walk recurses): a folder 1,000 levels deep is a folder;
+    one that cannot be listed is logged and left out."""
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                listed = [entry for entry in entries if not entry.name.startswith(".")]
+        except OSError as exc:
+            log.warning("skipped folder %s: %s", directory, exc.strerror or exc)
+            continue
+        for entry in listed:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif not entry.is_dir():  # a symlink to a folder is neither walked nor a file
+                yield Path(entry.path)
 
 
 def _folder_samples(
-    folder: Path, files: tuple[str, ...], skipped: Counter[str]
+    folder: Path, files: tuple[str, ...], keys: tuple[str, ...], skipped: Counter[str]
 ) -> Iterator[RawSample]:
-    for relative in files:
+    for relative, key in zip(files, keys, strict=True):
         path = folder / relative
         try:
             image = path.read_bytes()
@@ -206,7 +241,6 @@ def _folder_samples(
             continue
         meta = _sidecar_json(path.with_suffix(".json"))
         meta["source"] = relative
-        key = str(Path(relative).with_suffix(""))
         yield RawSample(key, str(folder), image, _sidecar_text(path.with_suffix(".txt")), meta)
 
 

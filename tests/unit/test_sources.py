@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -85,6 +86,56 @@ def test_parts_split_big_folders_and_keep_order(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(serve.indexing.sources, "FOLDER_PART_FILES", 3)
     parts = list_parts(f"{folder}::{folder}")
     assert [len(p.files) for p in parts] == [3, 3, 1, 3, 3, 1]
+
+
+def test_a_folder_a_thousand_levels_deep_is_walked():
+    # Not under pytest's tmp_path: its clean-up (shutil.rmtree) recurses once per level too, and
+    # would fail on this tree in a later session if this test were killed before removing it.
+    top = Path(tempfile.mkdtemp(prefix="duet-deep-"))
+    deepest = top
+    try:
+        for _ in range(1000):  # os.walk recursed once per level: RecursionError at ~990
+            deepest = deepest / "d"
+            deepest.mkdir()  # one by one: mkdir(parents=True) recurses too
+        (deepest / "x.png").write_bytes(image_bytes((1, 2, 3)))
+        (top / "top.png").write_bytes(image_bytes((3, 2, 1)))
+        samples = [s for part in list_parts(str(top)) for s in read_part(part, Counter())]
+        assert [s.key for s in samples] == ["d/" * 1000 + "x", "top"]
+    finally:
+        while True:  # bottom-up, one level at a time
+            for path in deepest.iterdir():
+                if not path.is_dir():
+                    path.unlink()
+            deepest.rmdir()
+            if deepest == top:
+                break
+            deepest = deepest.parent
+
+
+def test_files_sharing_a_stem_get_distinct_keys_and_unique_stems_keep_theirs(tmp_path: Path):
+    folder = tmp_path / "photos"
+    (folder / "2024").mkdir(parents=True)
+    names = ["china.bmp", "china.webp", "china.png", "2024/china.png", "tokyo.jpg", "a.png.jpg"]
+    names += ["a.png", "a.webp"]  # a.png's key is then "a.png": a.png.jpg's stem
+    for name in names:
+        fmt = FORMATS[Path(name).suffix]
+        (folder / name).write_bytes(image_bytes((9, 9, 9), fmt))
+    (folder / "china.txt").write_text("the great wall")
+    skipped: Counter[str] = Counter()
+    samples = [s for p in list_parts(str(folder)) for s in read_part(p, skipped)]
+    keys = {s.meta["source"]: s.key for s in samples}
+    assert keys == {
+        "2024/china.png": "2024/china",
+        "a.png": "a.png",
+        "a.png.jpg": "a.png.jpg",
+        "a.webp": "a.webp",
+        "china.bmp": "china.bmp",
+        "china.png": "china.png",
+        "china.webp": "china.webp",
+        "tokyo.jpg": "tokyo",
+    }
+    assert {s.caption for s in samples if s.key.startswith("china")} == {"the great wall"}
+    assert not skipped
 
 
 def test_parquet_rows_become_samples_and_bad_rows_are_counted(tmp_path: Path):
