@@ -44,8 +44,9 @@ import numpy as np
 from PIL import Image
 
 from common.artifact import load_artifact
-from common.preprocess import ResizeLimit, decode_or_skip
+from common.preprocess import PreprocessCfg, ResizeLimit, decode_or_skip
 from common.shards import IMAGE_EXTENSIONS, RawSample
+from serve.cost import resize_limit
 from serve.encoder import Encoder
 from serve.indexing.index import IndexRow, write_index
 from serve.indexing.sources import Part, list_parts, read_part
@@ -58,11 +59,37 @@ from serve.indexing.thumbnails import (
     merge_packs,
 )
 from serve.indexing.vector_search import INDEX_TYPES, IndexSpec
+from serve.settings import ImageLimits
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_BATCHES = 20
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait for the slowest
+
+
+@dataclass(frozen=True, slots=True)
+class ImageBounds:
+    """The service's per-image bounds, held by every image a build reads (one rule): bytes
+    before reading or decoding, decoded pixels and pixels once resized from the header."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    resize: ResizeLimit
+
+    @classmethod
+    def of_service(cls, cfg: PreprocessCfg) -> ImageBounds:
+        """The bounds a service on this artifact holds, its DUET_* environment included
+        (DUET_MAX_UPLOAD_BYTES, DUET_MAX_IMAGE_PIXELS, DUET_MAX_RESIZED_PIXELS)."""
+        limits = ImageLimits()
+        resize = resize_limit(limits, cfg)
+        return cls(limits.max_upload_bytes, limits.max_image_pixels, resize)
+
+    def manifest(self) -> dict[str, int]:
+        return {
+            "max_image_bytes": self.max_image_bytes,
+            "max_image_pixels": self.max_image_pixels,
+            "max_resized_pixels": self.resize.max_pixels,
+        }
 
 
 @dataclass(slots=True)
@@ -106,47 +133,52 @@ def build_index(
     model_dir = Path(model_dir).resolve()
     parts = list_parts(data)  # before the model loads: a wrong input fails at once
     encoder = Encoder(load_artifact(model_dir, device=device), device)
+    bounds = ImageBounds.of_service(encoder.preprocess_cfg)
     start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
     mine = [(i, part) for i, part in enumerate(parts) if i % world_size == rank]
     thumbnails = thumbnails or ThumbnailSpec()
     parts_path = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
     try:
-        embedded = _embed(encoder, mine, batch_size, thumbnails, parts_path, rank)
+        embedded = _embed(encoder, mine, batch_size, bounds, thumbnails, parts_path, rank)
         if world_size > 1:
             embedded = _exchange_parts(embedded, parts_path, rank, world_size)
             if rank != 0:
                 return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
-        return _write(out_dir, embedded, encoder, model_dir, data, start, spec, thumbnails, rank)
+        extra = {"model": _model_record(encoder, model_dir), "source": data}
+        extra["image_bounds"] = bounds.manifest()
+        return _write(out_dir, embedded, encoder.embed_dim, extra, start, spec, thumbnails, rank)
     finally:
         if rank == 0:
             shutil.rmtree(parts_path, ignore_errors=True)
 
 
+def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:
+    return {"name": encoder.model_name, "embed_dim": encoder.embed_dim, "artifact": str(model_dir)}
+
+
 def _write(
     out_dir: str | Path,
     embedded: Embedded,
-    encoder: Encoder,
-    model_dir: Path,
-    data: str,
+    dim: int,
+    extra: dict[str, Any],
     start: float,
     spec: IndexSpec | None,
     thumbnails: ThumbnailSpec,
     rank: int,
 ) -> dict[str, Any]:
-    """Rank 0: the index from every rank's rows (and thumbnails), and the build's summary."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    """Rank 0: the index from every rank's rows (and thumbnails), and the build's summary;
+    `extra`: the manifest's model, source and image bounds."""
     if not embedded.rows:
         raise ValueError(
-            f"no usable samples in {data!r} (skipped: {dict(embedded.skipped) or 'none'})"
+            f"no usable samples in {extra['source']!r} "
+            f"(skipped: {dict(embedded.skipped) or 'none'})"
         )
     seconds = round(time.perf_counter() - start, 3)
-    model = {"name": encoder.model_name, "embed_dim": encoder.embed_dim, "artifact": str(model_dir)}
     extra = {
-        "model": model,
-        "source": data,
+        **extra,
         "skipped": dict(embedded.skipped),
         "build_seconds": seconds,
-        "build_processes": world_size,
+        "build_processes": int(os.environ.get("WORLD_SIZE", 1)),
     }
     write_index(
         out_dir,
@@ -157,7 +189,7 @@ def _write(
         thumbnails=embedded.thumbnails,
         thumbnail_spec=thumbnails,
     )
-    return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank, seconds=seconds)
+    return _summary(out_dir, embedded, dim, start, rank=rank, seconds=seconds)
 
 
 def _summary(
@@ -185,6 +217,7 @@ def _embed(
     encoder: Encoder,
     shards: list[tuple[int, Part]],
     batch_size: int,
+    bounds: ImageBounds,
     thumbnails: ThumbnailSpec,
     parts: Path,
     rank: int,
@@ -200,8 +233,7 @@ def _embed(
         parts.mkdir(parents=True, exist_ok=True)
         writer = PackWriter(parts / f"part-{rank:05d}.thumbnails.bin")
     try:
-        resize = ResizeLimit(encoder.preprocess_cfg)  # the service's default bound
-        batches = _batches(shards, skipped, batch_size, resize)
+        batches = _batches(shards, skipped, batch_size, bounds)
         for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
             chunks.append(encoder.encode_images(images))  # [B, D]
             if writer is not None:
@@ -221,16 +253,22 @@ def _embed(
 
 
 def _batches(
-    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int, resize: ResizeLimit
+    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int, bounds: ImageBounds
 ) -> Iterator[tuple[list[Image.Image], list[IndexRow], list[int]]]:
-    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones (and those
-    over the service's bounds, `resize` the model's) counted."""
+    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones, and those
+    over the service's `bounds` (never decoded), counted by reason."""
     images: list[Image.Image] = []
     rows: list[IndexRow] = []
     shard_of_row: list[int] = []
     for shard_index, part in shards:
-        for sample in read_part(part, skipped):
-            image = decode_or_skip(sample.image, skipped, key=sample.key, resize=resize)
+        for sample in read_part(part, skipped, max_image_bytes=bounds.max_image_bytes):
+            image = decode_or_skip(
+                sample.image,
+                skipped,
+                key=sample.key,
+                resize=bounds.resize,
+                max_pixels=bounds.max_image_pixels,
+            )
             if image is None:
                 continue
             images.append(image)

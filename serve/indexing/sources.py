@@ -34,6 +34,7 @@ import glob
 import json
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -84,14 +85,25 @@ def list_parts(data: str) -> list[Part]:
     return parts
 
 
-def read_part(part: Part, skipped: Counter[str]) -> Iterator[RawSample]:
-    """The usable samples of one part, in order; unusable ones counted in `skipped`."""
+def read_part(
+    part: Part, skipped: Counter[str], *, max_image_bytes: int | None = None
+) -> Iterator[RawSample]:
+    """The usable samples of one part, in order; unusable ones counted in `skipped`. An image
+    over `max_image_bytes` is `file_too_large`: a folder's file is not even read (its size is
+    known first), a shard's member or a parquet row is dropped before anything decodes it."""
     if part.kind == "shard":
-        yield from raw_samples(read_shard(part.location, skipped), skipped)
+        samples = raw_samples(read_shard(part.location, skipped), skipped)
     elif part.kind == "files":
-        yield from _folder_samples(Path(part.location), part.files, part.keys, skipped)
+        folder = Path(part.location)
+        samples = _folder_samples(folder, part.files, part.keys, skipped, max_image_bytes)
     else:
-        yield from _parquet_samples(Path(part.location), skipped)
+        samples = _parquet_samples(Path(part.location), skipped)
+    for sample in samples:
+        if max_image_bytes is not None and len(sample.image) > max_image_bytes:
+            skipped["file_too_large"] += 1
+            log.warning("skipped %s: %d bytes", sample.key, len(sample.image))
+            continue
+        yield sample
 
 
 def _expand_glob(url: str) -> list[str]:
@@ -229,19 +241,40 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def _folder_samples(
-    folder: Path, files: tuple[str, ...], keys: tuple[str, ...], skipped: Counter[str]
+    folder: Path,
+    files: tuple[str, ...],
+    keys: tuple[str, ...],
+    skipped: Counter[str],
+    max_image_bytes: int | None,
 ) -> Iterator[RawSample]:
     for relative, key in zip(files, keys, strict=True):
         path = folder / relative
         try:
-            image = path.read_bytes()
+            image = _read_file(path, max_image_bytes)
         except OSError as exc:
             skipped["unreadable_file"] += 1
             log.warning("skipped %s: %s", path, exc.strerror or exc)
             continue
+        if image is None:
+            skipped["file_too_large"] += 1
+            log.warning("skipped %s: over %d bytes", path, max_image_bytes)
+            continue
         meta = _sidecar_json(path.with_suffix(".json"))
         meta["source"] = relative
         yield RawSample(key, str(folder), image, _sidecar_text(path.with_suffix(".txt")), meta)
+
+
+def _read_file(path: Path, max_bytes: int | None) -> bytes | None:
+    """The file's bytes; None if it is over `max_bytes` (known from its size, or found while
+    reading: it may grow). OSError for what is no regular file: opening a FIFO blocks."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
+    if max_bytes is not None and info.st_size > max_bytes:
+        return None
+    with open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    return None if max_bytes is not None and len(data) > max_bytes else data
 
 
 def _sidecar_text(path: Path) -> str:
