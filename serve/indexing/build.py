@@ -11,34 +11,40 @@ r"""`python -m serve.build_index`: embed the images of shards, folders or parque
 
 `--data` takes webdataset shards, folders of image files and img2dataset parquet files, joined by
 `::` (serve/indexing/sources.py). They are read part by part (a shard, a parquet file, 1000 files of
-a folder), so FAISS row ids follow the parts. Under torchrun, rank r embeds parts r, r + N, ... and
-writes its vectors and rows to `--parts-dir`; after a barrier rank 0 merges them in part order (so
-the ids are those of a one-process build), builds the index and removes the parts. Samples that
-cannot be used (no image, undecodable image, unreadable file) are skipped, counted by reason, and
-summed over ranks in the index manifest.
+a folder), in a fixed order, so FAISS row ids follow the parts. Each finished part is written at
+once to `--parts-dir` (default OUT.parts) as a chunk, durably (serve/indexing/staging.py); a killed
+build (SIGKILL, SIGTERM, a lost node) continues with `--resume` from the parts it finished, and
+ends equal to an uninterrupted build. Without `--resume` such a leftover is refused. Under
+torchrun, rank r embeds parts r, r + N, ...; after a barrier rank 0 merges every chunk in part
+order (so the ids are those of a one-process build), builds the index and removes the parts.
+Every image is held to the service's per-image bounds (bytes, pixels, pixels once resized:
+`DUET_MAX_UPLOAD_BYTES`, `DUET_MAX_IMAGE_PIXELS`, `DUET_MAX_RESIZED_PIXELS`) from its header,
+before it is decoded. Samples that cannot be used are skipped, counted by kind, and summed over
+ranks in the index manifest.
 
-Each indexed image also gets a thumbnail (`--thumbnails webp|jpeg|none`, longest side `--thumbnail-
-px`, serve/indexing/thumbnails.py), written as it is embedded to a packed file per process in the
-parts directory and merged in the same part order as the rows. Each row's metadata says where its
-image came from: `shard` + `member` (a tar shard), `source` (a folder's file, relative path;
-`folder` is the folder), or `parquet` + `row`; img2dataset's own `url` and `key` stay as they are.
+Each indexed image also gets a thumbnail (`--thumbnails webp|jpeg|none`, longest side
+`--thumbnail-px`, serve/indexing/thumbnails.py), written as it is embedded to its part's chunk and
+merged in the same part order as the rows. Each row's metadata says where its image came from:
+`shard` + `member` (a tar shard), `source` (a folder's file, relative path; `folder` is the
+folder), or `parquet` + `row`; img2dataset's own `url` and `key` stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -50,20 +56,23 @@ from serve.cost import resize_limit
 from serve.encoder import Encoder
 from serve.indexing.index import IndexRow, write_index
 from serve.indexing.sources import Part, list_parts, read_part
-from serve.indexing.thumbnails import (
-    THUMBNAIL_FORMATS,
-    Pack,
-    PackWriter,
-    ThumbnailSpec,
-    make_thumbnail,
-    merge_packs,
+from serve.indexing.staging import (
+    Chunk,
+    PartialBuildError,
+    artifact_digest,
+    begin,
+    merge,
+    parts_digest,
+    thumbnails_path,
+    write_chunk,
 )
+from serve.indexing.thumbnails import THUMBNAIL_FORMATS, PackWriter, ThumbnailSpec, make_thumbnail
 from serve.indexing.vector_search import INDEX_TYPES, IndexSpec
 from serve.settings import ImageLimits
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-PROGRESS_EVERY_BATCHES = 20
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait for the slowest
 
 
@@ -92,18 +101,6 @@ class ImageBounds:
         }
 
 
-@dataclass(slots=True)
-class Embedded:
-    """The embeddings of one process's parts: vectors [n, D], their rows, each row's part, and
-    the rows' thumbnails (None: built without)."""
-
-    vectors: np.ndarray
-    rows: list[IndexRow]
-    shards: list[int]
-    skipped: Counter[str]
-    thumbnails: Pack | None = None
-
-
 def build_index(
     model_dir: str | Path,
     data: str,
@@ -114,16 +111,19 @@ def build_index(
     spec: IndexSpec | None = None,
     parts_dir: str | Path | None = None,
     thumbnails: ThumbnailSpec | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Embed every usable image in `data` with the artifact in `model_dir`; write `out_dir`.
 
-    Under torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 writes
-    the index from every rank's part in `parts_dir` (default: `OUT.parts`, beside `out_dir`;
-    a one-process build stages its thumbnails there too). `thumbnails`: how to make them
-    (default WebP, 256 px; format "none": no thumbnails).
+    Each part's embeddings (and thumbnails) are written as a chunk to `parts_dir` (default:
+    `OUT.parts`, beside `out_dir`) as soon as the part is done (serve.indexing.staging); under
+    torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 merges every
+    chunk in part order. `resume`: continue the partial build left there by a killed one (else
+    such a leftover is refused). `thumbnails`: how to make them (default WebP, 256 px; format
+    "none": no thumbnails).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
-    second of reading + decoding + embedding (model loading not included); on ranks other than 0
-    the same for that rank's part.
+    second of reading + decoding + embedding in this run (model loading not included); on ranks
+    other than 0 the same for that rank's parts.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -134,22 +134,40 @@ def build_index(
     parts = list_parts(data)  # before the model loads: a wrong input fails at once
     encoder = Encoder(load_artifact(model_dir, device=device), device)
     bounds = ImageBounds.of_service(encoder.preprocess_cfg)
-    start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
-    mine = [(i, part) for i, part in enumerate(parts) if i % world_size == rank]
     thumbnails = thumbnails or ThumbnailSpec()
-    parts_path = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
-    try:
-        embedded = _embed(encoder, mine, batch_size, bounds, thumbnails, parts_path, rank)
-        if world_size > 1:
-            embedded = _exchange_parts(embedded, parts_path, rank, world_size)
-            if rank != 0:
-                return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
-        extra = {"model": _model_record(encoder, model_dir), "source": data}
-        extra["image_bounds"] = bounds.manifest()
-        return _write(out_dir, embedded, encoder.embed_dim, extra, start, spec, thumbnails, rank)
-    finally:
-        if rank == 0:
-            shutil.rmtree(parts_path, ignore_errors=True)
+    staging = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
+    record = {
+        "model": _model_record(encoder, model_dir),
+        "source": data,
+        "image_bounds": bounds.manifest(),
+    }
+    build = {
+        **record,
+        "artifact_digest": artifact_digest(model_dir),
+        "part_count": len(parts),
+        "parts_digest": parts_digest(parts),
+        "thumbnails": dataclasses.asdict(thumbnails),
+        "batch_size": batch_size,
+    }
+    start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
+    with _ranks(rank, world_size) as ranks:
+        done = set(ranks.first(lambda: begin(staging, build, resume=resume)))
+        if done and rank == 0:
+            log.info("resuming: %d of %d parts were embedded before", len(done), len(parts))
+        mine = [(i, p) for i, p in enumerate(parts) if i % world_size == rank and i not in done]
+        count, skipped = _embed(encoder, mine, batch_size, bounds, thumbnails, staging)
+        ranks.barrier()
+    if rank != 0:
+        return _summary(out_dir, count, count, skipped, encoder.embed_dim, start, rank=rank)
+    merged = merge(staging, len(parts), encoder.embed_dim, thumbnails.enabled)
+    if not merged.rows:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+        raise ValueError(
+            f"no usable samples in {data!r} (skipped: {dict(merged.skipped) or 'none'})"
+        )
+    summary = _write(out_dir, merged, record, count, start, spec, thumbnails)
+    shutil.rmtree(staging, ignore_errors=True)  # only now: a failed merge or write can resume
+    return summary
 
 
 def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:
@@ -158,127 +176,144 @@ def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:
 
 def _write(
     out_dir: str | Path,
-    embedded: Embedded,
-    dim: int,
-    extra: dict[str, Any],
+    merged: Chunk,
+    record: dict[str, Any],
+    embedded_here: int,
     start: float,
     spec: IndexSpec | None,
     thumbnails: ThumbnailSpec,
-    rank: int,
 ) -> dict[str, Any]:
-    """Rank 0: the index from every rank's rows (and thumbnails), and the build's summary;
-    `extra`: the manifest's model, source and image bounds."""
-    if not embedded.rows:
-        raise ValueError(
-            f"no usable samples in {extra['source']!r} "
-            f"(skipped: {dict(embedded.skipped) or 'none'})"
-        )
+    """Rank 0: the index from every part's chunk, and the build's summary; `record`: the
+    manifest's model, source and image bounds."""
     seconds = round(time.perf_counter() - start, 3)
     extra = {
-        **extra,
-        "skipped": dict(embedded.skipped),
+        **record,
+        "skipped": dict(merged.skipped),
         "build_seconds": seconds,
         "build_processes": int(os.environ.get("WORLD_SIZE", 1)),
     }
     write_index(
         out_dir,
-        embedded.vectors,
-        embedded.rows,
+        merged.vectors,
+        merged.rows,
         extra,
         spec=spec,
-        thumbnails=embedded.thumbnails,
+        thumbnails=merged.thumbnails,
         thumbnail_spec=thumbnails,
     )
-    return _summary(out_dir, embedded, dim, start, rank=rank, seconds=seconds)
+    dim = merged.vectors.shape[1]
+    count = len(merged.rows)
+    return _summary(
+        out_dir, count, embedded_here, merged.skipped, dim, start, rank=0, seconds=seconds
+    )
 
 
 def _summary(
     out_dir: str | Path,
-    embedded: Embedded,
+    count: int,
+    embedded_here: int,
+    skipped: Counter[str],
     dim: int,
     start: float,
     *,
     rank: int,
     seconds: float | None = None,
 ) -> dict[str, Any]:
+    """`count`: rows of the index (rank 0) or embedded by this rank; the rate counts the images
+    embedded in this run (`embedded_here`): a resumed build's earlier parts cost it nothing."""
     seconds = seconds if seconds is not None else round(time.perf_counter() - start, 3)
     return {
         "out": str(out_dir),
         "rank": rank,
-        "count": len(embedded.rows),
+        "count": count,
         "dim": dim,
-        "skipped": dict(embedded.skipped),
+        "skipped": dict(skipped),
         "seconds": seconds,
-        "images_per_second": round(len(embedded.rows) / max(seconds, 1e-3), 1),
+        "images_per_second": round(embedded_here / max(seconds, 1e-3), 1),
     }
 
 
 def _embed(
     encoder: Encoder,
-    shards: list[tuple[int, Part]],
+    parts: list[tuple[int, Part]],
     batch_size: int,
     bounds: ImageBounds,
     thumbnails: ThumbnailSpec,
-    parts: Path,
-    rank: int,
-) -> Embedded:
-    """Embed the usable images of `shards` (index, part) in order, thumbnails to a pack in
-    `parts`; count the skipped ones."""
+    staging: Path,
+) -> tuple[int, Counter[str]]:
+    """Embed `parts` (index, part) one by one, each written as its chunk once done; the images
+    embedded and the samples skipped."""
+    count, skipped = 0, Counter[str]()
+    for number, (index, part) in enumerate(parts, 1):
+        pack = thumbnails_path(staging, index) if thumbnails.enabled else None
+        chunk = _embed_part(encoder, part, batch_size, bounds, thumbnails, pack)
+        write_chunk(staging, index, chunk)
+        count += len(chunk.rows)
+        skipped.update(chunk.skipped)
+        log.info(
+            "part %d (%d of %d in this process): %d images embedded, %d skipped in all",
+            index,
+            number,
+            len(parts),
+            count,
+            sum(skipped.values()),
+        )
+    return count, skipped
+
+
+def _embed_part(
+    encoder: Encoder,
+    part: Part,
+    batch_size: int,
+    bounds: ImageBounds,
+    thumbnails: ThumbnailSpec,
+    pack: Path | None,
+) -> Chunk:
+    """One part's chunk: its batches never take images of another part, so the chunk is the
+    same whichever process makes it, and whenever (a resumed build equals an uninterrupted one)."""
     skipped: Counter[str] = Counter()
-    chunks: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
     rows: list[IndexRow] = []
-    shard_of_row: list[int] = []
-    writer = None
-    if thumbnails.enabled:
-        parts.mkdir(parents=True, exist_ok=True)
-        writer = PackWriter(parts / f"part-{rank:05d}.thumbnails.bin")
+    writer = PackWriter(pack) if pack is not None else None
     try:
-        batches = _batches(shards, skipped, batch_size, bounds)
-        for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
-            chunks.append(encoder.encode_images(images))  # [B, D]
+        for images, batch_rows in _batches(part, skipped, batch_size, bounds):
+            vectors.append(encoder.encode_images(images))  # [B, D]
             if writer is not None:
                 for image in images:
                     writer.add(make_thumbnail(image, thumbnails))
             rows.extend(batch_rows)
-            shard_of_row.extend(batch_shards)
-            if batch_number % PROGRESS_EVERY_BATCHES == 0:
-                log.info("embedded %d images (%d skipped)", len(rows), sum(skipped.values()))
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
-    pack = writer.close() if writer is not None else None
-    return Embedded(vectors, rows, shard_of_row, skipped, pack)
+    stacked = np.concatenate(vectors) if vectors else np.zeros((0, encoder.embed_dim), np.float32)
+    return Chunk(stacked, rows, skipped, writer.close() if writer is not None else None)
 
 
 def _batches(
-    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int, bounds: ImageBounds
-) -> Iterator[tuple[list[Image.Image], list[IndexRow], list[int]]]:
-    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones, and those
-    over the service's `bounds` (never decoded), counted by reason."""
+    part: Part, skipped: Counter[str], batch_size: int, bounds: ImageBounds
+) -> Iterator[tuple[list[Image.Image], list[IndexRow]]]:
+    """A part's decoded images and their rows, `batch_size` at a time; bad ones, and those over
+    the service's `bounds` (never decoded), counted by reason."""
     images: list[Image.Image] = []
     rows: list[IndexRow] = []
-    shard_of_row: list[int] = []
-    for shard_index, part in shards:
-        for sample in read_part(part, skipped, max_image_bytes=bounds.max_image_bytes):
-            image = decode_or_skip(
-                sample.image,
-                skipped,
-                key=sample.key,
-                resize=bounds.resize,
-                max_pixels=bounds.max_image_pixels,
-            )
-            if image is None:
-                continue
-            images.append(image)
-            rows.append(IndexRow(sample.key, sample.caption, _with_origin(sample, part)))
-            shard_of_row.append(shard_index)
-            if len(images) == batch_size:
-                yield images, rows, shard_of_row
-                images, rows, shard_of_row = [], [], []
+    for sample in read_part(part, skipped, max_image_bytes=bounds.max_image_bytes):
+        image = decode_or_skip(
+            sample.image,
+            skipped,
+            key=sample.key,
+            resize=bounds.resize,
+            max_pixels=bounds.max_image_pixels,
+        )
+        if image is None:
+            continue
+        images.append(image)
+        rows.append(IndexRow(sample.key, sample.caption, _with_origin(sample, part)))
+        if len(images) == batch_size:
+            yield images, rows
+            images, rows = [], []
     if images:
-        yield images, rows, shard_of_row
+        yield images, rows
 
 
 def _with_origin(sample: RawSample, part: Part) -> dict[str, Any]:
@@ -304,74 +339,57 @@ def _member_name(sample: RawSample) -> str:
     return f"{sample.key}.{sample.image_ext or IMAGE_EXTENSIONS[0]}"
 
 
-# --- torchrun: parts on disk, merged by rank 0 -------------------------------------------------
+# --- torchrun: a barrier, and rank 0's word --------------------------------------------------
 
 
-def _exchange_parts(embedded: Embedded, parts: Path, rank: int, world_size: int) -> Embedded:
-    """Write this rank's part, wait for every rank; rank 0 gets all parts merged in shard order."""
+class _Ranks:
+    """The processes of a build. Only decisions and a barrier cross processes (gloo; the data
+    goes through the staging folder, which can be on storage shared by nodes), so gloo serves
+    whatever device embeds."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def first(self, run: Callable[[], T]) -> T:
+        """`run()` on rank 0 only; its result on every rank, or its error raised on every rank."""
+        if self.world_size == 1:
+            return run()
+        import torch.distributed as dist
+
+        outcome: list[Any] = [None]
+        error: Exception | None = None
+        if self.rank == 0:
+            try:
+                outcome = [("ok", run())]
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                error, outcome = exc, [("error", f"{type(exc).__name__}: {exc}")]
+        dist.broadcast_object_list(outcome, src=0)
+        kind, value = outcome[0]
+        if error is not None:
+            raise error
+        if kind == "error":
+            raise PartialBuildError(f"rank 0: {value}")
+        return value
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+@contextlib.contextmanager
+def _ranks(rank: int, world_size: int) -> Iterator[_Ranks]:
+    if world_size == 1:
+        yield _Ranks(rank, world_size)
+        return
     import torch.distributed as dist
 
-    # Only a barrier crosses processes (the data goes through the parts directory, which can be
-    # on storage shared by nodes), so gloo serves whatever device embeds.
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
-        _write_part(parts, rank, embedded)
-        dist.barrier()
+        yield _Ranks(rank, world_size)
     finally:
         dist.destroy_process_group()
-    if rank != 0:
-        return embedded
-    return _merge_parts(parts, [_read_part(parts, r) for r in range(world_size)])
-
-
-def _write_part(parts: Path, rank: int, embedded: Embedded) -> None:
-    parts.mkdir(parents=True, exist_ok=True)
-    stem = parts / f"part-{rank:05d}"
-    np.save(f"{stem}.npy", embedded.vectors)
-    with open(f"{stem}.jsonl", "w") as f:
-        for row, shard in zip(embedded.rows, embedded.shards, strict=True):
-            record = {"shard": shard, "key": row.key, "caption": row.caption, "meta": row.meta}
-            f.write(json.dumps(record) + "\n")
-    done = {"rank": rank, "count": len(embedded.rows), "skipped": dict(embedded.skipped)}
-    # Written last, and renamed into place: its presence says the part is complete.
-    Path(f"{stem}.json.tmp").write_text(json.dumps(done))
-    os.replace(f"{stem}.json.tmp", f"{stem}.json")
-
-
-def _read_part(parts: Path, rank: int) -> Embedded:
-    stem = parts / f"part-{rank:05d}"
-    if not Path(f"{stem}.json").is_file():
-        raise RuntimeError(f"{stem}.json not found: rank {rank} did not finish its part")
-    done = json.loads(Path(f"{stem}.json").read_text())
-    vectors = np.load(f"{stem}.npy")
-    with open(f"{stem}.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    if not len(vectors) == len(records) == done["count"]:
-        raise RuntimeError(f"part {stem}: {len(vectors)} vectors, {len(records)} rows")
-    rows = [IndexRow(r["key"], r["caption"], r["meta"]) for r in records]
-    thumbnails_path = Path(f"{stem}.thumbnails.bin")
-    pack = Pack.open(thumbnails_path) if thumbnails_path.is_file() else None
-    if pack is not None and len(pack) != len(rows):
-        raise RuntimeError(f"part {stem}: {len(pack)} thumbnails for {len(rows)} rows")
-    shards = [r["shard"] for r in records]
-    return Embedded(vectors, rows, shards, Counter(done["skipped"]), pack)
-
-
-def _merge_parts(directory: Path, parts: list[Embedded]) -> Embedded:
-    """One Embedded in shard order: a stable sort by shard keeps each shard's sample order;
-    the thumbnails follow the rows into one pack in `directory`."""
-    shards = np.array([s for part in parts for s in part.shards], dtype=np.int64)
-    order = np.argsort(shards, kind="stable")
-    rows = [row for part in parts for row in part.rows]
-    vectors = np.concatenate([part.vectors for part in parts])[order]
-    skipped: Counter[str] = Counter()
-    for part in parts:
-        skipped.update(part.skipped)
-    packs = [part.thumbnails for part in parts if part.thumbnails is not None]
-    merged = None
-    if len(packs) == len(parts):  # every rank made thumbnails (or none did)
-        merged = merge_packs(packs, order, directory / "thumbnails.bin")
-    return Embedded(vectors, [rows[i] for i in order], shards[order].tolist(), skipped, merged)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -396,7 +414,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", default="cpu", help="torch device: cpu, cuda (under torchrun: per rank), cuda:0"
     )
     parser.add_argument(
-        "--parts-dir", help="where ranks write their parts and thumbnails are staged (OUT.parts)"
+        "--parts-dir", help="where each finished part's chunk is written (default OUT.parts)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the partial build a killed one left in the parts dir (without it, such a "
+        "leftover is refused)",
     )
     parser.add_argument(
         "--thumbnails",
@@ -460,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             spec=_spec(args),
             parts_dir=args.parts_dir,
+            resume=args.resume,
             thumbnails=ThumbnailSpec(
                 format=args.thumbnails,
                 max_side_px=args.thumbnail_px,
