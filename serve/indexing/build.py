@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from common.artifact import load_artifact
+from common.onnx_towers import OnnxExportError, OnnxTowers
 from common.preprocess import PreprocessCfg, ResizeLimit, decode_or_skip
 from common.shards import IMAGE_EXTENSIONS, RawSample
 from serve.cost import resize_limit
@@ -72,6 +73,7 @@ from serve.settings import ImageLimits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RUNTIMES = ("torch", "onnx", "onnx-int8")  # the service's DUET_RUNTIME values
 
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait for the slowest
 
@@ -112,6 +114,7 @@ def build_index(
     parts_dir: str | Path | None = None,
     thumbnails: ThumbnailSpec | None = None,
     resume: bool = False,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Embed every usable image in `data` with the artifact in `model_dir`; write `out_dir`.
 
@@ -120,7 +123,9 @@ def build_index(
     torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 merges every
     chunk in part order. `resume`: continue the partial build left there by a killed one (else
     such a leftover is refused). `thumbnails`: how to make them (default WebP, 256 px; format
-    "none": no thumbnails).
+    "none": no thumbnails). `runtime`: what runs the image tower, as the service's DUET_RUNTIME:
+    "torch", or the artifact's ONNX towers ("onnx", "onnx-int8": CPU only; the int8 files exist
+    only where they passed their export's quality gate, `common.onnx_towers`).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
     second of reading + decoding + embedding in this run (model loading not included); on ranks
     other than 0 the same for that rank's parts.
@@ -132,12 +137,15 @@ def build_index(
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model_dir = Path(model_dir).resolve()
     parts = list_parts(data)  # before the model loads: a wrong input fails at once
-    encoder = Encoder(load_artifact(model_dir, device=device), device)
+    encoder = Encoder(
+        load_artifact(model_dir, device=device), device, _towers(runtime, model_dir, device)
+    )
     bounds = ImageBounds.of_service(encoder.preprocess_cfg)
     thumbnails = thumbnails or ThumbnailSpec()
     staging = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
     record = {
         "model": _model_record(encoder, model_dir),
+        "runtime": runtime,
         "source": data,
         "image_bounds": bounds.manifest(),
     }
@@ -168,6 +176,18 @@ def build_index(
     summary = _write(out_dir, merged, record, count, start, spec, thumbnails)
     shutil.rmtree(staging, ignore_errors=True)  # only now: a failed merge or write can resume
     return summary
+
+
+def _towers(runtime: str, model_dir: Path, device: str) -> OnnxTowers | None:
+    """The ONNX Runtime towers `runtime` names (None: the torch model runs them); refused with
+    the export command where the artifact has none of that kind."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "torch":
+        return None
+    if device != "cpu":
+        raise ValueError(f"runtime {runtime} runs on the CPU; device is {device}")
+    return OnnxTowers.load(model_dir, "int8" if runtime == "onnx-int8" else "fp32")
 
 
 def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:
@@ -414,6 +434,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", default="cpu", help="torch device: cpu, cuda (under torchrun: per rank), cuda:0"
     )
     parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="what embeds: the torch model, or the artifact's ONNX towers (CPU; "
+        "`python -m common.onnx_towers ARTIFACT [--int8]` makes them)",
+    )
+    parser.add_argument(
         "--parts-dir", help="where each finished part's chunk is written (default OUT.parts)"
     )
     parser.add_argument(
@@ -485,13 +512,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec=_spec(args),
             parts_dir=args.parts_dir,
             resume=args.resume,
+            runtime=args.runtime,
             thumbnails=ThumbnailSpec(
                 format=args.thumbnails,
                 max_side_px=args.thumbnail_px,
                 quality=args.thumbnail_quality,
             ),
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OnnxExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["rank"] != 0:
