@@ -47,15 +47,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
+import torch
+from tqdm import tqdm
 
 from common.artifact import load_artifact
 from common.onnx_towers import OnnxExportError, OnnxTowers
-from common.preprocess import PreprocessCfg, ResizeLimit, decode_or_skip
 from common.shards import IMAGE_EXTENSIONS, RawSample
-from serve.cost import resize_limit
 from serve.encoder import Encoder
 from serve.indexing.index import IndexRow, write_index
+from serve.indexing.prepare import ImageBounds, Preparer, PrepareSpec
 from serve.indexing.sources import Part, list_parts, read_part
 from serve.indexing.staging import (
     Chunk,
@@ -67,40 +67,16 @@ from serve.indexing.staging import (
     thumbnails_path,
     write_chunk,
 )
-from serve.indexing.thumbnails import THUMBNAIL_FORMATS, PackWriter, ThumbnailSpec, make_thumbnail
+from serve.indexing.thumbnails import THUMBNAIL_FORMATS, PackWriter, ThumbnailSpec
 from serve.indexing.vector_search import INDEX_TYPES, IndexSpec
-from serve.settings import ImageLimits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 RUNTIMES = ("torch", "onnx", "onnx-int8")  # the service's DUET_RUNTIME values
+# the encoder keeps the other half busy; decoding a photo costs about what embedding it does
+DEFAULT_WORKERS = min(8, max(1, (os.cpu_count() or 2) // 2))
 
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait for the slowest
-
-
-@dataclass(frozen=True, slots=True)
-class ImageBounds:
-    """The service's per-image bounds, held by every image a build reads (one rule): bytes
-    before reading or decoding, decoded pixels and pixels once resized from the header."""
-
-    max_image_bytes: int
-    max_image_pixels: int
-    resize: ResizeLimit
-
-    @classmethod
-    def of_service(cls, cfg: PreprocessCfg) -> ImageBounds:
-        """The bounds a service on this artifact holds, its DUET_* environment included
-        (DUET_MAX_UPLOAD_BYTES, DUET_MAX_IMAGE_PIXELS, DUET_MAX_RESIZED_PIXELS)."""
-        limits = ImageLimits()
-        resize = resize_limit(limits, cfg)
-        return cls(limits.max_upload_bytes, limits.max_image_pixels, resize)
-
-    def manifest(self) -> dict[str, int]:
-        return {
-            "max_image_bytes": self.max_image_bytes,
-            "max_image_pixels": self.max_image_pixels,
-            "max_resized_pixels": self.resize.max_pixels,
-        }
 
 
 def build_index(
@@ -115,6 +91,8 @@ def build_index(
     thumbnails: ThumbnailSpec | None = None,
     resume: bool = False,
     runtime: str = "torch",
+    workers: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Embed every usable image in `data` with the artifact in `model_dir`; write `out_dir`.
 
@@ -125,15 +103,16 @@ def build_index(
     such a leftover is refused). `thumbnails`: how to make them (default WebP, 256 px; format
     "none": no thumbnails). `runtime`: what runs the image tower, as the service's DUET_RUNTIME:
     "torch", or the artifact's ONNX towers ("onnx", "onnx-int8": CPU only; the int8 files exist
-    only where they passed their export's quality gate, `common.onnx_towers`).
+    only where they passed their export's quality gate, `common.onnx_towers`). `workers`: processes
+    that decode and preprocess ahead of the encoder (0: this one, serve.indexing.prepare).
+    `progress`: a progress bar on stderr (None: when it is a terminal).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
     second of reading + decoding + embedding in this run (model loading not included); on ranks
     other than 0 the same for that rank's parts.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and device == "cuda":
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model_dir = Path(model_dir).resolve()
     parts = list_parts(data)  # before the model loads: a wrong input fails at once
@@ -157,24 +136,67 @@ def build_index(
         "thumbnails": dataclasses.asdict(thumbnails),
         "batch_size": batch_size,
     }
+    job = _Job(Path(out_dir), staging, parts, record, build, batch_size, spec, thumbnails)
     start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
+    # its workers first: forked before the process group's threads exist (serve.indexing.prepare)
+    preparer = Preparer(PrepareSpec(encoder.preprocess_cfg, bounds, thumbnails), workers)
+    try:
+        return _run(job, encoder, preparer, start, resume=resume, progress=progress)
+    finally:
+        preparer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What a build makes, from what, and how (`build_index`'s arguments, resolved)."""
+
+    out_dir: Path
+    staging: Path  # the parts folder: chunks, serve.indexing.staging
+    parts: list[Part]
+    record: dict[str, Any]  # for the manifest: model, runtime, source, image bounds
+    build: dict[str, Any]  # for build.json: the record and what else makes the vectors
+    batch_size: int
+    spec: IndexSpec | None
+    thumbnails: ThumbnailSpec
+
+
+def _run(
+    job: _Job,
+    encoder: Encoder,
+    preparer: Preparer,
+    start: float,
+    *,
+    resume: bool,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Embed this rank's unfinished parts into chunks; rank 0 then merges them into the index."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     with _ranks(rank, world_size) as ranks:
-        done = set(ranks.first(lambda: begin(staging, build, resume=resume)))
+        done = set(ranks.first(lambda: begin(job.staging, job.build, resume=resume)))
         if done and rank == 0:
-            log.info("resuming: %d of %d parts were embedded before", len(done), len(parts))
-        mine = [(i, p) for i, p in enumerate(parts) if i % world_size == rank and i not in done]
-        count, skipped = _embed(encoder, mine, batch_size, bounds, thumbnails, staging)
+            log.info("resuming: %d of %d parts were embedded before", len(done), len(job.parts))
+        mine = [
+            (i, part)
+            for i, part in enumerate(job.parts)
+            if i % world_size == rank and i not in done
+        ]
+        bar = _progress_bar(mine, disable=rank != 0 or progress is False, force=progress)
+        try:
+            count, skipped = _embed(encoder, mine, job.batch_size, preparer, job.staging, bar)
+        finally:
+            bar.close()
         ranks.barrier()
     if rank != 0:
-        return _summary(out_dir, count, count, skipped, encoder.embed_dim, start, rank=rank)
-    merged = merge(staging, len(parts), encoder.embed_dim, thumbnails.enabled)
+        return _summary(job.out_dir, count, count, skipped, encoder.embed_dim, start, rank=rank)
+    merged = merge(job.staging, len(job.parts), encoder.embed_dim, job.thumbnails.enabled)
     if not merged.rows:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing worth resuming
+        shutil.rmtree(job.staging, ignore_errors=True)  # nothing worth resuming
         raise ValueError(
-            f"no usable samples in {data!r} (skipped: {dict(merged.skipped) or 'none'})"
+            f"no usable samples in {job.record['source']!r} "
+            f"(skipped: {dict(merged.skipped) or 'none'})"
         )
-    summary = _write(out_dir, merged, record, count, start, spec, thumbnails)
-    shutil.rmtree(staging, ignore_errors=True)  # only now: a failed merge or write can resume
+    summary = _write(job.out_dir, merged, job.record, count, start, job.spec, job.thumbnails)
+    shutil.rmtree(job.staging, ignore_errors=True)  # only now: a failed merge or write resumes
     return summary
 
 
@@ -253,30 +275,54 @@ def _summary(
     }
 
 
+def _counts_images(parts: list[tuple[int, Part]]) -> bool:
+    """Whether the progress is counted in images: only folders' parts tell theirs up front."""
+    return all(part.kind == "files" for _, part in parts)
+
+
+def _progress_bar(parts: list[tuple[int, Part]], *, disable: bool, force: bool | None) -> tqdm:
+    """Images done (embedded or skipped) with rate and ETA: in images where every part is a
+    folder's (its file count is known), else in parts."""
+    if _counts_images(parts):
+        total, unit = sum(len(part.files) for _, part in parts), "img"
+    else:
+        total, unit = len(parts), "part"
+    # disable=None: tqdm's own choice, a bar only on a terminal
+    return tqdm(
+        total=total,
+        unit=unit,
+        desc="embedding",
+        disable=True if disable else (None if force is None else not force),
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+
+
 def _embed(
     encoder: Encoder,
     parts: list[tuple[int, Part]],
     batch_size: int,
-    bounds: ImageBounds,
-    thumbnails: ThumbnailSpec,
+    preparer: Preparer,
     staging: Path,
+    bar: tqdm,
 ) -> tuple[int, Counter[str]]:
     """Embed `parts` (index, part) one by one, each written as its chunk once done; the images
     embedded and the samples skipped."""
     count, skipped = 0, Counter[str]()
+    per_image = _counts_images(parts)
     for number, (index, part) in enumerate(parts, 1):
-        pack = thumbnails_path(staging, index) if thumbnails.enabled else None
-        chunk = _embed_part(encoder, part, batch_size, bounds, thumbnails, pack)
+        pack = thumbnails_path(staging, index) if preparer.spec.thumbnails.enabled else None
+        tick = bar.update if per_image else lambda n: None
+        start = bar.n
+        chunk = _embed_part(encoder, part, batch_size, preparer, pack, tick)
         write_chunk(staging, index, chunk)
         count += len(chunk.rows)
         skipped.update(chunk.skipped)
-        log.info(
-            "part %d (%d of %d in this process): %d images embedded, %d skipped in all",
-            index,
-            number,
-            len(parts),
-            count,
-            sum(skipped.values()),
+        # a part is one step, or its files (some the reader skipped: unreadable, too large)
+        bar.update(start + len(part.files) - bar.n if per_image else 1)
+        bar.set_postfix(images=count, skipped=sum(skipped.values()), refresh=False)
+        log.debug(
+            "part %d (%d of %d here) embedded: %d images so far", index, number, len(parts), count
         )
     return count, skipped
 
@@ -285,22 +331,23 @@ def _embed_part(
     encoder: Encoder,
     part: Part,
     batch_size: int,
-    bounds: ImageBounds,
-    thumbnails: ThumbnailSpec,
+    preparer: Preparer,
     pack: Path | None,
+    tick: Callable[[int], Any],
 ) -> Chunk:
     """One part's chunk: its batches never take images of another part, so the chunk is the
-    same whichever process makes it, and whenever (a resumed build equals an uninterrupted one)."""
+    same whichever process makes it, and whenever (a resumed build equals an uninterrupted one).
+    `tick(n)`: n more of the part's samples are done."""
     skipped: Counter[str] = Counter()
     vectors: list[np.ndarray] = []
     rows: list[IndexRow] = []
     writer = PackWriter(pack) if pack is not None else None
     try:
-        for images, batch_rows in _batches(part, skipped, batch_size, bounds):
-            vectors.append(encoder.encode_images(images))  # [B, D]
+        for pixels, thumbnails, batch_rows in _batches(part, skipped, batch_size, preparer, tick):
+            vectors.append(encoder.encode_pixels([torch.from_numpy(p) for p in pixels]))  # [B, D]
             if writer is not None:
-                for image in images:
-                    writer.add(make_thumbnail(image, thumbnails))
+                for thumbnail in thumbnails:
+                    writer.add(thumbnail)
             rows.extend(batch_rows)
     except BaseException:
         if writer is not None:
@@ -311,29 +358,31 @@ def _embed_part(
 
 
 def _batches(
-    part: Part, skipped: Counter[str], batch_size: int, bounds: ImageBounds
-) -> Iterator[tuple[list[Image.Image], list[IndexRow]]]:
-    """A part's decoded images and their rows, `batch_size` at a time; bad ones, and those over
-    the service's `bounds` (never decoded), counted by reason."""
-    images: list[Image.Image] = []
+    part: Part,
+    skipped: Counter[str],
+    batch_size: int,
+    preparer: Preparer,
+    tick: Callable[[int], Any],
+) -> Iterator[tuple[list[np.ndarray], list[bytes], list[IndexRow]]]:
+    """A part's prepared images, thumbnails and rows, `batch_size` at a time; bad ones, and those
+    over the service's bounds (never decoded), counted by reason."""
+    pixels: list[np.ndarray] = []
+    thumbnails: list[bytes] = []
     rows: list[IndexRow] = []
-    for sample in read_part(part, skipped, max_image_bytes=bounds.max_image_bytes):
-        image = decode_or_skip(
-            sample.image,
-            skipped,
-            key=sample.key,
-            resize=bounds.resize,
-            max_pixels=bounds.max_image_pixels,
-        )
-        if image is None:
+    max_bytes = preparer.spec.bounds.max_image_bytes
+    for sample, prepared in preparer.map(read_part(part, skipped, max_image_bytes=max_bytes)):
+        tick(1)
+        if prepared.pixels is None:
+            skipped[prepared.skipped or "corrupt_image"] += 1
             continue
-        images.append(image)
+        pixels.append(prepared.pixels)
+        thumbnails.append(prepared.thumbnail)
         rows.append(IndexRow(sample.key, sample.caption, _with_origin(sample, part)))
-        if len(images) == batch_size:
-            yield images, rows
-            images, rows = [], []
-    if images:
-        yield images, rows
+        if len(pixels) == batch_size:
+            yield pixels, thumbnails, rows
+            pixels, thumbnails, rows = [], [], []
+    if pixels:
+        yield pixels, thumbnails, rows
 
 
 def _with_origin(sample: RawSample, part: Part) -> dict[str, Any]:
@@ -434,6 +483,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", default="cpu", help="torch device: cpu, cuda (under torchrun: per rank), cuda:0"
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="processes decoding and preprocessing ahead of the encoder (0: none; default: half "
+        f"the cores, at most 8: {DEFAULT_WORKERS} here)",
+    )
+    parser.add_argument(
         "--runtime",
         default="torch",
         choices=RUNTIMES,
@@ -513,6 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parts_dir=args.parts_dir,
             resume=args.resume,
             runtime=args.runtime,
+            workers=args.workers,
             thumbnails=ThumbnailSpec(
                 format=args.thumbnails,
                 max_side_px=args.thumbnail_px,

@@ -1,5 +1,6 @@
 """An index build over a folder of hostile and broken files holds the service's per-image bounds:
-each bad file is skipped and counted by kind, none is decoded, and peak memory stays bounded."""
+each bad file is skipped and counted by kind, none is decoded, and peak memory stays bounded, in
+the build's process and in a worker process preparing its images; both give the same index."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
+from serve.indexing.index import SearchIndex
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.serve_support import make_artifact
 
@@ -25,10 +28,18 @@ BUILD = """
 import json, resource, sys
 from serve.indexing.build import build_index
 
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-summary = build_index(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"summary": summary, "added_rss_bytes": (after - before) * 1024}))
+def peak_bytes(who):
+    return resource.getrusage(who).ru_maxrss * 1024
+
+before = peak_bytes(resource.RUSAGE_SELF)
+# in this process, then in a worker process (the build's default from the command line)
+here = build_index(sys.argv[1], sys.argv[2], sys.argv[3] + "-here", batch_size=4, workers=0)
+worker = build_index(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=4, workers=1)
+print(json.dumps({
+    "summaries": [here, worker],
+    "added_rss_bytes": peak_bytes(resource.RUSAGE_SELF) - before,
+    "worker_over_this_process_bytes": peak_bytes(resource.RUSAGE_CHILDREN) - before,
+}))
 """
 
 
@@ -86,10 +97,20 @@ def test_hostile_files_are_skipped_by_kind_undecoded_within_bounded_memory(tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    # the worker imports what this process did, less the model: its peak is no higher
     assert report["added_rss_bytes"] < MAX_BUILD_RSS_BYTES, report
-    assert report["summary"]["count"] == 2
-    assert report["summary"]["skipped"] == expected
+    assert report["worker_over_this_process_bytes"] < MAX_BUILD_RSS_BYTES, report
+    for summary in report["summaries"]:
+        assert summary["count"] == 2
+        assert summary["skipped"] == expected
     manifest = json.loads((out / "index.json").read_text())
     assert manifest["skipped"] == expected
     assert manifest["image_bounds"]["max_image_bytes"] == MAX_UPLOAD_BYTES
     assert manifest["image_bounds"]["max_image_pixels"] == 40_000_000  # the service's default
+    here, worker = SearchIndex.load(Path(f"{out}-here")), SearchIndex.load(out)
+    assert np.array_equal(here.vectors([0, 1]), worker.vectors([0, 1]))  # same bytes, same code
+    assert here.rows([0, 1]) == worker.rows([0, 1])
+    assert here.thumbnails and worker.thumbnails
+    assert [here.thumbnails.get(i) for i in (0, 1)] == [worker.thumbnails.get(i) for i in (0, 1)]
+    here.close()
+    worker.close()

@@ -182,7 +182,7 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     truncated.write_bytes(good.read_bytes()[:200])  # starts like parquet, breaks off
     data = f"{folder}::{good}::{truncated}"
     argv = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "index")]
-    assert build_index_cli.main([*argv, "--batch-size", "4"]) == 0
+    assert build_index_cli.main([*argv, "--batch-size", "4", "--workers", "0"]) == 0
     # 7 - 2 pictures (a broken file; a TIFF, not an accepted format), 5 - 2 parquet rows
     assert "indexed 8 images" in capsys.readouterr().out
     for path in [tmp_path / "index", *(tmp_path / "index").rglob("*")]:  # another user may serve it
@@ -204,6 +204,16 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     assert "a zip archive" in capsys.readouterr().err
     with pytest.raises(UnsupportedInputError):
         build_index(artifact, str(tmp_path / "x.zip"), tmp_path / "never")
+
+
+def test_the_progress_bar_counts_a_folders_files_with_rate_and_eta(tmp_path: Path, capsys):
+    artifact = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    folder = photo_folder(tmp_path / "photos")  # 7 image files: 2 of them skipped
+    build_index(artifact, str(folder), tmp_path / "index", batch_size=2, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if line.startswith("embedding")][-1]
+    assert "100%" in last and "7/7" in last and "img/s" in last and "images=5" in last, last
+    assert any("<" in line and "img/s" in line for line in bar)  # elapsed<remaining: the ETA
 
 
 def img2dataset_output(root: Path, output_format: str, shard_count: int = 2) -> Path:
