@@ -76,8 +76,17 @@ class ImageTooLargeError(InvalidImageError):
     """An image whose header announces more pixels than allowed (decoded, or after the resize)."""
 
 
+class ImageTooThinError(ImageTooLargeError):
+    """An image within the decoded-pixel limit whose aspect ratio the model's resize would blow
+    up past the resized-pixel limit (`ResizeLimit`)."""
+
+
 class UnsupportedFormatError(InvalidImageError):
     """An image in a format outside ACCEPTED_FORMATS: never decoded."""
+
+
+class TruncatedImageError(InvalidImageError):
+    """An image whose header is sound but whose data ends before its pixels do."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,7 +159,7 @@ def check_image(header: ImageHeader, *, max_pixels: int, resize: ResizeLimit | N
     if resize is not None:
         after = resized_pixels(width, height, resize.cfg)
         if after > resize.max_pixels:
-            raise ImageTooLargeError(
+            raise ImageTooThinError(
                 f"image is {width}x{height}: resized for the model it would be {after} pixels; "
                 f"the limit is {resize.max_pixels} (the aspect ratio is too extreme)"
             )
@@ -231,7 +240,9 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image is over PIL's pixel limit: {exc}") from None
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
-        raise InvalidImageError(f"not a decodable image: {exc}") from exc
+        # Pillow has no type of its own for it: its decoders say so in the message
+        error = TruncatedImageError if "truncated" in str(exc) else InvalidImageError
+        raise error(f"not a decodable image: {exc}") from exc
 
 
 def to_8_bit(image: Image.Image) -> Image.Image:
@@ -254,7 +265,12 @@ def to_8_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(out, "L")
 
 
-SKIP_REASONS = {ImageTooLargeError: "image_too_large", UnsupportedFormatError: "unsupported_format"}
+SKIP_REASONS = {
+    ImageTooLargeError: "image_too_large",
+    ImageTooThinError: "image_too_thin",
+    UnsupportedFormatError: "unsupported_format",
+    TruncatedImageError: "truncated_image",
+}
 
 
 def decode_or_skip(
@@ -266,7 +282,9 @@ def decode_or_skip(
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Image.Image | None:
     """`load_image` with the service's bounds, or None with the sample counted as
-    `image_too_large`, `unsupported_format` or `corrupt_image`; a refused image is never decoded.
+    `image_too_large` (decoded pixels), `image_too_thin` (pixels once resized),
+    `unsupported_format`, `truncated_image` or `corrupt_image`; an image refused by its header is
+    never decoded.
 
     The one rule for a stored sample's image, shared by training, evaluation and index builds:
     `resize` is the model's (`ResizeLimit(preprocess_config(model))`), so a thin image that its

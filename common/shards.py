@@ -31,7 +31,11 @@ SKIP_REASONS = (
     "empty_caption",
     "bad_caption",
     "corrupt_image",
+    "truncated_image",
+    "unsupported_format",
     "image_too_large",
+    "image_too_thin",
+    "file_too_large",
     "truncated_member",
     "failed_shard",
     "unreadable_file",
@@ -40,7 +44,10 @@ SKIP_REASONS = (
 """Why something is skipped; every skip is counted under exactly one of these. All count samples
 except `failed_shard`, which counts whole shards (or parquet files) that could not be read after
 their retries; `unreadable_file` is an image file of a folder that could not be read;
-`duplicate_key` a sample whose key came earlier in the same shard (the first one is kept)."""
+`duplicate_key` a sample whose key came earlier in the same shard (the first one is kept).
+The image's own: `corrupt_image` (not an image), `truncated_image` (its data ends early),
+`unsupported_format` (a format the service refuses), `image_too_large` (decoded pixels),
+`image_too_thin` (pixels once resized for the model), `file_too_large` (bytes; index builds)."""
 
 DEFAULT_SHARD_RETRIES = 2
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's base_plus_ext

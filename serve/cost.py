@@ -52,6 +52,10 @@ decode memory alive at any moment is at most
 (DECODE_THREADS x MAX_IMAGE_PIXELS + SMALL_IMAGE_PIXELS) x 8 bytes. Only JPEG, PNG, WebP, GIF and
 BMP are opened (common.preprocess.ACCEPTED_FORMATS), first frame only: 415 for the rest.
 
+Index builds (serve.indexing.build) hold every image they read to the same per-image bounds,
+from the same settings (`ImageLimits`): over MAX_UPLOAD_BYTES, MAX_IMAGE_PIXELS or
+MAX_RESIZED_PIXELS an image is skipped and counted by kind, never decoded.
+
 Tokenizing is charged where it runs: on the request's threadpool thread, before its texts are
 queued (`EncodeBatcher.tokenize`), never on the encoder thread; `common.tokenize` bounds it per
 text, whatever the text, and a /classify prompt is built only as far as the tokenizer reads.
@@ -69,10 +73,10 @@ from common.preprocess import (
     check_image,
 )
 from serve.errors import ApiError
-from serve.settings import Settings
+from serve.settings import ImageLimits, Settings
 
 
-def resize_limit(settings: Settings, cfg: PreprocessCfg) -> ResizeLimit:
+def resize_limit(settings: ImageLimits, cfg: PreprocessCfg) -> ResizeLimit:
     """The bound on an image's pixels after the model's resize (`max_resized_pixels`)."""
     return ResizeLimit(cfg, settings.max_resized_pixels)
 

@@ -80,7 +80,29 @@ def _json_or_file(value: Any, what: str) -> Any:
         raise ValueError(f"{what}: not valid JSON: {exc}") from None
 
 
-class Settings(BaseSettings):
+class ImageLimits(BaseSettings):
+    """The per-image bounds: the service's, and index builds' too (one rule, one setting each);
+    images are refused (served: 413) or skipped (built) over them, before they are decoded."""
+
+    model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore")
+
+    max_upload_bytes: int = Field(
+        default=10 * MIB, ge=1, description="Largest image (upload, base64-decoded or fetched)."
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="Largest decoded image (width x height), checked before decoding.",
+    )
+    max_resized_pixels: int = Field(
+        default=DEFAULT_MAX_RESIZED_PIXELS,
+        ge=1,
+        description="Largest image after the model's resize (a thin image grows along its long "
+        "side), checked from the header before decoding.",
+    )
+
+
+class Settings(ImageLimits):
     """Everything the service reads from the environment, e.g. `DUET_ARTIFACT_DIR=...`."""
 
     model_config = SettingsConfigDict(env_prefix="DUET_", extra="ignore")
@@ -139,24 +161,10 @@ class Settings(BaseSettings):
         description='Prompt templates for /classify requests that give none; "{}" is the label.',
     )
     # --- request limits ---
-    max_upload_bytes: int = Field(
-        default=10 * MIB, ge=1, description="Largest image (upload, base64-decoded or fetched)."
-    )
     max_request_bytes: int = Field(
         default=32 * MIB,
         ge=1,
         description="Largest request body: all uploads (base64 included) and fields together.",
-    )
-    max_image_pixels: int = Field(
-        default=40_000_000,
-        ge=1,
-        description="Largest decoded image (width x height), checked before decoding.",
-    )
-    max_resized_pixels: int = Field(
-        default=DEFAULT_MAX_RESIZED_PIXELS,
-        ge=1,
-        description="Largest image after the model's resize (a thin image grows along its long "
-        "side), checked from the header before decoding.",
     )
     max_request_pixels: int = Field(
         default=200_000_000,

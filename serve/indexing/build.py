@@ -11,70 +11,68 @@ r"""`python -m serve.build_index`: embed the images of shards, folders or parque
 
 `--data` takes webdataset shards, folders of image files and img2dataset parquet files, joined by
 `::` (serve/indexing/sources.py). They are read part by part (a shard, a parquet file, 1000 files of
-a folder), so FAISS row ids follow the parts. Under torchrun, rank r embeds parts r, r + N, ... and
-writes its vectors and rows to `--parts-dir`; after a barrier rank 0 merges them in part order (so
-the ids are those of a one-process build), builds the index and removes the parts. Samples that
-cannot be used (no image, undecodable image, unreadable file) are skipped, counted by reason, and
-summed over ranks in the index manifest.
+a folder), in a fixed order, so FAISS row ids follow the parts. Each finished part is written at
+once to `--parts-dir` (default OUT.parts) as a chunk, durably (serve/indexing/staging.py); a killed
+build (SIGKILL, SIGTERM, a lost node) continues with `--resume` from the parts it finished, and
+ends equal to an uninterrupted build. Without `--resume` such a leftover is refused. Under
+torchrun, rank r embeds parts r, r + N, ...; after a barrier rank 0 merges every chunk in part
+order (so the ids are those of a one-process build), builds the index and removes the parts.
+Every image is held to the service's per-image bounds (bytes, pixels, pixels once resized:
+`DUET_MAX_UPLOAD_BYTES`, `DUET_MAX_IMAGE_PIXELS`, `DUET_MAX_RESIZED_PIXELS`) from its header,
+before it is decoded. Samples that cannot be used are skipped, counted by kind, and summed over
+ranks in the index manifest.
 
-Each indexed image also gets a thumbnail (`--thumbnails webp|jpeg|none`, longest side `--thumbnail-
-px`, serve/indexing/thumbnails.py), written as it is embedded to a packed file per process in the
-parts directory and merged in the same part order as the rows. Each row's metadata says where its
-image came from: `shard` + `member` (a tar shard), `source` (a folder's file, relative path;
-`folder` is the folder), or `parquet` + `row`; img2dataset's own `url` and `key` stay as they are.
+Each indexed image also gets a thumbnail (`--thumbnails webp|jpeg|none`, longest side
+`--thumbnail-px`, serve/indexing/thumbnails.py), written as it is embedded to its part's chunk and
+merged in the same part order as the rows. Each row's metadata says where its image came from:
+`shard` + `member` (a tar shard), `source` (a folder's file, relative path; `folder` is the
+folder), or `parquet` + `row`; img2dataset's own `url` and `key` stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from PIL import Image
+from typing import Any, TypeVar
 
 from common.artifact import load_artifact
-from common.preprocess import ResizeLimit, decode_or_skip
-from common.shards import IMAGE_EXTENSIONS, RawSample
+from common.onnx_towers import OnnxExportError, OnnxTowers
 from serve.encoder import Encoder
-from serve.indexing.index import IndexRow, write_index
-from serve.indexing.sources import Part, list_parts, read_part
-from serve.indexing.thumbnails import (
-    THUMBNAIL_FORMATS,
-    Pack,
-    PackWriter,
-    ThumbnailSpec,
-    make_thumbnail,
-    merge_packs,
+from serve.indexing.embed import embed_parts, progress_bar
+from serve.indexing.index import write_index
+from serve.indexing.prepare import ImageBounds, Preparer, PrepareSpec
+from serve.indexing.sources import Part, list_parts
+from serve.indexing.staging import (
+    Chunk,
+    PartialBuildError,
+    artifact_digest,
+    begin,
+    merge,
+    parts_digest,
 )
+from serve.indexing.thumbnails import THUMBNAIL_FORMATS, ThumbnailSpec
 from serve.indexing.vector_search import INDEX_TYPES, IndexSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+RUNTIMES = ("torch", "onnx", "onnx-int8")  # the service's DUET_RUNTIME values
+# A quarter of the cores, at most 8: the encoder's threads use the rest. None below 4 cores: there
+# a worker takes a core from the encoder (2 shared cores, ViT-B-32, 300 640x480 JPEGs: 50 s
+# without, 54-83 s with one). Decoding pays where encoding is cheap: GPU, ONNX int8, big photos.
+DEFAULT_WORKERS = min(8, (os.cpu_count() or 1) // 4)
 
-PROGRESS_EVERY_BATCHES = 20
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks with fewer or smaller shards wait for the slowest
-
-
-@dataclass(slots=True)
-class Embedded:
-    """The embeddings of one process's parts: vectors [n, D], their rows, each row's part, and
-    the rows' thumbnails (None: built without)."""
-
-    vectors: np.ndarray
-    rows: list[IndexRow]
-    shards: list[int]
-    skipped: Counter[str]
-    thumbnails: Pack | None = None
 
 
 def build_index(
@@ -87,253 +85,243 @@ def build_index(
     spec: IndexSpec | None = None,
     parts_dir: str | Path | None = None,
     thumbnails: ThumbnailSpec | None = None,
+    resume: bool = False,
+    runtime: str = "torch",
+    workers: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Embed every usable image in `data` with the artifact in `model_dir`; write `out_dir`.
 
-    Under torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 writes
-    the index from every rank's part in `parts_dir` (default: `OUT.parts`, beside `out_dir`;
-    a one-process build stages its thumbnails there too). `thumbnails`: how to make them
-    (default WebP, 256 px; format "none": no thumbnails).
+    Each part's embeddings (and thumbnails) are written as a chunk to `parts_dir` (default:
+    `OUT.parts`, beside `out_dir`) as soon as the part is done (serve.indexing.staging); under
+    torchrun (WORLD_SIZE > 1) each rank embeds its share of the parts and rank 0 merges every
+    chunk in part order. `resume`: continue the partial build left there by a killed one (else
+    such a leftover is refused). `thumbnails`: how to make them (default WebP, 256 px; format
+    "none": no thumbnails). `runtime`: what runs the image tower, as the service's DUET_RUNTIME:
+    "torch", or the artifact's ONNX towers ("onnx", "onnx-int8": CPU only; the int8 files exist
+    only where they passed their export's quality gate, `common.onnx_towers`). `workers`: processes
+    that decode and preprocess ahead of the encoder (0: this one, serve.indexing.prepare).
+    `progress`: a progress bar on stderr (None: when it is a terminal).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
-    second of reading + decoding + embedding (model loading not included); on ranks other than 0
-    the same for that rank's part.
+    second of reading + decoding + embedding in this run (model loading not included); on ranks
+    other than 0 the same for that rank's parts.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and device == "cuda":
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model_dir = Path(model_dir).resolve()
     parts = list_parts(data)  # before the model loads: a wrong input fails at once
-    encoder = Encoder(load_artifact(model_dir, device=device), device)
-    start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
-    mine = [(i, part) for i, part in enumerate(parts) if i % world_size == rank]
+    encoder = Encoder(
+        load_artifact(model_dir, device=device), device, _towers(runtime, model_dir, device)
+    )
+    bounds = ImageBounds.of_service(encoder.preprocess_cfg)
     thumbnails = thumbnails or ThumbnailSpec()
-    parts_path = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
+    staging = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
+    record = {
+        "model": _model_record(encoder, model_dir),
+        "runtime": runtime,
+        "source": data,
+        "image_bounds": bounds.manifest(),
+    }
+    build = {
+        **record,
+        "artifact_digest": artifact_digest(model_dir),
+        "part_count": len(parts),
+        "parts_digest": parts_digest(parts),
+        "thumbnails": dataclasses.asdict(thumbnails),
+        "batch_size": batch_size,
+    }
+    job = _Job(Path(out_dir), staging, parts, record, build, batch_size, spec, thumbnails)
+    start = time.perf_counter()  # throughput of reading, decoding and embedding; not model load
+    # its workers first: forked before the process group's threads exist (serve.indexing.prepare)
+    preparer = Preparer(PrepareSpec(encoder.preprocess_cfg, bounds, thumbnails), workers)
     try:
-        embedded = _embed(encoder, mine, batch_size, thumbnails, parts_path, rank)
-        if world_size > 1:
-            embedded = _exchange_parts(embedded, parts_path, rank, world_size)
-            if rank != 0:
-                return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank)
-        return _write(out_dir, embedded, encoder, model_dir, data, start, spec, thumbnails, rank)
+        return _run(job, encoder, preparer, start, resume=resume, progress=progress)
     finally:
-        if rank == 0:
-            shutil.rmtree(parts_path, ignore_errors=True)
+        preparer.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What a build makes, from what, and how (`build_index`'s arguments, resolved)."""
+
+    out_dir: Path
+    staging: Path  # the parts folder: chunks, serve.indexing.staging
+    parts: list[Part]
+    record: dict[str, Any]  # for the manifest: model, runtime, source, image bounds
+    build: dict[str, Any]  # for build.json: the record and what else makes the vectors
+    batch_size: int
+    spec: IndexSpec | None
+    thumbnails: ThumbnailSpec
+
+
+def _run(
+    job: _Job,
+    encoder: Encoder,
+    preparer: Preparer,
+    start: float,
+    *,
+    resume: bool,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """Embed this rank's unfinished parts into chunks; rank 0 then merges them into the index."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    with _ranks(rank, world_size) as ranks:
+        done = set(ranks.first(lambda: begin(job.staging, job.build, resume=resume)))
+        if done and rank == 0:
+            log.info("resuming: %d of %d parts were embedded before", len(done), len(job.parts))
+        mine = [
+            (i, part)
+            for i, part in enumerate(job.parts)
+            if i % world_size == rank and i not in done
+        ]
+        bar = progress_bar(mine, disable=rank != 0 or progress is False, force=progress)
+        try:
+            count, skipped = embed_parts(encoder, mine, job.batch_size, preparer, job.staging, bar)
+        finally:
+            bar.close()
+        ranks.barrier()
+    if rank != 0:
+        return _summary(job.out_dir, count, count, skipped, encoder.embed_dim, start, rank=rank)
+    merged = merge(job.staging, len(job.parts), encoder.embed_dim, job.thumbnails.enabled)
+    if not merged.rows:
+        shutil.rmtree(job.staging, ignore_errors=True)  # nothing worth resuming
+        raise ValueError(
+            f"no usable samples in {job.record['source']!r} "
+            f"(skipped: {dict(merged.skipped) or 'none'})"
+        )
+    summary = _write(job.out_dir, merged, job.record, count, start, job.spec, job.thumbnails)
+    shutil.rmtree(job.staging, ignore_errors=True)  # only now: a failed merge or write resumes
+    return summary
+
+
+def _towers(runtime: str, model_dir: Path, device: str) -> OnnxTowers | None:
+    """The ONNX Runtime towers `runtime` names (None: the torch model runs them); refused with
+    the export command where the artifact has none of that kind."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "torch":
+        return None
+    if device != "cpu":
+        raise ValueError(f"runtime {runtime} runs on the CPU; device is {device}")
+    return OnnxTowers.load(model_dir, "int8" if runtime == "onnx-int8" else "fp32")
+
+
+def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:
+    return {"name": encoder.model_name, "embed_dim": encoder.embed_dim, "artifact": str(model_dir)}
 
 
 def _write(
     out_dir: str | Path,
-    embedded: Embedded,
-    encoder: Encoder,
-    model_dir: Path,
-    data: str,
+    merged: Chunk,
+    record: dict[str, Any],
+    embedded_here: int,
     start: float,
     spec: IndexSpec | None,
     thumbnails: ThumbnailSpec,
-    rank: int,
 ) -> dict[str, Any]:
-    """Rank 0: the index from every rank's rows (and thumbnails), and the build's summary."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if not embedded.rows:
-        raise ValueError(
-            f"no usable samples in {data!r} (skipped: {dict(embedded.skipped) or 'none'})"
-        )
+    """Rank 0: the index from every part's chunk, and the build's summary; `record`: the
+    manifest's model, source and image bounds."""
     seconds = round(time.perf_counter() - start, 3)
-    model = {"name": encoder.model_name, "embed_dim": encoder.embed_dim, "artifact": str(model_dir)}
     extra = {
-        "model": model,
-        "source": data,
-        "skipped": dict(embedded.skipped),
+        **record,
+        "skipped": dict(merged.skipped),
         "build_seconds": seconds,
-        "build_processes": world_size,
+        "build_processes": int(os.environ.get("WORLD_SIZE", 1)),
     }
     write_index(
         out_dir,
-        embedded.vectors,
-        embedded.rows,
+        merged.vectors,
+        merged.rows,
         extra,
         spec=spec,
-        thumbnails=embedded.thumbnails,
+        thumbnails=merged.thumbnails,
         thumbnail_spec=thumbnails,
     )
-    return _summary(out_dir, embedded, encoder.embed_dim, start, rank=rank, seconds=seconds)
+    dim = merged.vectors.shape[1]
+    count = len(merged.rows)
+    return _summary(
+        out_dir, count, embedded_here, merged.skipped, dim, start, rank=0, seconds=seconds
+    )
 
 
 def _summary(
     out_dir: str | Path,
-    embedded: Embedded,
+    count: int,
+    embedded_here: int,
+    skipped: Counter[str],
     dim: int,
     start: float,
     *,
     rank: int,
     seconds: float | None = None,
 ) -> dict[str, Any]:
+    """`count`: rows of the index (rank 0) or embedded by this rank; the rate counts the images
+    embedded in this run (`embedded_here`): a resumed build's earlier parts cost it nothing."""
     seconds = seconds if seconds is not None else round(time.perf_counter() - start, 3)
     return {
         "out": str(out_dir),
         "rank": rank,
-        "count": len(embedded.rows),
+        "count": count,
         "dim": dim,
-        "skipped": dict(embedded.skipped),
+        "skipped": dict(skipped),
         "seconds": seconds,
-        "images_per_second": round(len(embedded.rows) / max(seconds, 1e-3), 1),
+        "images_per_second": round(embedded_here / max(seconds, 1e-3), 1),
     }
 
 
-def _embed(
-    encoder: Encoder,
-    shards: list[tuple[int, Part]],
-    batch_size: int,
-    thumbnails: ThumbnailSpec,
-    parts: Path,
-    rank: int,
-) -> Embedded:
-    """Embed the usable images of `shards` (index, part) in order, thumbnails to a pack in
-    `parts`; count the skipped ones."""
-    skipped: Counter[str] = Counter()
-    chunks: list[np.ndarray] = []
-    rows: list[IndexRow] = []
-    shard_of_row: list[int] = []
-    writer = None
-    if thumbnails.enabled:
-        parts.mkdir(parents=True, exist_ok=True)
-        writer = PackWriter(parts / f"part-{rank:05d}.thumbnails.bin")
-    try:
-        resize = ResizeLimit(encoder.preprocess_cfg)  # the service's default bound
-        batches = _batches(shards, skipped, batch_size, resize)
-        for batch_number, (images, batch_rows, batch_shards) in enumerate(batches, 1):
-            chunks.append(encoder.encode_images(images))  # [B, D]
-            if writer is not None:
-                for image in images:
-                    writer.add(make_thumbnail(image, thumbnails))
-            rows.extend(batch_rows)
-            shard_of_row.extend(batch_shards)
-            if batch_number % PROGRESS_EVERY_BATCHES == 0:
-                log.info("embedded %d images (%d skipped)", len(rows), sum(skipped.values()))
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, encoder.embed_dim), np.float32)
-    pack = writer.close() if writer is not None else None
-    return Embedded(vectors, rows, shard_of_row, skipped, pack)
+# --- torchrun: a barrier, and rank 0's word --------------------------------------------------
 
 
-def _batches(
-    shards: list[tuple[int, Part]], skipped: Counter[str], batch_size: int, resize: ResizeLimit
-) -> Iterator[tuple[list[Image.Image], list[IndexRow], list[int]]]:
-    """Decoded images, their rows and part indices, `batch_size` at a time; bad ones (and those
-    over the service's bounds, `resize` the model's) counted."""
-    images: list[Image.Image] = []
-    rows: list[IndexRow] = []
-    shard_of_row: list[int] = []
-    for shard_index, part in shards:
-        for sample in read_part(part, skipped):
-            image = decode_or_skip(sample.image, skipped, key=sample.key, resize=resize)
-            if image is None:
-                continue
-            images.append(image)
-            rows.append(IndexRow(sample.key, sample.caption, _with_origin(sample, part)))
-            shard_of_row.append(shard_index)
-            if len(images) == batch_size:
-                yield images, rows, shard_of_row
-                images, rows, shard_of_row = [], [], []
-    if images:
-        yield images, rows, shard_of_row
+class _Ranks:
+    """The processes of a build. Only decisions and a barrier cross processes (gloo; the data
+    goes through the staging folder, which can be on storage shared by nodes), so gloo serves
+    whatever device embeds."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def first(self, run: Callable[[], T]) -> T:
+        """`run()` on rank 0 only; its result on every rank, or its error raised on every rank."""
+        if self.world_size == 1:
+            return run()
+        import torch.distributed as dist
+
+        outcome: list[Any] = [None]
+        error: Exception | None = None
+        if self.rank == 0:
+            try:
+                outcome = [("ok", run())]
+            except Exception as exc:  # every rank must hear of it, or the others wait forever
+                error, outcome = exc, [("error", f"{type(exc).__name__}: {exc}")]
+        dist.broadcast_object_list(outcome, src=0)
+        kind, value = outcome[0]
+        if error is not None:
+            raise error
+        if kind == "error":
+            raise PartialBuildError(f"rank 0: {value}")
+        return value
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
-def _with_origin(sample: RawSample, part: Part) -> dict[str, Any]:
-    """The sample's metadata plus where its image is: shard + member, folder (+ `source`, set by
-    serve.indexing.sources), or parquet file + row; fields the sample already has are kept."""
-    meta = dict(sample.meta) if isinstance(sample.meta, dict) else {}
-    origin: dict[str, Any]
-    # file names, not the paths given at build time: results are shown to API clients, which
-    # learn nothing of the server's directories (the index manifest's `source` has the paths)
-    if part.kind == "shard":
-        origin = {"shard": Path(part.location).name, "member": _member_name(sample)}
-    elif part.kind == "files":
-        origin = {"folder": Path(part.location).name}
-    else:
-        origin = {"parquet": Path(part.location).name, "row": sample.row}
-    for name, value in origin.items():
-        meta.setdefault(name, value)
-    return meta
-
-
-def _member_name(sample: RawSample) -> str:
-    """The tar member the image was read from: KEY.EXT, EXT as common.shards chose it."""
-    return f"{sample.key}.{sample.image_ext or IMAGE_EXTENSIONS[0]}"
-
-
-# --- torchrun: parts on disk, merged by rank 0 -------------------------------------------------
-
-
-def _exchange_parts(embedded: Embedded, parts: Path, rank: int, world_size: int) -> Embedded:
-    """Write this rank's part, wait for every rank; rank 0 gets all parts merged in shard order."""
+@contextlib.contextmanager
+def _ranks(rank: int, world_size: int) -> Iterator[_Ranks]:
+    if world_size == 1:
+        yield _Ranks(rank, world_size)
+        return
     import torch.distributed as dist
 
-    # Only a barrier crosses processes (the data goes through the parts directory, which can be
-    # on storage shared by nodes), so gloo serves whatever device embeds.
     dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
-        _write_part(parts, rank, embedded)
-        dist.barrier()
+        yield _Ranks(rank, world_size)
     finally:
         dist.destroy_process_group()
-    if rank != 0:
-        return embedded
-    return _merge_parts(parts, [_read_part(parts, r) for r in range(world_size)])
-
-
-def _write_part(parts: Path, rank: int, embedded: Embedded) -> None:
-    parts.mkdir(parents=True, exist_ok=True)
-    stem = parts / f"part-{rank:05d}"
-    np.save(f"{stem}.npy", embedded.vectors)
-    with open(f"{stem}.jsonl", "w") as f:
-        for row, shard in zip(embedded.rows, embedded.shards, strict=True):
-            record = {"shard": shard, "key": row.key, "caption": row.caption, "meta": row.meta}
-            f.write(json.dumps(record) + "\n")
-    done = {"rank": rank, "count": len(embedded.rows), "skipped": dict(embedded.skipped)}
-    # Written last, and renamed into place: its presence says the part is complete.
-    Path(f"{stem}.json.tmp").write_text(json.dumps(done))
-    os.replace(f"{stem}.json.tmp", f"{stem}.json")
-
-
-def _read_part(parts: Path, rank: int) -> Embedded:
-    stem = parts / f"part-{rank:05d}"
-    if not Path(f"{stem}.json").is_file():
-        raise RuntimeError(f"{stem}.json not found: rank {rank} did not finish its part")
-    done = json.loads(Path(f"{stem}.json").read_text())
-    vectors = np.load(f"{stem}.npy")
-    with open(f"{stem}.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    if not len(vectors) == len(records) == done["count"]:
-        raise RuntimeError(f"part {stem}: {len(vectors)} vectors, {len(records)} rows")
-    rows = [IndexRow(r["key"], r["caption"], r["meta"]) for r in records]
-    thumbnails_path = Path(f"{stem}.thumbnails.bin")
-    pack = Pack.open(thumbnails_path) if thumbnails_path.is_file() else None
-    if pack is not None and len(pack) != len(rows):
-        raise RuntimeError(f"part {stem}: {len(pack)} thumbnails for {len(rows)} rows")
-    shards = [r["shard"] for r in records]
-    return Embedded(vectors, rows, shards, Counter(done["skipped"]), pack)
-
-
-def _merge_parts(directory: Path, parts: list[Embedded]) -> Embedded:
-    """One Embedded in shard order: a stable sort by shard keeps each shard's sample order;
-    the thumbnails follow the rows into one pack in `directory`."""
-    shards = np.array([s for part in parts for s in part.shards], dtype=np.int64)
-    order = np.argsort(shards, kind="stable")
-    rows = [row for part in parts for row in part.rows]
-    vectors = np.concatenate([part.vectors for part in parts])[order]
-    skipped: Counter[str] = Counter()
-    for part in parts:
-        skipped.update(part.skipped)
-    packs = [part.thumbnails for part in parts if part.thumbnails is not None]
-    merged = None
-    if len(packs) == len(parts):  # every rank made thumbnails (or none did)
-        merged = merge_packs(packs, order, directory / "thumbnails.bin")
-    return Embedded(vectors, [rows[i] for i in order], shards[order].tolist(), skipped, merged)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -358,7 +346,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", default="cpu", help="torch device: cpu, cuda (under torchrun: per rank), cuda:0"
     )
     parser.add_argument(
-        "--parts-dir", help="where ranks write their parts and thumbnails are staged (OUT.parts)"
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="processes decoding and preprocessing ahead of the encoder (0: none; default: a "
+        f"quarter of the cores, at most 8: {DEFAULT_WORKERS} here)",
+    )
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help="what embeds: the torch model, or the artifact's ONNX towers (CPU; "
+        "`python -m common.onnx_towers ARTIFACT [--int8]` makes them)",
+    )
+    parser.add_argument(
+        "--parts-dir", help="where each finished part's chunk is written (default OUT.parts)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the partial build a killed one left in the parts dir (without it, such a "
+        "leftover is refused)",
     )
     parser.add_argument(
         "--thumbnails",
@@ -422,13 +430,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             spec=_spec(args),
             parts_dir=args.parts_dir,
+            resume=args.resume,
+            runtime=args.runtime,
+            workers=args.workers,
             thumbnails=ThumbnailSpec(
                 format=args.thumbnails,
                 max_side_px=args.thumbnail_px,
                 quality=args.thumbnail_quality,
             ),
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OnnxExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["rank"] != 0:

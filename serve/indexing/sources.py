@@ -7,7 +7,9 @@
   read and counted as `unsupported_format`, a format the service refuses too; the layout of
   img2dataset's `--output_format files` too): a same-name `.txt` beside an image is its caption
   (optional), a same-name `.json` its metadata (optional); the image's path relative to the
-  folder is its key and its `source` in the metadata, so a result leads back to the file;
+  folder is its `source` in the metadata, so a result leads back to the file, and the path
+  without its extension its key (with it, where files of one folder share a stem: `china.bmp`,
+  `china.webp`); the walk is iterative, so a folder's depth is bounded by the file system only;
 - img2dataset's `--output_format parquet` files: one row per sample, the image bytes in a binary
   `jpg` (or png/webp/image) column, the caption in `txt` (or `caption`), every other scalar
   column (url, key, width, ...) kept as metadata;
@@ -32,8 +34,9 @@ import glob
 import json
 import logging
 import os
+import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +68,7 @@ class Part:
     kind: PartKind
     location: str  # the shard URL, the parquet path, or the folder
     files: tuple[str, ...] = ()  # kind "files": image paths relative to `location`
+    keys: tuple[str, ...] = ()  # kind "files": each file's key (`folder_keys`)
 
 
 def list_parts(data: str) -> list[Part]:
@@ -81,14 +85,25 @@ def list_parts(data: str) -> list[Part]:
     return parts
 
 
-def read_part(part: Part, skipped: Counter[str]) -> Iterator[RawSample]:
-    """The usable samples of one part, in order; unusable ones counted in `skipped`."""
+def read_part(
+    part: Part, skipped: Counter[str], *, max_image_bytes: int | None = None
+) -> Iterator[RawSample]:
+    """The usable samples of one part, in order; unusable ones counted in `skipped`. An image
+    over `max_image_bytes` is `file_too_large`: a folder's file is not even read (its size is
+    known first), a shard's member or a parquet row is dropped before anything decodes it."""
     if part.kind == "shard":
-        yield from raw_samples(read_shard(part.location, skipped), skipped)
+        samples = raw_samples(read_shard(part.location, skipped), skipped)
     elif part.kind == "files":
-        yield from _folder_samples(Path(part.location), part.files, skipped)
+        folder = Path(part.location)
+        samples = _folder_samples(folder, part.files, part.keys, skipped, max_image_bytes)
     else:
-        yield from _parquet_samples(Path(part.location), skipped)
+        samples = _parquet_samples(Path(part.location), skipped)
+    for sample in samples:
+        if max_image_bytes is not None and len(sample.image) > max_image_bytes:
+            skipped["file_too_large"] += 1
+            log.warning("skipped %s: %d bytes", sample.key, len(sample.image))
+            continue
+        yield sample
 
 
 def _expand_glob(url: str) -> list[str]:
@@ -163,10 +178,31 @@ def _folder_parts(folder: Path) -> list[Part]:
     )
     if not files:
         return _img2dataset_output_parts(folder)
+    keys = folder_keys(files)  # over the whole folder: files sharing a stem may span two parts
     return [
-        Part("files", str(folder), tuple(files[start : start + FOLDER_PART_FILES]))
+        Part(
+            "files",
+            str(folder),
+            tuple(files[start : start + FOLDER_PART_FILES]),
+            tuple(keys[start : start + FOLDER_PART_FILES]),
+        )
         for start in range(0, len(files), FOLDER_PART_FILES)
     ]
+
+
+def folder_keys(files: Sequence[str]) -> list[str]:
+    """Each file's key: its relative path without the extension (`2024/beach`), as indices
+    built before always had it; with the extension (`2024/beach.png`) where that would be
+    another file's key too, so `china.bmp` and `china.webp` stay two items. Paths are unique,
+    so the loop ends: each round gives at least one more file its full path."""
+    keys = [str(Path(name).with_suffix("")) for name in files]
+    while True:
+        counts = Counter(keys)
+        shared = [i for i, key in enumerate(keys) if counts[key] > 1 and key != files[i]]
+        if not shared:
+            return keys
+        for i in shared:
+            keys[i] = files[i]
 
 
 def _img2dataset_output_parts(folder: Path) -> list[Part]:
@@ -185,29 +221,60 @@ def _img2dataset_output_parts(folder: Path) -> list[Part]:
 
 
 def _walk(folder: Path) -> Iterator[Path]:
-    """Every file under `folder`; symlinked folders are not followed (no cycles), hidden skipped."""
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            if not name.startswith("."):
-                yield Path(root) / name
+    """Every file under `folder`, hidden ones skipped; symlinked folders are not followed (no
+    cycles). A stack, not recursion (os.walk recurses): a folder 1,000 levels deep is a folder;
+    one that cannot be listed is logged and left out."""
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                listed = [entry for entry in entries if not entry.name.startswith(".")]
+        except OSError as exc:
+            log.warning("skipped folder %s: %s", directory, exc.strerror or exc)
+            continue
+        for entry in listed:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif not entry.is_dir():  # a symlink to a folder is neither walked nor a file
+                yield Path(entry.path)
 
 
 def _folder_samples(
-    folder: Path, files: tuple[str, ...], skipped: Counter[str]
+    folder: Path,
+    files: tuple[str, ...],
+    keys: tuple[str, ...],
+    skipped: Counter[str],
+    max_image_bytes: int | None,
 ) -> Iterator[RawSample]:
-    for relative in files:
+    for relative, key in zip(files, keys, strict=True):
         path = folder / relative
         try:
-            image = path.read_bytes()
+            image = _read_file(path, max_image_bytes)
         except OSError as exc:
             skipped["unreadable_file"] += 1
             log.warning("skipped %s: %s", path, exc.strerror or exc)
             continue
+        if image is None:
+            skipped["file_too_large"] += 1
+            log.warning("skipped %s: over %d bytes", path, max_image_bytes)
+            continue
         meta = _sidecar_json(path.with_suffix(".json"))
         meta["source"] = relative
-        key = str(Path(relative).with_suffix(""))
         yield RawSample(key, str(folder), image, _sidecar_text(path.with_suffix(".txt")), meta)
+
+
+def _read_file(path: Path, max_bytes: int | None) -> bytes | None:
+    """The file's bytes; None if it is over `max_bytes` (known from its size, or found while
+    reading: it may grow). OSError for what is no regular file: opening a FIFO blocks."""
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"not a regular file ({stat.filemode(info.st_mode)})")
+    if max_bytes is not None and info.st_size > max_bytes:
+        return None
+    with open(path, "rb") as f:
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    return None if max_bytes is not None and len(data) > max_bytes else data
 
 
 def _sidecar_text(path: Path) -> str:

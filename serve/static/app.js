@@ -132,8 +132,16 @@ function itemPath(index, id) {
   return `/indices/${encodeURIComponent(index)}/items/${id}`;
 }
 
+// What a card calls its item: the caption, else the file it was indexed from (a folder's picture:
+// `source`, its path in the folder), else its key.
+function itemName(hit) {
+  if (hit.caption) return { text: hit.caption, file: false };
+  const source = hit.metadata && hit.metadata.source;
+  return { text: typeof source === "string" && source ? source : hit.key, file: true };
+}
+
 async function deleteResult(hit, index) {
-  const what = hit.caption ? `"${hit.caption}"` : `#${hit.id}`;
+  const what = `"${itemName(hit).text}"`;
   if (!confirm(`Delete ${what} (#${hit.id}) from index ${index}? This cannot be undone.`)) return;
   try {
     await api(itemPath(index, hit.id), { method: "DELETE" });
@@ -179,16 +187,17 @@ function renderResults(results, index) {
       thumb = document.createElement("img");
       thumb.loading = "lazy";
       thumb.decoding = "async";
-      thumb.alt = hit.caption || hit.key;
+      thumb.alt = itemName(hit).text;
       thumb.src = source;
     } else {
       thumb = document.createElement("div");
       thumb.className = "thumb";
       thumb.textContent = "no picture stored";
     }
+    const name = itemName(hit);
     const caption = document.createElement("div");
-    caption.className = "caption";
-    caption.textContent = hit.caption;
+    caption.className = name.file ? "caption file-name" : "caption";
+    caption.textContent = name.text;
     const score = document.createElement("div");
     score.className = "score";
     score.textContent = hit.score.toFixed(3);

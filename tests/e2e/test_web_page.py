@@ -4,7 +4,8 @@ a real `python -m serve` with a non-ASCII API key on a loopback port. The page a
 really load (signed URLs, no key in the <img>); an image search previews the query image; the
 zero-shot panel calls /classify; the filter box narrows a search and shows a bad filter's
 error; a picture added through the page is found by the next search
-and, deleted from its result card, is gone from the one after.
+and, deleted from its result card, is gone from the one after; a folder's pictures without
+captions are shown by their file names.
 Screenshots are written to runs/test-screenshots/ for a person to see."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.browser import Browser, set_file
 from tests.conftest import REPO_ROOT, running_service
@@ -50,22 +52,33 @@ CARD_IDS = (
     "[...document.querySelectorAll('#results .result-card')].map((c) => Number(c.dataset.id))"
 )
 SHARDS: dict[str, str] = {}  # server URL -> the shard its index was built from
+PHOTOS = ["beach.png", "china.jpg", "china.webp", "trip/market.jpg"]  # china.*: one stem, 2 keys
+
+
+def photo_folder(root: Path) -> Path:
+    """A folder of pictures as a camera leaves them: file names, no captions."""
+    for i, name in enumerate(PHOTOS):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (60 * i, 200 - 40 * i, 90)).save(root / name)
+    return root
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m serve` with a tiny random model, 24 synthetic images and an API key; and
-    index "frozen", a copy that another process writes (so it is read-only here)."""
+    """`python -m serve` with a tiny random model, 24 synthetic images and an API key; index
+    "frozen", a copy that another process writes (so it is read-only here); and index
+    "photos", built from a folder of pictures without captions."""
     root = tmp_path_factory.mktemp("page")
     artifact = make_artifact(root)
     shard = make_shard(root / "synth", SAMPLES)
     index = make_index(artifact, shard, root / "index")
     frozen = Path(shutil.copytree(index, root / "frozen"))
+    photos = make_index(artifact, str(photo_folder(root / "folder")), root / "photos")
     env = {
         "DUET_API_KEY": KEY,
         "DUET_MAX_K": str(MAX_K),
         "DUET_ACCESS_LOG": "false",
-        "DUET_INDICES": json.dumps({"frozen": str(frozen)}),
+        "DUET_INDICES": json.dumps({"frozen": str(frozen), "photos": str(photos)}),
     }
     with write_lock_held(frozen), running_service(artifact, index, env=env) as base:
         SHARDS[base] = shard
@@ -89,6 +102,7 @@ def page(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brow
         assert browser.wait_for(f"{options}.length && {options}") == [
             f"default ({SAMPLES})",
             f"frozen ({SAMPLES})",
+            f"photos ({len(PHOTOS)})",
         ]
         assert browser.evaluate(ADD_FORM_SHOWN)
         yield browser
@@ -274,3 +288,21 @@ def test_an_index_written_elsewhere_offers_no_add_or_delete(page: Browser) -> No
     finally:
         choose_index(page, "default")
     assert page.evaluate(ADD_FORM_SHOWN) is True
+
+
+def test_a_folders_pictures_without_captions_show_their_file_names(page: Browser) -> None:
+    choose_index(page, "photos")
+    try:
+        assert search_text(page, "a picture", 10).startswith(f"{len(PHOTOS)} results")
+        cards = page.evaluate(
+            "[...document.querySelectorAll('.result-card')].map((c) => ({"
+            " name: c.querySelector('.caption').textContent,"
+            " file: c.querySelector('.caption').classList.contains('file-name'),"
+            " alt: c.querySelector('img').alt }))"
+        )
+        assert sorted(card["name"] for card in cards) == PHOTOS
+        assert all(card["file"] and card["alt"] == card["name"] for card in cards)
+        page.wait_for(VISIBLE_IMAGES_LOADED)
+        page.screenshot(SCREENSHOT.with_name("page-folder.png"))
+    finally:
+        choose_index(page, "default")

@@ -55,7 +55,7 @@ def test_two_process_build_equals_one_process_build(tmp_path: Path, synth_dir: P
     one = build_index(artifact, data, tmp_path / "one", batch_size=64)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     build = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "two")]
-    command = [*torchrun, "-m", "serve.build_index", *build, "--batch-size", "64"]
+    command = [*torchrun, "-m", "serve.build_index", *build, "--batch-size", "64", "--workers", "0"]
     result = subprocess.run(
         command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
     )

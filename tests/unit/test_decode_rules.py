@@ -103,7 +103,7 @@ def test_a_thin_png_is_skipped_by_evaluation_training_and_index_builds(tmp_path:
     cfg = preprocess_config(model.clip)
     transform = image_transform(cfg, train=False)
     held_out = embed_shards(model, transform, make_tokenizer("duet-micro"), shard)
-    assert held_out.skipped == {"image_too_large": 1} and len(held_out.labels) == 1
+    assert held_out.skipped == {"image_too_thin": 1} and len(held_out.labels) == 1
 
     skipped: Counter[str] = Counter()
     reader = Reader(0, 0, 0, 1, 0, 1)
@@ -111,8 +111,8 @@ def test_a_thin_png_is_skipped_by_evaluation_training_and_index_builds(tmp_path:
     samples = enumerate(read_shard(shard, skipped))
     limit = ResizeLimit(cfg)
     decoded = list(decode_samples(samples, skipped, train_transform, limit, 10**8, reader))
-    assert skipped == {"image_too_large": 1} and [caption for _, caption, _ in decoded] == ["blue"]
+    assert skipped == {"image_too_thin": 1} and [caption for _, caption, _ in decoded] == ["blue"]
 
     artifact = write_artifact(model, tmp_path / "artifact", provenance={})
     build_index(artifact, shard, tmp_path / "index")
-    assert SearchIndex.load(tmp_path / "index").manifest["skipped"] == {"image_too_large": 1}
+    assert SearchIndex.load(tmp_path / "index").manifest["skipped"] == {"image_too_thin": 1}

@@ -135,3 +135,40 @@ def test_onnx_runtime_without_towers_is_not_ready_and_says_why(tmp_path: Path):
     assert ready.status_code == 503 and "common.onnx_towers" in ready.json()["error"]
     with pytest.raises(ValueError, match="runs on the CPU"):
         Settings(artifact_dir=out, index_dir=index, runtime="onnx", device="cuda")
+
+
+def test_an_index_built_on_the_onnx_runtimes_matches_torchs(
+    artifact: Path, tmp_path: Path, capsys
+) -> None:
+    import numpy as np
+
+    from serve.indexing import build as build_cli
+    from serve.indexing.build import RUNTIMES, build_index
+    from serve.indexing.index import SearchIndex
+
+    shard = make_shard(tmp_path / "data", samples=12)
+    vectors = {}
+    for runtime in RUNTIMES:
+        out = tmp_path / runtime
+        build_index(artifact, shard, out, batch_size=5, runtime=runtime)
+        index = SearchIndex.load(out)
+        vectors[runtime] = index.vectors(list(range(index.count)))
+        assert index.count == 12 and index.manifest["runtime"] == runtime
+        index.close()
+    np.testing.assert_allclose(vectors["onnx"], vectors["torch"], rtol=0, atol=1e-4)
+    assert not np.array_equal(vectors["onnx"], vectors["torch"])  # ONNX Runtime's own kernels
+    cosine = (vectors["onnx-int8"] * vectors["torch"]).sum(-1)
+    assert cosine.min() >= 0.99 and not np.allclose(vectors["onnx-int8"], vectors["torch"])
+    bare = write_artifact(build_model("duet-micro"), tmp_path / "bare", provenance={})
+    argv = [
+        "--model",
+        str(bare),
+        "--data",
+        shard,
+        "--out",
+        str(tmp_path / "x"),
+        "--runtime",
+        "onnx",
+    ]
+    assert build_cli.main(argv) == 2
+    assert "python -m common.onnx_towers" in capsys.readouterr().err

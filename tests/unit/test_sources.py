@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,56 @@ def test_parts_split_big_folders_and_keep_order(tmp_path: Path, monkeypatch):
     assert [len(p.files) for p in parts] == [3, 3, 1, 3, 3, 1]
 
 
+def test_a_folder_a_thousand_levels_deep_is_walked():
+    # Not under pytest's tmp_path: its clean-up (shutil.rmtree) recurses once per level too, and
+    # would fail on this tree in a later session if this test were killed before removing it.
+    top = Path(tempfile.mkdtemp(prefix="duet-deep-"))
+    deepest = top
+    try:
+        for _ in range(1000):  # os.walk recursed once per level: RecursionError at ~990
+            deepest = deepest / "d"
+            deepest.mkdir()  # one by one: mkdir(parents=True) recurses too
+        (deepest / "x.png").write_bytes(image_bytes((1, 2, 3)))
+        (top / "top.png").write_bytes(image_bytes((3, 2, 1)))
+        samples = [s for part in list_parts(str(top)) for s in read_part(part, Counter())]
+        assert [s.key for s in samples] == ["d/" * 1000 + "x", "top"]
+    finally:
+        while True:  # bottom-up, one level at a time
+            for path in deepest.iterdir():
+                if not path.is_dir():
+                    path.unlink()
+            deepest.rmdir()
+            if deepest == top:
+                break
+            deepest = deepest.parent
+
+
+def test_files_sharing_a_stem_get_distinct_keys_and_unique_stems_keep_theirs(tmp_path: Path):
+    folder = tmp_path / "photos"
+    (folder / "2024").mkdir(parents=True)
+    names = ["china.bmp", "china.webp", "china.png", "2024/china.png", "tokyo.jpg", "a.png.jpg"]
+    names += ["a.png", "a.webp"]  # a.png's key is then "a.png": a.png.jpg's stem
+    for name in names:
+        fmt = FORMATS[Path(name).suffix]
+        (folder / name).write_bytes(image_bytes((9, 9, 9), fmt))
+    (folder / "china.txt").write_text("the great wall")
+    skipped: Counter[str] = Counter()
+    samples = [s for p in list_parts(str(folder)) for s in read_part(p, skipped)]
+    keys = {s.meta["source"]: s.key for s in samples}
+    assert keys == {
+        "2024/china.png": "2024/china",
+        "a.png": "a.png",
+        "a.png.jpg": "a.png.jpg",
+        "a.webp": "a.webp",
+        "china.bmp": "china.bmp",
+        "china.png": "china.png",
+        "china.webp": "china.webp",
+        "tokyo.jpg": "tokyo",
+    }
+    assert {s.caption for s in samples if s.key.startswith("china")} == {"the great wall"}
+    assert not skipped
+
+
 def test_parquet_rows_become_samples_and_bad_rows_are_counted(tmp_path: Path):
     path = img2dataset_parquet(tmp_path / "00000.parquet")
     skipped: Counter[str] = Counter()
@@ -131,7 +182,7 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     truncated.write_bytes(good.read_bytes()[:200])  # starts like parquet, breaks off
     data = f"{folder}::{good}::{truncated}"
     argv = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "index")]
-    assert build_index_cli.main([*argv, "--batch-size", "4"]) == 0
+    assert build_index_cli.main([*argv, "--batch-size", "4", "--workers", "0"]) == 0
     # 7 - 2 pictures (a broken file; a TIFF, not an accepted format), 5 - 2 parquet rows
     assert "indexed 8 images" in capsys.readouterr().out
     for path in [tmp_path / "index", *(tmp_path / "index").rglob("*")]:  # another user may serve it
@@ -153,6 +204,16 @@ def test_build_index_from_a_folder_and_parquet_skips_and_counts_bad_files(tmp_pa
     assert "a zip archive" in capsys.readouterr().err
     with pytest.raises(UnsupportedInputError):
         build_index(artifact, str(tmp_path / "x.zip"), tmp_path / "never")
+
+
+def test_the_progress_bar_counts_a_folders_files_with_rate_and_eta(tmp_path: Path, capsys):
+    artifact = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    folder = photo_folder(tmp_path / "photos")  # 7 image files: 2 of them skipped
+    build_index(artifact, str(folder), tmp_path / "index", batch_size=2, progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    last = [line for line in bar if line.startswith("embedding")][-1]
+    assert "100%" in last and "7/7" in last and "img/s" in last and "images=5" in last, last
+    assert any("<" in line and "img/s" in line for line in bar)  # elapsed<remaining: the ETA
 
 
 def img2dataset_output(root: Path, output_format: str, shard_count: int = 2) -> Path:
