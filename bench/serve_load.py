@@ -57,10 +57,10 @@ from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.export import probe_image  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.onnx_towers import ONNX_DIR, export_onnx  # noqa: E402
-from serve.app import load_towers  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.indexing.index import SearchIndex, write_index  # noqa: E402
 from serve.indexing.vector_search import IndexSpec  # noqa: E402
+from serve.runtime import load_encoder  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 from tests.serve_support import black_png  # noqa: E402
 
@@ -412,7 +412,7 @@ class InProcess:
 
     def __init__(self, artifact: Path, index_dir: Path) -> None:
         settings = Settings(artifact_dir=artifact, index_dir=index_dir)  # DUET_RUNTIME from env
-        self.encoder = Encoder(load_artifact(artifact), towers=load_towers(settings))
+        self.encoder: Encoder = load_encoder(settings)[0]
         self.index = SearchIndex.load(
             index_dir, expected_dim=self.encoder.embed_dim, threads=SEARCH_THREADS
         )
