@@ -35,9 +35,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def settings(artifact: Path, index: Path, runtime: str) -> Settings:
-    return Settings(
-        artifact_dir=artifact, index_dir=index, runtime=runtime, label_sets=LABEL_SETS
-    )  # type: ignore[arg-type]
+    return Settings(artifact_dir=artifact, index_dir=index, runtime=runtime, label_sets=LABEL_SETS)
 
 
 def answers(client: TestClient) -> list[Any]:
