@@ -12,7 +12,9 @@ with torch's: fp32 must agree within 1e-4 (absolute, on unit vectors), and the i
 (dynamic quantisation of the matrix multiplies only: convolutions got slower and less accurate)
 must keep a cosine of at least 0.99 to torch's; the figures go into the manifest.
 
-The service runs these files with `DUET_RUNTIME=onnx` or `onnx-int8` (`OnnxTowers`).
+The service runs these files (`OnnxTowers`): fp32 by default (`DUET_RUNTIME=auto`, which exports
+them at its first start through `export_once` and checks them with `verify_towers` at every
+start), or as `DUET_RUNTIME=onnx` / `onnx-int8` asks.
 """
 
 from __future__ import annotations
