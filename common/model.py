@@ -237,16 +237,33 @@ def text_pooling(clip: Any) -> tuple[str, int | None] | None:
 
 def pooled_length(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> int | None:
     """The shortest bucket holding every row's pooling position, or None if none is shorter."""
-    if pool_type == "padding" and eos_id is not None:  # the last token that is not padding
-        real = tokens.ne(eos_id).long() * torch.arange(tokens.shape[1], device=tokens.device)
-        positions = real.amax(dim=-1)
-    elif pool_type == "argmax" or eos_id is None:
-        positions = tokens.argmax(dim=-1)
-    else:
-        positions = tokens.eq(eos_id).int().argmax(dim=-1)
-    needed = int(positions.max()) + 1
+    needed = int(pooled_positions(tokens, pool_type, eos_id).max()) + 1
     length = next((b for b in TEXT_LENGTH_BUCKETS if b >= needed), tokens.shape[1])
     return length if length < tokens.shape[1] else None
+
+
+def pooled_positions(tokens: torch.Tensor, pool_type: str, eos_id: int | None) -> torch.Tensor:
+    """[B, C] token ids -> [B] the position each row pools at (`text_pooling`'s kind)."""
+    if pool_type == "padding" and eos_id is not None:  # the last token that is not padding
+        real = tokens.ne(eos_id).long() * torch.arange(tokens.shape[1], device=tokens.device)
+        return real.amax(dim=-1)
+    if pool_type == "argmax" or eos_id is None:
+        return tokens.argmax(dim=-1)
+    return tokens.eq(eos_id).int().argmax(dim=-1)
+
+
+def length_groups(tokens: torch.Tensor, pooling: tuple[str, int | None]) -> list[torch.Tensor]:
+    """[B, C] token ids -> the row indices of each `TEXT_LENGTH_BUCKETS` length (or the full
+    context) the rows need, shortest first.
+
+    A batch runs at the length of its longest row: one 60-token text among 31 queries of 8
+    tokens makes all 32 cost 64 positions. Encoded group by group, each row costs its own
+    bucket, with the same embeddings (the cut is exact, `short_text_length`).
+    """
+    needed = pooled_positions(tokens, *pooling) + 1  # [B]
+    buckets = torch.tensor([*TEXT_LENGTH_BUCKETS, tokens.shape[1]], device=tokens.device)
+    bucket_of_row = torch.searchsorted(buckets, needed)  # [B] the first bucket >= needed
+    return [torch.nonzero(bucket_of_row == b).flatten() for b in bucket_of_row.unique()]
 
 
 def encode_text_prefix(clip: Any, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from common.artifact import LoadedModel
-from common.model import class_embeddings
+from common.model import class_embeddings, length_groups, text_pooling
 from common.preprocess import PreprocessCfg, preprocess_config
 
 
@@ -51,6 +51,8 @@ class Encoder:
         self.logit_scale = float(model.logit_scale.detach().exp())
         # the eval transform's size and resize mode: what a request's image is resized to
         self.preprocess_cfg: PreprocessCfg = preprocess_config(model.clip)
+        # how the text tower pools, where its padding can be cut (common.model.text_pooling)
+        self.text_pooling = text_pooling(model.clip)
         self._lock = threading.Lock()
 
     @property
@@ -71,10 +73,20 @@ class Encoder:
         return self.tokenizer(list(texts))
 
     def encode_tokens(self, tokens: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
-        """N texts' [C] token ids (`tokenize`) -> [N, D] unit vectors."""
+        """N texts' [C] token ids (`tokenize`) -> [N, D] unit vectors.
+
+        Rows of different lengths (one request's texts, or several requests' in one batch) are
+        encoded in groups of one bucketed length each (`length_groups`), not all at the longest.
+        """
         with self._lock, torch.inference_mode():
             batch = torch.stack(list(tokens)).to(self.device)  # [N, C]
-            return _to_numpy(self.towers.encode_text(batch))
+            groups = [] if self.text_pooling is None else length_groups(batch, self.text_pooling)
+            if len(groups) <= 1:
+                return _to_numpy(self.towers.encode_text(batch))
+            out = np.empty((len(batch), self.embed_dim), np.float32)
+            for rows in groups:
+                out[rows.cpu().numpy()] = _to_numpy(self.towers.encode_text(batch[rows]))
+            return out
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """N RGB images -> [N, D] unit vectors (the artifact's eval transform is applied here)."""

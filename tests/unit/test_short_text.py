@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
+from common.artifact import load_artifact, write_artifact
 from common.model import (
     BUNDLED_MODELS,
     TEXT_LENGTH_BUCKETS,
@@ -13,6 +17,7 @@ from common.model import (
     short_text_length,
 )
 from common.preprocess import tokenizer
+from serve.encoder import Encoder
 
 TEXTS = [
     "dog",
@@ -58,3 +63,32 @@ def test_training_keeps_the_padded_forward(monkeypatch):
     model.eval()
     model.encode_text(tokenizer("duet-micro")(["dog"]))
     assert calls == [torch.Size([1, 20])]  # only the training call went through open_clip's
+
+
+class RecordingTowers:
+    """The real model's towers, noting (rows, length run at) of every text batch they encode."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.shapes = model, []
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = short_text_length(self.model.clip, tokens) or tokens.shape[1]
+        self.shapes.append((tokens.shape[0], length))
+        return self.model.encode_text(tokens)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+def test_a_mixed_batch_is_encoded_per_length_with_each_texts_own_embedding(tmp_path):
+    """Long texts among short ones: the short rows run at 8 positions, not at the longest's
+    (duet-tiny's context is 20)."""
+    torch.manual_seed(0)
+    loaded = load_artifact(write_artifact(build_model("duet-tiny"), tmp_path / "a", provenance={}))
+    towers = RecordingTowers(loaded.model)
+    encoder = Encoder(loaded, towers=towers)
+    texts = ["dog", TEXTS[2], "a red circle", "cat", " ".join(["red"] * 40)]
+    got = encoder.encode_texts(texts)  # [5, D]
+    assert sorted(towers.shapes) == [(2, 20), (3, 8)]  # not all five at 20
+    alone = np.concatenate([encoder.encode_texts([text]) for text in texts])
+    np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
