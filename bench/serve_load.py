@@ -377,13 +377,14 @@ def start_server(
     batching: bool,
     command: list[str] | None = None,
     env: dict[str, str] | None = None,
+    root: Path = REPO_ROOT,
 ) -> tuple[subprocess.Popen, int]:
     """`python -m serve` (or `command`) on a free loopback port, once /ready and warmed up;
-    `env`: more (or other) DUET_* settings."""
+    `env`: more (or other) DUET_* settings; `root`: the checkout whose code it runs."""
     port = free_port()
     server_env = dict(os.environ)
     server_env.update(
-        PYTHONPATH=str(REPO_ROOT),
+        PYTHONPATH=str(root),
         DUET_ARTIFACT_DIR=str(artifact),
         DUET_INDEX_DIR=str(index),
         DUET_PORT=str(port),
@@ -394,7 +395,7 @@ def start_server(
     )
     server_env.update(env or {})
     command = command or [sys.executable, "-m", "serve"]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=server_env)
+    proc = subprocess.Popen(command, cwd=root, env=server_env)
     base = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
     with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
