@@ -133,6 +133,8 @@ def export_once(artifact_dir: str | Path) -> bool:
     artifact_dir = Path(artifact_dir)
     if has_towers(artifact_dir):
         return False
+    if not os.access(artifact_dir, os.W_OK):  # e.g. mounted read-only: say so before any work
+        raise PermissionError(f"{artifact_dir} is not writable: its ONNX towers cannot be added")
     fd = os.open(artifact_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also when this process dies
