@@ -17,7 +17,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from common.artifact import LoadedModel, load_artifact
+from common.cpus import available_cpus
 from common.onnx_towers import OnnxTowers, export_once, verify_towers
 from serve.encoder import Encoder
 from serve.settings import Settings
@@ -41,6 +44,7 @@ def load_encoder(settings: Settings) -> tuple[Encoder, Runtime]:
     The torch model lives only in this frame unless torch runs the towers: with ONNX Runtime
     the weights are freed on return, and only tokenizer and transform stay.
     """
+    fit_threads_to_cpus()
     loaded = load_artifact(settings.artifact_dir, device=settings.device)
     runtime = load_runtime(settings, loaded)
     return Encoder(loaded, settings.device, runtime.towers), runtime
@@ -76,6 +80,17 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
         return _torch_because(reason)
     log.info("runtime: ONNX Runtime (fp32 towers)")
     return Runtime("onnx", towers)
+
+
+def fit_threads_to_cpus() -> None:
+    """torch's threads (and so ONNX Runtime's, `OnnxTowers`) no more than the CPUs this process
+    may use (`common.cpus`): torch counts the host's cores, not a container's limit."""
+    cpus, threads = available_cpus(), torch.get_num_threads()
+    if threads > cpus:
+        log.info(
+            "threads per forward pass: %d (the CPUs this process may use), not %d", cpus, threads
+        )
+        torch.set_num_threads(cpus)
 
 
 def _torch_because(reason: str) -> Runtime:
