@@ -11,7 +11,6 @@ import torch
 from common.artifact import load_artifact, write_artifact
 from common.model import (
     BUNDLED_MODELS,
-    TEXT_LENGTH_BUCKETS,
     build_model,
     normalize,
     short_text_length,
@@ -32,7 +31,8 @@ def test_short_batches_give_the_padded_embeddings(name: str):
     model = build_model(name).eval()
     tokens = tokenizer(name)(TEXTS)
     length = short_text_length(model.clip, tokens[:2])
-    assert length is not None and length in TEXT_LENGTH_BUCKETS and length < tokens.shape[1]
+    # the longest of the two texts' own length: its start, its words and its end-of-text
+    assert length == int(tokens[:2].argmax(dim=-1).max()) + 1 < tokens.shape[1]
     with torch.no_grad():
         padded = normalize(model.clip.encode_text(tokens))  # open_clip's own, all positions
         for rows in (slice(0, 1), slice(0, 2), slice(0, 3)):  # mixed lengths; the last may be full
@@ -41,14 +41,16 @@ def test_short_batches_give_the_padded_embeddings(name: str):
             )
 
 
-def test_long_texts_training_and_two_way_towers_run_at_full_length():
+def test_full_texts_training_and_two_way_towers_run_at_full_length():
     torch.manual_seed(0)
     model = build_model("ViT-B-32").eval()
-    long_text = " ".join(["red"] * 70)  # 72 tokens: past the largest bucket
+    long_text = " ".join(["red"] * 70)  # 72 tokens: past the largest bucket, at its own length
     tokens = tokenizer("ViT-B-32")([long_text, "dog"])
-    assert short_text_length(model.clip, tokens) is None
+    assert short_text_length(model.clip, tokens) == 72
+    cut_off = tokenizer("ViT-B-32")([" ".join(["red"] * 80)])  # fills the context
+    assert short_text_length(model.clip, cut_off) is None
     short = tokenizer("ViT-B-32")(["dog"])
-    assert short_text_length(model.clip, short) == 8
+    assert short_text_length(model.clip, short) == 3  # start, "dog", end
     model.clip.attn_mask = None  # a text tower without the causal mask attends to the padding
     assert short_text_length(model.clip, short) is None
 
@@ -89,6 +91,7 @@ def test_a_mixed_batch_is_encoded_per_length_with_each_texts_own_embedding(tmp_p
     encoder = Encoder(loaded, towers=towers)
     texts = ["dog", TEXTS[2], "a red circle", "cat", " ".join(["red"] * 40)]
     got = encoder.encode_texts(texts)  # [5, D]
-    assert sorted(towers.shapes) == [(2, 20), (3, 8)]  # not all five at 20
+    # the three short ones at the longest's length, 5 ("a red circle"); not all five at 20
+    assert sorted(towers.shapes) == [(2, 20), (3, 5)]
     alone = np.concatenate([encoder.encode_texts([text]) for text in texts])
     np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
