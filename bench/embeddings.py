@@ -9,7 +9,7 @@ artifact directory it names, and a small index, starts `python -m serve` per run
 -C DIR`, on torch: the service as it was), and posts the same /v1/embeddings requests to each,
 one at a time, servers interleaved request by request so that the machine's drift hits all
 alike. Two kinds of batch: `queries` (the search benchmark's 8-12-token queries) and `mixed`
-(the same with every 8th text a 50-token sentence: one long text used to make the whole batch
+(the same with every 8th text a 74-token sentence: one long text used to make the whole batch
 run at its length). Prints the median wall ms per request and the median `x-inference-time`
 (the forward passes) per server, kind and batch size.
 """
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve_load import HOST, build, queries, start_server  # noqa: E402
 
-LONG = "a photograph of " + " and ".join(f"a {c} shape" for c in range(16))  # ~50 tokens
+LONG = "a photograph of " + " and ".join(f"a {c} shape" for c in range(16))  # 74 tokens
 
 
 def texts(kind: str, count: int) -> list[str]:
