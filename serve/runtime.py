@@ -1,8 +1,9 @@
 """What runs the towers: ONNX Runtime where the artifact's ONNX towers verify, else torch.
 
-`DUET_RUNTIME=auto` (the default) serves with ONNX Runtime fp32: on a CPU shared with other work
-it keeps most of its speed where torch's OpenMP threads lose most of theirs (docs/benchmarks.md,
-"Beside other work"), for torch's embeddings within 1e-4. The towers are exported into the
+`DUET_RUNTIME=auto` (the default) serves with ONNX Runtime fp32: faster than torch idle, and on
+a CPU shared with other work it served 2-24x torch's req/s beside the same busy processes, where
+torch's OpenMP threads collapse (docs/benchmarks.md, "Beside other work"); for torch's
+embeddings within 1e-4. The towers are exported into the
 artifact at the first start (`common.onnx_towers.export_once`: one worker exports, the others
 wait for it) and reused after; at every start they are compared with the torch model on probe
 inputs before the torch model is dropped. Where that cannot be done — a read-only artifact
