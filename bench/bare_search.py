@@ -25,10 +25,9 @@ import uvicorn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from common.artifact import load_artifact  # noqa: E402
-from serve.app import load_towers  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.indexing.index import SearchIndex  # noqa: E402
+from serve.runtime import load_encoder  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 
 Scope = dict[str, Any]
@@ -41,7 +40,7 @@ def make_app(artifact: Path, index_dir: Path) -> Any:
 
     def load() -> tuple[Encoder, SearchIndex]:
         settings = Settings(artifact_dir=artifact, index_dir=index_dir)  # DUET_RUNTIME from env
-        encoder = Encoder(load_artifact(artifact), towers=load_towers(settings))
+        encoder, _ = load_encoder(settings)
         threads = Settings.model_fields["search_threads"].default
         return encoder, SearchIndex.load(index_dir, expected_dim=encoder.embed_dim, threads=threads)
 

@@ -2,7 +2,8 @@
 
     python bench/serve_load.py [--vectors 100000] [--duration-s 5] [--rounds 3]
                                [--clients 1,8,32] [--model duet-tiny|ViT-B-32|ARTIFACT_DIR]
-                               [--index-type auto] [--runtime torch|onnx|onnx-int8]
+                               [--index-type auto] [--runtime auto|torch|onnx|onnx-int8]
+                               [--busy N]
 
 Builds a random-init artifact of `--model` (an open_clip name; random weights cost what trained
 ones do) or uses the artifact directory it names, and an index of `--vectors` synthetic unit vectors
@@ -27,6 +28,12 @@ allow (`attack_payloads`): /classify with max_classify_prompts prompts never see
 with max_request_pixels of images, /embed with max_items_per_request texts of max_text_chars.
 Target: normal traffic keeps >= 70% of its req/s and p99 <= 3x its unloaded p99, in the same
 rounds.
+
+Beside other work (`--busy N`, instead of the rows above): one server per runtime, `--runtime`
+and torch, batching on; each round runs every concurrency level on each server idle and beside
+1 .. N busy processes this script starts and stops (`busy_processes`: a pure-Python loop each,
+one core apiece, as a second service, a backup or a build would take). Prints req/s per row and
+the fraction of its idle req/s each keeps. Target: `--runtime` keeps >= 70% at 1 and 8 clients.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
+import itertools
 import json
 import os
 import random
@@ -43,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +67,10 @@ from common.artifact import load_artifact, write_artifact  # noqa: E402
 from common.export import probe_image  # noqa: E402
 from common.model import build_model  # noqa: E402
 from common.onnx_towers import ONNX_DIR, export_onnx  # noqa: E402
-from serve.app import load_towers  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
 from serve.indexing.index import SearchIndex, write_index  # noqa: E402
 from serve.indexing.vector_search import IndexSpec  # noqa: E402
+from serve.runtime import load_encoder  # noqa: E402
 from serve.settings import Settings  # noqa: E402
 from tests.serve_support import black_png  # noqa: E402
 
@@ -367,13 +377,14 @@ def start_server(
     batching: bool,
     command: list[str] | None = None,
     env: dict[str, str] | None = None,
+    root: Path = REPO_ROOT,
 ) -> tuple[subprocess.Popen, int]:
     """`python -m serve` (or `command`) on a free loopback port, once /ready and warmed up;
-    `env`: more (or other) DUET_* settings."""
+    `env`: more (or other) DUET_* settings; `root`: the checkout whose code it runs."""
     port = free_port()
     server_env = dict(os.environ)
     server_env.update(
-        PYTHONPATH=str(REPO_ROOT),
+        PYTHONPATH=str(root),
         DUET_ARTIFACT_DIR=str(artifact),
         DUET_INDEX_DIR=str(index),
         DUET_PORT=str(port),
@@ -384,7 +395,7 @@ def start_server(
     )
     server_env.update(env or {})
     command = command or [sys.executable, "-m", "serve"]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=server_env)
+    proc = subprocess.Popen(command, cwd=root, env=server_env)
     base = f"http://{HOST}:{port}"
     deadline = time.monotonic() + 300
     with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
@@ -403,6 +414,76 @@ def start_server(
     raise TimeoutError("the server did not become ready")
 
 
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """`count` processes, each spinning one core in a pure-Python loop, until the block ends."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # let the scheduler see them
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def busy_rows(
+    artifact: Path, index: Path, args: argparse.Namespace, levels: list[int], texts: list[str]
+) -> dict[tuple[str, int, int], Result]:
+    """(runtime, busy processes, clients) -> the pooled result of that row over the rounds."""
+    runtimes = list(dict.fromkeys([args.runtime, "torch"]))
+    servers = {r: start_server(artifact, index, True, env={"DUET_RUNTIME": r}) for r in runtimes}
+    rows: dict[tuple[str, int, int], list[Result]] = {}
+    try:
+        for round_index in range(args.rounds):
+            for busy in range(args.busy + 1):
+                with busy_processes(busy):
+                    for runtime, clients in itertools.product(runtimes, levels):
+                        port = servers[runtime][1]
+                        result = asyncio.run(drive(HOST, port, clients, args.duration_s, texts))
+                        rows.setdefault((runtime, busy, clients), []).append(result)
+                        print(
+                            f"round {round_index + 1}: {runtime}, busy {busy}, {clients} "
+                            f"clients: {result.requests / result.seconds:.1f} req/s",
+                            flush=True,
+                        )
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+    return {key: Result.merge(results) for key, results in rows.items()}
+
+
+def print_busy(rows: dict[tuple[str, int, int], Result], args: argparse.Namespace) -> None:
+    """req/s per row and the fraction of the idle row's req/s it keeps."""
+
+    def rate(r: Result) -> float:
+        return r.requests / r.seconds
+
+    def kept(runtime: str, busy: int, clients: int) -> float:
+        return rate(rows[runtime, busy, clients]) / max(rate(rows[runtime, 0, clients]), 1e-9)
+
+    print(
+        f"\n{args.model}, {args.vectors} vectors, k={K}, batching on, {args.rounds} rounds x "
+        f"{args.duration_s:.0f} s per row, {os.cpu_count()} CPUs, load average before: "
+        f"{args.load_before}\n"
+    )
+    print("| runtime | beside | clients | req/s | p50 ms | p99 ms | kept | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (runtime, busy, clients), r in sorted(rows.items()):
+        beside = "idle" if busy == 0 else f"{busy} busy"
+        print(
+            f"| {runtime} | {beside} | {clients} | {rate(r):.1f} | {r.percentile(50):.1f} | "
+            f"{r.percentile(99):.1f} | {kept(runtime, busy, clients):.0%} | {r.errors} |"
+        )
+    worst = min(
+        kept(runtime, busy, clients)
+        for runtime, busy, clients in rows
+        if runtime == args.runtime and clients in (1, 8)
+    )
+    print(f"- {args.runtime}: lowest kept fraction at 1 and 8 clients {worst:.0%} (target >= 70%)")
+
+
 class InProcess:
     """Encode + search for one query in this process, no HTTP: the same Encoder and SearchIndex.
 
@@ -412,7 +493,7 @@ class InProcess:
 
     def __init__(self, artifact: Path, index_dir: Path) -> None:
         settings = Settings(artifact_dir=artifact, index_dir=index_dir)  # DUET_RUNTIME from env
-        self.encoder = Encoder(load_artifact(artifact), towers=load_towers(settings))
+        self.encoder: Encoder = load_encoder(settings)[0]
         self.index = SearchIndex.load(
             index_dir, expected_dim=self.encoder.embed_dim, threads=SEARCH_THREADS
         )
@@ -461,19 +542,29 @@ def main() -> int:
         "--attack-clients", type=int, default=8, help="clients of the under-attack row (0: none)"
     )
     parser.add_argument(
-        "--runtime", default="torch", help="DUET_RUNTIME of every server: torch|onnx|onnx-int8"
+        "--runtime", default="auto", help="DUET_RUNTIME of every server: auto|torch|onnx|onnx-int8"
+    )
+    parser.add_argument(
+        "--busy", type=int, default=0, help="rows beside 1..N busy processes instead (0: off)"
     )
     args = parser.parse_args()
     os.environ["DUET_RUNTIME"] = args.runtime  # the servers' and the in-process reference's
     levels = [int(c) for c in args.clients.split(",")]
     texts = queries(1000)
+    if args.busy:
+        args.load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+            print(f"building {args.model} artifact and an index of {args.vectors} vectors ...")
+            artifact, index = build(Path(tmp), args.model, args.vectors, args.index_type)
+            print_busy(busy_rows(artifact, index, args, levels, texts), args)
+        return 0
     rows: dict[tuple[str, int], list[Result]] = {}
     paired: dict[str, list[float]] = {}
     attack_statuses: list[int] = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         print(f"building {args.model} artifact and an index of {args.vectors} vectors ...")
         artifact, index = build(Path(tmp), args.model, args.vectors, args.index_type)
-        if args.runtime != "torch" and not (artifact / ONNX_DIR).is_dir():
+        if args.runtime in ("onnx", "onnx-int8") and not (artifact / ONNX_DIR).is_dir():
             print("exporting the ONNX towers ...")
             export_onnx(artifact, int8=args.runtime == "onnx-int8")
         servers = {"on": start_server(artifact, index, True)}

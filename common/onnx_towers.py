@@ -12,14 +12,18 @@ with torch's: fp32 must agree within 1e-4 (absolute, on unit vectors), and the i
 (dynamic quantisation of the matrix multiplies only: convolutions got slower and less accurate)
 must keep a cosine of at least 0.99 to torch's; the figures go into the manifest.
 
-The service runs these files with `DUET_RUNTIME=onnx` or `onnx-int8` (`OnnxTowers`).
+The service runs these files (`OnnxTowers`): fp32 by default (`DUET_RUNTIME=auto`, which exports
+them at its first start through `export_once` and checks them with `verify_towers` at every
+start), or as `DUET_RUNTIME=onnx` / `onnx-int8` asks.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
+import os
 import shutil
 import sys
 import warnings
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.artifact import load_artifact
+from common.artifact import LoadedModel, load_artifact
 from common.atomic_dir import replace_dir, staging_dir
 from common.model import (
     DualEncoder,
@@ -86,10 +90,7 @@ def export_onnx(artifact_dir: str | Path, *, int8: bool = False) -> dict[str, An
     loaded = load_artifact(artifact_dir)
     model = loaded.model
     pooling = text_pooling(model.clip)
-    tokens = loaded.tokenize(list(PROBE_TEXTS))  # [3, C]
-    size = model.clip.visual.image_size
-    size = size[0] if isinstance(size, tuple | list) else size
-    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens, pixels = probe_inputs(loaded)
     target = artifact_dir / ONNX_DIR
     staging = staging_dir(target)
     try:
@@ -106,12 +107,43 @@ def export_onnx(artifact_dir: str | Path, *, int8: bool = False) -> dict[str, An
             for name in ("text", "image"):
                 _quantize(staging / f"{name}.onnx", staging / f"{name}.int8.onnx")
         for variant in variants:
-            manifest["checks"][variant] = _check(model, staging, variant, tokens, pixels, pooling)
+            towers = OnnxTowers(staging, variant, pooling, threads=None)
+            manifest["checks"][variant] = verify_towers(loaded, towers, variant)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def has_towers(artifact_dir: str | Path, variant: str = "fp32") -> bool:
+    """Whether ARTIFACT/onnx holds the `variant` towers (its manifest and both files)."""
+    folder = Path(artifact_dir) / ONNX_DIR
+    return (folder / MANIFEST).is_file() and all((folder / f).is_file() for f in VARIANTS[variant])
+
+
+def export_once(artifact_dir: str | Path) -> bool:
+    """`export_onnx` (fp32) unless the fp32 towers are there; True if this call exported them.
+
+    Several workers starting at once on one artifact take turns through an exclusive lock on
+    the artifact directory: the first exports, the others wait and find the towers. The export
+    itself is put in place in one step (`common.atomic_dir`), so a worker killed mid-export
+    leaves the cache as it was.
+    """
+    artifact_dir = Path(artifact_dir)
+    if has_towers(artifact_dir):
+        return False
+    if not os.access(artifact_dir, os.W_OK):  # e.g. mounted read-only: say so before any work
+        raise PermissionError(f"{artifact_dir} is not writable: its ONNX towers cannot be added")
+    fd = os.open(artifact_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by close, also when this process dies
+        if has_towers(artifact_dir):  # another worker exported them while this one waited
+            return False
+        export_onnx(artifact_dir)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _export(
@@ -150,18 +182,20 @@ def _quantize(source: Path, target: Path) -> None:
     prepared.unlink()
 
 
-def _check(
-    model: DualEncoder,
-    folder: Path,
-    variant: str,
-    tokens: torch.Tensor,
-    pixels: torch.Tensor,
-    pooling: tuple[str, int | None] | None,
-) -> dict[str, float]:
-    """Compare the variant's embeddings with torch's; raise if they are too far apart."""
-    towers = OnnxTowers(folder, variant, pooling, threads=None)
+def probe_inputs(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs both runtimes are compared on: 3 texts' [3, C] tokens, 2 images [2, 3, H, W]."""
+    size = loaded.model.clip.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return loaded.tokenize(list(PROBE_TEXTS)), pixels
+
+
+def verify_towers(loaded: LoadedModel, towers: OnnxTowers, variant: str) -> dict[str, float]:
+    """Compare the towers' embeddings of `probe_inputs` with the torch model's; raise
+    `OnnxExportError` if they are too far apart (fp32: 1e-4, int8: cosine 0.99)."""
+    tokens, pixels = probe_inputs(loaded)
     with torch.no_grad():
-        ours = (model.encode_text(tokens), model.encode_image(pixels))
+        ours = (loaded.model.encode_text(tokens), loaded.model.encode_image(pixels))
     theirs = (towers.encode_text(tokens), towers.encode_image(pixels))
     diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
     cosine = min(float((a * b).sum(-1).min()) for a, b in zip(ours, theirs, strict=True))
@@ -205,7 +239,7 @@ class OnnxTowers:
         manifest_path = folder / MANIFEST
         if variant not in VARIANTS:
             raise ValueError(f"ONNX variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-        if not manifest_path.is_file() or not (folder / VARIANTS[variant][0]).is_file():
+        if not has_towers(artifact_dir, variant):
             flag = " --int8" if variant == "int8" else ""
             raise OnnxExportError(
                 f"{artifact_dir} has no ONNX {variant} towers: run "

@@ -34,14 +34,11 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from common.artifact import load_artifact
-from common.onnx_towers import OnnxTowers
 from serve import timing
 from serve.auth import ApiKeyMiddleware
 from serve.batching import EncodeBatcher
 from serve.decoding import DecodeQueue
 from serve.disconnect import CancelOnDisconnect
-from serve.encoder import Encoder
 from serve.errors import install_error_handlers
 from serve.head import HeadAsGet
 from serve.images import lower_decode_priority, return_large_frees_to_os
@@ -61,6 +58,7 @@ from serve.routes import (
     search,
     thumbnails,
 )
+from serve.runtime import load_encoder
 from serve.service import Service, ServiceState, public_reason
 from serve.settings import Settings
 
@@ -183,22 +181,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.service.close()
 
 
-def load_towers(settings: Settings) -> OnnxTowers | None:
-    """The ONNX Runtime towers `settings.runtime` asks for; None: the torch model runs them."""
-    if settings.runtime == "torch":
-        return None
-    variant = "int8" if settings.runtime == "onnx-int8" else "fp32"
-    towers = OnnxTowers.load(settings.artifact_dir, variant)
-    log.info("runtime: ONNX Runtime (%s towers)", variant)
-    return towers
-
-
 def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetrics) -> None:
     """Load artifact, indices and label sets into `state.service`, or record why not."""
     registry = None
     try:
-        loaded = load_artifact(settings.artifact_dir, device=settings.device)
-        encoder = Encoder(loaded, settings.device, load_towers(settings))
+        encoder, runtime = load_encoder(settings)
         load_index = functools.partial(
             _load_index,
             expected_dim=encoder.embed_dim,
@@ -229,6 +216,9 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
         registry,
         label_sets,
         prompt_cache=PromptCache(settings.prompt_cache_entries),
+        runtime=runtime.name,
+        # like a load failure's reason: clients see no absolute paths
+        runtime_fallback=runtime.fallback_reason and public_reason(runtime.fallback_reason),
         decoder=DecodeQueue(
             settings.decode_threads,
             small_image_pixels=settings.small_image_pixels,
@@ -239,8 +229,9 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     metrics.set_index_sizes(registry.counts())
     metrics.ready.set(1)
     log.info(
-        "ready: model %s, indices %s, label sets %s, batching %s",
+        "ready: model %s on %s, indices %s, label sets %s, batching %s",
         encoder.model_name,
+        runtime.name,
         registry.counts(),
         list(label_sets) or "none",
         "on" if settings.batching else "off",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from common.artifact import LoadedModel
-from common.model import class_embeddings
+from common.model import class_embeddings, length_groups, text_pooling
 from common.preprocess import PreprocessCfg, preprocess_config
 
 
@@ -32,31 +32,33 @@ class Encoder:
     Calls are serialised by a lock: the handlers run in a threadpool, and interleaving forward
     passes on one model gains nothing on a CPU (torch already uses every core) while multiplying
     peak activation memory. `towers` (default: the loaded torch model) run the forward passes;
-    tokenizer, transform and temperature always come from the artifact.
+    tokenizer, transform and temperature always come from the artifact. Given other towers
+    (ONNX Runtime's), the encoder keeps no reference to the torch model: once the caller drops
+    its `LoadedModel`, the torch weights are freed.
     """
 
     def __init__(
         self, loaded: LoadedModel, device: str | torch.device = "cpu", towers: Towers | None = None
     ) -> None:
-        self.loaded = loaded
-        self.towers: Towers = towers if towers is not None else loaded.model
+        model = loaded.model
+        self.towers: Towers = towers if towers is not None else model
+        self.tokenizer = loaded.tokenize
+        self.transform = loaded.transform
         self.device = torch.device(device)
+        self.model_name: str = model.name
+        self.embed_dim: int = model.embed_dim
+        # exp of the learned log inverse temperature: the scale of zero-shot logits
+        self.logit_scale = float(model.logit_scale.detach().exp())
         # the eval transform's size and resize mode: what a request's image is resized to
-        self.preprocess_cfg: PreprocessCfg = preprocess_config(loaded.model.clip)
+        self.preprocess_cfg: PreprocessCfg = preprocess_config(model.clip)
+        # how the text tower pools, where its padding can be cut (common.model.text_pooling)
+        self.text_pooling = text_pooling(model.clip)
         self._lock = threading.Lock()
-
-    @property
-    def model_name(self) -> str:
-        return self.loaded.model.name
-
-    @property
-    def embed_dim(self) -> int:
-        return self.loaded.model.embed_dim
 
     @property
     def max_text_chars(self) -> int:
         """The characters of a text the tokenizer reads; the rest is cut unread."""
-        return self.loaded.tokenize.max_chars
+        return self.tokenizer.max_chars
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """N texts -> [N, D] unit vectors."""
@@ -68,13 +70,23 @@ class Encoder:
         No lock: like `preprocess`, it runs on the caller's thread, so the forward passes never
         wait for a request's tokenizing.
         """
-        return self.loaded.tokenize(list(texts))
+        return self.tokenizer(list(texts))
 
     def encode_tokens(self, tokens: Sequence[torch.Tensor] | torch.Tensor) -> np.ndarray:
-        """N texts' [C] token ids (`tokenize`) -> [N, D] unit vectors."""
+        """N texts' [C] token ids (`tokenize`) -> [N, D] unit vectors.
+
+        Rows of different lengths (one request's texts, or several requests' in one batch) are
+        encoded in groups of one bucketed length each (`length_groups`), not all at the longest.
+        """
         with self._lock, torch.inference_mode():
             batch = torch.stack(list(tokens)).to(self.device)  # [N, C]
-            return _to_numpy(self.towers.encode_text(batch))
+            groups = [] if self.text_pooling is None else length_groups(batch, self.text_pooling)
+            if len(groups) <= 1:
+                return _to_numpy(self.towers.encode_text(batch))
+            out = np.empty((len(batch), self.embed_dim), np.float32)
+            for rows in groups:
+                out[rows.cpu().numpy()] = _to_numpy(self.towers.encode_text(batch[rows]))
+            return out
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """N RGB images -> [N, D] unit vectors (the artifact's eval transform is applied here)."""
@@ -86,7 +98,7 @@ class Encoder:
         No lock: transforms are per item and run on the caller's thread, so a decoded image can
         be dropped as soon as its small tensor exists.
         """
-        pixels: torch.Tensor = self.loaded.transform(image)
+        pixels: torch.Tensor = self.transform(image)
         return pixels
 
     def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
@@ -95,15 +107,10 @@ class Encoder:
             batch = torch.stack(list(pixels)).to(self.device)  # [N, 3, H, W]
             return _to_numpy(self.towers.encode_image(batch))
 
-    @property
-    def logit_scale(self) -> float:
-        """exp of the learned log inverse temperature: the scale of zero-shot logits."""
-        return float(self.loaded.model.logit_scale.detach().exp())
-
     def label_embeddings(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
         """[L, D] zero-shot classifier weights by prompt ensembling (`class_embeddings`)."""
         with self._lock, torch.inference_mode():
-            prompts = class_embeddings(self.towers, self.loaded.tokenize, labels, templates)
+            prompts = class_embeddings(self.towers, self.tokenizer, labels, templates)
             return _to_numpy(prompts)
 
 

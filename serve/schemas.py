@@ -467,6 +467,8 @@ class ReadyResponse(BaseModel):
                     "model": "duet-micro",
                     "index_count": 512,
                     "indices": {"default": 512},
+                    "runtime": "onnx",
+                    "runtime_fallback": None,
                 }
             ]
         }
@@ -476,6 +478,12 @@ class ReadyResponse(BaseModel):
     model: str = Field(description="Name of the loaded model.")
     index_count: int = Field(description="Number of vectors in the default index.")
     indices: dict[str, int] = Field(description="Vectors per index, by name.")
+    runtime: str = Field(description="What runs the towers: torch, onnx or onnx-int8.")
+    runtime_fallback: str | None = Field(
+        None,
+        description="With DUET_RUNTIME=auto: why the service runs torch and not ONNX Runtime "
+        "(e.g. the towers could not be exported into a read-only artifact); null otherwise.",
+    )
 
 
 class IndexInfo(BaseModel):

@@ -45,6 +45,8 @@ class Service:
     indices: IndexRegistry
     label_sets: dict[str, LabelSetEmbeddings]
     prompt_cache: PromptCache = field(default_factory=PromptCache)
+    runtime: str = "torch"  # what runs the towers (serve.runtime)
+    runtime_fallback: str | None = None  # why `auto` runs torch, not ONNX Runtime
     # decodes and resizes request images: its size bounds how many full-size images are alive
     # /metadata answers are built one at a time: each is up to megabytes of JSON made by Python
     # code, and several built at once in the threadpool would take the interpreter lock from
@@ -75,9 +77,10 @@ class ServiceState:
     error: str | None = None
 
 
-def public_reason(exc: BaseException) -> str:
+def public_reason(exc: BaseException | str) -> str:
     """A load failure's reason for clients: absolute paths cut to their last part."""
-    return _ABSOLUTE_PATH.sub(r"…/\1", str(exc) or type(exc).__name__)
+    reason = exc if isinstance(exc, str) else str(exc) or type(exc).__name__
+    return _ABSOLUTE_PATH.sub(r"…/\1", reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,11 +122,13 @@ class Settings(ImageLimits):
     device: str = Field(
         default="cpu", description="Torch device for the encoders, e.g. cpu or cuda:0."
     )
-    runtime: Literal["torch", "onnx", "onnx-int8"] = Field(
-        default="torch",
-        description="What runs the towers: torch, or ONNX Runtime on the CPU with the "
-        "artifact's ONNX towers (`python -m common.onnx_towers ARTIFACT [--int8]` makes them); "
-        "onnx gives torch's embeddings, onnx-int8 approximates them (cosine >= 0.99).",
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+        default="auto",
+        description="What runs the towers. auto: ONNX Runtime fp32 on the CPU (exported into "
+        "the artifact at the first start and checked against torch at every start), else torch "
+        "with the reason in /ready. torch, onnx, onnx-int8: that one, or not ready saying why "
+        "(`python -m common.onnx_towers ARTIFACT [--int8]` makes the ONNX towers); onnx gives "
+        "torch's embeddings within 1e-4, onnx-int8 approximates them (cosine >= 0.99).",
     )
     api_key: SecretStr | None = Field(
         None,
@@ -412,7 +414,7 @@ class Settings(ImageLimits):
             )
         if self.index_dir is None and not self.indices:
             raise ValueError("no index: set index_dir (DUET_INDEX_DIR) or indices (DUET_INDICES)")
-        if self.runtime != "torch" and self.device != "cpu":
+        if self.runtime in ("onnx", "onnx-int8") and self.device != "cpu":
             raise ValueError(f"runtime {self.runtime} runs on the CPU; device is {self.device}")
         return self
 

@@ -1,6 +1,7 @@
 """Fixtures shared by the suite: a small synthetic dataset, written once per session."""
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,11 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The service's default runtime (auto) exports each new artifact's ONNX towers at its first start,
+# seconds per artifact: the suite's services run torch unless a test names a runtime (settings or
+# child processes: both read DUET_RUNTIME). tests/unit/test_runtime.py covers auto.
+os.environ.setdefault("DUET_RUNTIME", "torch")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

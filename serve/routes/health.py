@@ -34,6 +34,8 @@ async def ready(service: ServiceDep) -> ReadyResponse:
         model=service.encoder.model_name,
         index_count=counts[service.indices.default_name],
         indices=counts,
+        runtime=service.runtime,
+        runtime_fallback=service.runtime_fallback,
     )
 
 

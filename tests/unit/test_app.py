@@ -100,6 +100,8 @@ def test_health_and_ready_after_load(client: TestClient) -> None:
         "model": "duet-micro",
         "index_count": SAMPLES,
         "indices": {"default": SAMPLES},
+        "runtime": "torch",  # the suite pins it (tests/conftest.py)
+        "runtime_fallback": None,
     }
 
 

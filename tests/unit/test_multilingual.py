@@ -26,7 +26,7 @@ from common.artifact import load_artifact
 from common.config import validate
 from common.export import export, probe_image
 from common.hf_text import TEXT_CONFIG_DIR, HfTextFilesError, text_cfg_override
-from common.model import TEXT_LENGTH_BUCKETS, normalize, short_text_length
+from common.model import normalize, short_text_length
 from common.onnx_towers import OnnxTowers
 from serve.app import create_app
 from serve.settings import Settings
@@ -250,15 +250,14 @@ def test_onnx_runtime_runs_the_hugging_face_tower(artifact: Path, tmp_path: Path
 
 def test_short_queries_run_at_their_real_length_with_the_same_embeddings(artifact: Path):
     """The padding of a Hugging Face tower is masked out: a batch of short texts is cut to the
-    bucket holding its longest, and embeds as at the full context."""
+    length of its longest, and embeds as at the full context."""
     loaded = load_artifact(artifact)
     tokens = loaded.tokenize(["犬", *QUERIES])  # [5, 24]
     longest = int(tokens.ne(loaded.tokenize.inner.tokenizer.pad_token_id).sum(-1).max())
-    assert longest < 24  # the batch is short, its bucket below the context
-    assert short_text_length(loaded.model.clip, tokens) == next(
-        bucket for bucket in TEXT_LENGTH_BUCKETS if bucket >= longest
-    )
-    assert short_text_length(loaded.model.clip, tokens[:1]) == 8
+    assert longest < 24  # the batch is short, below the context
+    assert short_text_length(loaded.model.clip, tokens) == longest
+    first = int(tokens[0].ne(loaded.tokenize.inner.tokenizer.pad_token_id).sum())
+    assert short_text_length(loaded.model.clip, tokens[:1]) == max(first, 2)
     with torch.no_grad():
         full = normalize(loaded.model.clip.encode_text(tokens))
         for rows in (slice(0, 1), slice(0, 5)):

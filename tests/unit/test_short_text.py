@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import pytest
 import torch
 
+from common.artifact import load_artifact, write_artifact
 from common.model import (
     BUNDLED_MODELS,
-    TEXT_LENGTH_BUCKETS,
     build_model,
     normalize,
     short_text_length,
 )
 from common.preprocess import tokenizer
+from serve.encoder import Encoder
 
 TEXTS = [
     "dog",
@@ -27,7 +31,8 @@ def test_short_batches_give_the_padded_embeddings(name: str):
     model = build_model(name).eval()
     tokens = tokenizer(name)(TEXTS)
     length = short_text_length(model.clip, tokens[:2])
-    assert length is not None and length in TEXT_LENGTH_BUCKETS and length < tokens.shape[1]
+    # the longest of the two texts' own length: its start, its words and its end-of-text
+    assert length == int(tokens[:2].argmax(dim=-1).max()) + 1 < tokens.shape[1]
     with torch.no_grad():
         padded = normalize(model.clip.encode_text(tokens))  # open_clip's own, all positions
         for rows in (slice(0, 1), slice(0, 2), slice(0, 3)):  # mixed lengths; the last may be full
@@ -36,14 +41,16 @@ def test_short_batches_give_the_padded_embeddings(name: str):
             )
 
 
-def test_long_texts_training_and_two_way_towers_run_at_full_length():
+def test_full_texts_training_and_two_way_towers_run_at_full_length():
     torch.manual_seed(0)
     model = build_model("ViT-B-32").eval()
-    long_text = " ".join(["red"] * 70)  # 72 tokens: past the largest bucket
+    long_text = " ".join(["red"] * 70)  # 72 tokens: past the largest bucket, at its own length
     tokens = tokenizer("ViT-B-32")([long_text, "dog"])
-    assert short_text_length(model.clip, tokens) is None
+    assert short_text_length(model.clip, tokens) == 72
+    cut_off = tokenizer("ViT-B-32")([" ".join(["red"] * 80)])  # fills the context
+    assert short_text_length(model.clip, cut_off) is None
     short = tokenizer("ViT-B-32")(["dog"])
-    assert short_text_length(model.clip, short) == 8
+    assert short_text_length(model.clip, short) == 3  # start, "dog", end
     model.clip.attn_mask = None  # a text tower without the causal mask attends to the padding
     assert short_text_length(model.clip, short) is None
 
@@ -58,3 +65,33 @@ def test_training_keeps_the_padded_forward(monkeypatch):
     model.eval()
     model.encode_text(tokenizer("duet-micro")(["dog"]))
     assert calls == [torch.Size([1, 20])]  # only the training call went through open_clip's
+
+
+class RecordingTowers:
+    """The real model's towers, noting (rows, length run at) of every text batch they encode."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.shapes = model, []
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        length = short_text_length(self.model.clip, tokens) or tokens.shape[1]
+        self.shapes.append((tokens.shape[0], length))
+        return self.model.encode_text(tokens)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+def test_a_mixed_batch_is_encoded_per_length_with_each_texts_own_embedding(tmp_path):
+    """Long texts among short ones: the short rows run at 8 positions, not at the longest's
+    (duet-tiny's context is 20)."""
+    torch.manual_seed(0)
+    loaded = load_artifact(write_artifact(build_model("duet-tiny"), tmp_path / "a", provenance={}))
+    towers = RecordingTowers(loaded.model)
+    encoder = Encoder(loaded, towers=towers)
+    texts = ["dog", TEXTS[2], "a red circle", "cat", " ".join(["red"] * 40)]
+    got = encoder.encode_texts(texts)  # [5, D]
+    # the three short ones at the longest's length, 5 ("a red circle"); not all five at 20
+    assert sorted(towers.shapes) == [(2, 20), (3, 5)]
+    alone = np.concatenate([encoder.encode_texts([text]) for text in texts])
+    np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
