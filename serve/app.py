@@ -48,7 +48,7 @@ from serve.images import lower_decode_priority, return_large_frees_to_os
 from serve.indexing.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
-from serve.registry import IndexRegistry
+from serve.registry import IndexLoader, IndexRegistry
 from serve.routes import (
     classify,
     clip_retrieval,
@@ -199,15 +199,7 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     try:
         loaded = load_artifact(settings.artifact_dir, device=settings.device)
         encoder = Encoder(loaded, settings.device, load_towers(settings))
-        load_index = functools.partial(
-            _load_index,
-            expected_dim=encoder.embed_dim,
-            model_name=encoder.model_name,
-            threads=settings.search_threads,
-            writable=None if settings.index_writes else False,
-            compact_journal_bytes=settings.compact_journal_mib << 20,
-        )
-        registry = IndexRegistry(settings.index_paths, load_index)
+        registry = IndexRegistry(settings.index_sources, index_loader(settings, encoder))
         label_sets = embed_label_sets(encoder, settings.label_sets, settings.default_templates)
     except Exception as exc:  # any failure: the service stays up, not ready, saying why
         if registry is not None:
@@ -247,8 +239,33 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     )
 
 
+def index_loader(settings: Settings, encoder: Encoder) -> IndexLoader:
+    """Loads one index of `settings.index_sources`: a directory, or a Qdrant collection."""
+    writable = None if settings.index_writes else False
+    if settings.vector_store == "qdrant":
+        # imported here: a FAISS service never loads the Qdrant client
+        from serve.indexing.qdrant_store import QdrantConfig, qdrant_loader
+
+        api_key = settings.qdrant_api_key
+        config = QdrantConfig(
+            url=settings.qdrant_url,
+            path=settings.qdrant_path,
+            api_key=api_key.get_secret_value() if api_key is not None else None,
+            timeout_s=settings.qdrant_timeout_s,
+        )
+        return qdrant_loader(config, expected_dim=encoder.embed_dim, writable=writable)
+    return functools.partial(
+        _load_index,
+        expected_dim=encoder.embed_dim,
+        model_name=encoder.model_name,
+        threads=settings.search_threads,
+        writable=writable,
+        compact_journal_bytes=settings.compact_journal_mib << 20,
+    )
+
+
 def _load_index(
-    path: Path,
+    path: Path | str,
     *,
     expected_dim: int,
     model_name: str,

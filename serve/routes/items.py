@@ -48,8 +48,9 @@ from serve.body import (
 )
 from serve.errors import ApiError, error_responses
 from serve.images import download_image, prepare_images_for
-from serve.indexing.index import IndexRow, SearchIndex
+from serve.indexing.index import IndexRow
 from serve.indexing.journal import IndexReadOnlyError
+from serve.indexing.store import ServedIndex
 from serve.item_schemas import (
     AddedItem,
     AddItemsRequest,
@@ -251,7 +252,7 @@ def given_vectors(items: list[ItemInput], dim: int) -> dict[int, np.ndarray]:
 
 
 async def image_vectors(
-    items: list[ItemInput], service: Service, settings: Settings, index: SearchIndex
+    items: list[ItemInput], service: Service, settings: Settings, index: ServedIndex
 ) -> dict[int, np.ndarray]:
     """The items' images fetched, decoded, encoded (and thumbnailed) as [1, D] by position.
 
@@ -287,7 +288,7 @@ async def image_vectors(
     return {i: vectors[j : j + 1] for j, i in enumerate(positions)}
 
 
-def thumbnail_links(name: str, index: SearchIndex, settings: Settings) -> Callable[[int], str]:
+def thumbnail_links(name: str, index: ServedIndex, settings: Settings) -> Callable[[int], str]:
     """Item id -> its thumbnail's URL, as search results give it (signed under a key)."""
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     expires_s = thumbnail_expiry_s(settings.thumbnail_url_ttl_s)
