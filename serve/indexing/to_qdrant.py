@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +165,13 @@ def _finish(client: QdrantClient, collection: str, index: SearchIndex, done: _Pr
     """Payload indexes on the filterable fields, then the manifest, then `complete`."""
     fields = index.attributes.fields()
     booleans = sorted(done.booleans)
-    for name, kind in fields.items():
-        schema = models.PayloadSchemaType.BOOL if name in booleans else PAYLOAD_SCHEMAS[kind]
-        client.create_payload_index(collection, f"{META}.{name}", field_schema=schema, wait=True)
+    with warnings.catch_warnings():  # embedded Qdrant says it has no use for them
+        warnings.filterwarnings("ignore", "Payload indexes have no effect", UserWarning)
+        for name, kind in fields.items():
+            schema = models.PayloadSchemaType.BOOL if name in booleans else PAYLOAD_SCHEMAS[kind]
+            client.create_payload_index(
+                collection, f"{META}.{name}", field_schema=schema, wait=True
+            )
     manifest = {**index.manifest, "filterable": fields, "boolean_fields": booleans}
     done.complete = True
     client.update_collection(
