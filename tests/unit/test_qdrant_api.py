@@ -151,9 +151,7 @@ def test_items_are_added_read_and_deleted(client: TestClient) -> None:
 
 
 def test_classify_needs_no_index(client: TestClient) -> None:
-    response = client.post(
-        "/classify", json={"images": [b64(png(32))], "labels": ["red", "blue"]}
-    )
+    response = client.post("/classify", json={"images": [b64(png(32))], "labels": ["red", "blue"]})
     assert response.status_code == 200, response.text
 
 
@@ -187,3 +185,24 @@ def test_an_unreachable_qdrant_server_is_a_503_with_retry_after(
             body = assert_envelope(response, 503, "unavailable")
             assert response.headers["retry-after"] == "3"
             assert "did not answer" in body["error"] and "127.0.0.1" not in body["error"]
+
+
+def test_settings_take_one_qdrant_and_its_collections(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base: dict[str, Any] = {"artifact_dir": tmp_path, "vector_store": "qdrant"}
+    one = Settings(**base, qdrant_url="http://qdrant:6333", qdrant_collections="laion")
+    assert one.index_sources == {"default": "laion"}
+    monkeypatch.setenv("DUET_QDRANT_COLLECTIONS", '{"photos": "c1", "docs": "c2"}')
+    monkeypatch.setenv("DUET_QDRANT_PATH", str(tmp_path))
+    assert Settings(**base).index_sources == {"photos": "c1", "docs": "c2"}
+    monkeypatch.delenv("DUET_QDRANT_PATH")
+    with pytest.raises(ValueError, match="one of qdrant_url"):
+        Settings(**base)
+    with pytest.raises(ValueError, match="index_dir and indices are for faiss"):
+        Settings(**base, qdrant_url="http://q:6333", index_dir=tmp_path)
+    monkeypatch.delenv("DUET_QDRANT_COLLECTIONS")
+    with pytest.raises(ValueError, match="serves qdrant_collections"):
+        Settings(**base, qdrant_url="http://q:6333")
+    faiss = Settings(artifact_dir=tmp_path, index_dir=tmp_path)
+    assert faiss.index_sources == {"default": tmp_path}
