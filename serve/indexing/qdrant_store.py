@@ -456,9 +456,8 @@ class QdrantIndex:
                 )
             info = client.get_collection(self.collection)
         metadata = info.config.metadata or {}
-        manifest = metadata.get(MANIFEST_KEY)
-        export = metadata.get(EXPORT_KEY) or {}
-        if not isinstance(manifest, dict) or not export.get("complete"):
+        manifest = metadata.get(MANIFEST_KEY)  # written last, with the export's `complete`
+        if not isinstance(manifest, dict):
             raise IndexLoadError(
                 f"collection {self.collection!r} holds no complete Duet index (its export did "
                 "not finish): run `python -m serve.indexing.to_qdrant` again to finish it"

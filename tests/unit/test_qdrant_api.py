@@ -5,9 +5,12 @@ an unreachable Qdrant server is a 503 envelope with Retry-After, and /health sta
 from __future__ import annotations
 
 import base64
+import contextlib
 import shutil
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,6 +188,52 @@ def test_an_unreachable_qdrant_server_is_a_503_with_retry_after(
             body = assert_envelope(response, 503, "unavailable")
             assert response.headers["retry-after"] == "3"
             assert "did not answer" in body["error"] and "127.0.0.1" not in body["error"]
+
+
+@contextlib.contextmanager
+def silent_server() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers (a hung Qdrant); its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # the kernel accepts; nothing ever reads or writes
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_hung_qdrant_server_does_not_hold_up_encoding(built: dict[str, Path]) -> None:
+    """A text search waiting on Qdrant waits in the threadpool, not on the encoder's thread:
+    an /embed sent meanwhile is answered at once, and the search gets its 503 at the timeout."""
+    with silent_server() as url:
+        settings = Settings(
+            artifact_dir=built["artifact"],
+            vector_store="qdrant",
+            qdrant_url=url,
+            qdrant_collections="synth",
+            qdrant_timeout_s=4,
+        )
+        with TestClient(create_app(settings)) as test_client:
+            assert wait_until_loaded(test_client, timeout_s=120).status_code == 200
+            answers: list[Any] = []
+            search = threading.Thread(
+                target=lambda: answers.append(
+                    test_client.post("/search", json={"text": "a red circle"})
+                )
+            )
+            search.start()
+            time.sleep(0.5)  # the search is waiting on Qdrant by now
+            started = time.monotonic()
+            embedded = test_client.post("/embed", json={"texts": ["a blue square"]})
+            embed_s = time.monotonic() - started
+            search.join(timeout=60)
+            assert embedded.status_code == 200 and search_waited(answers)
+            assert embed_s < 2.5, f"/embed waited {embed_s:.1f} s behind the search"
+
+
+def search_waited(answers: list[Any]) -> bool:
+    (response,) = answers
+    return response.status_code == 503 and response.json()["type"] == "unavailable"
 
 
 def test_settings_take_one_qdrant_and_its_collections(
