@@ -33,12 +33,8 @@ from qdrant_client import QdrantClient  # noqa: E402
 
 from bench.index import clustered_unit_vectors  # noqa: E402
 from serve.indexing.index import IndexRow, SearchIndex, write_index  # noqa: E402
-from serve.indexing.qdrant_store import (  # noqa: E402
-    MEMORY,
-    QdrantConfig,
-    QdrantConnection,
-    QdrantIndex,
-)
+from serve.indexing.qdrant_collection import MEMORY, QdrantConfig, QdrantConnection  # noqa: E402
+from serve.indexing.qdrant_store import QdrantIndex  # noqa: E402
 from serve.indexing.to_qdrant import export_index  # noqa: E402
 from serve.indexing.vector_search import IndexSpec  # noqa: E402
 

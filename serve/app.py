@@ -244,7 +244,8 @@ def index_loader(settings: Settings, encoder: Encoder) -> IndexLoader:
     writable = None if settings.index_writes else False
     if settings.vector_store == "qdrant":
         # imported here: a FAISS service never loads the Qdrant client
-        from serve.indexing.qdrant_store import QdrantConfig, qdrant_loader
+        from serve.indexing.qdrant_collection import QdrantConfig
+        from serve.indexing.qdrant_store import qdrant_loader
 
         api_key = settings.qdrant_api_key
         config = QdrantConfig(

@@ -11,7 +11,8 @@ so replicas share nothing but the Qdrant cluster:
                                   filterable fields and their kinds)
                   duet_next_id    the next item id an add takes (raised before the points
                                   are written: a crash skips ids, never reuses them)
-                  duet_export     how far the export got (the service refuses a partial one)
+                  duet_export     how far the export got (the manifest is written last: the
+                                  service refuses a collection without it)
                   duet_writer     the replica that may add and delete items
 
 Durability is Qdrant's: an update is answered once Qdrant has applied it (`wait=True`), with no
@@ -28,153 +29,39 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import os
 import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
-from qdrant_client import QdrantClient, models
-from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from qdrant_client import models
 
 from serve.indexing.filters import Filter, parse_filter
 from serve.indexing.index import Hit, IndexLoadError, IndexRow
 from serve.indexing.journal import IndexReadOnlyError
+from serve.indexing.qdrant_collection import (
+    MANIFEST_KEY,
+    NEXT_ID_KEY,
+    ROW_FIELDS,
+    THUMBNAIL_FIELD,
+    WRITER_KEY,
+    QdrantConfig,
+    QdrantConnection,
+    payload_row,
+    row_payload,
+)
 from serve.indexing.qdrant_filters import qdrant_filter
 from serve.indexing.store import VectorStoreUnavailable
 from serve.indexing.thumbnails import MEDIA_TYPES, ThumbnailSpec
 
 log = logging.getLogger(__name__)
-
-MANIFEST_KEY, NEXT_ID_KEY, EXPORT_KEY, WRITER_KEY = (
-    "duet_manifest",
-    "duet_next_id",
-    "duet_export",
-    "duet_writer",
-)
-MEMORY = ":memory:"
-"""`QdrantConfig.path` of an embedded store held in memory only (benchmarks)."""
-ROW_FIELDS = ["key", "caption", "url", "meta"]
-THUMBNAIL_FIELD = "thumbnail"
-UNAVAILABLE_STATUSES = frozenset({404, 408, 429, 500, 502, 503, 504})
-"""Qdrant answers that mean "not now": 404 is a collection gone (being recreated)."""
-
-
-@dataclass(frozen=True, slots=True)
-class QdrantConfig:
-    """Where the collections are: a server `url` or an embedded store's `path` (one of them)."""
-
-    url: str | None = None
-    path: Path | None = None
-    api_key: str | None = None
-    timeout_s: float = 5.0
-
-    def client(self) -> QdrantClient:
-        if self.url is not None:
-            # no version check: it would call the server here, unbounded by our timeout
-            return QdrantClient(
-                url=self.url,
-                api_key=self.api_key,
-                timeout=max(1, math.ceil(self.timeout_s)),
-                check_compatibility=False,
-            )
-        assert self.path is not None, "a QdrantConfig needs a url or a path"
-        if str(self.path) == MEMORY:
-            return QdrantClient(location=MEMORY)
-        return QdrantClient(path=str(self.path))
-
-    @property
-    def where(self) -> str:
-        return self.url if self.url is not None else f"embedded store {self.path}"
-
-
-class QdrantConnection:
-    """One client shared by a process's collections (an embedded store admits one client),
-    opened on first use and closed with the last index that uses it."""
-
-    def __init__(self, config: QdrantConfig, client: QdrantClient | None = None) -> None:
-        """`client`: one already open (an in-memory store's, which no other client can
-        reach); this connection then never closes it."""
-        self.config = config
-        self.remote = config.url is not None
-        self._client: QdrantClient | None = client
-        self._owns_client = client is None
-        self._users = 0
-        self._lock = threading.Lock()
-        # embedded mode runs Qdrant's engine in this process, not made for concurrent calls
-        self._embedded_calls = threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:
-            if self._client is None:
-                self._client = self.config.client()
-            self._users += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            client, close = self._client, self._users == 0 and self._owns_client
-            if close:
-                self._client = None
-        if close and client is not None:
-            client.close()
-
-    @contextmanager
-    def call(self, what: str) -> Iterator[QdrantClient]:
-        """The client, for one operation; unreachable / slow / 5xx -> VectorStoreUnavailable."""
-        client = self._client
-        if client is None:
-            raise VectorStoreUnavailable(f"{what}: the Qdrant client is closed")
-        try:
-            with nullcontext() if self.remote else self._embedded_calls:
-                yield client
-        except (ResponseHandlingException, httpx.HTTPError) as exc:
-            cause = getattr(exc, "source", exc)
-            log.warning("%s: Qdrant at %s did not answer: %r", what, self.config.where, cause)
-            raise VectorStoreUnavailable(
-                f"{what}: the vector store (Qdrant) did not answer ({type(cause).__name__}); "
-                "retry later"
-            ) from exc
-        except UnexpectedResponse as exc:
-            if exc.status_code not in UNAVAILABLE_STATUSES:
-                raise
-            log.warning("%s: Qdrant at %s answered %s", what, self.config.where, exc)
-            raise VectorStoreUnavailable(
-                f"{what}: the vector store (Qdrant) answered {exc.status_code} "
-                f"{exc.reason_phrase}; retry later"
-            ) from exc
-
-
-def row_payload(row: IndexRow, thumbnail: bytes | None) -> dict[str, Any]:
-    """A point's payload: the row, and its thumbnail as base64 where it has one."""
-    payload: dict[str, Any] = {
-        "key": row.key,
-        "caption": row.caption,
-        "url": row.url,
-        "meta": row.meta,
-    }
-    if thumbnail:
-        payload[THUMBNAIL_FIELD] = base64.b64encode(thumbnail).decode("ascii")
-    return payload
-
-
-def _row(payload: dict[str, Any] | None) -> IndexRow:
-    payload = payload or {}
-    meta = payload.get("meta")
-    return IndexRow(
-        str(payload.get("key", "")),
-        str(payload.get("caption", "")),
-        meta if isinstance(meta, dict) else {},
-        str(payload.get("url") or ""),
-    )
 
 
 @dataclass(slots=True)
@@ -308,7 +195,7 @@ class QdrantIndex:
             return {}
         with self._connection.call("read items") as client:
             points = client.retrieve(self.collection, wanted, with_payload=ROW_FIELDS)
-        return {int(p.id): _row(p.payload) for p in points}
+        return {int(p.id): payload_row(p.payload) for p in points}
 
     def get(self, item_id: int) -> IndexRow:
         found = self.rows([item_id])
@@ -324,7 +211,8 @@ class QdrantIndex:
 
     def describe(self) -> dict[str, Any]:
         """As `SearchIndex.describe`, the count read from Qdrant now."""
-        manifest = self._ensure_loaded().manifest
+        loaded = self._ensure_loaded()
+        manifest = loaded.manifest
         with self._connection.call("describe") as client:
             info = client.get_collection(self.collection)
         self._count = int(info.points_count or 0)
@@ -341,7 +229,7 @@ class QdrantIndex:
             "vector_store": "qdrant",
             "mmap": False,
             "thumbnails": (manifest.get("thumbnails") or {}).get("format"),
-            "filterable": self._ensure_loaded().fields,
+            "filterable": loaded.fields,
             "writable": self.writable,
             "read_only_reason": self.read_only_reason,
             "deleted_pending": 0,
@@ -517,7 +405,7 @@ class QdrantThumbnails:
 
 
 def _hit(point: models.ScoredPoint) -> Hit:
-    row = _row(point.payload)
+    row = payload_row(point.payload)
     return Hit(int(point.id), row.key, float(point.score), row.caption, row.meta, row.url)
 
 

@@ -31,14 +31,14 @@ from qdrant_client import QdrantClient, models
 
 from serve.indexing.filters import NUMBER, STRING
 from serve.indexing.index import IndexRow, SearchIndex
-from serve.indexing.qdrant_filters import META
-from serve.indexing.qdrant_store import (
+from serve.indexing.qdrant_collection import (
     EXPORT_KEY,
     MANIFEST_KEY,
     NEXT_ID_KEY,
     QdrantConfig,
     row_payload,
 )
+from serve.indexing.qdrant_filters import META
 
 DEFAULT_BATCH_ROWS = 512
 PAYLOAD_SCHEMAS = {

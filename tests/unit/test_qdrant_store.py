@@ -23,7 +23,8 @@ from qdrant_client import QdrantClient
 from serve.indexing.filters import FilterError
 from serve.indexing.index import IndexLoadError, IndexRow, SearchIndex, write_index
 from serve.indexing.journal import IndexReadOnlyError
-from serve.indexing.qdrant_store import QdrantConfig, QdrantConnection, QdrantIndex
+from serve.indexing.qdrant_collection import QdrantConfig, QdrantConnection
+from serve.indexing.qdrant_store import QdrantIndex
 from serve.indexing.store import VectorStoreUnavailable
 from serve.indexing.to_qdrant import export_index
 from serve.indexing.vector_search import IndexSpec
