@@ -91,16 +91,21 @@ class QuerySource:
 
 
 async def search_with(
-    service: Service, source: QuerySource, find: Callable[[np.ndarray], T], *, remote: bool = False
+    service: Service,
+    source: QuerySource,
+    find: Callable[[np.ndarray], T],
+    *,
+    in_threadpool: bool = False,
 ) -> T:
     """`find(query vector [1, D])` off the event loop.
 
     A text or image is searched on the batcher's thread right after its batch is encoded, so a
     request hands off to another thread once, not twice; a given vector in the threadpool. A
-    `remote` index (its searches wait on the network) is searched in the threadpool always:
-    the batcher's thread must not wait on another machine.
+    search that may take long out of the service's hands (`in_threadpool`: Qdrant's, waiting on
+    the network or in its embedded engine) runs in the threadpool always: the batcher's thread
+    must not wait on it.
     """
-    if remote and source.vector is None:
+    if in_threadpool and source.vector is None:
         if source.text is not None:
             vectors = await service.batcher.encode_texts([source.text])
         else:

@@ -277,8 +277,8 @@ class SearchIndex:
         self._compactor: threading.Thread | None = None
         self._successor: SearchIndex | None = None  # set when a reload replaced this version
 
-    remote = False
-    """Searches run in this process, never waiting on the network (`ServedIndex.remote`)."""
+    searches_in_threadpool = False
+    """FAISS searches in this process, bounded by the index: on the encoder's thread."""
 
     @property
     def writable(self) -> bool:

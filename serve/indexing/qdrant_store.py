@@ -85,7 +85,8 @@ class QdrantIndex:
         writable: bool | None = None,
     ) -> None:
         self.collection = collection
-        self.remote = connection.remote
+        # a server is a network call; embedded Qdrant tests filters in Python point by point
+        self.searches_in_threadpool = True
         self._connection = connection
         self._dim = expected_dim
         self._loaded: _Collection | None = None

@@ -69,9 +69,10 @@ class ServedIndex(Protocol):
     def read_only_reason(self) -> str | None: ...
 
     @property
-    def remote(self) -> bool:
-        """Searches wait on the network: run them in the threadpool, not on the encoder's
-        thread, so that a slow store never holds up encoding."""
+    def searches_in_threadpool(self) -> bool:
+        """Searches may take long out of the service's hands (a network call, an embedded
+        engine): run them in the threadpool, not on the encoder's thread, so that a slow store
+        never holds up encoding."""
         ...
 
     def search(

@@ -116,7 +116,7 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
             )
 
         source = await _query_source(service, index, query, settings)
-        hits = await search_with(service, source, find, remote=index.remote)
+        hits = await search_with(service, source, find, in_threadpool=index.searches_in_threadpool)
         shown = hits[:num_images]
         images = await run_in_threadpool(_thumbnails, index, [hit.id for hit in shown])
     results: list[dict[str, Any]] = []

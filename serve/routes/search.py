@@ -158,7 +158,7 @@ async def search(request: Request) -> Response:
             )
 
         source = await query_source(service, index, query, settings)
-        hits = await search_with(service, source, find, remote=index.remote)
+        hits = await search_with(service, source, find, in_threadpool=index.searches_in_threadpool)
     took_ms = (time.perf_counter() - start) * 1000
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     version = index.build_id if index.thumbnails is not None else None

@@ -259,7 +259,7 @@ def closed_port() -> int:
 def test_an_unreachable_server_is_unavailable_not_an_error() -> None:
     connection = QdrantConnection(QdrantConfig(url=f"http://127.0.0.1:{closed_port()}"))
     index = QdrantIndex(connection, "c", expected_dim=DIM)  # loads; reads the collection later
-    assert index.count == 0 and index.remote
+    assert index.count == 0 and index.searches_in_threadpool
     started = time.monotonic()
     with pytest.raises(VectorStoreUnavailable, match="did not answer"):
         index.search(unit_rows(1, 10), 5)
