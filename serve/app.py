@@ -199,7 +199,17 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     try:
         loaded = load_artifact(settings.artifact_dir, device=settings.device)
         encoder = Encoder(loaded, settings.device, load_towers(settings))
-        registry = IndexRegistry(settings.index_sources, index_loader(settings, encoder))
+        load_index = functools.partial(
+            _load_index,
+            expected_dim=encoder.embed_dim,
+            model_name=encoder.model_name,
+            threads=settings.search_threads,
+            writable=None if settings.index_writes else False,
+            compact_journal_bytes=settings.compact_journal_mib << 20,
+        )
+        registry = IndexRegistry(
+            settings.index_sources, store_loader(settings, encoder.embed_dim, load_index)
+        )
         label_sets = embed_label_sets(encoder, settings.label_sets, settings.default_templates)
     except Exception as exc:  # any failure: the service stays up, not ready, saying why
         if registry is not None:
@@ -239,30 +249,24 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     )
 
 
-def index_loader(settings: Settings, encoder: Encoder) -> IndexLoader:
-    """Loads one index of `settings.index_sources`: a directory, or a Qdrant collection."""
-    writable = None if settings.index_writes else False
-    if settings.vector_store == "qdrant":
-        # imported here: a FAISS service never loads the Qdrant client
-        from serve.indexing.qdrant_collection import QdrantConfig
-        from serve.indexing.qdrant_store import qdrant_loader
+def store_loader(settings: Settings, expected_dim: int, faiss_loader: IndexLoader) -> IndexLoader:
+    """`faiss_loader` (index directories), or with `DUET_VECTOR_STORE=qdrant` the loader of
+    Qdrant collections."""
+    if settings.vector_store != "qdrant":
+        return faiss_loader
+    # imported here: a FAISS service never loads the Qdrant client
+    from serve.indexing.qdrant_collection import QdrantConfig
+    from serve.indexing.qdrant_store import qdrant_loader
 
-        api_key = settings.qdrant_api_key
-        config = QdrantConfig(
-            url=settings.qdrant_url,
-            path=settings.qdrant_path,
-            api_key=api_key.get_secret_value() if api_key is not None else None,
-            timeout_s=settings.qdrant_timeout_s,
-        )
-        return qdrant_loader(config, expected_dim=encoder.embed_dim, writable=writable)
-    return functools.partial(
-        _load_index,
-        expected_dim=encoder.embed_dim,
-        model_name=encoder.model_name,
-        threads=settings.search_threads,
-        writable=writable,
-        compact_journal_bytes=settings.compact_journal_mib << 20,
+    api_key = settings.qdrant_api_key
+    config = QdrantConfig(
+        url=settings.qdrant_url,
+        path=settings.qdrant_path,
+        api_key=api_key.get_secret_value() if api_key is not None else None,
+        timeout_s=settings.qdrant_timeout_s,
     )
+    writable = None if settings.index_writes else False
+    return qdrant_loader(config, expected_dim=expected_dim, writable=writable)
 
 
 def _load_index(
