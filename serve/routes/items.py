@@ -14,11 +14,12 @@ written by this process (409), every item's fields (422 naming the item:
 image decoded yet, every image's header (413/415 naming the item), then the decode and encode
 queues (429) as for any image. Images take /search's path (serve/images.py), whose one decode
 also makes the thumbnail when the index keeps them; an embedding is checked and normalised as
-/search's is. `SearchIndex.add` / `delete` make the update durable before the answer; their
-refusals map to 409 read_only and 507 insufficient_storage in serve/errors.py. They enter the
-threadpool one at a time (`Service.index_updates`): an index applies one update at a time
-anyway, and a burst of updates waiting on its lock there would hold the threadpool's threads
-from every other request.
+/search's is. `SearchIndex.add` / `delete` make the update durable before the answer (with
+`DUET_VECTOR_STORE=qdrant`, `QdrantIndex`'s: applied by Qdrant, no journal of ours); their
+refusals map to 409 read_only, 507 insufficient_storage and 503 unavailable in serve/errors.py.
+They enter the threadpool one at a time (`Service.index_updates`): an index applies one update
+at a time anyway, and a burst of updates waiting on its lock there would hold the threadpool's
+threads from every other request.
 """
 
 from __future__ import annotations
