@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid settings: {validation_message(exc.errors())}", file=sys.stderr)
         print(
             "set DUET_ARTIFACT_DIR and DUET_INDEX_DIR or DUET_INDICES "
-            "(or pass --artifact-dir/--index-dir)",
+            "(or pass --artifact-dir/--index-dir), or DUET_VECTOR_STORE=qdrant with "
+            "DUET_QDRANT_URL (or DUET_QDRANT_PATH) and DUET_QDRANT_COLLECTIONS",
             file=sys.stderr,
         )
         return 2

@@ -45,7 +45,7 @@ from serve.images import lower_decode_priority, return_large_frees_to_os
 from serve.indexing.index import IndexLoadError, SearchIndex
 from serve.labels import PromptCache, embed_label_sets
 from serve.metrics import RequestMetricsMiddleware, ServiceMetrics
-from serve.registry import IndexRegistry
+from serve.registry import IndexLoader, IndexRegistry
 from serve.routes import (
     classify,
     clip_retrieval,
@@ -194,7 +194,9 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
             writable=None if settings.index_writes else False,
             compact_journal_bytes=settings.compact_journal_mib << 20,
         )
-        registry = IndexRegistry(settings.index_paths, load_index)
+        registry = IndexRegistry(
+            settings.index_sources, store_loader(settings, encoder.embed_dim, load_index)
+        )
         label_sets = embed_label_sets(encoder, settings.label_sets, settings.default_templates)
     except Exception as exc:  # any failure: the service stays up, not ready, saying why
         if registry is not None:
@@ -238,8 +240,28 @@ def load_service(settings: Settings, state: ServiceState, metrics: ServiceMetric
     )
 
 
+def store_loader(settings: Settings, expected_dim: int, faiss_loader: IndexLoader) -> IndexLoader:
+    """`faiss_loader` (index directories), or with `DUET_VECTOR_STORE=qdrant` the loader of
+    Qdrant collections."""
+    if settings.vector_store != "qdrant":
+        return faiss_loader
+    # imported here: a FAISS service never loads the Qdrant client
+    from serve.indexing.qdrant_collection import QdrantConfig
+    from serve.indexing.qdrant_store import qdrant_loader
+
+    api_key = settings.qdrant_api_key
+    config = QdrantConfig(
+        url=settings.qdrant_url,
+        path=settings.qdrant_path,
+        api_key=api_key.get_secret_value() if api_key is not None else None,
+        timeout_s=settings.qdrant_timeout_s,
+    )
+    writable = None if settings.index_writes else False
+    return qdrant_loader(config, expected_dim=expected_dim, writable=writable)
+
+
 def _load_index(
-    path: Path,
+    path: Path | str,
     *,
     expected_dim: int,
     model_name: str,

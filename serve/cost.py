@@ -38,6 +38,9 @@ refused before anything is decoded or encoded, with the setting that refused it 
     tokenizing a text or prompt   its first 16 x context chars,   fixed by common.tokenize  none
                                   words in pieces of <= 128 bytes (<= ~10 ms a text), on
                                                                   the request's own thread
+    a Qdrant call (vector_store   time waiting on the server, in  QDRANT_TIMEOUT_S per      503
+    qdrant)                       the threadpool, never on the    call
+                                  encoder thread
 
 An added image's thumbnail is made in the same decode as its model input (serve.images), so it
 costs what that decode is charged, on the decode threads.

@@ -20,6 +20,8 @@ IndexReadOnlyError                 409 read_only (another process writes the ind
 JournalWriteError                  507 insufficient_storage (an update could not be made
                                    durable; nothing changed)
 Overloaded (encode queue full)     429 overloaded, with Retry-After
+VectorStoreUnavailable             503 unavailable, with Retry-After (Qdrant could not be
+                                   reached or did not answer within DUET_QDRANT_TIMEOUT_S)
 anything else                      500 internal_error, generic message, logged with traceback
 """
 
@@ -39,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.batching import Overloaded
 from serve.indexing.journal import IndexReadOnlyError, JournalWriteError
+from serve.indexing.store import VectorStoreUnavailable
 from serve.registry import UnknownIndexError
 from serve.schemas import ErrorResponse
 
@@ -162,6 +165,14 @@ async def _on_overloaded(request: Request, exc: Exception) -> JSONResponse:
     return response
 
 
+async def _on_store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The vector store is down or slow: nothing was done, the client may retry."""
+    log.warning("vector store unavailable on %s: %s", request.url.path, exc)
+    response = error_response(503, "unavailable", str(exc), path=request.url.path)
+    response.headers["Retry-After"] = str(request.app.state.settings.retry_after_s)
+    return response
+
+
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
@@ -223,6 +234,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IndexReadOnlyError, _on_read_only)
     app.add_exception_handler(JournalWriteError, _on_journal_write)
     app.add_exception_handler(Overloaded, _on_overloaded)
+    app.add_exception_handler(VectorStoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_exception)
     app.add_middleware(CatchAllMiddleware)

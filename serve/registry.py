@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serve.indexing.index import SearchIndex
+from serve.indexing.store import ServedIndex
 
 log = logging.getLogger(__name__)
 
-IndexLoader = Callable[[Path], SearchIndex]
+IndexLoader = Callable[[Path | str], ServedIndex]
+"""Loads an index from its source: a directory (FAISS) or a collection name (Qdrant)."""
 
 
 class UnknownIndexError(LookupError):
@@ -35,16 +36,18 @@ class UnknownIndexError(LookupError):
 class _Slot:
     """One loaded version of an index and how many requests are using it."""
 
-    index: SearchIndex
+    index: ServedIndex
     users: int = 0
     retired: bool = False  # replaced by a reload: close when the last user is done
 
 
 class IndexRegistry:
-    """Named `SearchIndex`es; the first name is the default. Safe to use from any thread."""
+    """Named indices (`ServedIndex`); the first name is the default. Safe to use from any
+    thread."""
 
-    def __init__(self, paths: dict[str, Path], load: IndexLoader) -> None:
-        """Load every index in `paths` (name -> directory) with `load`; the first is the default."""
+    def __init__(self, paths: Mapping[str, Path | str], load: IndexLoader) -> None:
+        """Load every index in `paths` (name -> directory or collection) with `load`; the first
+        is the default."""
         if not paths:
             raise ValueError("an IndexRegistry needs at least one index")
         self._paths = dict(paths)
@@ -76,7 +79,7 @@ class IndexRegistry:
         return name
 
     @contextmanager
-    def lease(self, name: str | None = None) -> Iterator[SearchIndex]:
+    def lease(self, name: str | None = None) -> Iterator[ServedIndex]:
         """The current version of index `name` (default: the first), kept open until exit."""
         name = self.resolve(name)
         with self._lock:
@@ -88,7 +91,7 @@ class IndexRegistry:
             self._release(slot)
 
     def reload(self, name: str) -> dict[str, Any]:
-        """Load index `name` from its directory again and swap it in; returns its description.
+        """Load index `name` from its source again and swap it in; returns its description.
 
         Raises what loading raises (the current version then stays in service, untouched).
         """
@@ -110,7 +113,7 @@ class IndexRegistry:
             return fresh.index.describe()
 
     def describe(self) -> dict[str, dict[str, Any]]:
-        """`SearchIndex.describe()` of each index by name, the default first."""
+        """`describe()` of each index by name, the default first."""
         described = {}
         for name in self.names:
             with self.lease(name) as index:

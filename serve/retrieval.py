@@ -1,6 +1,7 @@
 """Search steps shared by /search and clip-retrieval's /knn-service: query vectors, top-k, dedup.
 
-Plain functions over a `SearchIndex` and numpy arrays; the routes run them in the threadpool.
+Plain functions over a `ServedIndex` (any vector store) and numpy arrays; the routes run them
+in the threadpool.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from serve.indexing.filters import Filter
-from serve.indexing.index import Hit, SearchIndex
+from serve.indexing.index import Hit
+from serve.indexing.store import ServedIndex
 
 # clip-retrieval's back end drops results at cosine >= 0.94 to a better one when deduplicating.
 CLIP_RETRIEVAL_DEDUP_THRESHOLD = 0.94
@@ -32,7 +34,7 @@ def normalized_query(values: list[float], dim: int) -> np.ndarray:
 
 
 def search(
-    index: SearchIndex,
+    index: ServedIndex,
     query: np.ndarray,
     k: int,
     *,
@@ -49,7 +51,7 @@ def search(
     """
     fetch = k * overfetch if dedup_threshold is not None else k
     fetch += exclude_id is not None
-    (hits,) = index.search(query, max(1, min(fetch, index.count)), where=where)
+    (hits,) = index.search(query, max(1, fetch), where=where)  # it returns min(k, matching)
     hits = [hit for hit in hits if hit.id != exclude_id]
     if dedup_threshold is not None and len(hits) > 1:
         vectors = index.vectors([hit.id for hit in hits])  # [H, D] unit vectors

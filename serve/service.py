@@ -25,7 +25,7 @@ from serve.decoding import DEFAULT_MAX_DECODE_PIXELS, DEFAULT_SMALL_IMAGE_PIXELS
 from serve.encoder import Encoder
 from serve.errors import ApiError
 from serve.indexing.filters import Filter, FilterError
-from serve.indexing.index import SearchIndex
+from serve.indexing.store import ServedIndex
 from serve.labels import LabelSetEmbeddings, PromptCache
 from serve.registry import IndexRegistry
 from serve.settings import Settings
@@ -93,12 +93,28 @@ class QuerySource:
     vector: np.ndarray | None = None
 
 
-async def search_with(service: Service, source: QuerySource, find: Callable[[np.ndarray], T]) -> T:
+async def search_with(
+    service: Service,
+    source: QuerySource,
+    find: Callable[[np.ndarray], T],
+    *,
+    in_threadpool: bool = False,
+) -> T:
     """`find(query vector [1, D])` off the event loop.
 
     A text or image is searched on the batcher's thread right after its batch is encoded, so a
-    request hands off to another thread once, not twice; a given vector in the threadpool.
+    request hands off to another thread once, not twice; a given vector in the threadpool. A
+    search that may take long out of the service's hands (`in_threadpool`: Qdrant's, waiting on
+    the network or in its embedded engine) runs in the threadpool always: the batcher's thread
+    must not wait on it.
     """
+    if in_threadpool and source.vector is None:
+        if source.text is not None:
+            vectors = await service.batcher.encode_texts([source.text])
+        else:
+            assert source.image is not None
+            vectors = await service.batcher.encode_images([source.image])
+        return await run_in_threadpool(find, vectors)
     if source.text is not None:
         return await service.batcher.encode_then("text", [source.text], find)
     if source.image is not None:
@@ -115,7 +131,7 @@ def embedding_query(values: list[float], dim: int, where: str) -> np.ndarray:
         raise ApiError(422, "validation_error", f"{where}: {exc}") from None
 
 
-def filter_query(index: SearchIndex, raw: Any, settings: Settings, where: str) -> Filter | None:
+def filter_query(index: ServedIndex, raw: Any, settings: Settings, where: str) -> Filter | None:
     """A client's `filter` for `index`, or 422 naming the field or operator that is wrong.
 
     Parsed before anything is encoded: a filter is charged (its conditions and `in` values,

@@ -263,7 +263,11 @@ class Settings(ImageLimits):
         ge=1,
         description="Most texts + images waiting to be encoded; beyond it requests get 429.",
     )
-    retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a 429 answer.")
+    retry_after_s: int = Field(
+        default=1,
+        ge=0,
+        description="Retry-After of a 429 answer, and of a 503 unavailable (vector store).",
+    )
     search_threads: int = Field(
         default=1,
         ge=1,
@@ -280,6 +284,31 @@ class Settings(ImageLimits):
         ge=1,
         description="Compact an index in the background once its journal of updates reaches "
         "this many MiB (a new snapshot; the journal starts empty).",
+    )
+    # --- the vector store (docs/operations.md, "More than one machine") ---
+    vector_store: Literal["faiss", "qdrant"] = Field(
+        default="faiss",
+        description="Where the indices live: faiss (index directories, searched in this "
+        "process) or qdrant (Qdrant collections written by `python -m "
+        "serve.indexing.to_qdrant`, shared by any number of replicas).",
+    )
+    qdrant_url: str | None = Field(
+        None, description="Qdrant server, e.g. http://qdrant:6333 (vector_store qdrant)."
+    )
+    qdrant_path: Path | None = Field(
+        None, description="Embedded Qdrant store's directory, instead of a server (one process)."
+    )
+    qdrant_api_key: SecretStr | None = Field(None, description="The Qdrant server's API key.")
+    qdrant_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Longest wait for one Qdrant call; past it the request answers 503.",
+    )
+    qdrant_collections: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description='The served collections: JSON {"name": "collection", ...} (the first is '
+        'the default), or one collection name, served as "default".',
     )
     # --- image_url (clip-retrieval's /knn-service) ---
     image_url_fetch: bool = Field(
@@ -341,12 +370,19 @@ class Settings(ImageLimits):
     def _indices_json(cls, value: Any) -> Any:
         return _json_or_file(value, "indices")
 
+    @field_validator("qdrant_collections", mode="before")
+    @classmethod
+    def _collections_json(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and not value.lstrip().startswith("{"):
+            return {DEFAULT_INDEX_NAME: value.strip()}  # one collection
+        return _json_or_file(value, "qdrant_collections")
+
     @field_validator("label_sets", mode="before")
     @classmethod
     def _label_sets_json(cls, value: Any) -> Any:
         return _json_or_file(value, "label_sets")
 
-    @field_validator("indices", "label_sets")
+    @field_validator("indices", "label_sets", "qdrant_collections")
     @classmethod
     def _names_are_simple(cls, named: dict[str, Any]) -> dict[str, Any]:
         for name in named:
@@ -412,11 +448,36 @@ class Settings(ImageLimits):
             raise ValueError(
                 f'index_dir is served as "{DEFAULT_INDEX_NAME}"; indices names it again'
             )
-        if self.index_dir is None and not self.indices:
+        if self.vector_store == "qdrant":
+            self._check_qdrant()
+        elif self.index_dir is None and not self.indices:
             raise ValueError("no index: set index_dir (DUET_INDEX_DIR) or indices (DUET_INDICES)")
         if self.runtime in ("onnx", "onnx-int8") and self.device != "cpu":
             raise ValueError(f"runtime {self.runtime} runs on the CPU; device is {self.device}")
         return self
+
+    def _check_qdrant(self) -> None:
+        if (self.qdrant_url is None) == (self.qdrant_path is None):
+            raise ValueError(
+                "vector_store qdrant needs one of qdrant_url (DUET_QDRANT_URL, a server) or "
+                "qdrant_path (DUET_QDRANT_PATH, an embedded store)"
+            )
+        if not self.qdrant_collections:
+            raise ValueError(
+                "vector_store qdrant serves qdrant_collections (DUET_QDRANT_COLLECTIONS)"
+            )
+        if self.index_dir is not None or self.indices:
+            raise ValueError(
+                "vector_store qdrant serves qdrant_collections; index_dir and indices are for "
+                "faiss (write an index into Qdrant with `python -m serve.indexing.to_qdrant`)"
+            )
+
+    @property
+    def index_sources(self) -> dict[str, Path | str]:
+        """Every index by name, the default first: its directory (faiss) or collection (qdrant)."""
+        if self.vector_store == "qdrant":
+            return dict(self.qdrant_collections)
+        return dict(self.index_paths)
 
     @property
     def index_paths(self) -> dict[str, Path]:

@@ -10,4 +10,7 @@
 - `updates.py`: item ids of rows, deleted rows, items added since the snapshot
 - `journal.py`: the write-ahead journal of adds and deletes; one writer per index
 - `compaction.py`: a new snapshot with the journal folded in, swapped in while serving
+- `store.py`: `ServedIndex`, what the routes use of an index, whichever store holds it
+- `qdrant_store.py`, `qdrant_filters.py`: a Qdrant collection as the store; filters for it
+- `to_qdrant.py`: `python -m serve.indexing.to_qdrant`, a built index into a Qdrant collection
 """

@@ -277,9 +277,17 @@ class SearchIndex:
         self._compactor: threading.Thread | None = None
         self._successor: SearchIndex | None = None  # set when a reload replaced this version
 
+    searches_in_threadpool = False
+    """FAISS searches in this process, bounded by the index: on the encoder's thread."""
+
     @property
     def writable(self) -> bool:
         return self._journal is not None
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added item takes (ids are never reused)."""
+        return self._items.next_id
 
     @property
     def count(self) -> int:
@@ -506,6 +514,25 @@ class SearchIndex:
         if item_id not in found:
             raise KeyError(f"no item with id {item_id} in this index")
         return found[item_id]
+
+    def live_items(
+        self, batch_rows: int, *, after_id: int = -1
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[IndexRow], list[bytes | None]]]:
+        """Every live item with an id above `after_id`, in id order, `batch_rows` rows at a
+        time: (ids [n], vectors [n, D], rows, thumbnails), what an export to another store
+        reads. Memory is one batch (a memory-mapped snapshot is read page by page)."""
+        start = int(np.searchsorted(self._items.ids, after_id, side="right"))
+        for begin in range(start, self._items.rows, batch_rows):
+            with self._lock.shared():
+                end = min(begin + batch_rows, self._items.rows)
+                alive = self._items.alive_mask()
+                keep = slice(None) if alive is None else alive[begin:end]
+                ids = self._items.ids[begin:end][keep]
+                vectors = np.array(self._searcher.vectors[begin:end][keep], dtype=np.float32)
+                found = self._rows_locked({int(i) for i in ids})
+            rows = [found[int(i)] for i in ids]
+            thumbnails = [self.thumbnail_of(int(i)) for i in ids]
+            yield ids, vectors, rows, thumbnails
 
     def describe(self) -> dict[str, Any]:
         """What a client or operator wants to know about this index, without the raw manifest."""

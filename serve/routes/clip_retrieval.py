@@ -40,7 +40,8 @@ from serve import retrieval
 from serve.body import decode_base64_off_loop, read_json
 from serve.errors import ApiError, error_responses
 from serve.images import download_image, prepare_images
-from serve.indexing.index import Hit, SearchIndex
+from serve.indexing.index import Hit
+from serve.indexing.store import ServedIndex
 from serve.schemas import KnnRequest, MetadataRequest
 from serve.service import (
     QuerySource,
@@ -115,7 +116,7 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
             )
 
         source = await _query_source(service, index, query, settings)
-        hits = await search_with(service, source, find)
+        hits = await search_with(service, source, find, in_threadpool=index.searches_in_threadpool)
         shown = hits[:num_images]
         images = await run_in_threadpool(_thumbnails, index, [hit.id for hit in shown])
     results: list[dict[str, Any]] = []
@@ -134,7 +135,7 @@ async def knn_service(request: Request, service: ServiceDep, settings: SettingsD
 
 
 async def _query_source(
-    service: Service, index: SearchIndex, query: KnnRequest, settings: Settings
+    service: Service, index: ServedIndex, query: KnnRequest, settings: Settings
 ) -> QuerySource:
     if query.text:
         return QuerySource(text=query.text)
@@ -164,7 +165,7 @@ def _flat_metadata(
     return entry
 
 
-def _thumbnails(index: SearchIndex, ids: list[int]) -> dict[int, str]:
+def _thumbnails(index: ServedIndex, ids: list[int]) -> dict[int, str]:
     """Base64 thumbnails of `ids` that have one; none for an index built without them."""
     if index.thumbnails is None:
         return {}
@@ -202,7 +203,7 @@ async def metadata(request: Request, service: ServiceDep, settings: SettingsDep)
     return Response(body, media_type="application/json")
 
 
-def _metadata_answer(index: SearchIndex, ids: list[int], max_bytes: int) -> bytes:
+def _metadata_answer(index: ServedIndex, ids: list[int], max_bytes: int) -> bytes:
     """The answer's JSON, a row at a time, charged as it grows: 413 once over `max_bytes`."""
     rows = index.rows(ids)
     parts: list[bytes] = []

@@ -14,11 +14,12 @@ written by this process (409), every item's fields (422 naming the item:
 image decoded yet, every image's header (413/415 naming the item), then the decode and encode
 queues (429) as for any image. Images take /search's path (serve/images.py), whose one decode
 also makes the thumbnail when the index keeps them; an embedding is checked and normalised as
-/search's is. `SearchIndex.add` / `delete` make the update durable before the answer; their
-refusals map to 409 read_only and 507 insufficient_storage in serve/errors.py. They enter the
-threadpool one at a time (`Service.index_updates`): an index applies one update at a time
-anyway, and a burst of updates waiting on its lock there would hold the threadpool's threads
-from every other request.
+/search's is. `SearchIndex.add` / `delete` make the update durable before the answer (with
+`DUET_VECTOR_STORE=qdrant`, `QdrantIndex`'s: applied by Qdrant, no journal of ours); their
+refusals map to 409 read_only, 507 insufficient_storage and 503 unavailable in serve/errors.py.
+They enter the threadpool one at a time (`Service.index_updates`): an index applies one update
+at a time anyway, and a burst of updates waiting on its lock there would hold the threadpool's
+threads from every other request.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ from serve.body import (
 )
 from serve.errors import ApiError, error_responses
 from serve.images import download_image, prepare_images_for
-from serve.indexing.index import IndexRow, SearchIndex
+from serve.indexing.index import IndexRow
 from serve.indexing.journal import IndexReadOnlyError
+from serve.indexing.store import ServedIndex
 from serve.item_schemas import (
     AddedItem,
     AddItemsRequest,
@@ -251,7 +253,7 @@ def given_vectors(items: list[ItemInput], dim: int) -> dict[int, np.ndarray]:
 
 
 async def image_vectors(
-    items: list[ItemInput], service: Service, settings: Settings, index: SearchIndex
+    items: list[ItemInput], service: Service, settings: Settings, index: ServedIndex
 ) -> dict[int, np.ndarray]:
     """The items' images fetched, decoded, encoded (and thumbnailed) as [1, D] by position.
 
@@ -287,7 +289,7 @@ async def image_vectors(
     return {i: vectors[j : j + 1] for j, i in enumerate(positions)}
 
 
-def thumbnail_links(name: str, index: SearchIndex, settings: Settings) -> Callable[[int], str]:
+def thumbnail_links(name: str, index: ServedIndex, settings: Settings) -> Callable[[int], str]:
     """Item id -> its thumbnail's URL, as search results give it (signed under a key)."""
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     expires_s = thumbnail_expiry_s(settings.thumbnail_url_ttl_s)

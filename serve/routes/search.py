@@ -23,7 +23,8 @@ from serve.body import (
 )
 from serve.errors import ApiError, error_responses
 from serve.images import prepare_images
-from serve.indexing.index import Hit, SearchIndex
+from serve.indexing.index import Hit
+from serve.indexing.store import ServedIndex
 from serve.schemas import ImageSearchForm, SearchHit, SearchRequest, SearchResponse
 from serve.service import (
     QuerySource,
@@ -157,7 +158,7 @@ async def search(request: Request) -> Response:
             )
 
         source = await query_source(service, index, query, settings)
-        hits = await search_with(service, source, find)
+        hits = await search_with(service, source, find, in_threadpool=index.searches_in_threadpool)
     took_ms = (time.perf_counter() - start) * 1000
     api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     version = index.build_id if index.thumbnails is not None else None
@@ -188,7 +189,7 @@ def _form_filter(text: str | None) -> Any:
 
 
 async def query_source(
-    service: Service, index: SearchIndex, query: SearchQuery, settings: Settings
+    service: Service, index: ServedIndex, query: SearchQuery, settings: Settings
 ) -> QuerySource:
     """The query to encode (text, preprocessed image), or as a vector (given, or an indexed
     item's)."""
