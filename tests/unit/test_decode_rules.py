@@ -111,7 +111,7 @@ def test_a_thin_png_is_skipped_by_evaluation_training_and_index_builds(tmp_path:
     samples = enumerate(read_shard(shard, skipped))
     limit = ResizeLimit(cfg)
     decoded = list(decode_samples(samples, skipped, train_transform, limit, 10**8, reader))
-    assert skipped == {"image_too_thin": 1} and [caption for _, caption, _ in decoded] == ["blue"]
+    assert skipped == {"image_too_thin": 1} and [sample[1] for sample in decoded] == ["blue"]
 
     artifact = write_artifact(model, tmp_path / "artifact", provenance={})
     build_index(artifact, shard, tmp_path / "index")
