@@ -1,0 +1,161 @@
+"""The on-disk IVF-PQ tier: built in blocks and merged on disk, served memory-mapped, read-only,
+with anonymous memory that does not grow with the index."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+
+from serve.indexing import ondisk
+from serve.indexing.index import IndexRow, SearchIndex, write_index
+from serve.indexing.journal import IndexReadOnlyError
+from serve.indexing.staging import _merge_vectors
+from serve.indexing.vector_search import IndexSpec, VectorSearcher, measure_query_recall
+
+DIM = 64
+COUNT = 12_000
+# the same knobs for both builds: only where the lists live differs
+SPEC: dict[str, Any] = dict(index_type="ivfpq", nlist=64, pq_m=16, pq_nbits=8, recall_queries=300)
+
+
+def _clustered(
+    rng: np.random.Generator, n: int, dim: int = DIM, *, noise: float = 0.6
+) -> np.ndarray:
+    centers = np.random.default_rng(1).standard_normal((30, dim))
+    x = centers[rng.integers(0, 30, n)] + rng.standard_normal((n, dim)) * noise
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _rows(n: int) -> list[IndexRow]:
+    return [IndexRow(f"k{i}", f"caption {i}", {}) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """(in-memory index, on-disk index built in 5 blocks from memory-mapped parts, vectors)."""
+    root = tmp_path_factory.mktemp("ondisk")
+    vectors = _clustered(np.random.default_rng(0), COUNT)
+    in_memory = write_index(root / "mem", vectors, _rows(COUNT), spec=IndexSpec(**SPEC))
+    # parts as the build's staging merge leaves them: one memory-mapped .npy, part by part
+    parts = np.array_split(vectors, 3)
+    merged = _merge_vectors(root / "merged.npy", parts, DIM)
+    assert isinstance(merged, np.memmap)
+    original = ondisk.BLOCK_ROWS
+    ondisk.BLOCK_ROWS = 2_500  # 5 blocks, each its own lists on disk before the merge
+    try:
+        spec = IndexSpec(**SPEC, on_disk=True)
+        on_disk = write_index(root / "disk", merged, _rows(COUNT), spec=spec)
+    finally:
+        ondisk.BLOCK_ROWS = original
+    return in_memory, on_disk, vectors
+
+
+def test_on_disk_build_agrees_with_in_memory(builds: tuple[Path, Path, np.ndarray]) -> None:
+    in_memory, on_disk, vectors = builds
+    manifests = [json.loads((d / "index.json").read_text()) for d in (in_memory, on_disk)]
+    assert [m["on_disk"] for m in manifests] == [False, True]
+    assert manifests[0]["factory"] == manifests[1]["factory"] == "IVF64,PQ16x8"
+    assert manifests[1]["recall_at_10"] >= manifests[0]["recall_at_10"] - 0.02
+    assert manifests[1]["recall_at_10"] >= 0.9
+    assert (on_disk / "index.ivfdata").is_file() and not list(on_disk.glob("block-*"))
+    queries = _clustered(np.random.default_rng(5), 100)
+    a, b = SearchIndex.load(in_memory, mmap=False), SearchIndex.load(on_disk)
+    try:
+        ids_a = [[h.id for h in hits] for hits in a.search(queries, 10)]
+        ids_b = [[h.id for h in hits] for hits in b.search(queries, 10)]
+    finally:
+        a.close()
+        b.close()
+    same = sum(len(set(x) & set(y)) for x, y in zip(ids_a, ids_b, strict=True))
+    assert same / 1000 >= 0.97
+
+
+def test_on_disk_index_is_served_memory_mapped_and_read_only(
+    builds: tuple[Path, Path, np.ndarray],
+) -> None:
+    _, on_disk, vectors = builds
+    index = SearchIndex.load(on_disk)  # writable=None: read-only, with the reason
+    try:
+        assert ondisk.lists_on_disk(index._searcher.index)
+        assert isinstance(index._searcher.vectors, np.memmap)  # the re-rank reads pages
+        assert index.mmap and not index.writable
+        assert "rebuild it to change it" in str(index.read_only_reason)
+        (hits,) = index.search(vectors[7:8], 5)
+        assert (hits[0].id, hits[0].caption) == (7, "caption 7")
+        assert hits[0].score == pytest.approx(1.0, abs=1e-5)  # re-ranked: the exact cosine
+        with pytest.raises(IndexReadOnlyError, match="on disk"):
+            index.add(vectors[:1], _rows(1))
+    finally:
+        index.close()
+    with pytest.raises(IndexReadOnlyError, match="on disk"):
+        SearchIndex.load(on_disk, writable=True)
+
+
+def test_text_query_recall_is_measured_against_exact_search() -> None:
+    vectors = _clustered(np.random.default_rng(0), 4000, noise=2.0)
+    queries = _clustered(np.random.default_rng(9), 50, noise=2.0)
+    index = faiss.index_factory(DIM, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    exact = VectorSearcher(vectors, None)
+    assert measure_query_recall(exact, queries) == 1.0
+    rough = VectorSearcher(vectors, index, search_params={"nprobe": 1})
+    recall = measure_query_recall(rough, queries)
+    # the reference: overlap of brute-force top 10 with what the searcher returns
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    _, found = rough.search(queries, 10)
+    expected = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    assert recall == pytest.approx(expected, abs=1e-4)
+    assert recall is not None and recall < 1.0  # one cell of 32 misses neighbours
+    assert measure_query_recall(rough, queries[:0]) is None
+
+
+REPO = Path(__file__).resolve().parents[2]
+RSS_PROBE = """
+import sys, numpy as np
+from serve.indexing.index import SearchIndex
+index = SearchIndex.load(sys.argv[1], mmap=sys.argv[2] == "1", writable=False)
+q = np.load(sys.argv[3])
+for _ in range(3):
+    index.search(q, 10)
+for line in open("/proc/self/status"):
+    if line.startswith("RssAnon:"):
+        print(int(line.split()[1]))  # kB of memory not backed by a file
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_resident_memory_does_not_grow_with_the_index(tmp_path: Path) -> None:
+    """Anonymous memory after load + search: an on-disk index 30x larger costs < 8 MB more
+    (its ids and alive mask: 9 bytes per row), where one read into memory costs its size."""
+    dim = 128
+    rng = np.random.default_rng(0)
+    queries = tmp_path / "q.npy"
+    np.save(queries, _clustered(rng, 20, dim))
+    spec = IndexSpec(**{**SPEC, "nlist": 32, "pq_m": 32, "recall_queries": 0}, on_disk=True)
+    dirs = {}
+    for n in (2_000, 60_000):  # 60k x 128 float32: 31 MB of vectors, 2 MB of codes
+        dirs[n] = write_index(tmp_path / str(n), _clustered(rng, n, dim), _rows(n), spec=spec)
+
+    def anon_kb(directory: Path, mmap: bool) -> int:
+        command = [sys.executable, "-c", RSS_PROBE, str(directory), "1" if mmap else "0"]
+        out = subprocess.run(
+            [*command, str(queries)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            cwd=REPO,
+        )
+        return int(out.stdout.split()[-1])
+
+    # mmap=False asked: an on-disk index is memory-mapped whatever the caller asks
+    growth_mb = (anon_kb(dirs[60_000], False) - anon_kb(dirs[2_000], False)) / 1024
+    assert growth_mb < 8, f"on-disk index: {growth_mb:.1f} MB more for 58k more rows"
