@@ -5,8 +5,8 @@ An index is a directory:
     index.json        manifest: format version, count, dim, index type and metric, the FAISS
                       factory string and search parameters, the rerank factor, recall@10 measured
                       at build time, the model that built it, creation time, skipped-sample counts
-    vectors.npy       the unit vectors [N, D] float32, row i = id i, so inner product == cosine
-                      similarity; a plain .npy so that it can be memory-mapped
+    vectors.npy       the unit vectors [N, D] float32 (the on-disk tier: float16), row i = id i,
+                      so inner product == cosine similarity; a plain .npy that can be memory-mapped
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
     index.ivfdata     the on-disk tier's inverted lists (manifest `on_disk`, indexing/ondisk.py),
                       memory-mapped; such an index is served read-only
@@ -103,6 +103,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 METRIC = "inner_product"
+SAVE_BLOCK_ROWS = 1 << 18  # rows converted at a time when vectors.npy is written as float16
 MMAP_AUTO_BYTES = 1 << 30
 """`SearchIndex.load(mmap=None)` memory-maps an index whose vectors + FAISS file reach this size."""
 
@@ -170,7 +171,6 @@ def write_index(
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     try:
-        np.save(tmp / VECTORS_FILE, vectors)
         start = time.perf_counter()
         index = (
             build_ondisk_index(plan, vectors, tmp)
@@ -178,10 +178,11 @@ def write_index(
             else build_faiss_index(plan, vectors)
         )
         index_seconds = round(time.perf_counter() - start, 3)
+        served = _save_vectors(tmp / VECTORS_FILE, vectors, np.float16 if plan.on_disk else None)
         if index is not None:
             faiss.write_index(index, str(tmp / FAISS_FILE))
         searcher = VectorSearcher(
-            vectors, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
+            served, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
         )
         recall = measure_recall(searcher, spec.recall_queries, seed=spec.seed)
         if text_queries is not None:
@@ -204,6 +205,7 @@ def write_index(
             "metric": METRIC,
             "count": len(vectors),
             "dim": int(vectors.shape[1]),
+            "vectors_dtype": str(served.dtype),
             **recall,
             "index_build_seconds": index_seconds,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -225,6 +227,21 @@ def write_index(
         index_seconds,
     )
     return out_dir
+
+
+def _save_vectors(path: Path, vectors: np.ndarray, dtype: type | None) -> np.ndarray:
+    """`vectors` as `vectors.npy`; the array searches re-rank against. `dtype` float16 (the
+    on-disk tier: half the file and the page cache; cosines within ~1e-3) is written block by
+    block into a memory-mapped file, so `vectors` is never copied whole."""
+    if dtype is None:
+        np.save(path, vectors)
+        return vectors
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=vectors.shape)
+    for start in range(0, len(vectors), SAVE_BLOCK_ROWS):
+        out[start : start + SAVE_BLOCK_ROWS] = vectors[start : start + SAVE_BLOCK_ROWS]
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _as_row(row: IndexRow | tuple[str, str, dict[str, Any]]) -> IndexRow:
@@ -932,10 +949,14 @@ def _read_vectors(path: Path, mmap: bool) -> np.ndarray:
         vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # numpy's errors for a bad header or size
         raise IndexLoadError(f"{path} is not a readable .npy array: {exc}") from exc
-    if vectors.ndim != 2 or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+    if (
+        vectors.ndim != 2
+        or vectors.dtype not in (np.float32, np.float16)
+        or not vectors.flags.c_contiguous
+    ):
         raise IndexLoadError(
             f"{path} holds a {vectors.dtype} array of shape {vectors.shape}; "
-            "expected C-ordered float32 [N, D]"
+            "expected C-ordered float32 (on disk: float16) [N, D]"
         )
     return vectors
 

@@ -46,6 +46,7 @@ AUTO_ON_DISK_MIN_COUNT = 10_000_000
 compress from 10M vectors per server; below it `on_disk=True` asks for it."""
 RECALL_K = 10
 RERANK_QUERY_CHUNK = 256  # queries re-ranked at once: bounds the [chunk, k', D] candidate block
+EXACT_BLOCK_ROWS = 1 << 18  # float16 rows widened to float32 at a time by `exact_knn`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +213,25 @@ def trained_index(plan: IndexPlan, vectors: np.ndarray) -> faiss.Index:
     return index
 
 
+def exact_knn(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k by inner product (scores, ids [Q, k]) over `vectors` [N, D], float32 or the
+    on-disk tier's float16 (widened block by block, so a memory-mapped file is never copied
+    whole into memory)."""
+    if vectors.dtype == np.float32:
+        return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), EXACT_BLOCK_ROWS):
+        block = np.asarray(vectors[start : start + EXACT_BLOCK_ROWS], dtype=np.float32)
+        scores, ids = faiss.knn(queries, block, min(k, len(block)), faiss.METRIC_INNER_PRODUCT)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_ids = np.concatenate([best_ids, ids + start], axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        best_ids = np.take_along_axis(best_ids, order, axis=1)
+    return best_scores, best_ids
+
+
 def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> dict[str, Any]:
     """recall@10 of `searcher` against exact search, over `queries` stored vectors as queries.
 
@@ -223,8 +243,8 @@ def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> 
     if searcher.exact or n == 0 or len(vectors) <= RECALL_K:
         return {"recall_at_10": 1.0 if searcher.exact else None, "recall_queries": 0}
     ids = np.sort(np.random.default_rng(seed).choice(len(vectors), n, replace=False))
-    sample = np.ascontiguousarray(vectors[ids])
-    _, exact = faiss.knn(sample, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    sample = np.ascontiguousarray(vectors[ids], dtype=np.float32)
+    _, exact = exact_knn(sample, vectors, RECALL_K + 1)
     _, approx = searcher.search(sample, RECALL_K + 1)
     hits = 0
     for query_id, truth, found in zip(ids, exact, approx, strict=True):
@@ -248,7 +268,7 @@ def measure_query_recall(searcher: VectorSearcher, queries: np.ndarray) -> float
         return 1.0
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(RECALL_K, len(searcher.vectors))
-    _, exact = faiss.knn(queries, searcher.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    _, exact = exact_knn(queries, searcher.vectors, k)
     _, approx = searcher.search(queries, k)
     hits = sum(
         len(set(truth.tolist()) & set(found.tolist()))
@@ -281,7 +301,7 @@ class VectorSearcher:
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.vectors = vectors  # [N, D] float32, in memory or memory-mapped
+        self.vectors = vectors  # [N, D] float32 (on disk: float16), in memory or memory-mapped
         self._buffer: np.ndarray | None = None  # [capacity, D] once rows have been added
         self._index = index
         self.rerank_factor = rerank_factor
@@ -329,8 +349,7 @@ class VectorSearcher:
         """Top k over every row; `params`: FAISS search parameters of the approximate index
         (filtered search passes its ID selector and a raised efSearch / nprobe here)."""
         if self._index is None:
-            scores, ids = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-            return scores, ids
+            return exact_knn(queries, self.vectors, k)
         k_candidates = min(k * self.rerank_factor, len(self.vectors))
         # [Q, k'], approximate order; `params` (filtered search): a selector and its ef / nprobe
         _, candidates = self._index.search(queries, k_candidates, params=params)
@@ -391,6 +410,7 @@ def _rerank(
     """Exact scores of the candidate ids [Q, k'] (-1 = none) against the stored vectors; top k."""
     found = candidates >= 0
     rows = vectors[np.where(found, candidates, 0).ravel()]  # [Q * k', D]; a memmap reads pages
+    rows = rows.astype(np.float32, copy=False)  # the on-disk tier stores float16
     scores = np.einsum("qd,qcd->qc", queries, rows.reshape(*candidates.shape, -1))  # [Q, k']
     scores = np.where(found, scores, -np.inf).astype(np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

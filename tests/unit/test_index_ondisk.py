@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
-from serve.indexing import ondisk
+from serve.indexing import ondisk, vector_search
 from serve.indexing.index import IndexRow, SearchIndex, write_index
 from serve.indexing.journal import IndexReadOnlyError
 from serve.indexing.staging import _merge_vectors
@@ -89,7 +89,10 @@ def test_on_disk_index_is_served_memory_mapped_and_read_only(
         assert "rebuild it to change it" in str(index.read_only_reason)
         (hits,) = index.search(vectors[7:8], 5)
         assert (hits[0].id, hits[0].caption) == (7, "caption 7")
-        assert hits[0].score == pytest.approx(1.0, abs=1e-5)  # re-ranked: the exact cosine
+        # re-ranked against the float16 vectors: the cosine within float16's rounding
+        assert index._searcher.vectors.dtype == np.float16
+        assert index.manifest["vectors_dtype"] == "float16"
+        assert hits[0].score == pytest.approx(1.0, abs=2e-3)
         with pytest.raises(IndexReadOnlyError, match="on disk"):
             index.add(vectors[:1], _rows(1))
     finally:
@@ -115,6 +118,19 @@ def test_text_query_recall_is_measured_against_exact_search() -> None:
     assert recall == pytest.approx(expected, abs=1e-4)
     assert recall is not None and recall < 1.0  # one cell of 32 misses neighbours
     assert measure_query_recall(rough, queries[:0]) is None
+
+
+def test_exact_search_over_float16_blocks_matches_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    vectors = _clustered(np.random.default_rng(0), 3000)
+    queries = _clustered(np.random.default_rng(9), 20)
+    half = vectors.astype(np.float16)
+    monkeypatch.setattr(vector_search, "EXACT_BLOCK_ROWS", 700)  # 5 blocks, the last short
+    scores, ids = vector_search.exact_knn(queries, half, 10)
+    want_scores, want_ids = faiss.knn(
+        queries, half.astype(np.float32), 10, faiss.METRIC_INNER_PRODUCT
+    )
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
 
 
 REPO = Path(__file__).resolve().parents[2]
