@@ -13,6 +13,10 @@ chunk, under torchrun or not, with any number of processes, and the merge in par
 an uninterrupted build. A staging folder whose `build.json` differs from the build asked for is
 refused, with what differs; without `--resume` a partial build is refused with a message naming
 `--resume` (hours of embedding are not thrown away unasked).
+
+The merge copies the chunks' vectors, part by part, into one memory-mapped `vectors.npy` in the
+staging folder: no process holds every vector (the on-disk tier, serve/indexing/ondisk.py, reads
+them from there block by block).
 """
 
 from __future__ import annotations
