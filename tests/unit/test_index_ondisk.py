@@ -1,5 +1,5 @@
-"""The on-disk IVF-PQ tier: built in blocks and merged on disk, served memory-mapped, read-only,
-with anonymous memory that does not grow with the index."""
+"""The on-disk IVF-PQ tier: built in blocks and merged on disk, served memory-mapped, read-only
+(also over HTTP), with anonymous memory that does not grow with the index."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from typing import Any
 import faiss
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
+from serve.app import create_app
 from serve.indexing import ondisk, vector_search
 from serve.indexing.index import IndexRow, SearchIndex, write_index
 from serve.indexing.journal import IndexReadOnlyError
 from serve.indexing.staging import _merge_vectors
 from serve.indexing.vector_search import IndexSpec, VectorSearcher, measure_query_recall
+from serve.settings import Settings
+from tests.serve_support import assert_envelope, make_artifact, wait_until_loaded
 
 DIM = 64
 COUNT = 12_000
@@ -175,3 +179,21 @@ def test_resident_memory_does_not_grow_with_the_index(tmp_path: Path) -> None:
     # mmap=False asked: an on-disk index is memory-mapped whatever the caller asks
     growth_mb = (anon_kb(dirs[60_000], False) - anon_kb(dirs[2_000], False)) / 1024
     assert growth_mb < 8, f"on-disk index: {growth_mb:.1f} MB more for 58k more rows"
+
+
+def test_service_serves_an_on_disk_index_read_only(tmp_path: Path) -> None:
+    """Over HTTP: searches answer from the on-disk lists; an add is a 409 saying why."""
+    vectors = _clustered(np.random.default_rng(2), 3000)  # duet-micro: D = 64
+    spec = IndexSpec(**{**SPEC, "nlist": 16, "recall_queries": 0}, on_disk=True)
+    index_dir = write_index(tmp_path / "index", vectors, _rows(3000), spec=spec)
+    settings = Settings(artifact_dir=make_artifact(tmp_path), index_dir=index_dir)
+    with TestClient(create_app(settings)) as client:
+        assert wait_until_loaded(client).status_code == 200
+        response = client.post("/search", json={"embedding": vectors[42].tolist(), "k": 3})
+        assert response.status_code == 200, response.text
+        top = response.json()["results"][0]
+        assert (top["id"], top["caption"]) == (42, "caption 42")
+        info = client.get("/indices").json()
+        assert "on disk" in json.dumps(info)
+        added = client.post("/indices/default/items", json={"items": [{"embedding": [0.1] * 64}]})
+        assert "rebuild it to change it" in assert_envelope(added, 409, "read_only")["error"]
