@@ -186,7 +186,9 @@ def test_service_serves_an_on_disk_index_read_only(tmp_path: Path) -> None:
     vectors = _clustered(np.random.default_rng(2), 3000)  # duet-micro: D = 64
     spec = IndexSpec(**{**SPEC, "nlist": 16, "recall_queries": 0}, on_disk=True)
     index_dir = write_index(tmp_path / "index", vectors, _rows(3000), spec=spec)
-    settings = Settings(**{"artifact_dir": make_artifact(tmp_path), "index_dir": index_dir})
+    settings = Settings.model_validate(
+        {"artifact_dir": make_artifact(tmp_path), "index_dir": index_dir}
+    )
     with TestClient(create_app(settings)) as client:
         assert wait_until_loaded(client).status_code == 200
         response = client.post("/search", json={"embedding": vectors[42].tolist(), "k": 3})
