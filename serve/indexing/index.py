@@ -585,6 +585,8 @@ class SearchIndex:
             "index_type": self.manifest["index_type"],
             "metric": self.manifest.get("metric", METRIC),
             "recall_at_10": self.manifest.get("recall_at_10"),
+            "text_recall_at_10": self.manifest.get("text_recall_at_10"),
+            "on_disk": bool(self.manifest.get("on_disk")),
             "model": self.manifest.get("model", {}).get("name"),
             "created": self.manifest.get("created"),
             "directory": str(self.directory),

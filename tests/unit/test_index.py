@@ -119,6 +119,8 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
         "index_type": "flat",
         "metric": "inner_product",
         "recall_at_10": 1.0,
+        "text_recall_at_10": None,
+        "on_disk": False,
         "model": "hand",
         "created": index.manifest["created"],
         "directory": str(index.directory),
