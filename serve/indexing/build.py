@@ -46,11 +46,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 from common.artifact import load_artifact
 from common.onnx_towers import OnnxExportError, OnnxTowers
 from serve.encoder import Encoder
 from serve.indexing.embed import embed_parts, progress_bar
-from serve.indexing.index import write_index
+from serve.indexing.index import IndexRow, write_index
 from serve.indexing.prepare import ImageBounds, Preparer, PrepareSpec
 from serve.indexing.sources import Part, list_parts
 from serve.indexing.staging import (
@@ -191,9 +193,26 @@ def _run(
             f"no usable samples in {job.record['source']!r} "
             f"(skipped: {dict(merged.skipped) or 'none'})"
         )
-    summary = _write(job.out_dir, merged, job.record, count, start, job.spec, job.thumbnails)
+    text_queries = _caption_queries(encoder, merged.rows, job.spec or IndexSpec())
+    summary = _write(
+        job.out_dir, merged, job.record, count, start, job.spec, job.thumbnails, text_queries
+    )
     shutil.rmtree(job.staging, ignore_errors=True)  # only now: a failed merge or write resumes
     return summary
+
+
+def _caption_queries(encoder: Encoder, rows: list[IndexRow], spec: IndexSpec) -> np.ndarray:
+    """Up to `spec.recall_queries` sampled captions through the text tower [Q, D]: the queries
+    whose recall the manifest reports beside the image-query figure."""
+    captioned = [i for i, row in enumerate(rows) if row.caption.strip()]
+    n = min(spec.recall_queries, len(captioned))
+    chosen = np.random.default_rng(spec.seed).choice(len(captioned), n, replace=False)
+    captions = [rows[captioned[i]].caption for i in sorted(chosen.tolist())]
+    if not captions:
+        return np.zeros((0, encoder.embed_dim), np.float32)
+    return np.concatenate(
+        [encoder.encode_texts(captions[i : i + 256]) for i in range(0, len(captions), 256)]
+    )
 
 
 def _towers(runtime: str, model_dir: Path, device: str) -> OnnxTowers | None:
@@ -220,6 +239,7 @@ def _write(
     start: float,
     spec: IndexSpec | None,
     thumbnails: ThumbnailSpec,
+    text_queries: np.ndarray | None,
 ) -> dict[str, Any]:
     """Rank 0: the index from every part's chunk, and the build's summary; `record`: the
     manifest's model, source and image bounds."""
@@ -238,6 +258,7 @@ def _write(
         spec=spec,
         thumbnails=merged.thumbnails,
         thumbnail_spec=thumbnails,
+        text_queries=text_queries,
     )
     dim = merged.vectors.shape[1]
     count = len(merged.rows)
@@ -393,7 +414,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ):
         knobs.add_argument(flag, type=int, help=help_text)
     knobs.add_argument(
-        "--pq-nbits", type=int, default=4, help="ivfpq: bits per code (4: fast-scan)"
+        "--pq-nbits", type=int, help="ivfpq: bits per code (default 4: fast-scan; on disk 8)"
+    )
+    knobs.add_argument(
+        "--on-disk",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ivfpq: inverted lists in a file, built in blocks, served memory-mapped and "
+        "read-only (default: from 10M vectors)",
     )
     knobs.add_argument(
         "--recall-queries", type=int, default=1000, help="sampled queries for recall@10 (0: skip)"
@@ -410,6 +438,7 @@ def _spec(args: argparse.Namespace) -> IndexSpec:
         nlist=args.nlist,
         pq_m=args.pq_m,
         pq_nbits=args.pq_nbits,
+        on_disk=args.on_disk,
         nprobe=args.nprobe,
         rerank_factor=args.rerank_factor,
         recall_queries=args.recall_queries,

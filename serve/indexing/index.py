@@ -5,9 +5,11 @@ An index is a directory:
     index.json        manifest: format version, count, dim, index type and metric, the FAISS
                       factory string and search parameters, the rerank factor, recall@10 measured
                       at build time, the model that built it, creation time, skipped-sample counts
-    vectors.npy       the unit vectors [N, D] float32, row i = id i, so inner product == cosine
-                      similarity; a plain .npy so that it can be memory-mapped
+    vectors.npy       the unit vectors [N, D] float32 (the on-disk tier: float16), row i = id i,
+                      so inner product == cosine similarity; a plain .npy that can be memory-mapped
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
+    index.ivfdata     the on-disk tier's inverted lists (manifest `on_disk`, indexing/ondisk.py),
+                      memory-mapped; such an index is served read-only
     metadata.sqlite   table `items`: row id -> key, caption, url, JSON metadata
     attributes.npz    columns of the metadata fields searches can filter on
                       (serve/indexing/filters.py); an index without it builds them from
@@ -77,6 +79,7 @@ from serve.indexing.layout import (
     METADATA_FILE,
     VECTORS_FILE,
 )
+from serve.indexing.ondisk import build_ondisk_index, read_ondisk_index
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
     THUMBNAILS_FILE,
@@ -91,6 +94,7 @@ from serve.indexing.vector_search import (
     IndexSpec,
     VectorSearcher,
     build_faiss_index,
+    measure_query_recall,
     measure_recall,
     plan_index,
 )
@@ -99,8 +103,12 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 METRIC = "inner_product"
+SAVE_BLOCK_ROWS = 1 << 18  # rows converted at a time when vectors.npy is written as float16
 MMAP_AUTO_BYTES = 1 << 30
 """`SearchIndex.load(mmap=None)` memory-maps an index whose vectors + FAISS file reach this size."""
+
+
+ON_DISK_READ_ONLY = "its inverted lists are on disk (index.ivfdata): rebuild it to change it"
 
 
 class IndexLoadError(RuntimeError):
@@ -138,12 +146,18 @@ def write_index(
     spec: IndexSpec | None = None,
     thumbnails: Pack | None = None,
     thumbnail_spec: ThumbnailSpec | None = None,
+    text_queries: np.ndarray | None = None,
 ) -> Path:
     """Write `embeddings` [N, D] (unit vectors) and their `rows` to `out_dir`, replacing it.
 
     `spec` chooses the index type and its knobs (default: by size); the built index's recall@10
     against exact search is measured and written to the manifest. `thumbnails`: a pack with one
     thumbnail per row, made with `thumbnail_spec`; its files are moved into the index.
+    `text_queries` [Q, D]: captions through the text tower, whose recall@10 against exact
+    search is written beside the image-query figure (`text_recall_at_10`).
+
+    `embeddings` may be memory-mapped: the on-disk tier (`plan.on_disk`) reads it block by
+    block and never holds it whole.
     """
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     if vectors.ndim != 2:
@@ -157,16 +171,23 @@ def write_index(
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     try:
-        np.save(tmp / VECTORS_FILE, vectors)
         start = time.perf_counter()
-        index = build_faiss_index(plan, vectors)
+        index = (
+            build_ondisk_index(plan, vectors, tmp)
+            if plan.on_disk
+            else build_faiss_index(plan, vectors)
+        )
         index_seconds = round(time.perf_counter() - start, 3)
+        served = _save_vectors(tmp / VECTORS_FILE, vectors, np.float16 if plan.on_disk else None)
         if index is not None:
             faiss.write_index(index, str(tmp / FAISS_FILE))
         searcher = VectorSearcher(
-            vectors, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
+            served, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
         )
         recall = measure_recall(searcher, spec.recall_queries, seed=spec.seed)
+        if text_queries is not None:
+            recall["text_recall_at_10"] = measure_query_recall(searcher, text_queries)
+            recall["text_recall_queries"] = len(text_queries)
         index_rows = [_as_row(row) for row in rows]
         _write_metadata(tmp / METADATA_FILE, index_rows)
         AttributeColumns.from_metas(metas_of(index_rows)).save(tmp / ATTRIBUTES_FILE)
@@ -184,6 +205,7 @@ def write_index(
             "metric": METRIC,
             "count": len(vectors),
             "dim": int(vectors.shape[1]),
+            "vectors_dtype": str(served.dtype),
             **recall,
             "index_build_seconds": index_seconds,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -205,6 +227,21 @@ def write_index(
         index_seconds,
     )
     return out_dir
+
+
+def _save_vectors(path: Path, vectors: np.ndarray, dtype: type | None) -> np.ndarray:
+    """`vectors` as `vectors.npy`; the array searches re-rank against. `dtype` float16 (the
+    on-disk tier: half the file and the page cache; cosines within ~1e-3) is written block by
+    block into a memory-mapped file, so `vectors` is never copied whole."""
+    if dtype is None:
+        np.save(path, vectors)
+        return vectors
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=vectors.shape)
+    for start in range(0, len(vectors), SAVE_BLOCK_ROWS):
+        out[start : start + SAVE_BLOCK_ROWS] = vectors[start : start + SAVE_BLOCK_ROWS]
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _as_row(row: IndexRow | tuple[str, str, dict[str, Any]]) -> IndexRow:
@@ -343,7 +380,13 @@ class SearchIndex:
         background once the journal reaches this size (None: only when asked).
         """
         directory = Path(directory)
+        on_disk = bool(read_index_manifest(directory).get("on_disk"))
+        if on_disk:  # one file of lists written by the merge: served as built (ondisk.py)
+            if writable:
+                raise IndexReadOnlyError(f"index {directory}: {ON_DISK_READ_ONLY}")
+            writable, mmap = False, True
         writer, reason = _writer_lock(directory, writable)
+        reason = ON_DISK_READ_ONLY if on_disk else reason
         try:
             return cls._open(
                 directory, expected_dim, mmap, threads, writer, reason, compact_journal_bytes
@@ -370,7 +413,7 @@ class SearchIndex:
         vectors = _read_vectors(directory / VECTORS_FILE, mmap)
         index = None
         if manifest["index_type"] != FLAT:
-            index = _read_faiss(directory, mmap and writer is None)
+            index = _read_faiss(directory, mmap and writer is None, bool(manifest.get("on_disk")))
         db = _open_metadata(directory / METADATA_FILE)
         thumbnails = None
         try:
@@ -542,6 +585,8 @@ class SearchIndex:
             "index_type": self.manifest["index_type"],
             "metric": self.manifest.get("metric", METRIC),
             "recall_at_10": self.manifest.get("recall_at_10"),
+            "text_recall_at_10": self.manifest.get("text_recall_at_10"),
+            "on_disk": bool(self.manifest.get("on_disk")),
             "model": self.manifest.get("model", {}).get("name"),
             "created": self.manifest.get("created"),
             "directory": str(self.directory),
@@ -906,21 +951,27 @@ def _read_vectors(path: Path, mmap: bool) -> np.ndarray:
         vectors = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # numpy's errors for a bad header or size
         raise IndexLoadError(f"{path} is not a readable .npy array: {exc}") from exc
-    if vectors.ndim != 2 or vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+    if (
+        vectors.ndim != 2
+        or vectors.dtype not in (np.float32, np.float16)
+        or not vectors.flags.c_contiguous
+    ):
         raise IndexLoadError(
             f"{path} holds a {vectors.dtype} array of shape {vectors.shape}; "
-            "expected C-ordered float32 [N, D]"
+            "expected C-ordered float32 (on disk: float16) [N, D]"
         )
     return vectors
 
 
-def _read_faiss(directory: Path, mmap: bool) -> faiss.Index:
+def _read_faiss(directory: Path, mmap: bool, on_disk: bool = False) -> faiss.Index:
     path = directory / FAISS_FILE
     if not path.is_file():
         raise IndexLoadError(f"{path} not found")
     # IO_FLAG_MMAP_IFC maps the codes of HNSW's storage and of IVF's inverted lists, plain or
     # fast-scan (IO_FLAG_MMAP maps only plain IVF lists); graph and coarse quantizer are read.
     try:
+        if on_disk:
+            return read_ondisk_index(path)
         return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as exc:  # FAISS reports every read failure as RuntimeError
         raise IndexLoadError(f"{path} is not a readable FAISS index: {exc}") from exc

@@ -13,6 +13,10 @@ chunk, under torchrun or not, with any number of processes, and the merge in par
 an uninterrupted build. A staging folder whose `build.json` differs from the build asked for is
 refused, with what differs; without `--resume` a partial build is refused with a message naming
 `--resume` (hours of embedding are not thrown away unasked).
+
+The merge copies the chunks' vectors, part by part, into one memory-mapped `vectors.npy` in the
+staging folder: no process holds every vector (the on-disk tier, serve/indexing/ondisk.py, reads
+them from there block by block).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from serve.indexing.sources import Part
 from serve.indexing.thumbnails import Pack, merge_packs, offsets_path
 
 BUILD_FILE = "build.json"
+MERGED_VECTORS_FILE = "vectors.npy"  # every chunk's vectors, in part order (memory-mapped)
 STAGING_VERSION = 1
 
 
@@ -138,7 +143,7 @@ def write_chunk(staging: Path, part_index: int, chunk: Chunk) -> None:
 def read_chunk(staging: Path, part_index: int) -> Chunk:
     stem = chunk_stem(staging, part_index)
     marker = json.loads(Path(f"{stem}.json").read_text())
-    vectors = np.load(f"{stem}.npy", allow_pickle=False)
+    vectors = np.load(f"{stem}.npy", mmap_mode="r", allow_pickle=False)  # read when merged
     with open(f"{stem}.jsonl") as f:
         records = [json.loads(line) for line in f]
     if not len(vectors) == len(records) == marker["count"]:
@@ -152,7 +157,10 @@ def read_chunk(staging: Path, part_index: int) -> Chunk:
 
 
 def merge(staging: Path, part_count: int, dim: int, with_thumbnails: bool) -> Chunk:
-    """Every part's chunk, in part order: the ids of a one-process uninterrupted build."""
+    """Every part's chunk, in part order: the ids of a one-process uninterrupted build.
+
+    The vectors are copied part by part into `MERGED_VECTORS_FILE`, memory-mapped, so no
+    process holds them all (the on-disk tier reads them block by block from there)."""
     missing = sorted(set(range(part_count)) - set(finished(staging)))
     if missing:
         raise RuntimeError(f"{staging}: parts {missing[:10]} were not embedded")
@@ -161,7 +169,7 @@ def merge(staging: Path, part_count: int, dim: int, with_thumbnails: bool) -> Ch
     for chunk in chunks:
         skipped.update(chunk.skipped)
     rows = [row for chunk in chunks for row in chunk.rows]
-    vectors = np.concatenate([np.zeros((0, dim), np.float32), *(c.vectors for c in chunks)])
+    vectors = _merge_vectors(staging / MERGED_VECTORS_FILE, [c.vectors for c in chunks], dim)
     pack = None
     if with_thumbnails:
         packs = [chunk.thumbnails for chunk in chunks if chunk.thumbnails is not None]
@@ -175,6 +183,19 @@ def merge(staging: Path, part_count: int, dim: int, with_thumbnails: bool) -> Ch
         else:
             pack = merge_packs(packs, np.arange(len(rows)), out)
     return Chunk(vectors, rows, skipped, pack)
+
+
+def _merge_vectors(path: Path, parts: list[np.ndarray], dim: int) -> np.ndarray:
+    """`parts` [n_i, D] one after the other in a new .npy at `path`, memory-mapped read-only."""
+    total = sum(len(part) for part in parts)
+    merged = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, dim))
+    start = 0
+    for part in parts:
+        merged[start : start + len(part)] = part
+        start += len(part)
+    merged.flush()
+    del merged
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -179,7 +179,8 @@ class ThumbnailReader:
 
     def __init__(self, directory: Path, count: int, format: str) -> None:
         path = directory / THUMBNAILS_FILE
-        offsets = np.load(directory / OFFSETS_FILE, allow_pickle=False)
+        # memory-mapped: pages of offsets are read as thumbnails are, not 8 bytes per row resident
+        offsets = np.load(directory / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
         check_offsets(offsets, path.stat().st_size, str(path))
         if len(offsets) != count + 1:
             raise ValueError(f"{path}: {len(offsets) - 1} thumbnails for {count} rows")

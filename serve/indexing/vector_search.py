@@ -7,6 +7,10 @@
     ivfpq   `IVF{nlist},PQ{m}x4fs`: k-means cells of product-quantised codes, m/2 bytes each
             (4-bit codes searched with FAISS' SIMD "fast scan"; `PQ{m}x8` for 8 bits), the
             smallest in memory, for the largest sets
+    ivfpq on disk
+            `IVF{nlist},PQ{m}` (8-bit codes) whose inverted lists live in a file
+            (serve/indexing/ondisk.py), built block by block and merged on disk, searched
+            memory-mapped: for indices larger than memory; `auto` from `AUTO_ON_DISK_MIN_COUNT`
 
 Both approximate types re-rank k × rerank_factor candidates exactly against the stored float32
 vectors, so compressed codes only have to get the right rows into the candidate list. Knobs left
@@ -37,8 +41,12 @@ AUTO_HNSW_MAX_COUNT = 1_000_000
 """`auto` builds hnsw below this many vectors, ivfpq from here on: at 1M (D = 128) IVF-PQ + re-rank
 searched 2.5x faster batched and 2.4x one at a time at recall@10 0.986 (HNSW 0.997), built in a
 sixth of the time, and its index is a ninth of the size (docs/benchmarks.md)."""
+AUTO_ON_DISK_MIN_COUNT = 10_000_000
+"""`auto` puts ivfpq's inverted lists on disk from this many vectors: FAISS's guidance is to
+compress from 10M vectors per server; below it `on_disk=True` asks for it."""
 RECALL_K = 10
 RERANK_QUERY_CHUNK = 256  # queries re-ranked at once: bounds the [chunk, k', D] candidate block
+EXACT_BLOCK_ROWS = 1 << 18  # float16 rows widened to float32 at a time by `exact_knn`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,8 +65,10 @@ class IndexSpec:
     """ivfpq: k-means cells (default ~4·sqrt(N), a power of two, at most N/39)."""
     pq_m: int | None = None
     """ivfpq: sub-quantisers; must divide D (default D/2: 2-dimensional sub-vectors)."""
-    pq_nbits: int = 4
-    """ivfpq: bits per sub-quantiser code; 4 uses FAISS' fast-scan kernels."""
+    pq_nbits: int | None = None
+    """ivfpq: bits per sub-quantiser code (default 4, FAISS' fast-scan kernels; on disk 8)."""
+    on_disk: bool | None = None
+    """ivfpq: inverted lists in a file, built in blocks (None: from AUTO_ON_DISK_MIN_COUNT)."""
     nprobe: int | None = None
     """ivfpq: cells searched per query (default nlist/128, at least 32)."""
     rerank_factor: int | None = None
@@ -78,8 +88,12 @@ class IndexSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not 1 <= self.pq_nbits <= 16:
+        if self.pq_nbits is not None and not 1 <= self.pq_nbits <= 16:
             raise ValueError(f"pq_nbits must be in 1..16, got {self.pq_nbits}")
+        if self.on_disk and self.index_type not in (AUTO, IVFPQ):
+            raise ValueError(f"on_disk is an ivfpq tier, not {self.index_type}")
+        if self.on_disk and self.pq_nbits not in (None, 8):
+            raise ValueError(f"on_disk stores 8-bit codes, got pq_nbits={self.pq_nbits}")
         if self.recall_queries < 0:
             raise ValueError(f"recall_queries must be >= 0, got {self.recall_queries}")
 
@@ -96,10 +110,13 @@ class IndexPlan:
     rerank_factor: int = 1
     train_size: int = 0
     ef_construction: int | None = None
+    on_disk: bool = False
+    """ivfpq: inverted lists in `index.ivfdata` (serve/indexing/ondisk.py)."""
 
     def manifest(self) -> dict[str, Any]:
         return {
             "index_type": self.index_type,
+            "on_disk": self.on_disk,
             "factory": self.factory,
             "search_params": self.search_params,
             "rerank_factor": self.rerank_factor,
@@ -109,6 +126,8 @@ class IndexPlan:
 def plan_index(spec: IndexSpec, count: int, dim: int) -> IndexPlan:
     """Resolve `spec` for `count` vectors of dimension `dim`; ValueError when it cannot be built."""
     index_type = spec.index_type
+    if index_type == AUTO and spec.on_disk:
+        index_type = IVFPQ
     if index_type == AUTO:
         if count < AUTO_FLAT_MAX_COUNT:
             index_type = FLAT
@@ -140,16 +159,21 @@ def _plan_ivfpq(spec: IndexSpec, count: int, dim: int) -> IndexPlan:
     # 4-bit codes of 2-dimensional sub-vectors (D/4 bytes): as small as 8-bit codes of 4
     # dimensions, but FAISS trains them in a second where those take minutes, and scans them
     # with SIMD; at 100k vectors (D = 128) they also found more of the true top 10.
-    pq_m = spec.pq_m or max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
+    # On disk (8-bit codes, no fast-scan): 4-dimensional sub-vectors, D/4 bytes as well; at
+    # D = 512 that is the PQ128 LAION-5B was served with.
+    on_disk = spec.on_disk if spec.on_disk is not None else count >= AUTO_ON_DISK_MIN_COUNT
+    nbits = spec.pq_nbits or (8 if on_disk else 4)
+    sub_dim = 4 if on_disk else 2
+    pq_m = spec.pq_m or max(d for d in range(1, max(1, dim // sub_dim) + 1) if dim % d == 0)
     if dim % pq_m:
         raise ValueError(f"pq_m must divide the dimension {dim}, got {pq_m}")
-    if count < max(nlist, 2**spec.pq_nbits):
+    if count < max(nlist, 2**nbits):
         raise ValueError(
-            f"ivfpq with nlist={nlist}, pq_nbits={spec.pq_nbits} needs at least "
-            f"{max(nlist, 2**spec.pq_nbits)} vectors, got {count}; use --index-type flat"
+            f"ivfpq with nlist={nlist}, pq_nbits={nbits} needs at least "
+            f"{max(nlist, 2**nbits)} vectors, got {count}; use --index-type flat"
         )
     nprobe = min(nlist, spec.nprobe or max(32, nlist // 128))
-    codes = f"PQ{pq_m}x4fs" if spec.pq_nbits == 4 else f"PQ{pq_m}x{spec.pq_nbits}"
+    codes = f"PQ{pq_m}x4fs" if nbits == 4 and not on_disk else f"PQ{pq_m}x{nbits}"
     return IndexPlan(
         IVFPQ,
         factory=f"IVF{nlist},{codes}",
@@ -157,7 +181,8 @@ def _plan_ivfpq(spec: IndexSpec, count: int, dim: int) -> IndexPlan:
         rerank_factor=spec.rerank_factor or 20,
         # k-means costs train_size x nlist x D per iteration: FAISS warns below 39 points per
         # cell, and the PQ codebooks' own k-means want as many per code
-        train_size=min(count, 40 * max(nlist, 2**spec.pq_nbits)),
+        train_size=min(count, 40 * max(nlist, 2**nbits)),
+        on_disk=on_disk,
     )
 
 
@@ -165,6 +190,15 @@ def build_faiss_index(plan: IndexPlan, vectors: np.ndarray) -> faiss.Index | Non
     """The approximate index of `plan` over `vectors`, trained on a sample; None for flat."""
     if plan.factory is None:  # flat: exact search needs no index
         return None
+    index = trained_index(plan, vectors)
+    index.add(vectors)
+    return index
+
+
+def trained_index(plan: IndexPlan, vectors: np.ndarray) -> faiss.Index:
+    """The empty index of `plan` (not flat), trained on a sample of `vectors` (read row by row
+    from a memory-mapped array: the sample is all that is held)."""
+    assert plan.factory is not None
     index = faiss.index_factory(vectors.shape[1], plan.factory, faiss.METRIC_INNER_PRODUCT)
     inner: Any = faiss.downcast_index(index)  # the concrete type, whose knobs we set
     if plan.ef_construction is not None:
@@ -175,9 +209,27 @@ def build_faiss_index(plan: IndexPlan, vectors: np.ndarray) -> faiss.Index | Non
         inner.do_polysemous_training = False
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(vectors), min(len(vectors), plan.train_size), replace=False))
-    index.train(np.ascontiguousarray(vectors[sample]))
-    index.add(vectors)
+    index.train(np.ascontiguousarray(vectors[sample], dtype=np.float32))
     return index
+
+
+def exact_knn(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top k by inner product (scores, ids [Q, k]) over `vectors` [N, D], float32 or the
+    on-disk tier's float16 (widened block by block, so a memory-mapped file is never copied
+    whole into memory)."""
+    if vectors.dtype == np.float32:
+        return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(vectors), EXACT_BLOCK_ROWS):
+        block = np.asarray(vectors[start : start + EXACT_BLOCK_ROWS], dtype=np.float32)
+        scores, ids = faiss.knn(queries, block, min(k, len(block)), faiss.METRIC_INNER_PRODUCT)
+        best_scores = np.concatenate([best_scores, scores], axis=1)
+        best_ids = np.concatenate([best_ids, ids + start], axis=1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(best_scores, order, axis=1)
+        best_ids = np.take_along_axis(best_ids, order, axis=1)
+    return best_scores, best_ids
 
 
 def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> dict[str, Any]:
@@ -191,8 +243,8 @@ def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> 
     if searcher.exact or n == 0 or len(vectors) <= RECALL_K:
         return {"recall_at_10": 1.0 if searcher.exact else None, "recall_queries": 0}
     ids = np.sort(np.random.default_rng(seed).choice(len(vectors), n, replace=False))
-    sample = np.ascontiguousarray(vectors[ids])
-    _, exact = faiss.knn(sample, vectors, RECALL_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    sample = np.ascontiguousarray(vectors[ids], dtype=np.float32)
+    _, exact = exact_knn(sample, vectors, RECALL_K + 1)
     _, approx = searcher.search(sample, RECALL_K + 1)
     hits = 0
     for query_id, truth, found in zip(ids, exact, approx, strict=True):
@@ -201,6 +253,30 @@ def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> 
     recall = round(hits / (n * RECALL_K), 4)
     log.info("recall@%d = %.4f over %d sampled queries", RECALL_K, recall, n)
     return {"recall_at_10": recall, "recall_queries": n}
+
+
+def measure_query_recall(searcher: VectorSearcher, queries: np.ndarray) -> float | None:
+    """recall@10 of `searcher` against exact search for `queries` [Q, D] that are not stored
+    vectors (captions through the text tower: what users send); None without queries.
+
+    Image-to-image recall asks for neighbours of a stored point, which sit in its own cell; a
+    text query lands between cells (the modality gap), so this is the figure users get.
+    """
+    if len(queries) == 0 or len(searcher.vectors) == 0:
+        return None
+    if searcher.exact:
+        return 1.0
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(RECALL_K, len(searcher.vectors))
+    _, exact = exact_knn(queries, searcher.vectors, k)
+    _, approx = searcher.search(queries, k)
+    hits = sum(
+        len(set(truth.tolist()) & set(found.tolist()))
+        for truth, found in zip(exact, approx, strict=True)
+    )
+    recall = round(hits / (len(queries) * k), 4)
+    log.info("text-query recall@%d = %.4f over %d captions", k, recall, len(queries))
+    return recall
 
 
 class VectorSearcher:
@@ -225,7 +301,7 @@ class VectorSearcher:
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.vectors = vectors  # [N, D] float32, in memory or memory-mapped
+        self.vectors = vectors  # [N, D] float32 (on disk: float16), in memory or memory-mapped
         self._buffer: np.ndarray | None = None  # [capacity, D] once rows have been added
         self._index = index
         self.rerank_factor = rerank_factor
@@ -273,8 +349,7 @@ class VectorSearcher:
         """Top k over every row; `params`: FAISS search parameters of the approximate index
         (filtered search passes its ID selector and a raised efSearch / nprobe here)."""
         if self._index is None:
-            scores, ids = faiss.knn(queries, self.vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
-            return scores, ids
+            return exact_knn(queries, self.vectors, k)
         k_candidates = min(k * self.rerank_factor, len(self.vectors))
         # [Q, k'], approximate order; `params` (filtered search): a selector and its ef / nprobe
         _, candidates = self._index.search(queries, k_candidates, params=params)
@@ -335,6 +410,7 @@ def _rerank(
     """Exact scores of the candidate ids [Q, k'] (-1 = none) against the stored vectors; top k."""
     found = candidates >= 0
     rows = vectors[np.where(found, candidates, 0).ravel()]  # [Q * k', D]; a memmap reads pages
+    rows = rows.astype(np.float32, copy=False)  # the on-disk tier stores float16
     scores = np.einsum("qd,qcd->qc", queries, rows.reshape(*candidates.shape, -1))  # [Q, k']
     scores = np.where(found, scores, -np.inf).astype(np.float32)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

@@ -119,6 +119,8 @@ def test_vectors_rows_and_describe(index: SearchIndex, vectors: np.ndarray) -> N
         "index_type": "flat",
         "metric": "inner_product",
         "recall_at_10": 1.0,
+        "text_recall_at_10": None,
+        "on_disk": False,
         "model": "hand",
         "created": index.manifest["created"],
         "directory": str(index.directory),
@@ -293,6 +295,8 @@ def test_build_index_cli_index_type_and_knobs(
     manifest = json.loads((tmp_path / "index" / "index.json").read_text())
     assert (manifest["index_type"], manifest["search_params"]) == ("hnsw", {"efSearch": 50})
     assert manifest["recall_queries"] == 13 and manifest["recall_at_10"] is not None
+    # and with text queries: every sample's caption through the text tower
+    assert manifest["text_recall_queries"] == 13 and 0 < manifest["text_recall_at_10"] <= 1
     capsys.readouterr()
     # 13 vectors are too few to train an IVF-PQ index: a clear error, not a FAISS crash.
     assert build_index_cli.main([*argv, "--index-type", "ivfpq"]) == 2

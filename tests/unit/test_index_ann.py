@@ -135,10 +135,14 @@ def test_auto_plan_by_size() -> None:
     assert plan_index(IndexSpec(), 1_000_000, 128).index_type == "ivfpq"
     assert (hnsw.index_type, hnsw.factory) == ("hnsw", "HNSW32,SQ8")
     assert hnsw.search_params == {"efSearch": 256}
-    ivfpq = plan_index(IndexSpec(), 20_000_000, 128)
-    assert ivfpq.index_type == "ivfpq"
-    assert ivfpq.factory == "IVF16384,PQ64x4fs"
+    ivfpq = plan_index(IndexSpec(), 9_999_999, 128)
+    assert (ivfpq.index_type, ivfpq.factory, ivfpq.on_disk) == ("ivfpq", "IVF16384,PQ64x4fs", False)
     assert ivfpq.search_params == {"nprobe": 128}
+    # from 10M vectors the lists go on disk, with 8-bit codes of 4-dimensional sub-vectors
+    on_disk = plan_index(IndexSpec(), 20_000_000, 128)
+    assert (on_disk.factory, on_disk.on_disk) == ("IVF16384,PQ32x8", True)
+    assert plan_index(IndexSpec(on_disk=True), 100_000, 512).factory == "IVF1024,PQ128x8"
+    assert not plan_index(IndexSpec(on_disk=False), 20_000_000, 128).on_disk
 
 
 def test_explicit_knobs_win() -> None:
@@ -155,6 +159,8 @@ def test_explicit_knobs_win() -> None:
         (dict(index_type="hnsw", ef_search=0), 10, "ef_search must be >= 1, got 0"),
         (dict(index_type="ivfpq", pq_m=5), 10_000, "pq_m must divide the dimension 128, got 5"),
         (dict(index_type="ivfpq"), 10, "needs at least 16 vectors, got 10; use --index-type flat"),
+        (dict(index_type="hnsw", on_disk=True), 10, "on_disk is an ivfpq tier, not hnsw"),
+        (dict(on_disk=True, pq_nbits=4), 10, "on_disk stores 8-bit codes, got pq_nbits=4"),
     ],
 )
 def test_bad_spec_is_refused(spec: dict[str, object], count: int, message: str) -> None:

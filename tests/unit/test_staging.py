@@ -45,6 +45,9 @@ def test_chunks_are_finished_once_marked_and_merge_in_part_order(tmp_path: Path)
     merged = merge(tmp_path, 3, 4, with_thumbnails=False)
     assert [row.key for row in merged.rows] == ["k0", "k1", "k2", "k20", "k21"]
     assert merged.vectors.shape == (5, 4) and merged.vectors[3, 0] == 20
+    # copied part by part into one memory-mapped file: no process holds every vector
+    assert isinstance(merged.vectors, np.memmap)
+    np.testing.assert_array_equal(np.load(tmp_path / "vectors.npy"), merged.vectors)
     assert merged.skipped == {"corrupt_image": 30}
 
 

@@ -1,0 +1,115 @@
+"""Benchmark the on-disk IVF-PQ tier: build time, disk size, serving memory, recall@10, p50.
+
+    python bench/ondisk.py [--count 1000000] [--dim 512] [--out /tmp/duet-ondisk] [--keep]
+
+The vectors are bench/index.py's clustered unit vectors, generated into a memory-mapped .npy
+(as a build's staging merge leaves them) and written with `write_index` and the on-disk plan
+`auto` derives for the count (`on_disk=True`), so no step holds them all. The index is then
+loaded in a fresh process the way the service loads it (`SearchIndex.load`, no model) and
+searched one query at a time through `SearchIndex.search` (re-rank and metadata included).
+Memory: the process's anonymous resident memory (RssAnon: not backed by a file) after load +
+searches, less before the load, and its whole RSS (mapped index pages included, which the
+kernel may drop). Recall@10: fresh queries of the same mixture against exact search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.index import clustered_unit_vectors  # noqa: E402
+from serve.indexing.index import IndexRow, write_index  # noqa: E402
+from serve.indexing.vector_search import IndexSpec  # noqa: E402
+
+CHUNK = 100_000
+
+PROBE = """
+import json, sys, time, numpy as np
+from serve.indexing.vector_search import exact_knn
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+from serve.indexing.index import SearchIndex
+queries = np.load(sys.argv[2])
+before = status("RssAnon:")
+index = SearchIndex.load(sys.argv[1], writable=False)
+index.search(queries[:10], 10)  # warm-up
+times = []
+found = []
+for q in queries:
+    start = time.perf_counter()
+    hits = index.search(q[None], 10)[0]
+    times.append(time.perf_counter() - start)
+    found.append([h.id for h in hits])
+after_anon, after_rss = status("RssAnon:"), status("VmRSS:")
+_, truth = exact_knn(queries, index._searcher.vectors, 10)
+recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth.tolist(), found)])
+ms = 1000 * np.array(times)
+print(json.dumps({"anon_mb_beyond_imports": after_anon - before, "rss_mb": after_rss,
+                  "p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+                  "recall_at_10": float(recall), "queries": len(queries)}))
+"""
+
+
+def _vectors(path: Path, count: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(memory-mapped stored vectors [count, dim], fresh queries [500, dim])."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(1, count // 1000), dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, dim))
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        out[start : start + n] = clustered_unit_vectors(rng, centers, n)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r"), clustered_unit_vectors(rng, centers, 500)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/duet-ondisk"))
+    parser.add_argument("--keep", action="store_true", help="keep the index afterwards")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vectors, queries = _vectors(args.out / "source.npy", args.count, args.dim, 0)
+    np.save(args.out / "queries.npy", queries)
+    rows = [IndexRow(f"k{i}", f"item {i}", {}) for i in range(args.count)]
+    start = time.perf_counter()
+    index_dir = write_index(
+        args.out / "index", vectors, rows, spec=IndexSpec(on_disk=True, recall_queries=1000)
+    )
+    build_s = time.perf_counter() - start
+    del rows, vectors
+    manifest = json.loads((index_dir / "index.json").read_text())
+    disk = {p.name: p.stat().st_size for p in index_dir.iterdir()}
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, str(index_dir), str(args.out / "queries.npy")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    served = json.loads(probe.stdout.strip().splitlines()[-1])
+    print(f"{args.count} x {args.dim}: {manifest['factory']}, {manifest['search_params']}")
+    print(f"build {build_s:.0f} s (index part {manifest['index_build_seconds']:.0f} s)")
+    print("disk MB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(disk.items())))
+    print(f"recall@10 (stored vectors as queries, manifest): {manifest['recall_at_10']}")
+    print(json.dumps(served))
+    if not args.keep:
+        shutil.rmtree(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The on-disk IVF-PQ tier: built in blocks and merged on disk, served memory-mapped, read-only
+(also over HTTP), with anonymous memory that does not grow with the index."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.app import create_app
+from serve.indexing import ondisk, vector_search
+from serve.indexing.index import IndexRow, SearchIndex, write_index
+from serve.indexing.journal import IndexReadOnlyError
+from serve.indexing.staging import _merge_vectors
+from serve.indexing.vector_search import IndexSpec, VectorSearcher, measure_query_recall
+from serve.settings import Settings
+from tests.serve_support import assert_envelope, make_artifact, wait_until_loaded
+
+DIM = 64
+COUNT = 12_000
+# the same knobs for both builds: only where the lists live differs
+SPEC: dict[str, Any] = dict(index_type="ivfpq", nlist=64, pq_m=16, pq_nbits=8, recall_queries=300)
+
+
+def _clustered(
+    rng: np.random.Generator, n: int, dim: int = DIM, *, noise: float = 0.6
+) -> np.ndarray:
+    centers = np.random.default_rng(1).standard_normal((30, dim))
+    x = centers[rng.integers(0, 30, n)] + rng.standard_normal((n, dim)) * noise
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _rows(n: int) -> list[IndexRow]:
+    return [IndexRow(f"k{i}", f"caption {i}", {}) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """(in-memory index, on-disk index built in 5 blocks from memory-mapped parts, vectors)."""
+    root = tmp_path_factory.mktemp("ondisk")
+    vectors = _clustered(np.random.default_rng(0), COUNT)
+    in_memory = write_index(root / "mem", vectors, _rows(COUNT), spec=IndexSpec(**SPEC))
+    # parts as the build's staging merge leaves them: one memory-mapped .npy, part by part
+    parts = np.array_split(vectors, 3)
+    merged = _merge_vectors(root / "merged.npy", parts, DIM)
+    assert isinstance(merged, np.memmap)
+    original = ondisk.BLOCK_ROWS
+    ondisk.BLOCK_ROWS = 2_500  # 5 blocks, each its own lists on disk before the merge
+    try:
+        spec = IndexSpec(**SPEC, on_disk=True)
+        on_disk = write_index(root / "disk", merged, _rows(COUNT), spec=spec)
+    finally:
+        ondisk.BLOCK_ROWS = original
+    return in_memory, on_disk, vectors
+
+
+def test_on_disk_build_agrees_with_in_memory(builds: tuple[Path, Path, np.ndarray]) -> None:
+    in_memory, on_disk, vectors = builds
+    manifests = [json.loads((d / "index.json").read_text()) for d in (in_memory, on_disk)]
+    assert [m["on_disk"] for m in manifests] == [False, True]
+    assert manifests[0]["factory"] == manifests[1]["factory"] == "IVF64,PQ16x8"
+    assert manifests[1]["recall_at_10"] >= manifests[0]["recall_at_10"] - 0.02
+    assert manifests[1]["recall_at_10"] >= 0.9
+    assert (on_disk / "index.ivfdata").is_file() and not list(on_disk.glob("block-*"))
+    queries = _clustered(np.random.default_rng(5), 100)
+    a, b = SearchIndex.load(in_memory, mmap=False), SearchIndex.load(on_disk)
+    try:
+        ids_a = [[h.id for h in hits] for hits in a.search(queries, 10)]
+        ids_b = [[h.id for h in hits] for hits in b.search(queries, 10)]
+    finally:
+        a.close()
+        b.close()
+    same = sum(len(set(x) & set(y)) for x, y in zip(ids_a, ids_b, strict=True))
+    assert same / 1000 >= 0.97
+
+
+def test_on_disk_index_is_served_memory_mapped_and_read_only(
+    builds: tuple[Path, Path, np.ndarray],
+) -> None:
+    _, on_disk, vectors = builds
+    index = SearchIndex.load(on_disk)  # writable=None: read-only, with the reason
+    try:
+        assert ondisk.lists_on_disk(index._searcher.index)
+        assert isinstance(index._searcher.vectors, np.memmap)  # the re-rank reads pages
+        assert index.mmap and not index.writable
+        assert "rebuild it to change it" in str(index.read_only_reason)
+        (hits,) = index.search(vectors[7:8], 5)
+        assert (hits[0].id, hits[0].caption) == (7, "caption 7")
+        # re-ranked against the float16 vectors: the cosine within float16's rounding
+        assert index._searcher.vectors.dtype == np.float16
+        assert index.manifest["vectors_dtype"] == "float16"
+        assert hits[0].score == pytest.approx(1.0, abs=2e-3)
+        with pytest.raises(IndexReadOnlyError, match="on disk"):
+            index.add(vectors[:1], _rows(1))
+    finally:
+        index.close()
+    with pytest.raises(IndexReadOnlyError, match="on disk"):
+        SearchIndex.load(on_disk, writable=True)
+
+
+def test_text_query_recall_is_measured_against_exact_search() -> None:
+    vectors = _clustered(np.random.default_rng(0), 4000, noise=2.0)
+    queries = _clustered(np.random.default_rng(9), 50, noise=2.0)
+    index = faiss.index_factory(DIM, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    exact = VectorSearcher(vectors, None)
+    assert measure_query_recall(exact, queries) == 1.0
+    rough = VectorSearcher(vectors, index, search_params={"nprobe": 1})
+    recall = measure_query_recall(rough, queries)
+    # the reference: overlap of brute-force top 10 with what the searcher returns
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    _, found = rough.search(queries, 10)
+    expected = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    assert recall == pytest.approx(expected, abs=1e-4)
+    assert recall is not None and recall < 1.0  # one cell of 32 misses neighbours
+    assert measure_query_recall(rough, queries[:0]) is None
+
+
+def test_exact_search_over_float16_blocks_matches_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    vectors = _clustered(np.random.default_rng(0), 3000)
+    queries = _clustered(np.random.default_rng(9), 20)
+    half = vectors.astype(np.float16)
+    monkeypatch.setattr(vector_search, "EXACT_BLOCK_ROWS", 700)  # 5 blocks, the last short
+    scores, ids = vector_search.exact_knn(queries, half, 10)
+    want_scores, want_ids = faiss.knn(
+        queries, half.astype(np.float32), 10, faiss.METRIC_INNER_PRODUCT
+    )
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-6)
+
+
+REPO = Path(__file__).resolve().parents[2]
+RSS_PROBE = """
+import sys, numpy as np
+from serve.indexing.index import SearchIndex
+index = SearchIndex.load(sys.argv[1], mmap=sys.argv[2] == "1", writable=False)
+q = np.load(sys.argv[3])
+for _ in range(3):
+    index.search(q, 10)
+for line in open("/proc/self/status"):
+    if line.startswith("RssAnon:"):
+        print(int(line.split()[1]))  # kB of memory not backed by a file
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_resident_memory_does_not_grow_with_the_index(tmp_path: Path) -> None:
+    """Anonymous memory after load + search: an on-disk index 30x larger costs < 8 MB more
+    (its ids and alive mask: 9 bytes per row), where one read into memory costs its size."""
+    dim = 128
+    rng = np.random.default_rng(0)
+    queries = tmp_path / "q.npy"
+    np.save(queries, _clustered(rng, 20, dim))
+    spec = IndexSpec(**{**SPEC, "nlist": 32, "pq_m": 32, "recall_queries": 0}, on_disk=True)
+    dirs = {}
+    for n in (2_000, 60_000):  # 60k x 128 float32: 31 MB of vectors, 2 MB of codes
+        dirs[n] = write_index(tmp_path / str(n), _clustered(rng, n, dim), _rows(n), spec=spec)
+
+    def anon_kb(directory: Path, mmap: bool) -> int:
+        command = [sys.executable, "-c", RSS_PROBE, str(directory), "1" if mmap else "0"]
+        out = subprocess.run(
+            [*command, str(queries)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            cwd=REPO,
+        )
+        return int(out.stdout.split()[-1])
+
+    # mmap=False asked: an on-disk index is memory-mapped whatever the caller asks
+    growth_mb = (anon_kb(dirs[60_000], False) - anon_kb(dirs[2_000], False)) / 1024
+    assert growth_mb < 8, f"on-disk index: {growth_mb:.1f} MB more for 58k more rows"
+
+
+def test_service_serves_an_on_disk_index_read_only(tmp_path: Path) -> None:
+    """Over HTTP: searches answer from the on-disk lists; an add is a 409 saying why."""
+    vectors = _clustered(np.random.default_rng(2), 3000)  # duet-micro: D = 64
+    spec = IndexSpec(**{**SPEC, "nlist": 16, "recall_queries": 0}, on_disk=True)
+    index_dir = write_index(tmp_path / "index", vectors, _rows(3000), spec=spec)
+    settings = Settings.model_validate(
+        {"artifact_dir": make_artifact(tmp_path), "index_dir": index_dir}
+    )
+    with TestClient(create_app(settings)) as client:
+        assert wait_until_loaded(client).status_code == 200
+        response = client.post("/search", json={"embedding": vectors[42].tolist(), "k": 3})
+        assert response.status_code == 200, response.text
+        top = response.json()["results"][0]
+        assert (top["id"], top["caption"]) == (42, "caption 42")
+        info = client.get("/indices").json()
+        assert "on disk" in json.dumps(info)
+        added = client.post("/indices/default/items", json={"items": [{"embedding": [0.1] * 64}]})
+        assert "rebuild it to change it" in assert_envelope(added, 409, "read_only")["error"]
