@@ -197,3 +197,6 @@ class ThumbnailReader:
 
     def close(self) -> None:
         os.close(self._fd)
+        # the offsets' mapping holds the file (and its file system: an unmount) until it goes;
+        # a closed reader has no thumbnails
+        self._offsets = np.zeros(1, dtype=np.int64)
