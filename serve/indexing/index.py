@@ -80,6 +80,7 @@ from serve.indexing.layout import (
     VECTORS_FILE,
 )
 from serve.indexing.ondisk import build_ondisk_index, read_ondisk_index
+from serve.indexing.store import checked_addition
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
     THUMBNAILS_FILE,
@@ -612,13 +613,7 @@ class SearchIndex:
         Returns their ids. When it returns the update is durable (journalled and fsynced) and
         searches see it. `JournalWriteError`: it could not be saved, nothing changed.
         """
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim or not len(vectors):
-            raise ValueError(f"vectors must be [n >= 1, {self.dim}], got shape {vectors.shape}")
-        if not np.isfinite(vectors).all():
-            raise ValueError("vectors must be finite")
-        if len(rows) != len(vectors) or (thumbnails is not None and len(thumbnails) != len(rows)):
-            raise ValueError(f"{len(vectors)} vectors need as many rows (and thumbnails)")
+        vectors = checked_addition(vectors, rows, thumbnails, self.dim)
         with self._write_mutex:
             successor = self._successor
             if successor is None:

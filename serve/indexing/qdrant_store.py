@@ -58,7 +58,7 @@ from serve.indexing.qdrant_collection import (
     row_payload,
 )
 from serve.indexing.qdrant_filters import qdrant_filter
-from serve.indexing.store import VectorStoreUnavailable
+from serve.indexing.store import VectorStoreUnavailable, checked_addition
 from serve.indexing.thumbnails import MEDIA_TYPES, ThumbnailSpec
 
 log = logging.getLogger(__name__)
@@ -246,13 +246,7 @@ class QdrantIndex:
         thumbnails: Sequence[bytes | None] | None = None,
     ) -> list[int]:
         """Add items; returns their ids once Qdrant has applied the write."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim or not len(vectors):
-            raise ValueError(f"vectors must be [n >= 1, {self.dim}], got shape {vectors.shape}")
-        if not np.isfinite(vectors).all():
-            raise ValueError("vectors must be finite")
-        if len(rows) != len(vectors) or (thumbnails is not None and len(thumbnails) != len(rows)):
-            raise ValueError(f"{len(vectors)} vectors need as many rows (and thumbnails)")
+        vectors = checked_addition(vectors, rows, thumbnails, self.dim)
         with self._write_mutex:
             successor = self._successor
             if successor is None:

@@ -32,6 +32,24 @@ class VectorStoreUnavailable(RuntimeError):
     retried (HTTP 503 with Retry-After). Nothing of a refused update was acknowledged."""
 
 
+def checked_addition(
+    vectors: np.ndarray,
+    rows: Sequence[IndexRow],
+    thumbnails: Sequence[bytes | None] | None,
+    dim: int,
+) -> np.ndarray:
+    """`vectors` as contiguous float32 [n >= 1, dim], after the checks every store's `add`
+    makes of its arguments (ValueError naming what is wrong)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim or not len(vectors):
+        raise ValueError(f"vectors must be [n >= 1, {dim}], got shape {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise ValueError("vectors must be finite")
+    if len(rows) != len(vectors) or (thumbnails is not None and len(thumbnails) != len(rows)):
+        raise ValueError(f"{len(vectors)} vectors need as many rows (and thumbnails)")
+    return vectors
+
+
 class Thumbnails(Protocol):
     """An index's thumbnails by item id."""
 
