@@ -16,7 +16,8 @@ refused, with what differs; without `--resume` a partial build is refused with a
 
 The merge copies the chunks' vectors, part by part, into one memory-mapped `vectors.npy` in the
 staging folder: no process holds every vector (the on-disk tier, serve/indexing/ondisk.py, reads
-them from there block by block).
+them from there block by block). Nor every row: the merged rows (`StagedRows`) are read from the
+chunks' `.jsonl` files, in part order, each time they are iterated.
 """
 
 from __future__ import annotations
