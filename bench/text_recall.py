@@ -3,7 +3,7 @@
     nice -n 19 python bench/text_recall.py --model runs/demo/artifact \
         --shards 'data/synth/train/shard-{000000..000099}.tar' \
         --queries data/synth/val/shard-000000.tar --zeroshot data/synth/zeroshot.json \
-        [--out /tmp/duet-text-recall] [--runtime onnx] [--keep]
+        [--out /tmp/duet-text-recall] [--runtime onnx] [--parts DIR] [--also-rerank 100] [--keep]
 
 The index is built three times with `python -m serve.build_index` (no thumbnails): at the index
 type `auto` chooses for the count, as in-memory `ivfpq` (4-bit fast-scan codes), and `--on-disk`
@@ -96,20 +96,25 @@ def query_sets(args: argparse.Namespace) -> dict[str, np.ndarray]:
     }
 
 
-def measure(index_dir: Path, queries: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The index's manifest figures and its recall@10 for each query set."""
+def measure(
+    index_dir: Path, queries: dict[str, np.ndarray], rerank: int | None = None
+) -> dict[str, Any]:
+    """The index's manifest figures and its recall@10 for each query set; `rerank`: searched
+    with this rerank factor instead of the manifest's (the manifest's figures are left out)."""
     manifest = json.loads((index_dir / "index.json").read_text())
     index = SearchIndex.load(index_dir, writable=False)
     try:
+        if rerank is not None:
+            index._searcher.rerank_factor = rerank
         figures = {name: measure_query_recall(index._searcher, q) for name, q in queries.items()}
     finally:
         index.close()
     return {
         "type": f"{manifest['factory'] or 'flat'} {manifest['search_params'] or ''}"
         + (" on disk" if manifest["on_disk"] else ""),
-        "rerank": manifest["rerank_factor"],
-        "stored images": manifest["recall_at_10"],
-        "index captions": manifest["text_recall_at_10"],
+        "rerank": rerank or manifest["rerank_factor"],
+        "stored images": "" if rerank else manifest["recall_at_10"],
+        "index captions": "" if rerank else manifest["text_recall_at_10"],
         **figures,
     }
 
@@ -129,6 +134,11 @@ def main(argv: list[str] | None = None) -> None:
         "every chunk, e.g. kept from a build killed after embedding): each build resumes a copy "
         "of it, so the shards are embedded once, not per index type",
     )
+    parser.add_argument(
+        "--also-rerank",
+        type=int,
+        help="measure the ivfpq indices again with this rerank factor (set at search time)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the indices afterwards")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append({**measure(args.out / name, queries), "build s": round(seconds)})
         print(json.dumps(rows[-1]), flush=True)
+        if args.also_rerank and name != "auto":
+            rows.append({**measure(args.out / name, queries, args.also_rerank), "build s": ""})
+            print(json.dumps(rows[-1]), flush=True)
     count = json.loads((args.out / "auto" / "index.json").read_text())["count"]
     sizes = ", ".join(f"{k} {len(v)}" for k, v in queries.items())
     print(f"\n{count} indexed; queries: {sizes}, stored and index captions 1000 each\n")
