@@ -17,6 +17,9 @@ build (SIGKILL, SIGTERM, a lost node) continues with `--resume` from the parts i
 ends equal to an uninterrupted build. Without `--resume` such a leftover is refused. Under
 torchrun, rank r embeds parts r, r + N, ...; after a barrier rank 0 merges every chunk in part
 order (so the ids are those of a one-process build), builds the index and removes the parts.
+The on-disk tier (`--on-disk`) is built by every rank: rank 0 trains it once on a sample, each
+rank adds its own parts to lists files of its own, and rank 0 merges them on disk
+(serve/indexing/part_lists.py); the rows' metadata streams from the parts into SQLite.
 Every image is held to the service's per-image bounds (bytes, pixels, pixels once resized:
 `DUET_MAX_UPLOAD_BYTES`, `DUET_MAX_IMAGE_PIXELS`, `DUET_MAX_RESIZED_PIXELS`) from its header,
 before it is decoded. Samples that cannot be used are skipped, counted by kind, and summed over
@@ -34,13 +37,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import heapq
 import logging
 import os
 import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -53,6 +57,7 @@ from common.onnx_towers import OnnxExportError, OnnxTowers
 from serve.encoder import Encoder
 from serve.indexing.embed import embed_parts, progress_bar
 from serve.indexing.index import IndexRow, write_index
+from serve.indexing.part_lists import PartLists, add_parts, train_lists
 from serve.indexing.prepare import ImageBounds, Preparer, PrepareSpec
 from serve.indexing.sources import Part, list_parts
 from serve.indexing.staging import (
@@ -64,7 +69,7 @@ from serve.indexing.staging import (
     parts_digest,
 )
 from serve.indexing.thumbnails import THUMBNAIL_FORMATS, ThumbnailSpec
-from serve.indexing.vector_search import INDEX_TYPES, IndexSpec
+from serve.indexing.vector_search import INDEX_TYPES, IndexSpec, plan_index
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -184,35 +189,67 @@ def _run(
         finally:
             bar.close()
         ranks.barrier()
+        merged: list[Chunk] = []  # rank 0's merge, kept from here to the write
+        lists = ranks.first(lambda: _merge(job, encoder.embed_dim, merged))
+        if lists is not None:  # the on-disk tier: every rank adds its own parts' vectors
+            adding = time.perf_counter()
+            own = [i for i in range(len(job.parts)) if i % world_size == rank]
+            added = add_parts(lists, own)
+            log.info(
+                "rank %d: added %d vectors of its %d parts to its lists", rank, added, len(own)
+            )
+            ranks.barrier()
+            lists = dataclasses.replace(lists, add_seconds=time.perf_counter() - adding)
     if rank != 0:
         return _summary(job.out_dir, count, count, skipped, encoder.embed_dim, start, rank=rank)
-    merged = merge(job.staging, len(job.parts), encoder.embed_dim, job.thumbnails.enabled)
-    if not merged.rows:
+    text_queries = _caption_queries(encoder, merged[0].rows, job.spec or IndexSpec())
+    summary = _write(job, merged[0], count, start, text_queries, lists)
+    shutil.rmtree(job.staging, ignore_errors=True)  # only now: a failed merge or write resumes
+    return summary
+
+
+def _merge(job: _Job, dim: int, out: list[Chunk]) -> PartLists | None:
+    """Rank 0: every part's chunk merged (into `out`); for the on-disk tier, the index trained
+    on a sample of it, for every rank to add its parts to (None: rank 0 builds it alone)."""
+    merged = merge(job.staging, len(job.parts), dim, job.thumbnails.enabled)
+    if not len(merged.rows):
         shutil.rmtree(job.staging, ignore_errors=True)  # nothing worth resuming
         raise ValueError(
             f"no usable samples in {job.record['source']!r} "
             f"(skipped: {dict(merged.skipped) or 'none'})"
         )
-    text_queries = _caption_queries(encoder, merged.rows, job.spec or IndexSpec())
-    summary = _write(
-        job.out_dir, merged, job.record, count, start, job.spec, job.thumbnails, text_queries
-    )
-    shutil.rmtree(job.staging, ignore_errors=True)  # only now: a failed merge or write resumes
-    return summary
+    out.append(merged)
+    plan = plan_index(job.spec or IndexSpec(), len(merged.rows), dim)
+    if not plan.on_disk:
+        return None
+    return train_lists(job.staging, plan, merged.vectors, len(job.parts))
 
 
-def _caption_queries(encoder: Encoder, rows: list[IndexRow], spec: IndexSpec) -> np.ndarray:
+def _caption_queries(encoder: Encoder, rows: Iterable[IndexRow], spec: IndexSpec) -> np.ndarray:
     """Up to `spec.recall_queries` sampled captions through the text tower [Q, D]: the queries
     whose recall the manifest reports beside the image-query figure."""
-    captioned = [i for i, row in enumerate(rows) if row.caption.strip()]
-    n = min(spec.recall_queries, len(captioned))
-    chosen = np.random.default_rng(spec.seed).choice(len(captioned), n, replace=False)
-    captions = [rows[captioned[i]].caption for i in sorted(chosen.tolist())]
+    captions = sample_captions(rows, spec.recall_queries, spec.seed)
     if not captions:
         return np.zeros((0, encoder.embed_dim), np.float32)
     return np.concatenate(
         [encoder.encode_texts(captions[i : i + 256]) for i in range(0, len(captions), 256)]
     )
+
+
+def sample_captions(rows: Iterable[IndexRow], n: int, seed: int) -> list[str]:
+    """`n` captions drawn uniformly from the rows that have one, in row order, in one pass that
+    holds only them: each captioned row gets a random key and the `n` largest keys are kept."""
+    rng = np.random.default_rng(seed)
+    kept: list[tuple[float, int, str]] = []  # a min-heap of (key, row, caption)
+    for i, row in enumerate(rows):
+        if not row.caption.strip():
+            continue
+        entry = (float(rng.random()), i, row.caption)
+        if len(kept) < n:
+            heapq.heappush(kept, entry)
+        elif entry > kept[0]:
+            heapq.heapreplace(kept, entry)
+    return [caption for _, _, caption in sorted(kept, key=lambda entry: entry[1])]
 
 
 def _towers(runtime: str, model_dir: Path, device: str) -> OnnxTowers | None:
@@ -232,38 +269,37 @@ def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:
 
 
 def _write(
-    out_dir: str | Path,
+    job: _Job,
     merged: Chunk,
-    record: dict[str, Any],
     embedded_here: int,
     start: float,
-    spec: IndexSpec | None,
-    thumbnails: ThumbnailSpec,
     text_queries: np.ndarray | None,
+    lists: PartLists | None,
 ) -> dict[str, Any]:
-    """Rank 0: the index from every part's chunk, and the build's summary; `record`: the
-    manifest's model, source and image bounds."""
+    """Rank 0: the index from every part's chunk (and, on disk, every rank's lists), and the
+    build's summary."""
     seconds = round(time.perf_counter() - start, 3)
     extra = {
-        **record,
+        **job.record,
         "skipped": dict(merged.skipped),
         "build_seconds": seconds,
         "build_processes": int(os.environ.get("WORLD_SIZE", 1)),
     }
     write_index(
-        out_dir,
+        job.out_dir,
         merged.vectors,
         merged.rows,
         extra,
-        spec=spec,
+        spec=job.spec,
         thumbnails=merged.thumbnails,
-        thumbnail_spec=thumbnails,
+        thumbnail_spec=job.thumbnails,
         text_queries=text_queries,
+        lists=lists,
     )
     dim = merged.vectors.shape[1]
     count = len(merged.rows)
     return _summary(
-        out_dir, count, embedded_here, merged.skipped, dim, start, rank=0, seconds=seconds
+        job.out_dir, count, embedded_here, merged.skipped, dim, start, rank=0, seconds=seconds
     )
 
 

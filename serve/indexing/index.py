@@ -32,6 +32,7 @@ half of one; staging directories of builds that were killed are removed by the n
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import faiss
 import numpy as np
@@ -79,7 +80,7 @@ from serve.indexing.layout import (
     METADATA_FILE,
     VECTORS_FILE,
 )
-from serve.indexing.ondisk import build_ondisk_index, read_ondisk_index
+from serve.indexing.ondisk import build_ondisk_index, merge_lists, read_ondisk_index
 from serve.indexing.store import checked_addition
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
@@ -92,6 +93,7 @@ from serve.indexing.updates import ItemTable
 from serve.indexing.vector_search import (
     FLAT,
     RECALL_K,
+    IndexPlan,
     IndexSpec,
     VectorSearcher,
     build_faiss_index,
@@ -100,10 +102,14 @@ from serve.indexing.vector_search import (
     plan_index,
 )
 
+if TYPE_CHECKING:  # part_lists imports staging, which imports this module
+    from serve.indexing.part_lists import PartLists
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 METRIC = "inner_product"
+ROW_BATCH = 65_536  # metadata rows written (and held) at a time
 SAVE_BLOCK_ROWS = 1 << 18  # rows converted at a time when vectors.npy is written as float16
 MMAP_AUTO_BYTES = 1 << 30
 """`SearchIndex.load(mmap=None)` memory-maps an index whose vectors + FAISS file reach this size."""
@@ -138,16 +144,26 @@ class Hit:
     url: str = ""
 
 
+class RowSource(Protocol):
+    """Rows that can be counted and read in order, once or more: a list, or a build's rows read
+    from its parts' files (staging.StagedRows), which `write_index` never holds all at once."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[IndexRow | tuple[str, str, dict[str, Any]]]: ...
+
+
 def write_index(
     out_dir: str | Path,
     embeddings: np.ndarray,
-    rows: Sequence[IndexRow | tuple[str, str, dict[str, Any]]],
+    rows: RowSource,
     manifest_extra: dict[str, Any] | None = None,
     *,
     spec: IndexSpec | None = None,
     thumbnails: Pack | None = None,
     thumbnail_spec: ThumbnailSpec | None = None,
     text_queries: np.ndarray | None = None,
+    lists: PartLists | None = None,
 ) -> Path:
     """Write `embeddings` [N, D] (unit vectors) and their `rows` to `out_dir`, replacing it.
 
@@ -158,7 +174,9 @@ def write_index(
     search is written beside the image-query figure (`text_recall_at_10`).
 
     `embeddings` may be memory-mapped: the on-disk tier (`plan.on_disk`) reads it block by
-    block and never holds it whole.
+    block and never holds it whole. `lists`: that tier's lists already added by the build's
+    processes (serve/indexing/part_lists.py), merged here instead of added again. `rows` are
+    read in batches (`ROW_BATCH`) into SQLite and the filter columns.
     """
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     if vectors.ndim != 2:
@@ -168,17 +186,11 @@ def write_index(
     if thumbnails is not None and len(thumbnails) != len(vectors):
         raise ValueError(f"{len(thumbnails)} thumbnails for {len(vectors)} embeddings")
     spec = spec or IndexSpec()
-    plan = plan_index(spec, len(vectors), vectors.shape[1])
+    plan = lists.plan if lists is not None else plan_index(spec, len(vectors), vectors.shape[1])
     out_dir = Path(out_dir)
     tmp = staging_dir(out_dir)
     try:
-        start = time.perf_counter()
-        index = (
-            build_ondisk_index(plan, vectors, tmp)
-            if plan.on_disk
-            else build_faiss_index(plan, vectors)
-        )
-        index_seconds = round(time.perf_counter() - start, 3)
+        index, index_seconds = _build_vector_index(plan, vectors, tmp, lists)
         served = _save_vectors(tmp / VECTORS_FILE, vectors, np.float16 if plan.on_disk else None)
         if index is not None:
             faiss.write_index(index, str(tmp / FAISS_FILE))
@@ -189,9 +201,7 @@ def write_index(
         if text_queries is not None:
             recall["text_recall_at_10"] = measure_query_recall(searcher, text_queries)
             recall["text_recall_queries"] = len(text_queries)
-        index_rows = [_as_row(row) for row in rows]
-        _write_metadata(tmp / METADATA_FILE, index_rows)
-        AttributeColumns.from_metas(metas_of(index_rows)).save(tmp / ATTRIBUTES_FILE)
+        _write_rows(tmp, rows)
         if thumbnails is not None:
             thumbnails.move_to(tmp / THUMBNAILS_FILE)
             thumbnail_info = (thumbnail_spec or ThumbnailSpec()).manifest()
@@ -230,6 +240,27 @@ def write_index(
     return out_dir
 
 
+def _build_vector_index(
+    plan: IndexPlan, vectors: np.ndarray, directory: Path, lists: PartLists | None
+) -> tuple[faiss.Index | None, float]:
+    """`plan`'s FAISS index over `vectors` (None: flat), and the seconds it took (for part
+    lists: training and the ranks' adds, measured where they ran, plus the merge here)."""
+    start = time.perf_counter()
+    if lists is not None:
+        index = lists.trained()
+        merge_lists(index, lists.files(), directory)
+        if index.ntotal != len(vectors):
+            raise RuntimeError(f"the parts' lists hold {index.ntotal} of {len(vectors)} vectors")
+        merged = time.perf_counter() - start
+        return index, round(lists.train_seconds + lists.add_seconds + merged, 3)
+    built = (
+        build_ondisk_index(plan, vectors, directory)
+        if plan.on_disk
+        else build_faiss_index(plan, vectors)
+    )
+    return built, round(time.perf_counter() - start, 3)
+
+
 def _save_vectors(path: Path, vectors: np.ndarray, dtype: type | None) -> np.ndarray:
     """`vectors` as `vectors.npy`; the array searches re-rank against. `dtype` float16 (the
     on-disk tier: half the file and the page cache; cosines within ~1e-3) is written block by
@@ -255,17 +286,29 @@ def _url(row: IndexRow) -> str:
     return url if isinstance(url, str) else ""
 
 
-def _write_metadata(path: Path, rows: list[IndexRow]) -> None:
-    with sqlite3.connect(path) as db:
+def _write_rows(directory: Path, rows: RowSource) -> None:
+    """`rows` into `metadata.sqlite` and the filter columns (`attributes.npz`), `ROW_BATCH`
+    rows at a time: one pass, never the whole metadata in memory."""
+    columns = AttributeColumns()
+    with sqlite3.connect(directory / METADATA_FILE) as db:
         # The file lives in the temporary directory until the rename: no journal needed.
         db.execute("PRAGMA journal_mode = OFF")
         db.execute("PRAGMA synchronous = OFF")
         db.execute(CREATE_ITEMS_TABLE)
-        db.executemany(
-            "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
-            ((i, r.key, r.caption, _url(r), json.dumps(r.meta)) for i, r in enumerate(rows)),
-        )
+        stream = (_as_row(row) for row in rows)
+        first_id = 0
+        while batch := list(itertools.islice(stream, ROW_BATCH)):
+            db.executemany(
+                "INSERT INTO items VALUES (?, ?, ?, ?, ?)",
+                (
+                    (first_id + i, r.key, r.caption, _url(r), json.dumps(r.meta))
+                    for i, r in enumerate(batch)
+                ),
+            )
+            columns.append(metas_of(batch))
+            first_id += len(batch)
     db.close()  # the context manager only commits
+    columns.save(directory / ATTRIBUTES_FILE)
 
 
 class SearchIndex:

@@ -16,7 +16,6 @@ docs/operations.md).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +38,49 @@ def build_ondisk_index(
 ) -> faiss.Index:
     """The index of `plan` over `vectors` [N, D] (memory-mapped or not), its lists merged into
     `directory/index.ivfdata`; the returned index searches them (write it beside that file)."""
+    trained = trained_index(plan, vectors)
+    blocks: list[Path] = []
+    try:
+        blocks = add_to_lists(trained, vectors, 0, directory / "block", block_rows=block_rows)
+        merge_lists(trained, blocks, directory)
+    finally:
+        for path in blocks:
+            path.unlink(missing_ok=True)
+    return trained
+
+
+def add_to_lists(
+    trained: faiss.Index,
+    vectors: np.ndarray,
+    first_id: int,
+    stem: Path,
+    *,
+    block_rows: int | None = None,
+) -> list[Path]:
+    """`vectors` [n, D] (ids `first_id`...) added to copies of the `trained` empty index, one
+    block of rows at a time, each block's lists written to `{stem}-{k:06d}.faiss` and dropped:
+    the files `merge_lists` takes, in id order."""
     block_rows = block_rows or BLOCK_ROWS
     if block_rows < 1:
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
-    trained = trained_index(plan, vectors)
-    blocks: list[str] = []
-    try:
-        for start in range(0, len(vectors), block_rows):
-            block = faiss.clone_index(trained)
-            rows = np.ascontiguousarray(vectors[start : start + block_rows], dtype=np.float32)
-            block.add_with_ids(rows, np.arange(start, start + len(rows), dtype=np.int64))
-            blocks.append(str(directory / f"block-{len(blocks):06d}.faiss"))
-            faiss.write_index(block, blocks[-1])
-            del block, rows  # one block in memory at a time
-        merge_ondisk(trained, blocks, str(directory / IVFDATA_FILE))
-    finally:
-        for name in blocks:
-            if os.path.exists(name):
-                os.remove(name)
-    log.info("on-disk lists of %d vectors merged from %d blocks", len(vectors), len(blocks))
-    return trained
+    files: list[Path] = []
+    for start in range(0, len(vectors), block_rows):
+        block = faiss.clone_index(trained)
+        rows = np.ascontiguousarray(vectors[start : start + block_rows], dtype=np.float32)
+        first = first_id + start
+        block.add_with_ids(rows, np.arange(first, first + len(rows), dtype=np.int64))
+        files.append(stem.with_name(f"{stem.name}-{len(files):06d}.faiss"))
+        faiss.write_index(block, str(files[-1]))
+        del block, rows  # one block in memory at a time
+    return files
+
+
+def merge_lists(trained: faiss.Index, files: list[Path], directory: Path) -> None:
+    """The lists of `files` (`add_to_lists`'s, from any process, in id order: each list keeps
+    its entries in that order) merged into `directory/index.ivfdata`, which `trained` then
+    searches. The files are memory-mapped while they are merged, not read into memory."""
+    merge_ondisk(trained, [str(path) for path in files], str(directory / IVFDATA_FILE))
+    log.info("on-disk lists of %d vectors merged from %d files", trained.ntotal, len(files))
 
 
 def read_ondisk_index(path: Path) -> faiss.Index:

@@ -16,7 +16,8 @@ refused, with what differs; without `--resume` a partial build is refused with a
 
 The merge copies the chunks' vectors, part by part, into one memory-mapped `vectors.npy` in the
 staging folder: no process holds every vector (the on-disk tier, serve/indexing/ondisk.py, reads
-them from there block by block).
+them from there block by block). Nor every row: the merged rows (`StagedRows`) are read from the
+chunks' `.jsonl` files, in part order, each time they are iterated.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ class Chunk:
     and the rows' thumbnails (None: built without)."""
 
     vectors: np.ndarray
-    rows: list[IndexRow]
+    rows: list[IndexRow] | StagedRows  # merged: read from the parts' files on each pass
     skipped: Counter[str]
     thumbnails: Pack | None = None
 
@@ -141,47 +143,96 @@ def write_chunk(staging: Path, part_index: int, chunk: Chunk) -> None:
 
 
 def read_chunk(staging: Path, part_index: int) -> Chunk:
+    """Part `part_index`'s chunk: its vectors memory-mapped, its rows read from `.jsonl`."""
+    stem = chunk_stem(staging, part_index)
+    vectors, count, skipped = _chunk_vectors(staging, part_index)
+    rows = list(_read_rows(Path(f"{stem}.jsonl")))
+    if len(rows) != count:
+        raise RuntimeError(f"chunk {stem}: {len(vectors)} vectors, {len(rows)} rows")
+    return Chunk(vectors, rows, skipped, _chunk_pack(staging, part_index, count))
+
+
+def _chunk_vectors(staging: Path, part_index: int) -> tuple[np.ndarray, int, Counter[str]]:
+    """A chunk's vectors (memory-mapped: read when merged), row count and skipped counts."""
     stem = chunk_stem(staging, part_index)
     marker = json.loads(Path(f"{stem}.json").read_text())
-    vectors = np.load(f"{stem}.npy", mmap_mode="r", allow_pickle=False)  # read when merged
-    with open(f"{stem}.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    if not len(vectors) == len(records) == marker["count"]:
-        raise RuntimeError(f"chunk {stem}: {len(vectors)} vectors, {len(records)} rows")
-    rows = [IndexRow(r["key"], r["caption"], r["meta"]) for r in records]
+    vectors = np.load(f"{stem}.npy", mmap_mode="r", allow_pickle=False)
+    if len(vectors) != marker["count"]:
+        raise RuntimeError(f"chunk {stem}: {len(vectors)} vectors, {marker['count']} rows")
+    return vectors, int(marker["count"]), Counter(marker["skipped"])
+
+
+def _chunk_pack(staging: Path, part_index: int, count: int) -> Pack | None:
     pack_path = thumbnails_path(staging, part_index)
     pack = Pack.open(pack_path) if pack_path.is_file() else None
-    if pack is not None and len(pack) != len(rows):
-        raise RuntimeError(f"chunk {stem}: {len(pack)} thumbnails for {len(rows)} rows")
-    return Chunk(vectors, rows, Counter(marker["skipped"]), pack)
+    if pack is not None and len(pack) != count:
+        raise RuntimeError(f"chunk {pack_path}: {len(pack)} thumbnails for {count} rows")
+    return pack
+
+
+def _read_rows(path: Path) -> Iterator[IndexRow]:
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            yield IndexRow(record["key"], record["caption"], record["meta"])
+
+
+class StagedRows:
+    """Every part's rows in part order, read from the chunks' `.jsonl` files on each pass, so
+    the merge and the metadata write hold one row at a time, not the index's metadata."""
+
+    def __init__(self, staging: Path, counts: list[int]) -> None:
+        self._paths = [Path(f"{chunk_stem(staging, i)}.jsonl") for i in range(len(counts))]
+        self._counts = counts
+
+    def __len__(self) -> int:
+        return sum(self._counts)
+
+    def __iter__(self) -> Iterator[IndexRow]:
+        for path, count in zip(self._paths, self._counts, strict=True):
+            read = 0
+            for row in _read_rows(path):
+                read += 1
+                yield row
+            if read != count:
+                raise RuntimeError(f"{path}: {read} rows, its marker says {count}")
+
+
+def part_offsets(staging: Path, part_count: int) -> list[int]:
+    """The id of each part's first row in the merged index (part order), from the markers."""
+    counts = [_chunk_vectors(staging, i)[1] for i in range(part_count)]
+    return [sum(counts[:i]) for i in range(part_count)]
 
 
 def merge(staging: Path, part_count: int, dim: int, with_thumbnails: bool) -> Chunk:
-    """Every part's chunk, in part order: the ids of a one-process uninterrupted build.
+    """Every part's chunk, in part order: the ids of a one-process uninterrupted build. Its
+    rows are `StagedRows`: read from the chunks' files on each pass, never held all at once.
 
     The vectors are copied part by part into `MERGED_VECTORS_FILE`, memory-mapped, so no
     process holds them all (the on-disk tier reads them block by block from there)."""
     missing = sorted(set(range(part_count)) - set(finished(staging)))
     if missing:
         raise RuntimeError(f"{staging}: parts {missing[:10]} were not embedded")
-    chunks = [read_chunk(staging, i) for i in range(part_count)]
+    parts = [_chunk_vectors(staging, i) for i in range(part_count)]
     skipped: Counter[str] = Counter()
-    for chunk in chunks:
-        skipped.update(chunk.skipped)
-    rows = [row for chunk in chunks for row in chunk.rows]
-    vectors = _merge_vectors(staging / MERGED_VECTORS_FILE, [c.vectors for c in chunks], dim)
+    for _, _, part_skipped in parts:
+        skipped.update(part_skipped)
+    counts = [count for _, count, _ in parts]
+    rows = StagedRows(staging, counts)
+    vectors = _merge_vectors(staging / MERGED_VECTORS_FILE, [v for v, _, _ in parts], dim)
     pack = None
     if with_thumbnails:
-        packs = [chunk.thumbnails for chunk in chunks if chunk.thumbnails is not None]
-        if len(packs) != part_count:
-            raise RuntimeError(f"{staging}: {part_count - len(packs)} chunks lack thumbnails")
+        packs = [_chunk_pack(staging, i, count) for i, count in enumerate(counts)]
+        if any(p is None for p in packs):
+            raise RuntimeError(f"{staging}: {packs.count(None)} chunks lack thumbnails")
         out = staging / "thumbnails.bin"
         if len(packs) == 1:  # merge_packs would move it: the chunk stays whole for a resume
+            assert packs[0] is not None
             shutil.copyfile(packs[0].path, out)
             shutil.copyfile(offsets_path(packs[0].path), offsets_path(out))
             pack = Pack.open(out)
         else:
-            pack = merge_packs(packs, np.arange(len(rows)), out)
+            pack = merge_packs([p for p in packs if p is not None], np.arange(len(rows)), out)
     return Chunk(vectors, rows, skipped, pack)
 
 

@@ -1,5 +1,6 @@
 """`torchrun -m serve.build_index` with two gloo processes equals the one-process build, over
-shards, a folder of pictures and an img2dataset parquet file together."""
+shards, a folder of pictures and an img2dataset parquet file together; and for the on-disk tier,
+whose lists every rank adds to."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from common.artifact import write_artifact
 from common.model import build_model
 from serve.indexing.build import build_index
 from serve.indexing.index import SearchIndex
+from serve.indexing.thumbnails import ThumbnailSpec
+from serve.indexing.vector_search import IndexSpec
 from tests.conftest import REPO_ROOT, subprocess_env
 from tests.unit.test_sources import img2dataset_parquet, photo_folder
 
@@ -81,3 +84,56 @@ def test_two_process_build_equals_one_process_build(tmp_path: Path, synth_dir: P
     assert rows_b[251].meta["member"] == "b-1.png" and rows_b[509].meta["row"] == 4
     a.close()
     b.close()
+
+
+def test_two_process_on_disk_build_adds_on_every_rank_and_equals_one_process(
+    tmp_path: Path, synth_dir: Path
+) -> None:
+    """`--on-disk` under torchrun: each rank adds its own parts' vectors to lists of its own and
+    rank 0 merges them; the index is the one-process build's, byte for byte."""
+    artifact = write_artifact(build_model("duet-micro"), tmp_path / "artifact", provenance={})
+    data = str(synth_dir / "train" / "shard-{000000..000007}.tar")  # 8 parts, 4 per rank
+    spec = IndexSpec(index_type="ivfpq", on_disk=True, recall_queries=200)
+    none = ThumbnailSpec(format="none")
+    one = build_index(artifact, data, tmp_path / "one", batch_size=125, spec=spec, thumbnails=none)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    build = ["--model", str(artifact), "--data", data, "--out", str(tmp_path / "two")]
+    knobs = [
+        "--index-type",
+        "ivfpq",
+        "--on-disk",
+        "--recall-queries",
+        "200",
+        "--thumbnails",
+        "none",
+    ]
+    command = [*torchrun, "-m", "serve.build_index", *build, *knobs, "--batch-size", "125"]
+    result = subprocess.run(
+        [*command, "--workers", "0"],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: added 1000 vectors of its 4 parts to its lists" in result.stderr
+    assert not (tmp_path / "two.parts").exists()
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    for name in ("index.ivfdata", "vectors.npy", "attributes.npz"):
+        assert (one_dir / name).read_bytes() == (two_dir / name).read_bytes(), name
+    a, b = SearchIndex.load(one_dir), SearchIndex.load(two_dir)
+    try:
+        assert a.count == b.count == one["count"] == 2000
+        assert b.manifest["on_disk"] and b.manifest["build_processes"] == 2
+        assert a.manifest["recall_at_10"] == b.manifest["recall_at_10"]
+        assert a.manifest["text_recall_at_10"] == b.manifest["text_recall_at_10"]
+        queries = a.vectors(list(range(0, 2000, 40)))
+        hits_a, hits_b = a.search(queries, 10), b.search(queries, 10)
+        assert [[(h.id, h.score, h.key) for h in q] for q in hits_a] == [
+            [(h.id, h.score, h.key) for h in q] for q in hits_b
+        ]
+    finally:
+        a.close()
+        b.close()

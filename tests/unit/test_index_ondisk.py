@@ -1,11 +1,16 @@
-"""The on-disk IVF-PQ tier: built in blocks and merged on disk, served memory-mapped, read-only
-(also over HTTP), with anonymous memory that does not grow with the index."""
+"""The on-disk IVF-PQ tier: built in blocks (or by parts, as torchrun's ranks do) and merged on
+disk, served memory-mapped, read-only (also over HTTP), with anonymous memory that does not grow
+with the index; the metadata written in batches; captions sampled in one pass."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+import tracemalloc
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +20,20 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve.app import create_app
+from serve.indexing import index as index_module
 from serve.indexing import ondisk, vector_search
+from serve.indexing.build import sample_captions
+from serve.indexing.filters import AttributeColumns
 from serve.indexing.index import IndexRow, SearchIndex, write_index
 from serve.indexing.journal import IndexReadOnlyError
-from serve.indexing.staging import _merge_vectors
-from serve.indexing.vector_search import IndexSpec, VectorSearcher, measure_query_recall
+from serve.indexing.part_lists import add_parts, train_lists
+from serve.indexing.staging import Chunk, _merge_vectors, merge, write_chunk
+from serve.indexing.vector_search import (
+    IndexSpec,
+    VectorSearcher,
+    measure_query_recall,
+    plan_index,
+)
 from serve.settings import Settings
 from tests.serve_support import assert_envelope, make_artifact, wait_until_loaded
 
@@ -199,3 +213,83 @@ def test_service_serves_an_on_disk_index_read_only(tmp_path: Path) -> None:
         assert "on disk" in json.dumps(info)
         added = client.post("/indices/default/items", json={"items": [{"embedding": [0.1] * 64}]})
         assert "rebuild it to change it" in assert_envelope(added, 409, "read_only")["error"]
+
+
+def test_lists_added_part_by_part_in_any_order_equal_the_block_build(
+    tmp_path: Path, builds: tuple[Path, Path, np.ndarray]
+) -> None:
+    """What a torchrun build does (serve/indexing/part_lists.py), in one process: rank 0 trains,
+    the ranks add their own parts (here the second rank finishes first), rank 0 merges."""
+    _, on_disk, vectors = builds
+    staging = tmp_path / "parts"
+    staging.mkdir()
+    for i, part in enumerate(np.array_split(vectors, 3)):
+        first = sum(len(p) for p in np.array_split(vectors, 3)[:i])
+        rows = [IndexRow(f"k{first + j}", f"caption {first + j}", {}) for j in range(len(part))]
+        write_chunk(staging, i, Chunk(part, rows, Counter()))
+    merged = merge(staging, 3, DIM, with_thumbnails=False)
+    plan = plan_index(IndexSpec(**SPEC, on_disk=True), COUNT, DIM)
+    lists = train_lists(staging, plan, merged.vectors, 3)
+    assert lists.offsets == [0, 4000, 8000]
+    assert add_parts(lists, [1]) == 4000  # rank 1 of 2
+    assert add_parts(lists, [0, 2]) == 8000  # rank 0 of 2
+    spec = IndexSpec(**SPEC, on_disk=True)
+    by_parts = write_index(tmp_path / "index", merged.vectors, merged.rows, spec=spec, lists=lists)
+    # every list holds its entries in id order, as one process adding every block leaves it
+    assert (by_parts / "index.ivfdata").read_bytes() == (on_disk / "index.ivfdata").read_bytes()
+    queries = _clustered(np.random.default_rng(5), 50)
+    a, b = SearchIndex.load(on_disk), SearchIndex.load(by_parts)
+    try:
+        hits_a, hits_b = a.search(queries, 10), b.search(queries, 10)
+        assert [[(h.id, h.score, h.key) for h in q] for q in hits_a] == [
+            [(h.id, h.score, h.key) for h in q] for q in hits_b
+        ]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_metadata_is_written_in_batches_not_held_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_index reads its rows (a build's: from the parts' files) ROW_BATCH at a time."""
+    count = 20_000
+    caption = "x" * 2_000  # 40 MB of captions if the rows were held together
+
+    class Rows:
+        def __len__(self) -> int:
+            return count
+
+        def __iter__(self) -> Iterator[IndexRow]:
+            return (IndexRow(f"k{i}", f"{caption}{i}", {"n": i}) for i in range(count))
+
+    monkeypatch.setattr(index_module, "ROW_BATCH", 500)
+    tracemalloc.start()
+    try:
+        index_module._write_rows(tmp_path, Rows())
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_bytes < 8 * 2**20, peak_bytes
+    with sqlite3.connect(tmp_path / "metadata.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM items").fetchone() == (count,)
+        assert db.execute("SELECT key, caption FROM items WHERE id = 12345").fetchone() == (
+            "k12345",
+            f"{caption}12345",
+        )
+    db.close()
+    columns = AttributeColumns.load(tmp_path / "attributes.npz", count)
+    assert columns.count == count and columns.fields() == {"n": "number"}
+
+
+def test_captions_are_sampled_uniformly_in_one_pass_from_captioned_rows() -> None:
+    rows = [IndexRow(f"k{i}", "" if i % 3 == 0 else f"c{i}", {}) for i in range(3000)]
+    everything = sample_captions(iter(rows), 5000, seed=0)
+    assert everything == [row.caption for row in rows if row.caption]  # all, in row order
+    some = sample_captions(iter(rows), 200, seed=0)
+    assert len(set(some)) == 200 and "" not in some
+    assert some == sorted(some, key=lambda c: int(c[1:]))  # row order
+    assert some == sample_captions(iter(rows), 200, seed=0) != sample_captions(rows, 200, seed=1)
+    # uniform: each half of the captioned rows gives about half the sample
+    first_half = sum(int(c[1:]) < 1500 for c in some)
+    assert 70 <= first_half <= 130
