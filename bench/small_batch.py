@@ -156,19 +156,30 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def step_overhead(model_name: str, batch: int, steps: int) -> list[str]:
+# --overhead's modes: the name in its table and the loss.* fields it sets
+OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any]]] = {
+    "batch": ("batch", {}),
+    "queue": ("queue (key encoder)", {"negatives": "queue"}),
+    "queue-m0": ("queue m=0", {"negatives": "queue", "queue_momentum": 0.0}),
+    "global": ("global", {"negatives": "global"}),
+    # K = 3 real negatives per sample (data.hard_negatives' default): 4 captions per sample
+    "hard-neg": ("hard negatives (K = 3)", {"hard_negatives": True}),
+}
+
+
+def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> list[str]:
     """Time of a training step (forward, backward, optimizer, and the negatives' own work) per
-    loss.negatives mode, on random images and captions: what the modes cost at a model's real
-    size, where training a whole run on this machine is out of reach."""
+    mode of OVERHEAD_MODES, on random images and captions: what the modes cost at a model's
+    real size, where training a whole run on this machine is out of reach. The modes take
+    turns step by step (a round each), so that a drift in the machine's speed hits all alike."""
     import torch
 
     from common.model import build_model
-    from common.preprocess import preprocess_config, tokenizer
     from train.compute import Precision
-    from train.config import HardNegativesConfig, LossConfig, OptimConfig
+    from train.config import LossConfig, OptimConfig
     from train.distributed import DistInfo
     from train.negatives import Negatives
-    from train.objective import Inputs, StepLoss
+    from train.objective import StepLoss
     from train.optimizer import build_optimizer
     from train.step import forward_backward
 
@@ -177,52 +188,55 @@ def step_overhead(model_name: str, batch: int, steps: int) -> list[str]:
     torch.manual_seed(0)
     model = build_model(model_name)
     model.train()
+    plain, with_negatives = _overhead_inputs(model, model_name, batch, k=3)
+    optimizer = build_optimizer(model, OptimConfig())
+    configs = {m: LossConfig(**OVERHEAD_MODES[m][1]) for m in dict.fromkeys(["batch", *modes])}
+    states = {m: Negatives(cfg, model, info) for m, cfg in configs.items()}
+    for state in states.values():
+        state.set_num_samples(batch * (steps + 1))
+    elapsed: dict[str, list[float]] = {m: [] for m in configs}
+    for step in range(steps + 1):  # the first round warms up
+        for mode, cfg in configs.items():
+            inputs = with_negatives if cfg.hard_negatives else plain
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            ids = torch.arange(batch) + step * batch
+            step_negatives = states[mode].before_step(
+                inputs.images, inputs.tokens, ids, precision, 0
+            )
+            forward_backward(model, inputs, StepLoss(cfg, info, step_negatives), precision)
+            optimizer.step()
+            states[mode].after_step(model, applied=True)
+            elapsed[mode].append(time.perf_counter() - start)
+    times = {m: sorted(e[1:])[len(e[1:]) // 2] for m, e in elapsed.items()}
+    lines = [
+        f"| {model_name}, batch {batch} | step s (median of {steps}) | x batch |",
+        "|---|---:|---:|",
+    ]
+    for mode, seconds in times.items():
+        name = OVERHEAD_MODES[mode][0]
+        lines.append(f"| {name} | {seconds:.3f} | {seconds / times['batch']:.2f} |")
+    return lines
+
+
+def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> tuple[Any, Any]:
+    """Random images at the model's size and captions: without, and with K hard negatives
+    per sample (all real), as train.objective.Inputs."""
+    import torch
+
+    from common.preprocess import preprocess_config, tokenizer
+    from train.objective import Inputs
+
     size = preprocess_config(model.clip).size
     side = size[0] if isinstance(size, tuple | list) else size
     images = torch.randn(batch, 3, side, side)
     tokenize = tokenizer(model_name)
     tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)])
-    # loss.hard_negatives: K = 3 real negatives per sample (data.hard_negatives' default), so
-    # the text tower encodes 4 captions per sample
-    k = HardNegativesConfig().max_per_sample
     negative_tokens = tokenize(
         [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
     ).unflatten(0, (batch, k))
     negative_mask = torch.ones(batch, k, dtype=torch.bool)
-    ids = torch.arange(batch)
-    optimizer = build_optimizer(model, OptimConfig())
-    modes = {
-        "batch": LossConfig(),
-        "queue (key encoder)": LossConfig(negatives="queue"),
-        "queue m=0": LossConfig(negatives="queue", queue_momentum=0.0),
-        "global": LossConfig(negatives="global"),
-        f"hard negatives (K = {k})": LossConfig(hard_negatives=True),
-    }
-    times: dict[str, float] = {}
-    for name, cfg in modes.items():
-        negatives = Negatives(cfg, model, info)
-        negatives.set_num_samples(batch * (steps + 1))
-        elapsed = []
-        for step in range(steps + 1):  # the first step warms up
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            step_negatives = negatives.before_step(images, tokens, ids + step * batch, precision, 0)
-            step_loss = StepLoss(cfg, info, step_negatives)
-            inputs = Inputs(images, tokens)
-            if cfg.hard_negatives:
-                inputs = Inputs(images, tokens, negative_tokens, negative_mask)
-            forward_backward(model, inputs, step_loss, precision)
-            optimizer.step()
-            negatives.after_step(model, applied=True)
-            elapsed.append(time.perf_counter() - start)
-        times[name] = sorted(elapsed[1:])[len(elapsed[1:]) // 2]
-    lines = [
-        f"| {model_name}, batch {batch} | step s (median of {steps}) | x batch |",
-        "|---|---:|---:|",
-    ]
-    for name, seconds in times.items():
-        lines.append(f"| {name} | {seconds:.3f} | {seconds / times['batch']:.2f} |")
-    return lines
+    return Inputs(images, tokens), Inputs(images, tokens, negative_tokens, negative_mask)
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -357,6 +371,11 @@ def main() -> None:
         help="only time one training step per loss.negatives mode for MODEL (e.g. ViT-B-32)",
     )
     parser.add_argument("--overhead-steps", type=int, default=3)
+    parser.add_argument(
+        "--overhead-modes",
+        default=",".join(OVERHEAD_MODES),
+        help=f"--overhead: some of {', '.join(OVERHEAD_MODES)} (batch always runs)",
+    )
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one run, in a subprocess
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -366,7 +385,10 @@ def main() -> None:
         args.result.write_text(json.dumps(one_run(args)))
         return
     if args.overhead:
-        print("\n".join(step_overhead(args.overhead, 32, args.overhead_steps)))
+        modes = args.overhead_modes.split(",")
+        if unknown := set(modes) - set(OVERHEAD_MODES):
+            parser.error(f"--overhead-modes: unknown {', '.join(sorted(unknown))}")
+        print("\n".join(step_overhead(args.overhead, 32, args.overhead_steps, modes)))
         return
     dataset(args.data, args.train_shards, args.samples_per_shard)  # once, before the runs
     results: dict[str, list[dict[str, Any]]] = {}
