@@ -156,14 +156,16 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# --overhead's modes: the name in its table and the loss.* fields it sets
-OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any]]] = {
-    "batch": ("batch", {}),
-    "queue": ("queue (key encoder)", {"negatives": "queue"}),
-    "queue-m0": ("queue m=0", {"negatives": "queue", "queue_momentum": 0.0}),
-    "global": ("global", {"negatives": "global"}),
-    # K = 3 real negatives per sample (data.hard_negatives' default): 4 captions per sample
-    "hard-neg": ("hard negatives (K = 3)", {"hard_negatives": True}),
+# --overhead's modes: the name in its table, the loss.* fields it sets, and the hard-negative
+# captions per sample (all real): K = 3 is data.hard_negatives' default (the text tower
+# encodes 4 captions per sample), K = 1 NegCLIP's one negative per image
+OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "batch": ("batch", {}, 0),
+    "queue": ("queue (key encoder)", {"negatives": "queue"}, 0),
+    "queue-m0": ("queue m=0", {"negatives": "queue", "queue_momentum": 0.0}, 0),
+    "global": ("global", {"negatives": "global"}, 0),
+    "hard-neg": ("hard negatives (K = 3)", {"hard_negatives": True}, 3),
+    "hard-neg-k1": ("hard negatives (K = 1)", {"hard_negatives": True}, 1),
 }
 
 
@@ -188,7 +190,7 @@ def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> 
     torch.manual_seed(0)
     model = build_model(model_name)
     model.train()
-    plain, with_negatives = _overhead_inputs(model, model_name, batch, k=3)
+    inputs_by_k = {k: _overhead_inputs(model, model_name, batch, k) for k in (0, 1, 3)}
     optimizer = build_optimizer(model, OptimConfig())
     configs = {m: LossConfig(**OVERHEAD_MODES[m][1]) for m in dict.fromkeys(["batch", *modes])}
     states = {m: Negatives(cfg, model, info) for m, cfg in configs.items()}
@@ -197,7 +199,7 @@ def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> 
     elapsed: dict[str, list[float]] = {m: [] for m in configs}
     for step in range(steps + 1):  # the first round warms up
         for mode, cfg in configs.items():
-            inputs = with_negatives if cfg.hard_negatives else plain
+            inputs = inputs_by_k[OVERHEAD_MODES[mode][2]]
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             ids = torch.arange(batch) + step * batch
@@ -219,9 +221,9 @@ def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> 
     return lines
 
 
-def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> tuple[Any, Any]:
-    """Random images at the model's size and captions: without, and with K hard negatives
-    per sample (all real), as train.objective.Inputs."""
+def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> Any:
+    """Random images at the model's size and captions, with `k` hard negatives per sample
+    (all real; none for k = 0), as train.objective.Inputs."""
     import torch
 
     from common.preprocess import preprocess_config, tokenizer
@@ -232,11 +234,13 @@ def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> tuple[A
     images = torch.randn(batch, 3, side, side)
     tokenize = tokenizer(model_name)
     tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)])
+    if not k:
+        return Inputs(images, tokens)
     negative_tokens = tokenize(
         [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
     ).unflatten(0, (batch, k))
     negative_mask = torch.ones(batch, k, dtype=torch.bool)
-    return Inputs(images, tokens), Inputs(images, tokens, negative_tokens, negative_mask)
+    return Inputs(images, tokens, negative_tokens, negative_mask)
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
