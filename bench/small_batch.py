@@ -1,7 +1,8 @@
 """Small-batch quality: do negatives beyond the batch make batch 32 train like batch 256?
 
     python bench/small_batch.py [--samples 49152] [--seeds 0,1] [--model duet-tiny]
-                                [--methods M,...] [--merge EARLIER.json] [--out FILE.json]
+                                [--methods M,...|relations] [--merge EARLIER.json] [--out FILE.json]
+    python bench/small_batch.py --overhead MODEL [--overhead-modes batch,hard-neg,...]
 
 On the compositional synthetic set (`python -m train.synth --kind compositional`, generated
 into --data when missing), with equal samples seen, each method trains from scratch once per
@@ -11,6 +12,13 @@ seed and is evaluated on the held-out split:
     plain b256    loss.negatives=batch, global batch 256
     queue b32     loss.negatives=queue, K = 4096 momentum keys, global batch 32
     global b32    loss.negatives=global (FastCLIP-v3: learned temperature), global batch 32
+
+`--methods relations` runs plain b32 against loss.hard_negatives at batch 32 with the shard's
+negatives (the set is written with `--train-negatives`) and with generated ones
+(data.hard_negatives.generate=always), and tabulates what hard negatives are for: the
+hard-negative accuracies on all held-out scenes, on those with unseen colour-shape pairs, and
+blind (the mean image for every image), the negatives used per sample, and each target met or
+missed. `--overhead MODEL [--overhead-modes ...]` times one training step per mode instead.
 
 Columns: zero-shot top-1 on the held-out split (and on its scenes whose class never occurs in
 training), text->image recall@1/5, the compositional hard-negative
