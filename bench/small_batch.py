@@ -1,7 +1,8 @@
 """Small-batch quality: do negatives beyond the batch make batch 32 train like batch 256?
 
     python bench/small_batch.py [--samples 49152] [--seeds 0,1] [--model duet-tiny]
-                                [--methods M,...] [--merge EARLIER.json] [--out FILE.json]
+                                [--methods M,...|relations] [--merge EARLIER.json] [--out FILE.json]
+    python bench/small_batch.py --overhead MODEL [--overhead-modes batch,hard-neg,...]
 
 On the compositional synthetic set (`python -m train.synth --kind compositional`, generated
 into --data when missing), with equal samples seen, each method trains from scratch once per
@@ -11,6 +12,13 @@ seed and is evaluated on the held-out split:
     plain b256    loss.negatives=batch, global batch 256
     queue b32     loss.negatives=queue, K = 4096 momentum keys, global batch 32
     global b32    loss.negatives=global (FastCLIP-v3: learned temperature), global batch 32
+
+`--methods relations` runs plain b32 against loss.hard_negatives at batch 32 with the shard's
+negatives (the set is written with `--train-negatives`) and with generated ones
+(data.hard_negatives.generate=always), and tabulates what hard negatives are for: the
+hard-negative accuracies on all held-out scenes, on those with unseen colour-shape pairs, and
+blind (the mean image for every image), the negatives used per sample, and each target met or
+missed. `--overhead MODEL [--overhead-modes ...]` times one training step per mode instead.
 
 Columns: zero-shot top-1 on the held-out split (and on its scenes whose class never occurs in
 training), text->image recall@1/5, the compositional hard-negative
@@ -51,8 +59,17 @@ METHODS: dict[str, tuple[int, list[str]]] = {
         ["loss.negatives=queue", "loss.queue_size=4096", "loss.queue_momentum=0"],
     ),
     "global fixed-t b32": (32, ["loss.negatives=global", "loss.global_temperature=fixed"]),
+    # NegCLIP's hard-negative captions as extra image->text columns (RELATION_METHODS): the
+    # shard's (train.synth --train-negatives: the scene's own, checked false for it), or the
+    # built-in generator's from the caption alone
+    "hard-neg shard b32": (32, ["loss.hard_negatives=true"]),
+    "hard-neg generated b32": (
+        32,
+        ["loss.hard_negatives=true", "data.hard_negatives.generate=always"],
+    ),
 }
 DEFAULT_METHODS = ("plain b32", "plain b256", "queue b32", "global b32")
+RELATION_METHODS = ("plain b32", "hard-neg shard b32", "hard-neg generated b32")
 COLUMNS = (
     ("zero-shot", "zeroshot_top1"),
     ("held-out zs", "zeroshot_top1_held_out"),
@@ -62,16 +79,31 @@ COLUMNS = (
     ("obj swap", "compositional_swap_object"),
     ("relation", "compositional_replace_relation"),
 )
+# the relations table (--methods relations): the hard-negative accuracies on all held-out
+# scenes, on those with a colour-shape pair never seen in training, and blind (the mean image)
+RELATION_COLUMNS = (
+    ("zero-shot", "zeroshot_top1"),
+    ("R@5", "text_to_image_recall@5"),
+    ("attr swap", "compositional_swap_attribute"),
+    ("obj swap", "compositional_swap_object"),
+    ("relation", "compositional_replace_relation"),
+    ("relation, held-out pairs", "compositional_held_out_replace_relation"),
+    ("blind attr", "compositional_blind_swap_attribute"),
+    ("blind obj", "compositional_blind_swap_object"),
+    ("blind relation", "compositional_blind_replace_relation"),
+)
 
 
 def dataset(data: Path, train_shards: int, samples_per_shard: int) -> dict[str, str]:
     """The compositional set under `data` (generated once); the trainer's data.* fields."""
     summary = data / "dataset.json"
-    if not summary.is_file():
+    # train samples carry their hard negatives (read only with loss.hard_negatives); writing
+    # them changes no image or caption, so a set without them is simply written again
+    if not summary.is_file() or not json.loads(summary.read_text()).get("train_negatives"):
         subprocess.run(
             [sys.executable, "-m", "train.synth", "--kind", "compositional", "--out", str(data),
              "--train-shards", str(train_shards), "--samples-per-shard", str(samples_per_shard),
-             "--val-samples", "2000", "--seed", "0"],
+             "--val-samples", "2000", "--seed", "0", "--train-negatives"],
             cwd=ROOT, check=True,
         )  # fmt: skip
     info = json.loads(summary.read_text())
@@ -117,11 +149,14 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         trainer.close()
     seconds = time.perf_counter() - start
-    lines = (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines()
-    rates = [json.loads(line).get("train/samples_per_s") for line in lines]
-    rates = [r for r in rates if r is not None][1:]  # the first window holds the start-up
+    records = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").open()]
+    rates = [r["train/samples_per_s"] for r in records if "train/samples_per_s" in r]
+    rates = rates[1:]  # the first window holds the start-up
+    used = [r["train/hard_negatives_per_sample"] for r in records if "train/hard_negatives" in r]
     return {
         **results,
+        # loss.hard_negatives: real negatives per sample over the logged windows (0 without)
+        "hard_negatives_per_sample": sum(used) / max(1, len(used)),
         "samples_per_s": sum(rates) / max(1, len(rates)),
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -129,19 +164,32 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def step_overhead(model_name: str, batch: int, steps: int) -> list[str]:
+# --overhead's modes: the name in its table, the loss.* fields it sets, and the hard-negative
+# captions per sample (all real): K = 3 is data.hard_negatives' default (the text tower
+# encodes 4 captions per sample), K = 1 NegCLIP's one negative per image
+OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "batch": ("batch", {}, 0),
+    "queue": ("queue (key encoder)", {"negatives": "queue"}, 0),
+    "queue-m0": ("queue m=0", {"negatives": "queue", "queue_momentum": 0.0}, 0),
+    "global": ("global", {"negatives": "global"}, 0),
+    "hard-neg": ("hard negatives (K = 3)", {"hard_negatives": True}, 3),
+    "hard-neg-k1": ("hard negatives (K = 1)", {"hard_negatives": True}, 1),
+}
+
+
+def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> list[str]:
     """Time of a training step (forward, backward, optimizer, and the negatives' own work) per
-    loss.negatives mode, on random images and captions: what the modes cost at a model's real
-    size, where training a whole run on this machine is out of reach."""
+    mode of OVERHEAD_MODES, on random images and captions: what the modes cost at a model's
+    real size, where training a whole run on this machine is out of reach. The modes take
+    turns step by step (a round each), so that a drift in the machine's speed hits all alike."""
     import torch
 
     from common.model import build_model
-    from common.preprocess import preprocess_config, tokenizer
     from train.compute import Precision
     from train.config import LossConfig, OptimConfig
     from train.distributed import DistInfo
     from train.negatives import Negatives
-    from train.objective import Inputs, StepLoss
+    from train.objective import StepLoss
     from train.optimizer import build_optimizer
     from train.step import forward_backward
 
@@ -150,40 +198,57 @@ def step_overhead(model_name: str, batch: int, steps: int) -> list[str]:
     torch.manual_seed(0)
     model = build_model(model_name)
     model.train()
-    size = preprocess_config(model.clip).size
-    side = size[0] if isinstance(size, tuple | list) else size
-    images = torch.randn(batch, 3, side, side)
-    tokens = tokenizer(model_name)([f"a photo of object {i}" for i in range(batch)])
-    ids = torch.arange(batch)
+    inputs_by_k = {k: _overhead_inputs(model, model_name, batch, k) for k in (0, 1, 3)}
     optimizer = build_optimizer(model, OptimConfig())
-    modes = {
-        "batch": LossConfig(),
-        "queue (key encoder)": LossConfig(negatives="queue"),
-        "queue m=0": LossConfig(negatives="queue", queue_momentum=0.0),
-        "global": LossConfig(negatives="global"),
-    }
-    times: dict[str, float] = {}
-    for name, cfg in modes.items():
-        negatives = Negatives(cfg, model, info)
-        negatives.set_num_samples(batch * (steps + 1))
-        elapsed = []
-        for step in range(steps + 1):  # the first step warms up
+    configs = {m: LossConfig(**OVERHEAD_MODES[m][1]) for m in dict.fromkeys(["batch", *modes])}
+    states = {m: Negatives(cfg, model, info) for m, cfg in configs.items()}
+    for state in states.values():
+        state.set_num_samples(batch * (steps + 1))
+    elapsed: dict[str, list[float]] = {m: [] for m in configs}
+    for step in range(steps + 1):  # the first round warms up
+        for mode, cfg in configs.items():
+            inputs = inputs_by_k[OVERHEAD_MODES[mode][2]]
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            step_negatives = negatives.before_step(images, tokens, ids + step * batch, precision, 0)
-            step_loss = StepLoss(cfg, info, step_negatives)
-            forward_backward(model, Inputs(images, tokens), step_loss, precision)
+            ids = torch.arange(batch) + step * batch
+            step_negatives = states[mode].before_step(
+                inputs.images, inputs.tokens, ids, precision, 0
+            )
+            forward_backward(model, inputs, StepLoss(cfg, info, step_negatives), precision)
             optimizer.step()
-            negatives.after_step(model, applied=True)
-            elapsed.append(time.perf_counter() - start)
-        times[name] = sorted(elapsed[1:])[len(elapsed[1:]) // 2]
+            states[mode].after_step(model, applied=True)
+            elapsed[mode].append(time.perf_counter() - start)
+    times = {m: sorted(e[1:])[len(e[1:]) // 2] for m, e in elapsed.items()}
     lines = [
         f"| {model_name}, batch {batch} | step s (median of {steps}) | x batch |",
         "|---|---:|---:|",
     ]
-    for name, seconds in times.items():
+    for mode, seconds in times.items():
+        name = OVERHEAD_MODES[mode][0]
         lines.append(f"| {name} | {seconds:.3f} | {seconds / times['batch']:.2f} |")
     return lines
+
+
+def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> Any:
+    """Random images at the model's size and captions, with `k` hard negatives per sample
+    (all real; none for k = 0), as train.objective.Inputs."""
+    import torch
+
+    from common.preprocess import preprocess_config, tokenizer
+    from train.objective import Inputs
+
+    size = preprocess_config(model.clip).size
+    side = size[0] if isinstance(size, tuple | list) else size
+    images = torch.randn(batch, 3, side, side)
+    tokenize = tokenizer(model_name)
+    tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)])
+    if not k:
+        return Inputs(images, tokens)
+    negative_tokens = tokenize(
+        [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
+    ).unflatten(0, (batch, k))
+    negative_mask = torch.ones(batch, k, dtype=torch.bool)
+    return Inputs(images, tokens, negative_tokens, negative_mask)
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -194,18 +259,65 @@ def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f} ({spread * scale:.{digits}f})"
 
 
-def table(results: dict[str, list[dict[str, Any]]]) -> str:
-    header = ["method", *(name for name, _ in COLUMNS), "samples/s", "peak RSS MB"]
+def table(
+    results: dict[str, list[dict[str, Any]]], columns: tuple[tuple[str, str], ...] = COLUMNS
+) -> str:
+    header = ["method", *(name for name, _ in columns), "samples/s", "peak RSS MB"]
+    if columns is RELATION_COLUMNS:
+        header.insert(-2, "negatives/sample")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, runs in results.items():
         cells = [method]
-        for _, key in COLUMNS:
+        for _, key in columns:
             values = [r[key] for r in runs if key in r]
             cells.append(_cell(values) if values else "-")
+        if columns is RELATION_COLUMNS:
+            cells.append(_cell([r.get("hard_negatives_per_sample", 0.0) for r in runs], 1.0, 2))
         cells.append(_cell([r["samples_per_s"] for r in runs], 1.0, 0))
         cells.append(f"{max(r['peak_rss_mb'] for r in runs):.0f}")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# (column key, the target, whether it is a floor (>=) or a ceiling (<=)) for hard negatives
+RELATION_TARGETS = (
+    ("compositional_replace_relation", 0.90, True),
+    ("compositional_held_out_replace_relation", 0.80, True),
+    ("compositional_swap_attribute", 0.97, True),
+    ("compositional_swap_object", 0.97, True),
+    ("compositional_blind_swap_attribute", 0.60, False),
+    ("compositional_blind_swap_object", 0.60, False),
+    ("compositional_blind_replace_relation", 0.60, False),
+)
+
+
+def relation_verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each hard-negative method against the relation targets (seed means), and its zero-shot
+    and recall@5 against plain b32's (target: within 2 points)."""
+
+    def mean(method: str, key: str) -> float:
+        values = [r[key] for r in results[method] if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    lines = []
+    for method in (m for m in results if m.startswith("hard-neg")):
+        for key, target, floor in RELATION_TARGETS:
+            value = mean(method, key)
+            met = value >= target if floor else value <= target
+            sign = ">=" if floor else "<="
+            lines.append(
+                f"{method} {key}: {value * 100:.1f} (target {sign} {target * 100:.0f}: "
+                f"{'met' if met else 'missed'})"
+            )
+        if "plain b32" not in results:
+            continue
+        for key in ("zeroshot_top1", "text_to_image_recall@5"):
+            delta = mean(method, key) - mean("plain b32", key)
+            lines.append(
+                f"{method} {key}: {delta * 100:+.1f} points vs plain b32 "
+                f"(target within 2: {'met' if delta >= -0.02 else 'missed'})"
+            )
+    return lines
 
 
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -217,7 +329,7 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     lines = []
     for method in results:
-        if method.startswith("plain") or "plain b32" not in results:
+        if method.startswith(("plain", "hard-neg")) or "plain b32" not in results:
             continue
         for name, key in (("zero-shot", "zeroshot_top1"), ("R@5", "text_to_image_recall@5")):
             mean, _, high = stats(method, key)
@@ -238,7 +350,9 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         mine = sum(r["samples_per_s"] for r in results[method]) / len(results[method])
         ratio = plain / mine
         target = (
-            f" (target <= 1.3x: {'met' if ratio <= 1.3 else 'missed'})" if "queue" in method else ""
+            f" (target <= 1.3x: {'met' if ratio <= 1.3 else 'missed'})"
+            if "queue" in method or method.startswith("hard-neg")
+            else ""
         )
         lines.append(f"{method}: step time {ratio:.2f}x plain b32's at equal batch{target}")
     return lines
@@ -248,7 +362,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=49152, help="samples seen per run")
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
+    parser.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"some of: {', '.join(METHODS)}; or 'relations': {', '.join(RELATION_METHODS)}",
+    )
     parser.add_argument("--model", default="duet-tiny")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--data", type=Path, default=ROOT / "data/compositional")
@@ -265,6 +383,11 @@ def main() -> None:
         help="only time one training step per loss.negatives mode for MODEL (e.g. ViT-B-32)",
     )
     parser.add_argument("--overhead-steps", type=int, default=3)
+    parser.add_argument(
+        "--overhead-modes",
+        default=",".join(OVERHEAD_MODES),
+        help=f"--overhead: some of {', '.join(OVERHEAD_MODES)} (batch always runs)",
+    )
     parser.add_argument("--method", help=argparse.SUPPRESS)  # one run, in a subprocess
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -274,14 +397,18 @@ def main() -> None:
         args.result.write_text(json.dumps(one_run(args)))
         return
     if args.overhead:
-        print("\n".join(step_overhead(args.overhead, 32, args.overhead_steps)))
+        modes = args.overhead_modes.split(",")
+        if unknown := set(modes) - set(OVERHEAD_MODES):
+            parser.error(f"--overhead-modes: unknown {', '.join(sorted(unknown))}")
+        print("\n".join(step_overhead(args.overhead, 32, args.overhead_steps, modes)))
         return
     dataset(args.data, args.train_shards, args.samples_per_shard)  # once, before the runs
     results: dict[str, list[dict[str, Any]]] = {}
     if args.merge:
         results.update(json.loads(args.merge.read_text()))
     started = time.perf_counter()
-    for method in args.methods.split(","):
+    methods = RELATION_METHODS if args.methods == "relations" else args.methods.split(",")
+    for method in methods:
         for seed in (int(s) for s in args.seeds.split(",")):
             name = f"{method.replace(' ', '-')}-seed{seed}"
             result_file = args.runs / f"{name}.json"
@@ -304,9 +431,10 @@ def main() -> None:
             )
     print(f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
           f"{time.perf_counter() - started:.0f} s in all\n")  # fmt: skip
-    print(table(results))
+    relations = any(method.startswith("hard-neg") for method in results)
+    print(table(results, RELATION_COLUMNS if relations else COLUMNS))
     print()
-    for line in verdicts(results):
+    for line in verdicts(results) + (relation_verdicts(results) if relations else []):
         print(line)
     args.out.write_text(json.dumps(results, indent=2))
 

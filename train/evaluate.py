@@ -16,7 +16,8 @@ fraction whose image scores its true caption above the negative, and `compositio
 the same with every image replaced by one constant image, the mean of the held-out images: a
 control that needs no image at all, so a score well above 0.5 there says the negatives can be
 told apart by their wording alone (NegCLIP's warning). Samples marked "held_out": true
-(a combination never seen in training) get their own zero-shot figure, `zeroshot_top1_held_out`.
+(a combination never seen in training) get their own zero-shot figure, `zeroshot_top1_held_out`,
+and their own hard-negative accuracies, `compositional_held_out_<kind>`.
 """
 
 from __future__ import annotations
@@ -310,8 +311,10 @@ def embed_shards(
 
 def compositional_metrics(held: HeldOut) -> dict[str, float]:
     """`compositional_<kind>`: hard-negative accuracy per kind, over the samples that have that
-    kind; `compositional_blind_<kind>`: the same with the mean image in place of each image;
-    `compositional_samples`: how many samples have any. Empty when none has negatives."""
+    kind; `compositional_held_out_<kind>`: the same over those marked held-out (a combination
+    never seen in training), where any are; `compositional_blind_<kind>`: the same with the
+    mean image in place of each image; `compositional_samples`: how many samples have any.
+    Empty when none has negatives."""
     if not held.negatives:
         return {}
     metrics = {}
@@ -321,6 +324,11 @@ def compositional_metrics(held: HeldOut) -> dict[str, float]:
         metrics[f"compositional_{kind}"] = hard_negative_accuracy(
             images, true_texts, negatives.text_features
         )
+        unseen = held.held_out[negatives.rows]  # [M] bool
+        if bool(unseen.any()):
+            metrics[f"compositional_held_out_{kind}"] = hard_negative_accuracy(
+                images[unseen], true_texts[unseen], negatives.text_features[unseen]
+            )
         if held.blind_image_features is not None:
             blind = held.blind_image_features.expand_as(images)
             metrics[f"compositional_blind_{kind}"] = hard_negative_accuracy(

@@ -324,6 +324,7 @@ def test_evaluate_scores_hard_negatives_and_held_out_zeroshot(micro_artifact, co
     # the blind control: one image, the mean of all, against every sample's captions
     blind = model.encode_image(torch.stack([pixels for pixels, _ in samples]).mean(0)[None])[0]
     blind_margins: dict[str, list[float]] = {kind: [] for kind in margins}
+    unseen_margins: dict[str, list[float]] = {kind: [] for kind in margins}
     for pixels, meta in samples:
         image_features = model.encode_image(pixels[None])[0]
         true_text = model.encode_text(tokenize([meta["caption"]]))[0]
@@ -332,9 +333,10 @@ def test_evaluate_scores_hard_negatives_and_held_out_zeroshot(micro_artifact, co
             blind_margins[kind].append(float(blind @ true_text - blind @ negative))
         true = image_features @ model.encode_text(tokenize([meta["caption"]]))[0]
         for kind, caption in meta["hard_negatives"].items():
-            margins[kind].append(
-                float(true - image_features @ model.encode_text(tokenize([caption]))[0])
-            )
+            margin = float(true - image_features @ model.encode_text(tokenize([caption]))[0])
+            margins[kind].append(margin)
+            if meta["held_out"]:
+                unseen_margins[kind].append(margin)
         if meta["held_out"]:
             scores = weights @ image_features
             others = torch.cat([scores[: meta["label"]], scores[meta["label"] + 1 :]])
@@ -344,6 +346,8 @@ def test_evaluate_scores_hard_negatives_and_held_out_zeroshot(micro_artifact, co
         assert low <= metrics[f"compositional_{kind}"] <= high, kind
         low, high = _bounds(blind_margins[kind])
         assert low <= metrics[f"compositional_blind_{kind}"] <= high, kind
+        low, high = _bounds(unseen_margins[kind])  # the held-out scenes' alone
+        assert low <= metrics[f"compositional_held_out_{kind}"] <= high, kind
     low, high = _bounds(held_out_margins)
     assert low <= metrics["zeroshot_top1_held_out"] <= high
     assert metrics["zeroshot_held_out_samples"] == len(held_out_margins) > 0
