@@ -446,7 +446,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ("--nlist", "ivfpq: k-means cells"),
         ("--pq-m", "ivfpq: sub-quantisers; must divide D"),
         ("--nprobe", "ivfpq: cells searched per query"),
-        ("--rerank-factor", "approximate types: exact re-scoring of k x this candidates"),
+        (
+            "--rerank-factor",
+            "approximate types: exact re-scoring of k x this candidates (unset: raised from the "
+            "default until recall@10 reaches --recall-target)",
+        ),
     ):
         knobs.add_argument(flag, type=int, help=help_text)
     knobs.add_argument(
@@ -461,6 +465,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     knobs.add_argument(
         "--recall-queries", type=int, default=1000, help="sampled queries for recall@10 (0: skip)"
+    )
+    knobs.add_argument(
+        "--recall-target",
+        type=float,
+        default=0.95,
+        help="recall@10 (image and text queries) an unset --rerank-factor is raised to reach",
     )
     return parser.parse_args(argv)
 
@@ -478,6 +488,7 @@ def _spec(args: argparse.Namespace) -> IndexSpec:
         nprobe=args.nprobe,
         rerank_factor=args.rerank_factor,
         recall_queries=args.recall_queries,
+        recall_target=args.recall_target,
     )
 
 

@@ -81,6 +81,7 @@ from serve.indexing.layout import (
     VECTORS_FILE,
 )
 from serve.indexing.ondisk import build_ondisk_index, merge_lists, read_ondisk_index
+from serve.indexing.rerank_tuning import RecallProbe, choose_rerank_factor
 from serve.indexing.store import checked_addition
 from serve.indexing.thumbnails import (
     OFFSETS_FILE,
@@ -97,8 +98,6 @@ from serve.indexing.vector_search import (
     IndexSpec,
     VectorSearcher,
     build_faiss_index,
-    measure_query_recall,
-    measure_recall,
     plan_index,
 )
 
@@ -197,10 +196,7 @@ def write_index(
         searcher = VectorSearcher(
             served, index, search_params=plan.search_params, rerank_factor=plan.rerank_factor
         )
-        recall = measure_recall(searcher, spec.recall_queries, seed=spec.seed)
-        if text_queries is not None:
-            recall["text_recall_at_10"] = measure_query_recall(searcher, text_queries)
-            recall["text_recall_queries"] = len(text_queries)
+        recall = _measure_and_tune(searcher, spec, text_queries)
         _write_rows(tmp, rows)
         if thumbnails is not None:
             thumbnails.move_to(tmp / THUMBNAILS_FILE)
@@ -213,6 +209,7 @@ def write_index(
             "format_version": FORMAT_VERSION,
             "build_id": uuid.uuid4().hex[:16],
             **plan.manifest(),
+            "rerank_factor": searcher.rerank_factor,  # the plan's, or the one tuning chose
             "metric": METRIC,
             "count": len(vectors),
             "dim": int(vectors.shape[1]),
@@ -238,6 +235,24 @@ def write_index(
         index_seconds,
     )
     return out_dir
+
+
+def _measure_and_tune(
+    searcher: VectorSearcher, spec: IndexSpec, text_queries: np.ndarray | None
+) -> dict[str, Any]:
+    """The manifest's recall figures; for an approximate index whose spec leaves the rerank
+    factor open, the factor is raised to `spec.recall_target` first (`rerank_tuning`)."""
+    if searcher.exact:  # nothing to measure or tune
+        figures: dict[str, Any] = {"recall_at_10": 1.0, "recall_queries": 0}
+        if text_queries is not None:
+            figures["text_recall_at_10"] = 1.0 if len(text_queries) else None
+            figures["text_recall_queries"] = len(text_queries)
+        return {**figures, "rerank_tuning": None}
+    probe = RecallProbe.sample(searcher.vectors, spec.recall_queries, text_queries, spec.seed)
+    if spec.rerank_factor is not None:
+        return {**probe.measure(searcher), "rerank_tuning": None}
+    figures, tuning = choose_rerank_factor(searcher, probe, spec.recall_target)
+    return {**figures, "rerank_tuning": tuning}
 
 
 def _build_vector_index(

@@ -12,8 +12,10 @@
             (serve/indexing/ondisk.py), built block by block and merged on disk, searched
             memory-mapped: for indices larger than memory; `auto` from `AUTO_ON_DISK_MIN_COUNT`
 
-Both approximate types re-rank k × rerank_factor candidates exactly against the stored float32
-vectors, so compressed codes only have to get the right rows into the candidate list. Knobs left
+Both approximate types re-rank k × rerank_factor candidates (at most MAX_RERANK_CANDIDATES)
+exactly against the stored vectors, so compressed codes only have to get the right rows into the
+candidate list; unless the spec fixes it, the build raises the factor until the recall it
+measures reaches the spec's target (serve/indexing/rerank_tuning.py). Knobs left
 as None are derived from N; the defaults were tuned with `bench/index.py` (docs/benchmarks.md).
 Everything here works on numpy arrays (in memory or memory-mapped); files and metadata are
 `serve/indexing/index.py`'s.
@@ -45,7 +47,12 @@ AUTO_ON_DISK_MIN_COUNT = 10_000_000
 """`auto` puts ivfpq's inverted lists on disk from this many vectors: FAISS's guidance is to
 compress from 10M vectors per server; below it `on_disk=True` asks for it."""
 RECALL_K = 10
-RERANK_QUERY_CHUNK = 256  # queries re-ranked at once: bounds the [chunk, k', D] candidate block
+MAX_RERANK_CANDIDATES = 10_000
+"""Candidates re-scored per query at most: k x rerank_factor is clamped to it, so a search reads
+at most this many stored rows per query (5 MB at D = 128 float32) whatever k and the factor."""
+RERANK_BLOCK_ROWS = 1 << 16
+"""Candidate rows gathered at once ([queries, k', D]): 32 MB at D = 128 float32; queries are
+searched and re-ranked in chunks of RERANK_BLOCK_ROWS // k' (at least one)."""
 EXACT_BLOCK_ROWS = 1 << 18  # float16 rows widened to float32 at a time by `exact_knn`
 
 
@@ -72,7 +79,11 @@ class IndexSpec:
     nprobe: int | None = None
     """ivfpq: cells searched per query (default nlist/128, at least 32)."""
     rerank_factor: int | None = None
-    """approximate types: candidates re-scored exactly = k x this (default hnsw 2, ivfpq 20)."""
+    """approximate types: candidates re-scored exactly = k x this. Given, it is used as it is;
+    None: from the plan's default (hnsw 2, ivfpq 20), raised at build time until the measured
+    recall@10 reaches `recall_target` (serve/indexing/rerank_tuning.py)."""
+    recall_target: float = 0.95
+    """recall@10 (image and text queries) the build raises a default rerank factor to reach."""
     recall_queries: int = 1000
     """stored vectors used as queries to measure recall@10 after the build (0: skip)."""
     seed: int = 0
@@ -88,6 +99,8 @@ class IndexSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
         if self.pq_nbits is not None and not 1 <= self.pq_nbits <= 16:
             raise ValueError(f"pq_nbits must be in 1..16, got {self.pq_nbits}")
         if self.on_disk and self.index_type not in (AUTO, IVFPQ):
@@ -242,17 +255,33 @@ def measure_recall(searcher: VectorSearcher, queries: int, *, seed: int = 0) -> 
     n = min(queries, len(vectors))
     if searcher.exact or n == 0 or len(vectors) <= RECALL_K:
         return {"recall_at_10": 1.0 if searcher.exact else None, "recall_queries": 0}
-    ids = np.sort(np.random.default_rng(seed).choice(len(vectors), n, replace=False))
+    ids = sample_rows(len(vectors), n, seed)
     sample = np.ascontiguousarray(vectors[ids], dtype=np.float32)
     _, exact = exact_knn(sample, vectors, RECALL_K + 1)
-    _, approx = searcher.search(sample, RECALL_K + 1)
-    hits = 0
-    for query_id, truth, found in zip(ids, exact, approx, strict=True):
-        truth_set = set(truth[truth != query_id][:RECALL_K].tolist())
-        hits += len(truth_set & set(found[found != query_id][:RECALL_K].tolist()))
-    recall = round(hits / (n * RECALL_K), 4)
+    recall = recall_without_self(ids, exact, searcher.search(sample, RECALL_K + 1)[1])
     log.info("recall@%d = %.4f over %d sampled queries", RECALL_K, recall, n)
     return {"recall_at_10": recall, "recall_queries": n}
+
+
+def sample_rows(count: int, n: int, seed: int) -> np.ndarray:
+    """`n` distinct rows of `count`, sorted: the stored vectors used as recall queries."""
+    return np.sort(np.random.default_rng(seed).choice(count, n, replace=False))
+
+
+def recall_without_self(ids: np.ndarray, exact: np.ndarray, found: np.ndarray) -> float:
+    """recall@10 of `found` against `exact` (ids [n, 11] each) for stored rows `ids` [n] as
+    queries, each query's own row left out of both lists."""
+    hits = 0
+    for query_id, truth, approx in zip(ids, exact, found, strict=True):
+        truth_set = set(truth[truth != query_id][:RECALL_K].tolist())
+        hits += len(truth_set & set(approx[approx != query_id][:RECALL_K].tolist()))
+    return round(hits / (len(ids) * RECALL_K), 4)
+
+
+def recall_of(exact: np.ndarray, found: np.ndarray) -> float:
+    """Share of the exact ids [Q, k] that `found` [Q, k] holds, per query, averaged."""
+    hits = sum(len(set(t.tolist()) & set(f.tolist())) for t, f in zip(exact, found, strict=True))
+    return round(hits / exact.size, 4)
 
 
 def measure_query_recall(searcher: VectorSearcher, queries: np.ndarray) -> float | None:
@@ -269,12 +298,7 @@ def measure_query_recall(searcher: VectorSearcher, queries: np.ndarray) -> float
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(RECALL_K, len(searcher.vectors))
     _, exact = exact_knn(queries, searcher.vectors, k)
-    _, approx = searcher.search(queries, k)
-    hits = sum(
-        len(set(truth.tolist()) & set(found.tolist()))
-        for truth, found in zip(exact, approx, strict=True)
-    )
-    recall = round(hits / (len(queries) * k), 4)
+    recall = recall_of(exact, searcher.search(queries, k)[1])
     log.info("text-query recall@%d = %.4f over %d captions", k, recall, len(queries))
     return recall
 
@@ -350,14 +374,15 @@ class VectorSearcher:
         (filtered search passes its ID selector and a raised efSearch / nprobe here)."""
         if self._index is None:
             return exact_knn(queries, self.vectors, k)
-        k_candidates = min(k * self.rerank_factor, len(self.vectors))
-        # [Q, k'], approximate order; `params` (filtered search): a selector and its ef / nprobe
-        _, candidates = self._index.search(queries, k_candidates, params=params)
+        k_candidates = rerank_candidates(k, self.rerank_factor, len(self.vectors))
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
-        for start in range(0, len(queries), RERANK_QUERY_CHUNK):
-            chunk = slice(start, start + RERANK_QUERY_CHUNK)
-            scores[chunk], ids[chunk] = _rerank(queries[chunk], candidates[chunk], self.vectors, k)
+        chunk_queries = max(1, RERANK_BLOCK_ROWS // k_candidates)
+        for start in range(0, len(queries), chunk_queries):
+            chunk = slice(start, start + chunk_queries)
+            # [chunk, k'], approximate order; `params` (filtered search): a selector, ef / nprobe
+            _, candidates = self._index.search(queries[chunk], k_candidates, params=params)
+            scores[chunk], ids[chunk] = _rerank(queries[chunk], candidates, self.vectors, k)
         return scores, ids
 
     @property
@@ -402,6 +427,12 @@ class VectorSearcher:
         if self.deletes_in_index:
             assert self._index is not None
             self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
+
+
+def rerank_candidates(k: int, rerank_factor: int, count: int) -> int:
+    """Candidates the approximate index proposes for a top k: k x rerank_factor, at least k,
+    at most MAX_RERANK_CANDIDATES and the number of stored vectors."""
+    return min(max(k, min(k * rerank_factor, MAX_RERANK_CANDIDATES)), count)
 
 
 def _rerank(

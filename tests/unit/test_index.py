@@ -291,9 +291,11 @@ def test_build_index_cli_index_type_and_knobs(
     tmp_path: Path, artifact: Path, shards: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--model", str(artifact), "--data", shards, "--out", str(tmp_path / "index")]
-    assert build_index_cli.main([*argv, "--index-type", "hnsw", "--ef-search", "50"]) == 0
+    hnsw = [*argv, "--index-type", "hnsw", "--ef-search", "50", "--recall-target", "0.9"]
+    assert build_index_cli.main(hnsw) == 0
     manifest = json.loads((tmp_path / "index" / "index.json").read_text())
     assert (manifest["index_type"], manifest["search_params"]) == ("hnsw", {"efSearch": 50})
+    assert manifest["rerank_tuning"]["recall_target"] == 0.9
     assert manifest["recall_queries"] == 13 and manifest["recall_at_10"] is not None
     # and with text queries: every sample's caption through the text tower
     assert manifest["text_recall_queries"] == 13 and 0 < manifest["text_recall_at_10"] <= 1
@@ -303,3 +305,5 @@ def test_build_index_cli_index_type_and_knobs(
     assert "needs at least 16 vectors, got 13; use --index-type flat" in capsys.readouterr().err
     assert build_index_cli.main([*argv, "--index-type", "hnsw", "--rerank-factor", "0"]) == 2
     assert "rerank_factor must be >= 1, got 0" in capsys.readouterr().err
+    assert build_index_cli.main([*argv, "--recall-target", "1.5"]) == 2
+    assert "recall_target must be in (0, 1], got 1.5" in capsys.readouterr().err
