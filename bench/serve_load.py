@@ -32,8 +32,12 @@ rounds.
 Beside other work (`--busy N`, instead of the rows above): one server per runtime, `--runtime`
 and torch, batching on; each round runs every concurrency level on each server idle and beside
 1 .. N busy processes this script starts and stops (`busy_processes`: a pure-Python loop each,
-one core apiece, as a second service, a backup or a build would take). Prints req/s per row and
-the fraction of its idle req/s each keeps. Target: `--runtime` keeps >= 70% at 1 and 8 clients.
+one core apiece, as a second service, a backup or a build would take). Prints req/s per row,
+the fraction of its idle req/s each keeps and the texts per forward pass (from /metrics).
+Target: `--runtime` keeps >= 70% at 1 and 8 clients. `--variant LABEL:DUET_X=v,DUET_Y=w`
+(repeatable) serves `--runtime` with those settings instead of the pair, e.g. ONNX Runtime's
+spinning and thread count: `--variant sleep:DUET_ONNX_SPINNING=false --variant
+spin:DUET_ONNX_SPINNING=true`.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    batches: tuple[float, float] = (0.0, 0.0)  # (texts encoded, forward passes), if counted
 
     @classmethod
     def merge(cls, results: list[Result]) -> Result:
@@ -128,6 +133,7 @@ class Result:
             sum(r.errors for r in results),
             sum(r.seconds for r in results),
             [ms for r in results for ms in r.latencies_ms],
+            (sum(r.batches[0] for r in results), sum(r.batches[1] for r in results)),
         )
 
     def percentile(self, q: float) -> float:
@@ -427,23 +433,50 @@ def busy_processes(count: int) -> Iterator[None]:
             proc.wait(timeout=30)
 
 
+def server_variants(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """label -> the servers' settings: `--runtime` and torch, or `--runtime` per `--variant`."""
+    if not args.variant:
+        runtimes = dict.fromkeys([args.runtime, "torch"])
+        return {r: {"DUET_RUNTIME": r} for r in runtimes}
+    variants = {}
+    for spec in args.variant:
+        label, _, assignments = spec.partition(":")
+        env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+        variants[label] = {"DUET_RUNTIME": args.runtime} | env
+    return variants
+
+
+def batched_texts(port: int) -> tuple[float, float]:
+    """(texts encoded, forward passes) so far: the server's duet_encode_batch_size histogram."""
+    metrics = httpx.get(f"http://{HOST}:{port}/metrics", timeout=30, trust_env=False).text
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in metrics.splitlines():
+        for part in totals:
+            if line.startswith(f'duet_encode_batch_size_{part}{{kind="text"}}'):
+                totals[part] += float(line.split()[-1])
+    return totals["sum"], totals["count"]
+
+
 def busy_rows(
     artifact: Path, index: Path, args: argparse.Namespace, levels: list[int], texts: list[str]
 ) -> dict[tuple[str, int, int], Result]:
-    """(runtime, busy processes, clients) -> the pooled result of that row over the rounds."""
-    runtimes = list(dict.fromkeys([args.runtime, "torch"]))
-    servers = {r: start_server(artifact, index, True, env={"DUET_RUNTIME": r}) for r in runtimes}
+    """(server, busy processes, clients) -> the pooled result of that row over the rounds."""
+    variants = server_variants(args)
+    servers = {n: start_server(artifact, index, True, env=env) for n, env in variants.items()}
     rows: dict[tuple[str, int, int], list[Result]] = {}
     try:
         for round_index in range(args.rounds):
             for busy in range(args.busy + 1):
                 with busy_processes(busy):
-                    for runtime, clients in itertools.product(runtimes, levels):
-                        port = servers[runtime][1]
+                    for name, clients in itertools.product(servers, levels):
+                        port = servers[name][1]
+                        before = batched_texts(port)
                         result = asyncio.run(drive(HOST, port, clients, args.duration_s, texts))
-                        rows.setdefault((runtime, busy, clients), []).append(result)
+                        after = batched_texts(port)
+                        result.batches = (after[0] - before[0], after[1] - before[1])
+                        rows.setdefault((name, busy, clients), []).append(result)
                         print(
-                            f"round {round_index + 1}: {runtime}, busy {busy}, {clients} "
+                            f"round {round_index + 1}: {name}, busy {busy}, {clients} "
                             f"clients: {result.requests / result.seconds:.1f} req/s",
                             flush=True,
                         )
@@ -468,20 +501,20 @@ def print_busy(rows: dict[tuple[str, int, int], Result], args: argparse.Namespac
         f"{args.duration_s:.0f} s per row, {os.cpu_count()} CPUs, load average before: "
         f"{args.load_before}\n"
     )
-    print("| runtime | beside | clients | req/s | p50 ms | p99 ms | kept | errors |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| server | beside | clients | req/s | p50 ms | p99 ms | kept | texts/pass | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for (runtime, busy, clients), r in sorted(rows.items()):
         beside = "idle" if busy == 0 else f"{busy} busy"
+        per_pass = r.batches[0] / max(r.batches[1], 1)
         print(
             f"| {runtime} | {beside} | {clients} | {rate(r):.1f} | {r.percentile(50):.1f} | "
-            f"{r.percentile(99):.1f} | {kept(runtime, busy, clients):.0%} | {r.errors} |"
+            f"{r.percentile(99):.1f} | {kept(runtime, busy, clients):.0%} | {per_pass:.2f} | "
+            f"{r.errors} |"
         )
-    worst = min(
-        kept(runtime, busy, clients)
-        for runtime, busy, clients in rows
-        if runtime == args.runtime and clients in (1, 8)
-    )
-    print(f"- {args.runtime}: lowest kept fraction at 1 and 8 clients {worst:.0%} (target >= 70%)")
+    for server in dict.fromkeys(runtime for runtime, _, _ in rows):
+        worst = min(kept(*key) for key in rows if key[0] == server and key[2] in (1, 8))
+        print(f"- {server}: lowest kept fraction at 1 and 8 clients {worst:.0%} (target >= 70%)")
+    print(f"- load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 class InProcess:
@@ -546,6 +579,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--busy", type=int, default=0, help="rows beside 1..N busy processes instead (0: off)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="with --busy: LABEL:DUET_X=v,... one server of --runtime with these settings each "
+        "(repeatable), instead of --runtime and torch",
     )
     args = parser.parse_args()
     os.environ["DUET_RUNTIME"] = args.runtime  # the servers' and the in-process reference's

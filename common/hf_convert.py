@@ -307,7 +307,7 @@ def has_open_clip_bpe(folder: Path) -> bool:
     """Whether the folder's BPE vocabulary and merges are open_clip's built-in ones (OpenAI's),
     so open_clip's own tokenizer gives the same ids."""
     vocab, merges = folder_bpe(folder)
-    return (vocab, merges) == _open_clip_bpe()
+    return (vocab, merges) == open_clip_bpe()
 
 
 def folder_bpe(folder: Path) -> tuple[dict[str, int], list[str]]:
@@ -324,7 +324,7 @@ def folder_bpe(folder: Path) -> tuple[dict[str, int], list[str]]:
 
 
 @cache
-def _open_clip_bpe() -> tuple[dict[str, int], list[str]]:
+def open_clip_bpe() -> tuple[dict[str, int], list[str]]:
     """open_clip's bundled BPE (OpenAI's), as a transformers CLIPTokenizer's files hold it."""
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
 

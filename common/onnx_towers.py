@@ -217,13 +217,17 @@ class OnnxTowers:
         pooling: tuple[str, int | None] | None,
         *,
         threads: int | None,
+        spinning: bool = False,
     ) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
-        # no busy-waiting between runs: the cores go back to FAISS and the HTTP threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Off by default: a thread waiting for work sleeps instead of spinning, so its core goes
+        # to FAISS, the HTTP threads and the host's other processes (docs/benchmarks.md,
+        # "Beside other work"). ONNX Runtime's own default is to spin.
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", str(int(spinning)))
         text_file, image_file = VARIANTS[variant]
         providers = ["CPUExecutionProvider"]
         self.text = ort.InferenceSession(str(folder / text_file), options, providers=providers)
@@ -232,7 +236,12 @@ class OnnxTowers:
 
     @classmethod
     def load(
-        cls, artifact_dir: str | Path, variant: str = "fp32", *, threads: int | None = None
+        cls,
+        artifact_dir: str | Path,
+        variant: str = "fp32",
+        *,
+        threads: int | None = None,
+        spinning: bool = False,
     ) -> OnnxTowers:
         """The towers of ARTIFACT/onnx; a clear error naming the command when they are absent."""
         folder = Path(artifact_dir) / ONNX_DIR
@@ -247,7 +256,8 @@ class OnnxTowers:
             )
         manifest = json.loads(manifest_path.read_text())
         pooling = manifest["text_pooling"]
-        return cls(folder, variant, tuple(pooling) if pooling else None, threads=threads)
+        pooling = tuple(pooling) if pooling else None
+        return cls(folder, variant, pooling, threads=threads, spinning=spinning)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, C] token ids -> [B, D] unit vectors (cut to the batch's real length if exact)."""

@@ -45,7 +45,7 @@ def load_encoder(settings: Settings) -> tuple[Encoder, Runtime]:
     The torch model lives only in this frame unless torch runs the towers: with ONNX Runtime
     the weights are freed on return, and only tokenizer and transform stay.
     """
-    fit_threads_to_cpus()
+    fit_threads_to_cpus(settings.encode_threads)
     loaded = load_artifact(settings.artifact_dir, device=settings.device)
     runtime = load_runtime(settings, loaded)
     return Encoder(loaded, settings.device, runtime.towers), runtime
@@ -57,7 +57,7 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
         return Runtime("torch", None)
     if settings.runtime != "auto":
         variant = "int8" if settings.runtime == "onnx-int8" else "fp32"
-        towers = OnnxTowers.load(settings.artifact_dir, variant)
+        towers = _load_towers(settings, variant)
         verify_towers(loaded, towers, variant)
         log.info("runtime: ONNX Runtime (%s towers)", variant)
         return Runtime(settings.runtime, towers)
@@ -71,7 +71,7 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
                 settings.artifact_dir,
                 time.perf_counter() - started,
             )
-        towers = OnnxTowers.load(settings.artifact_dir, "fp32")
+        towers = _load_towers(settings, "fp32")
         verify_towers(loaded, towers, "fp32")
     except Exception as exc:  # any failure to export, load or verify: torch serves instead
         reason = f"ONNX towers unusable: {type(exc).__name__}: {exc}"
@@ -83,9 +83,22 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
     return Runtime("onnx", towers)
 
 
-def fit_threads_to_cpus() -> None:
-    """torch's threads (and so ONNX Runtime's, `OnnxTowers`) no more than the CPUs this process
-    may use (`common.cpus`): torch counts the host's cores, not a container's limit."""
+def _load_towers(settings: Settings, variant: str) -> OnnxTowers:
+    """The artifact's ONNX towers with the thread settings (torch's thread count, set by
+    `fit_threads_to_cpus`, is ONNX Runtime's too)."""
+    return OnnxTowers.load(
+        settings.artifact_dir, variant, threads=None, spinning=settings.onnx_spinning
+    )
+
+
+def fit_threads_to_cpus(encode_threads: int = 0) -> None:
+    """torch's threads (and so ONNX Runtime's, `OnnxTowers`): `encode_threads` if set, else no
+    more than the CPUs this process may use (`common.cpus`): torch counts the host's cores, not
+    a container's limit."""
+    if encode_threads > 0:
+        log.info("threads per forward pass: %d (encode_threads)", encode_threads)
+        torch.set_num_threads(encode_threads)
+        return
     cpus, threads = available_cpus(), torch.get_num_threads()
     if threads > cpus:
         log.info(

@@ -130,6 +130,18 @@ class Settings(ImageLimits):
         "(`python -m common.onnx_towers ARTIFACT [--int8]` makes the ONNX towers); onnx gives "
         "torch's embeddings within 1e-4, onnx-int8 approximates them (cosine >= 0.99).",
     )
+    encode_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Threads per forward pass (torch's, ONNX Runtime's); 0: the CPUs this "
+        "process may use (its affinity mask, capped by its cgroup's CPU quota).",
+    )
+    onnx_spinning: bool = Field(
+        default=False,
+        description="Let ONNX Runtime's threads busy-wait for work between and within forward "
+        "passes. Off: a waiting thread sleeps, so its core goes to FAISS, the HTTP threads and "
+        "other processes on the host; on can gain a little on an idle machine.",
+    )
     api_key: SecretStr | None = Field(
         None,
         description="If set, every request except /health, /ready, the page and the docs must "

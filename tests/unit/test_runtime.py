@@ -16,6 +16,7 @@ from common import onnx_towers
 from common.artifact import write_artifact
 from common.model import DualEncoder, build_model
 from serve.app import create_app
+from serve.runtime import load_encoder
 from serve.settings import Settings
 from tests.serve_support import make_index, make_shard, png, wait_until_loaded
 
@@ -157,3 +158,29 @@ def test_a_model_whose_towers_do_not_verify_falls_back_to_torch_saying_why(
     with TestClient(create_app(settings(stale, built["index"], "onnx"))) as client:
         refused = wait_until_loaded(client)
     assert refused.status_code == 503 and "differ from torch's" in refused.json()["error"]
+
+
+def test_onnx_sessions_sleep_between_work_unless_asked_and_take_the_thread_setting(
+    built: dict[str, Path],
+):
+    """Spinning ONNX Runtime threads take cores from every other process on the host while
+    they wait: off unless DUET_ONNX_SPINNING asks, on both towers; DUET_ENCODE_THREADS sizes
+    the sessions' thread pools (and torch's)."""
+    onnx_towers.export_once(built["artifact"])
+    threads_before = torch.get_num_threads()
+    cases = [({}, "0", threads_before), ({"onnx_spinning": True, "encode_threads": 3}, "1", 3)]
+    try:
+        for overrides, spinning, threads in cases:
+            config = settings(built["artifact"], built["index"], "onnx").model_copy(
+                update=overrides
+            )
+            towers = load_encoder(config)[1].towers
+            assert towers is not None
+            for session in (towers.text, towers.image):
+                options = session.get_session_options()
+                for pool in ("intra_op", "inter_op"):
+                    key = f"session.{pool}.allow_spinning"
+                    assert options.get_session_config_entry(key) == spinning
+                assert options.intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(threads_before)
