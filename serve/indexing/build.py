@@ -106,7 +106,8 @@ def build_index(
     such a leftover is refused). `thumbnails`: how to make them (default WebP, 256 px; format
     "none": no thumbnails). `runtime`: what runs the image tower, as the service's DUET_RUNTIME:
     "torch", or the artifact's ONNX towers ("onnx", "onnx-int8": CPU only; the int8 files exist
-    only where they passed their export's quality gate, `common.onnx_towers`). `workers`: processes
+    only where they passed their export's quality gate, `common.onnx_towers`; checked against the
+    torch model before any image is read, `load_encoder`). `workers`: processes
     that decode and preprocess ahead of the encoder (0: this one, serve.indexing.prepare).
     `progress`: a progress bar on stderr (None: when it is a terminal).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
