@@ -40,9 +40,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.artifact import load_artifact  # noqa: E402
 from serve.encoder import Encoder  # noqa: E402
-from serve.indexing.build import _towers  # noqa: E402
+from serve.indexing.build import load_encoder  # noqa: E402
 from serve.indexing.index import SearchIndex  # noqa: E402
 from serve.indexing.vector_search import measure_query_recall  # noqa: E402
 
@@ -86,9 +85,7 @@ def query_sets(args: argparse.Namespace) -> dict[str, np.ndarray]:
         index.close()
     zeroshot = json.loads(args.zeroshot.read_text())
     prompts = [t.format(c) for c in zeroshot["classnames"] for t in zeroshot["templates"]]
-    encoder = Encoder(
-        load_artifact(args.model), "cpu", _towers(args.runtime, args.model.resolve(), "cpu")
-    )
+    encoder = load_encoder(args.model.resolve(), args.runtime, "cpu")
     return {
         "held-out images": images,
         "held-out captions": texts(encoder, captions),

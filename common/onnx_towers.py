@@ -54,6 +54,11 @@ FP32_TOLERANCE = 1e-4
 INT8_MIN_COSINE = 0.99
 OPSET = 18
 PROBE_TEXTS = ("a red circle", "a photo of a dog on a beach at sunset", "x")
+# The most rows one session run takes; a bigger batch runs in slices of this many. ONNX Runtime's
+# CPU arena keeps what a run's activations needed and grew again at the second run of a batch of
+# 256 (ViT-B-32 image tower: +1.3 GB, then +2.6 GB over the session); slices of 32 hold +0.3 GB
+# and are no slower (docs/benchmarks.md, "Building an index of a folder of photos").
+ROWS_PER_RUN = 32
 
 
 class OnnxExportError(RuntimeError):
@@ -264,13 +269,22 @@ class OnnxTowers:
         if self.pooling is not None:
             length = pooled_length(tokens, *self.pooling)
             tokens = tokens[:, :length] if length is not None else tokens
-        (out,) = self.text.run(None, {"tokens": tokens.cpu().numpy().astype(np.int64)})
-        return torch.from_numpy(out)
+        return _run_in_slices(self.text, "tokens", tokens.cpu().numpy().astype(np.int64))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] preprocessed images -> [B, D] unit vectors."""
-        (out,) = self.image.run(None, {"pixels": pixels.cpu().numpy().astype(np.float32)})
-        return torch.from_numpy(out)
+        # no copy of a float32 batch (a batch of 256 is 154 MB)
+        inputs = pixels.cpu().numpy().astype(np.float32, copy=False)
+        return _run_in_slices(self.image, "pixels", inputs)
+
+
+def _run_in_slices(session: Any, name: str, inputs: np.ndarray) -> torch.Tensor:
+    """`session`'s output for `inputs` [B, ...], run `ROWS_PER_RUN` rows at a time -> [B, D]."""
+    if len(inputs) <= ROWS_PER_RUN:
+        return torch.from_numpy(session.run(None, {name: inputs})[0])
+    slices = range(0, len(inputs), ROWS_PER_RUN)
+    outs = [session.run(None, {name: inputs[i : i + ROWS_PER_RUN]})[0] for i in slices]
+    return torch.from_numpy(np.concatenate(outs))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from common.artifact import load_artifact
-from common.onnx_towers import OnnxExportError, OnnxTowers
+from common.onnx_towers import OnnxExportError, OnnxTowers, verify_towers
 from serve.encoder import Encoder
 from serve.indexing.embed import embed_parts, progress_bar
 from serve.indexing.index import IndexRow, write_index
@@ -106,7 +106,8 @@ def build_index(
     such a leftover is refused). `thumbnails`: how to make them (default WebP, 256 px; format
     "none": no thumbnails). `runtime`: what runs the image tower, as the service's DUET_RUNTIME:
     "torch", or the artifact's ONNX towers ("onnx", "onnx-int8": CPU only; the int8 files exist
-    only where they passed their export's quality gate, `common.onnx_towers`). `workers`: processes
+    only where they passed their export's quality gate, `common.onnx_towers`; checked against the
+    torch model before any image is read, `load_encoder`). `workers`: processes
     that decode and preprocess ahead of the encoder (0: this one, serve.indexing.prepare).
     `progress`: a progress bar on stderr (None: when it is a terminal).
     Returns the summary: count, dim, skipped counts by reason, and the seconds and images per
@@ -119,9 +120,7 @@ def build_index(
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     model_dir = Path(model_dir).resolve()
     parts = list_parts(data)  # before the model loads: a wrong input fails at once
-    encoder = Encoder(
-        load_artifact(model_dir, device=device), device, _towers(runtime, model_dir, device)
-    )
+    encoder = load_encoder(model_dir, runtime, device)
     bounds = ImageBounds.of_service(encoder.preprocess_cfg)
     thumbnails = thumbnails or ThumbnailSpec()
     staging = Path(parts_dir) if parts_dir else Path(f"{out_dir}.parts")
@@ -252,16 +251,29 @@ def sample_captions(rows: Iterable[IndexRow], n: int, seed: int) -> list[str]:
     return [caption for _, _, caption in sorted(kept, key=lambda entry: entry[1])]
 
 
-def _towers(runtime: str, model_dir: Path, device: str) -> OnnxTowers | None:
-    """The ONNX Runtime towers `runtime` names (None: the torch model runs them); refused with
-    the export command where the artifact has none of that kind."""
+def load_encoder(model_dir: Path, runtime: str, device: str) -> Encoder:
+    """The artifact's encoder on `runtime`. ONNX towers are first checked against the torch
+    model (`verify_towers`, as the service does at start): an index is never built with towers
+    that do not match their artifact. Then the torch model is dropped: the encoder keeps only
+    tokenizer and transform, so its weights are freed when this returns."""
+    loaded = load_artifact(model_dir, device=device)
+    variant = _onnx_variant(runtime, device)
+    if variant is None:
+        return Encoder(loaded, device)
+    towers = OnnxTowers.load(model_dir, variant)
+    verify_towers(loaded, towers, variant)
+    return Encoder(loaded, device, towers)
+
+
+def _onnx_variant(runtime: str, device: str) -> str | None:
+    """The ONNX towers `runtime` names (None: the torch model runs them)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch":
         return None
     if device != "cpu":
         raise ValueError(f"runtime {runtime} runs on the CPU; device is {device}")
-    return OnnxTowers.load(model_dir, "int8" if runtime == "onnx-int8" else "fp32")
+    return "int8" if runtime == "onnx-int8" else "fp32"
 
 
 def _model_record(encoder: Encoder, model_dir: Path) -> dict[str, Any]:

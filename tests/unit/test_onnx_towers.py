@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from common import onnx_towers
 from common.artifact import load_artifact, write_artifact
-from common.model import build_model
+from common.model import DualEncoder, build_model
 from common.onnx_towers import OnnxExportError, OnnxTowers
 from serve.app import create_app
 from serve.settings import Settings
@@ -172,3 +176,78 @@ def test_an_index_built_on_the_onnx_runtimes_matches_torchs(
     ]
     assert build_cli.main(argv) == 2
     assert "python -m common.onnx_towers" in capsys.readouterr().err
+
+
+def live_torch_models() -> int:
+    gc.collect()
+    return sum(type(o) is DualEncoder for o in gc.get_objects())
+
+
+def test_a_build_on_onnx_runtime_keeps_no_torch_model(artifact: Path):
+    """The build's encoder on ONNX towers holds tokenizer and transform, not the torch weights
+    (they were a resident copy of the model beside ONNX Runtime's for the whole build)."""
+    from serve.indexing.build import load_encoder
+
+    before = live_torch_models()
+    torch_encoder = load_encoder(artifact, "torch", "cpu")
+    assert live_torch_models() == before + 1  # the count sees a model that is kept
+    del torch_encoder
+    for runtime in ("onnx", "onnx-int8"):
+        encoder = load_encoder(artifact, runtime, "cpu")
+        assert live_torch_models() == before, runtime
+        assert encoder.encode_texts(["a red circle"]).shape == (1, encoder.embed_dim)
+
+
+def test_a_build_refuses_onnx_towers_that_do_not_match_their_artifact(
+    artifact: Path, tmp_path: Path, capsys
+):
+    """Towers of another model (the fixture's, copied into an artifact of other weights) are
+    checked against the torch model before a photo is read: refused, and no index is made."""
+    from serve.indexing import build as build_cli
+
+    torch.manual_seed(1)
+    other = write_artifact(build_model("duet-micro"), tmp_path / "other", provenance={})
+    shutil.copytree(artifact / onnx_towers.ONNX_DIR, other / onnx_towers.ONNX_DIR)
+    shard = make_shard(tmp_path / "data", samples=4)
+    for runtime, message in (("onnx", "differ from torch's"), ("onnx-int8", "cosine")):
+        out = tmp_path / runtime
+        argv = ["--model", str(other), "--data", shard, "--out", str(out), "--runtime", runtime]
+        assert build_cli.main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+class RecordingSession:
+    """A real ONNX Runtime session that records the batch size of each run."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.rows: list[int] = []
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray]) -> Any:
+        (inputs,) = feeds.values()
+        self.rows.append(len(inputs))
+        return self.session.run(outputs, feeds)
+
+
+def test_big_batches_run_in_slices_with_the_same_embeddings(artifact: Path):
+    """A batch bigger than ROWS_PER_RUN runs in slices of it (ONNX Runtime's arena keeps the
+    activations of the biggest run: a ViT-B-32 batch of 256 grew it by GBs); the embeddings are
+    those of one run of the whole batch."""
+    towers = OnnxTowers.load(artifact, "fp32")
+    loaded = load_artifact(artifact)
+    size = loaded.model.clip.visual.image_size
+    size = size[0] if isinstance(size, tuple | list) else size
+    count = 2 * onnx_towers.ROWS_PER_RUN + 6
+    pixels = torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    tokens = loaded.tokenize([f"photo number {i}" for i in range(count)])
+    whole_image = towers.image.run(None, {"pixels": pixels.numpy()})[0]
+    whole_text = towers.text.run(None, {"tokens": tokens.numpy().astype(np.int64)})[0]
+    towers.image, towers.text = RecordingSession(towers.image), RecordingSession(towers.text)
+    sliced = [towers.encode_image(pixels), towers.encode_text(tokens)]
+    slices = [onnx_towers.ROWS_PER_RUN, onnx_towers.ROWS_PER_RUN, 6]
+    assert towers.image.rows == slices and towers.text.rows == slices
+    torch.testing.assert_close(sliced[0], torch.from_numpy(whole_image), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sliced[1], torch.from_numpy(whole_text), rtol=0, atol=1e-5)
+    assert towers.encode_image(pixels[:3]).shape == (3, whole_image.shape[1])
+    assert towers.image.rows[-1] == 3
