@@ -142,3 +142,11 @@ def write_lock_held(index: Path) -> Iterator[None]:
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(timeout=30)
+
+
+def assert_same_hits(a: Any, b: Any, queries: Any, k: int = 10) -> None:
+    """Two loaded indices (SearchIndex) answer `queries` with the same ids, scores and keys."""
+    hits_a, hits_b = a.search(queries, k), b.search(queries, k)
+    assert [[(h.id, h.score, h.key) for h in q] for q in hits_a] == [
+        [(h.id, h.score, h.key) for h in q] for q in hits_b
+    ]

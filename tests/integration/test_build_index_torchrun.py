@@ -21,6 +21,7 @@ from serve.indexing.index import SearchIndex
 from serve.indexing.thumbnails import ThumbnailSpec
 from serve.indexing.vector_search import IndexSpec
 from tests.conftest import REPO_ROOT, subprocess_env
+from tests.serve_support import assert_same_hits
 from tests.unit.test_sources import img2dataset_parquet, photo_folder
 
 pytestmark = pytest.mark.slow
@@ -130,10 +131,7 @@ def test_two_process_on_disk_build_adds_on_every_rank_and_equals_one_process(
         assert a.manifest["recall_at_10"] == b.manifest["recall_at_10"]
         assert a.manifest["text_recall_at_10"] == b.manifest["text_recall_at_10"]
         queries = a.vectors(list(range(0, 2000, 40)))
-        hits_a, hits_b = a.search(queries, 10), b.search(queries, 10)
-        assert [[(h.id, h.score, h.key) for h in q] for q in hits_a] == [
-            [(h.id, h.score, h.key) for h in q] for q in hits_b
-        ]
+        assert_same_hits(a, b, queries)
     finally:
         a.close()
         b.close()

@@ -35,7 +35,12 @@ from serve.indexing.vector_search import (
     plan_index,
 )
 from serve.settings import Settings
-from tests.serve_support import assert_envelope, make_artifact, wait_until_loaded
+from tests.serve_support import (
+    assert_envelope,
+    assert_same_hits,
+    make_artifact,
+    wait_until_loaded,
+)
 
 DIM = 64
 COUNT = 12_000
@@ -240,10 +245,7 @@ def test_lists_added_part_by_part_in_any_order_equal_the_block_build(
     queries = _clustered(np.random.default_rng(5), 50)
     a, b = SearchIndex.load(on_disk), SearchIndex.load(by_parts)
     try:
-        hits_a, hits_b = a.search(queries, 10), b.search(queries, 10)
-        assert [[(h.id, h.score, h.key) for h in q] for q in hits_a] == [
-            [(h.id, h.score, h.key) for h in q] for q in hits_b
-        ]
+        assert_same_hits(a, b, queries)
     finally:
         a.close()
         b.close()
