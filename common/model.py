@@ -161,6 +161,17 @@ class DualEncoder(nn.Module):
         """Keep exp(logit_scale) in [1, max_scale] (CLIP clamps at 100 after each step)."""
         self.logit_scale.clamp_(0.0, math.log(max_scale))
 
+    def drop_tower_weights(self) -> None:
+        """Free both towers' weights in place, once other towers (ONNX Runtime's) run them.
+
+        Every submodule of the open_clip model moves to the meta device (no storage); what
+        `serve.encoder.Encoder` reads stays: name, configs, preprocessing and the temperature
+        (a parameter of the model itself, as are the small text projection and positions).
+        The model cannot run afterwards.
+        """
+        for tower in self.clip.children():
+            tower.to("meta")
+
 
 @dataclass(frozen=True, slots=True)
 class TowerLocks:

@@ -14,7 +14,7 @@ must keep a cosine of at least 0.99 to torch's; the figures go into the manifest
 
 The service runs these files (`OnnxTowers`): fp32 by default (`DUET_RUNTIME=auto`, which exports
 them at its first start through `export_once` and checks them with `verify_towers` at every
-start), or as `DUET_RUNTIME=onnx` / `onnx-int8` asks.
+start, through `load_checked`), or as `DUET_RUNTIME=onnx` / `onnx-int8` asks.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,8 @@ def export_onnx(artifact_dir: str | Path, *, int8: bool = False) -> dict[str, An
     loaded = load_artifact(artifact_dir)
     model = loaded.model
     pooling = text_pooling(model.clip)
-    tokens, pixels = probe_inputs(loaded)
+    reference = TorchReference.of(loaded)
+    tokens, pixels = reference.tokens, reference.pixels
     target = artifact_dir / ONNX_DIR
     staging = staging_dir(target)
     try:
@@ -113,7 +115,7 @@ def export_onnx(artifact_dir: str | Path, *, int8: bool = False) -> dict[str, An
                 _quantize(staging / f"{name}.onnx", staging / f"{name}.int8.onnx")
         for variant in variants:
             towers = OnnxTowers(staging, variant, pooling, threads=None)
-            manifest["checks"][variant] = verify_towers(loaded, towers, variant)
+            manifest["checks"][variant] = verify_towers(reference, towers, variant)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, target)
     finally:
@@ -195,13 +197,49 @@ def probe_inputs(loaded: LoadedModel) -> tuple[torch.Tensor, torch.Tensor]:
     return loaded.tokenize(list(PROBE_TEXTS)), pixels
 
 
-def verify_towers(loaded: LoadedModel, towers: OnnxTowers, variant: str) -> dict[str, float]:
+@dataclass(frozen=True, slots=True)
+class TorchReference:
+    """The torch model's embeddings of `probe_inputs`: what ONNX towers are checked against.
+    A few KB, so the torch weights need not stay resident while the towers load."""
+
+    tokens: torch.Tensor
+    pixels: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+
+    @classmethod
+    def of(cls, loaded: LoadedModel) -> TorchReference:
+        tokens, pixels = probe_inputs(loaded)
+        with torch.no_grad():
+            text, image = loaded.model.encode_text(tokens), loaded.model.encode_image(pixels)
+        return cls(tokens, pixels, text, image)
+
+
+def load_checked(
+    loaded: LoadedModel,
+    artifact_dir: str | Path,
+    variant: str,
+    *,
+    threads: int | None = None,
+    spinning: bool = False,
+) -> OnnxTowers:
+    """The artifact's `variant` towers (`OnnxTowers.load`), checked against `loaded`'s torch
+    model (`verify_towers`). The torch towers' weights are freed first
+    (`DualEncoder.drop_tower_weights`): both resident at once were the memory peak of every
+    ONNX start and build (docs/benchmarks.md, "Resident memory per runtime"). `loaded.model`
+    cannot run afterwards, whether or not the towers pass."""
+    reference = TorchReference.of(loaded)
+    loaded.model.drop_tower_weights()
+    towers = OnnxTowers.load(artifact_dir, variant, threads=threads, spinning=spinning)
+    verify_towers(reference, towers, variant)
+    return towers
+
+
+def verify_towers(reference: TorchReference, towers: OnnxTowers, variant: str) -> dict[str, float]:
     """Compare the towers' embeddings of `probe_inputs` with the torch model's; raise
     `OnnxExportError` if they are too far apart (fp32: 1e-4, int8: cosine 0.99)."""
-    tokens, pixels = probe_inputs(loaded)
-    with torch.no_grad():
-        ours = (loaded.model.encode_text(tokens), loaded.model.encode_image(pixels))
-    theirs = (towers.encode_text(tokens), towers.encode_image(pixels))
+    ours = (reference.text, reference.image)
+    theirs = (towers.encode_text(reference.tokens), towers.encode_image(reference.pixels))
     diff = max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True))
     cosine = min(float((a * b).sum(-1).min()) for a, b in zip(ours, theirs, strict=True))
     if variant == "fp32" and diff > FP32_TOLERANCE:

@@ -6,9 +6,10 @@ torch's OpenMP threads collapse (docs/benchmarks.md, "Beside other work"); for t
 embeddings within 1e-4. The towers are exported into the
 artifact at the first start (`common.onnx_towers.export_once`: one worker exports, the others
 wait for it) and reused after; at every start they are compared with the torch model on probe
-inputs before the torch model is dropped. Where that cannot be done — a read-only artifact
-without towers, a model the exporter cannot handle, towers that differ from the weights, a GPU
-device — the service runs torch, logs one line saying why, and /ready shows the reason.
+inputs (its embeddings are taken and its weights freed before the towers load). Where that
+cannot be done — a read-only artifact without towers, a model the exporter cannot handle,
+towers that differ from the weights, a GPU device — the service runs torch, logs one line
+saying why, and /ready shows the reason.
 `torch`, `onnx` and `onnx-int8` ask for one runtime: no export, no fallback, an error instead.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from common.artifact import LoadedModel, load_artifact
 from common.cpus import available_cpus
-from common.onnx_towers import OnnxTowers, export_once, verify_towers
+from common.onnx_towers import OnnxTowers, export_once, load_checked
 from serve.encoder import Encoder
 from serve.settings import Settings
 
@@ -42,12 +43,15 @@ class Runtime:
 def load_encoder(settings: Settings) -> tuple[Encoder, Runtime]:
     """The artifact's encoder on the runtime `settings` asks for.
 
-    The torch model lives only in this frame unless torch runs the towers: with ONNX Runtime
-    the weights are freed on return, and only tokenizer and transform stay.
+    With ONNX Runtime the torch towers' weights are freed before the ONNX ones load
+    (`common.onnx_towers.load_checked`), and only tokenizer and transform stay. Where `auto`
+    settles for torch after that, the artifact is read again.
     """
     fit_threads_to_cpus(settings.encode_threads)
     loaded = load_artifact(settings.artifact_dir, device=settings.device)
     runtime = load_runtime(settings, loaded)
+    if runtime.fallback_reason is not None:
+        loaded = load_artifact(settings.artifact_dir, device=settings.device)
     return Encoder(loaded, settings.device, runtime.towers), runtime
 
 
@@ -57,8 +61,7 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
         return Runtime("torch", None)
     if settings.runtime != "auto":
         variant = "int8" if settings.runtime == "onnx-int8" else "fp32"
-        towers = _load_towers(settings, variant)
-        verify_towers(loaded, towers, variant)
+        towers = _load_towers(settings, loaded, variant)
         log.info("runtime: ONNX Runtime (%s towers)", variant)
         return Runtime(settings.runtime, towers)
     if settings.device != "cpu":
@@ -71,8 +74,7 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
                 settings.artifact_dir,
                 time.perf_counter() - started,
             )
-        towers = _load_towers(settings, "fp32")
-        verify_towers(loaded, towers, "fp32")
+        towers = _load_towers(settings, loaded, "fp32")
     except Exception as exc:  # any failure to export, load or verify: torch serves instead
         reason = f"ONNX towers unusable: {type(exc).__name__}: {exc}"
         if isinstance(exc, OSError):  # e.g. an artifact mounted read-only before an export
@@ -83,11 +85,11 @@ def load_runtime(settings: Settings, loaded: LoadedModel) -> Runtime:
     return Runtime("onnx", towers)
 
 
-def _load_towers(settings: Settings, variant: str) -> OnnxTowers:
-    """The artifact's ONNX towers with the thread settings (torch's thread count, set by
-    `fit_threads_to_cpus`, is ONNX Runtime's too)."""
-    return OnnxTowers.load(
-        settings.artifact_dir, variant, threads=None, spinning=settings.onnx_spinning
+def _load_towers(settings: Settings, loaded: LoadedModel, variant: str) -> OnnxTowers:
+    """The artifact's ONNX towers, checked against `loaded` (whose weights go), with the thread
+    settings (torch's thread count, set by `fit_threads_to_cpus`, is ONNX Runtime's too)."""
+    return load_checked(
+        loaded, settings.artifact_dir, variant, threads=None, spinning=settings.onnx_spinning
     )
 
 

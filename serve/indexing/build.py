@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from common.artifact import load_artifact
-from common.onnx_towers import OnnxExportError, OnnxTowers, verify_towers
+from common.onnx_towers import OnnxExportError, load_checked
 from serve.encoder import Encoder
 from serve.indexing.embed import embed_parts, progress_bar
 from serve.indexing.index import IndexRow, write_index
@@ -254,15 +254,13 @@ def sample_captions(rows: Iterable[IndexRow], n: int, seed: int) -> list[str]:
 def load_encoder(model_dir: Path, runtime: str, device: str) -> Encoder:
     """The artifact's encoder on `runtime`. ONNX towers are first checked against the torch
     model (`verify_towers`, as the service does at start): an index is never built with towers
-    that do not match their artifact. Then the torch model is dropped: the encoder keeps only
-    tokenizer and transform, so its weights are freed when this returns."""
+    that do not match their artifact. The torch weights are freed before the towers load
+    (`load_checked`): the encoder keeps only tokenizer and transform."""
     loaded = load_artifact(model_dir, device=device)
     variant = _onnx_variant(runtime, device)
     if variant is None:
         return Encoder(loaded, device)
-    towers = OnnxTowers.load(model_dir, variant)
-    verify_towers(loaded, towers, variant)
-    return Encoder(loaded, device, towers)
+    return Encoder(loaded, device, load_checked(loaded, model_dir, variant))
 
 
 def _onnx_variant(runtime: str, device: str) -> str | None:

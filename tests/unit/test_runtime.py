@@ -13,7 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from common import onnx_towers
-from common.artifact import write_artifact
+from common.artifact import load_artifact, write_artifact
 from common.model import DualEncoder, build_model
 from serve.app import create_app
 from serve.runtime import load_encoder
@@ -85,6 +85,44 @@ def test_auto_exports_and_serves_every_path_as_torch_without_keeping_the_torch_m
         got = answers(client)
     torch.testing.assert_close(nested_floats(got), nested_floats(expected), atol=1e-4, rtol=0)
     assert [r["id"] for r in got[0]["results"]] == [r["id"] for r in expected[0]["results"]]
+
+
+def weight_bytes(model: DualEncoder) -> int:
+    """Bytes of `model`'s tensors that hold storage (a dropped tower's are on meta)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if not t.is_meta]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def live_torch_weight_bytes() -> int:
+    gc.collect()
+    return sum(weight_bytes(o) for o in gc.get_objects() if type(o) is DualEncoder)
+
+
+def test_the_torch_weights_are_freed_before_the_onnx_towers_load(
+    built: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+):
+    """Both resident at once were the memory peak of every ONNX start and build."""
+    from serve.indexing.build import load_encoder as build_encoder
+
+    artifact = built["artifact"]
+    onnx_towers.export_once(artifact)
+    load_towers = onnx_towers.OnnxTowers.load
+    resident_at_load: list[int] = []
+
+    def load_and_record(*args: Any, **kwargs: Any) -> onnx_towers.OnnxTowers:
+        resident_at_load.append(live_torch_weight_bytes())
+        return load_towers(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_towers.OnnxTowers, "load", load_and_record)
+    whole_model = weight_bytes(load_artifact(artifact).model)
+    before = live_torch_weight_bytes()
+    encoder, runtime = load_encoder(settings(artifact, built["index"], "onnx"))
+    assert runtime.name == "onnx" and encoder.encode_texts(["a red circle"]).shape[0] == 1
+    built_with = build_encoder(artifact, "onnx", "cpu")
+    assert built_with.encode_texts(["a red circle"]).shape[0] == 1
+    # what stays is the temperature, the text projection and positions: a few percent
+    assert len(resident_at_load) == 2
+    assert all(bytes_ - before < whole_model / 20 for bytes_ in resident_at_load)
 
 
 def nested_floats(value: Any) -> torch.Tensor:
