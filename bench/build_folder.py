@@ -270,9 +270,13 @@ def run_round(
             whole = run.images_per_second / reference.images_per_second
             warm = run.images_per_second / reference.images_per_second_after_warmup
             ratios = f"{whole:.2f}x | {warm:.2f}x"
+            if run is reference:
+                after = run.images_per_second_after_warmup
+                ratios = f"1.00x | 1.00x ({after:.1f} images/s after warm-up)"
+        warmup = f"{run.warmup_seconds:.1f}" if run.warmup_seconds else "-"
         print(
             f"| {round_number} | {tool} | {run.count:,} | {run.seconds:.1f} "
-            f"| {run.warmup_seconds or '-'} | {run.images_per_second:.1f} "
+            f"| {warmup} | {run.images_per_second:.1f} "
             f"| {run.peak_rss_bytes / 2**20:,.0f} | {ratios} | {load} |",
             flush=True,
         )

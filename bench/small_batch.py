@@ -75,6 +75,9 @@ METHODS: dict[str, tuple[int, list[str]]] = {
     ),
 }
 DEFAULT_METHODS = ("plain b32", "plain b256", "queue b32", "global b32")
+# --lr-scaling: the learning rate at batch B is --lr x (B / REFERENCE_BATCH) ** exponent
+REFERENCE_BATCH = 32
+LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
 RELATION_METHODS = ("plain b32", "hard-neg shard b32", "hard-neg generated b32")
 COLUMNS = (
     ("zero-shot", "zeroshot_top1"),
@@ -120,6 +123,12 @@ def dataset(data: Path, train_shards: int, samples_per_shard: int) -> dict[str, 
     }
 
 
+def scaled_lr(lr: float, batch: int, scaling: str) -> float:
+    """`lr` (set for batch 32) scaled to `batch`: the square-root rule (Adam-type optimizers,
+    Malladi et al. 2022), the linear one (Goyal et al. 2017), or none."""
+    return lr * (batch / REFERENCE_BATCH) ** LR_SCALING[scaling]
+
+
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
     """Train one (method, seed) in this process; its eval, throughput and peak RSS."""
     from common.config import apply_overrides
@@ -138,7 +147,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             f"model.name={args.model}",
             f"data.batch_size_per_rank={batch}",
             "data.workers=1",
-            f"optim.lr={args.lr}",
+            f"optim.lr={scaled_lr(args.lr, batch, args.lr_scaling)}",
             f"optim.warmup_steps={max(1, steps // 20)}",
             f"checkpoint.every_steps={steps}",
             f"logging.every_steps={max(1, steps // 20)}",
@@ -374,7 +383,13 @@ def main() -> None:
         help=f"some of: {', '.join(METHODS)}; or 'relations': {', '.join(RELATION_METHODS)}",
     )
     parser.add_argument("--model", default="duet-tiny")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="at batch 32")
+    parser.add_argument(
+        "--lr-scaling",
+        choices=tuple(LR_SCALING),
+        default="none",
+        help="how the learning rate grows with the batch (from --lr at batch 32)",
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "data/compositional")
     parser.add_argument("--train-shards", type=int, default=16)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
@@ -416,13 +431,15 @@ def main() -> None:
     methods = RELATION_METHODS if args.methods == "relations" else args.methods.split(",")
     for method in methods:
         for seed in (int(s) for s in args.seeds.split(",")):
-            name = f"{method.replace(' ', '-')}-seed{seed}"
+            scaling = "" if args.lr_scaling == "none" else f"-lr-{args.lr_scaling}"
+            name = f"{method.replace(' ', '-')}{scaling}-seed{seed}"
             result_file = args.runs / f"{name}.json"
             args.runs.mkdir(parents=True, exist_ok=True)
             subprocess.run(
                 [sys.executable, __file__, "--method", method, "--seed", str(seed),
                  "--run-dir", str(args.runs / name), "--result", str(result_file),
                  "--samples", str(args.samples), "--model", args.model, "--lr", str(args.lr),
+                 "--lr-scaling", args.lr_scaling,
                  "--data", str(args.data), "--train-shards", str(args.train_shards),
                  "--samples-per-shard", str(args.samples_per_shard)],
                 check=True, cwd=ROOT,
@@ -436,6 +453,7 @@ def main() -> None:
                 flush=True,
             )
     print(f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
+          f"lr {args.lr} at batch 32, scaled with the batch: {args.lr_scaling}, "
           f"{time.perf_counter() - started:.0f} s in all\n")  # fmt: skip
     relations = any(method.startswith("hard-neg") for method in results)
     print(table(results, RELATION_COLUMNS if relations else COLUMNS))

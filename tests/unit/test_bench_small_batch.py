@@ -69,3 +69,10 @@ def test_relations_table_shows_the_negatives_used_per_sample():
     assert shard[header.index("relation, held-out pairs")] == "50.0"
     plain = [cell.strip() for cell in rows[2].strip("|").split("|")]
     assert plain[header.index("negatives/sample")] == "0.00"
+
+
+def test_learning_rate_scales_with_the_batch_from_batch_32():
+    lr = small_batch.scaled_lr
+    assert lr(1e-3, 32, "sqrt") == lr(1e-3, 32, "linear") == lr(1e-3, 256, "none") == 1e-3
+    assert abs(lr(1e-3, 256, "sqrt") - 1e-3 * 8**0.5) < 1e-12
+    assert abs(lr(1e-3, 256, "linear") - 8e-3) < 1e-12
