@@ -172,6 +172,11 @@ class DualEncoder(nn.Module):
         for tower in self.clip.children():
             tower.to("meta")
 
+    @property
+    def weights_dropped(self) -> bool:
+        """Whether `drop_tower_weights` ran: the model can no longer run."""
+        return any(p.is_meta for p in self.clip.parameters())
+
 
 @dataclass(frozen=True, slots=True)
 class TowerLocks:

@@ -50,7 +50,7 @@ def load_encoder(settings: Settings) -> tuple[Encoder, Runtime]:
     fit_threads_to_cpus(settings.encode_threads)
     loaded = load_artifact(settings.artifact_dir, device=settings.device)
     runtime = load_runtime(settings, loaded)
-    if runtime.fallback_reason is not None:
+    if runtime.towers is None and loaded.model.weights_dropped:
         loaded = load_artifact(settings.artifact_dir, device=settings.device)
     return Encoder(loaded, settings.device, runtime.towers), runtime
 
