@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from common.atomic_dir import replace_dir, staging_dir
+from serve.indexing.delta import StoredRows, empty_lists_copy
 from serve.indexing.filters import ATTRIBUTES_FILE, AttributeColumns
 from serve.indexing.journal import JOURNAL_FILE
 from serve.indexing.layout import (
@@ -41,6 +42,7 @@ from serve.indexing.layout import (
     METADATA_FILE,
     VECTORS_FILE,
 )
+from serve.indexing.ondisk import fill_lists, write_half_vectors
 from serve.indexing.thumbnails import THUMBNAILS_FILE, PackWriter
 from serve.indexing.updates import AddedItem
 from serve.indexing.vector_search import (
@@ -64,13 +66,15 @@ class _Cut:
 
     seq: int
     journal_offset: int
-    vectors: np.ndarray  # [live, D]
+    # [live, D]; the on-disk tier: every row's vectors (`rows` picks the live ones), read
+    # block by block as the new snapshot is written, never whole
+    vectors: StoredRows
     ids: np.ndarray  # [live]
     rows: np.ndarray  # [live] rows in the loaded index
     snapshot_rows: int
     added: dict[int, AddedItem]
     next_id: int
-    faiss_index: faiss.Index | None
+    faiss_index: faiss.Index | None  # IVF: a copy to re-add the live rows to (on disk: empty)
     updated_recall: float | None  # recall@10 of the index as updated, before compaction
     attributes: AttributeColumns  # the filter columns of `rows`
 
@@ -111,7 +115,19 @@ def _take_cut(index: SearchIndex) -> _Cut:
         alive = items.alive_mask()
         rows = np.flatnonzero(alive) if alive is not None else np.arange(items.rows)
         faiss_index = searcher.index
-        vectors = np.ascontiguousarray(searcher.vectors[rows])
+        vectors: StoredRows
+        copy: faiss.Index | None = None
+        recall: float | None = None
+        if searcher.lists_on_disk:
+            # larger than memory: the rows are read as the snapshot is written; the recall of
+            # the updated index would take an exact search of every row under the write lock
+            assert faiss_index is not None
+            vectors, copy = searcher.vectors, empty_lists_copy(faiss_index)
+        else:
+            vectors = np.ascontiguousarray(searcher.vectors[rows])
+            if isinstance(faiss_index, faiss.IndexIVF):
+                copy = faiss.clone_index(faiss_index)
+            recall = updated_recall(index, vectors, items.ids[rows])
         return _Cut(
             seq=items.seq,
             journal_offset=index._journal.bytes,
@@ -121,10 +137,8 @@ def _take_cut(index: SearchIndex) -> _Cut:
             snapshot_rows=items.snapshot_rows,
             added=dict(items.added),
             next_id=items.next_id,
-            faiss_index=faiss.clone_index(faiss_index)
-            if isinstance(faiss_index, faiss.IndexIVF)
-            else None,
-            updated_recall=updated_recall(index, vectors, items.ids[rows]),
+            faiss_index=copy,
+            updated_recall=recall,
             attributes=index.attributes.take(rows),
         )
 
@@ -154,16 +168,22 @@ def updated_recall(
 
 
 def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
-    np.save(staged / VECTORS_FILE, cut.vectors)
     np.save(staged / IDS_FILE, cut.ids)
     manifest: dict[str, Any] = dict(index.manifest)
     build_start = time.perf_counter()
-    rebuilt = _rebuild_faiss(manifest, cut)
+    rebuilt: faiss.Index | None
+    if manifest.get("on_disk"):
+        vectors, rebuilt = _rebuild_ondisk(cut, staged)
+    else:
+        assert isinstance(cut.vectors, np.ndarray)
+        vectors = cut.vectors
+        np.save(staged / VECTORS_FILE, vectors)
+        rebuilt = _rebuild_faiss(manifest, cut, vectors)
     if rebuilt is not None:
         faiss.write_index(rebuilt, str(staged / FAISS_FILE))
     seconds = round(time.perf_counter() - build_start, 3)
     searcher = VectorSearcher(
-        cut.vectors,
+        vectors,
         rebuilt,
         search_params=manifest.get("search_params"),
         rerank_factor=int(manifest.get("rerank_factor", 1)),
@@ -185,11 +205,22 @@ def _write_snapshot(index: SearchIndex, cut: _Cut, staged: Path) -> None:
     (staged / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _rebuild_faiss(manifest: dict[str, Any], cut: _Cut) -> faiss.Index | None:
-    """The FAISS index over the live rows: IVF keeps its training, HNSW is built anew."""
+def _rebuild_ondisk(cut: _Cut, staged: Path) -> tuple[np.ndarray, faiss.Index]:
+    """The on-disk tier's snapshot of the live rows, block by block: their float16 vectors
+    (memory-mapped, returned) and the cut's empty lists copy with them added, merged into the
+    staged `index.ivfdata` (returned, searching it). Memory: one block of rows at a time."""
+    vectors = write_half_vectors(staged / VECTORS_FILE, cut.vectors, cut.rows)
+    assert cut.faiss_index is not None
+    fill_lists(cut.faiss_index, vectors, staged)
+    return vectors, cut.faiss_index
+
+
+def _rebuild_faiss(manifest: dict[str, Any], cut: _Cut, vectors: np.ndarray) -> faiss.Index | None:
+    """The FAISS index over the live rows `vectors`: IVF keeps its training, HNSW is built
+    anew."""
     if cut.faiss_index is not None:  # IVF: same cells and codebooks, the live rows re-added
         cut.faiss_index.reset()
-        cut.faiss_index.add(cut.vectors)
+        cut.faiss_index.add(vectors)
         return cut.faiss_index
     if manifest["index_type"] != HNSW:
         return None
@@ -198,10 +229,10 @@ def _rebuild_faiss(manifest: dict[str, Any], cut: _Cut) -> faiss.Index | None:
         factory=manifest["factory"],
         search_params=manifest.get("search_params") or {},
         rerank_factor=int(manifest.get("rerank_factor", 2)),
-        train_size=min(len(cut.vectors), 65_536),
+        train_size=min(len(vectors), 65_536),
         ef_construction=int(manifest.get("ef_construction") or 80),
     )
-    return build_faiss_index(plan, cut.vectors)
+    return build_faiss_index(plan, vectors)
 
 
 def _write_metadata(index: SearchIndex, cut: _Cut, path: Path) -> None:

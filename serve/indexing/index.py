@@ -9,7 +9,7 @@ An index is a directory:
                       so inner product == cosine similarity; a plain .npy that can be memory-mapped
     index.faiss       the approximate index (`hnsw`, `ivfpq`) over the same rows; absent for `flat`
     index.ivfdata     the on-disk tier's inverted lists (manifest `on_disk`, indexing/ondisk.py),
-                      memory-mapped; such an index is served read-only
+                      memory-mapped and never changed by updates (indexing/delta.py)
     metadata.sqlite   table `items`: row id -> key, caption, url, JSON metadata
     attributes.npz    columns of the metadata fields searches can filter on
                       (serve/indexing/filters.py); an index without it builds them from
@@ -80,7 +80,12 @@ from serve.indexing.layout import (
     METADATA_FILE,
     VECTORS_FILE,
 )
-from serve.indexing.ondisk import build_ondisk_index, merge_lists, read_ondisk_index
+from serve.indexing.ondisk import (
+    build_ondisk_index,
+    merge_lists,
+    read_ondisk_index,
+    write_half_vectors,
+)
 from serve.indexing.rerank_tuning import RecallProbe, choose_rerank_factor
 from serve.indexing.store import checked_addition
 from serve.indexing.thumbnails import (
@@ -109,12 +114,8 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 METRIC = "inner_product"
 ROW_BATCH = 65_536  # metadata rows written (and held) at a time
-SAVE_BLOCK_ROWS = 1 << 18  # rows converted at a time when vectors.npy is written as float16
 MMAP_AUTO_BYTES = 1 << 30
 """`SearchIndex.load(mmap=None)` memory-maps an index whose vectors + FAISS file reach this size."""
-
-
-ON_DISK_READ_ONLY = "its inverted lists are on disk (index.ivfdata): rebuild it to change it"
 
 
 class IndexLoadError(RuntimeError):
@@ -190,7 +191,7 @@ def write_index(
     tmp = staging_dir(out_dir)
     try:
         index, index_seconds = _build_vector_index(plan, vectors, tmp, lists)
-        served = _save_vectors(tmp / VECTORS_FILE, vectors, np.float16 if plan.on_disk else None)
+        served = _save_vectors(tmp / VECTORS_FILE, vectors, plan.on_disk)
         if index is not None:
             faiss.write_index(index, str(tmp / FAISS_FILE))
         searcher = VectorSearcher(
@@ -276,19 +277,13 @@ def _build_vector_index(
     return built, round(time.perf_counter() - start, 3)
 
 
-def _save_vectors(path: Path, vectors: np.ndarray, dtype: type | None) -> np.ndarray:
-    """`vectors` as `vectors.npy`; the array searches re-rank against. `dtype` float16 (the
-    on-disk tier: half the file and the page cache; cosines within ~1e-3) is written block by
-    block into a memory-mapped file, so `vectors` is never copied whole."""
-    if dtype is None:
-        np.save(path, vectors)
-        return vectors
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=vectors.shape)
-    for start in range(0, len(vectors), SAVE_BLOCK_ROWS):
-        out[start : start + SAVE_BLOCK_ROWS] = vectors[start : start + SAVE_BLOCK_ROWS]
-    out.flush()
-    del out
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+def _save_vectors(path: Path, vectors: np.ndarray, on_disk: bool) -> np.ndarray:
+    """`vectors` as `vectors.npy`; the array searches re-rank against. The on-disk tier's is
+    float16, written block by block (`write_half_vectors`), so `vectors` is never copied whole."""
+    if on_disk:
+        return write_half_vectors(path, vectors)
+    np.save(path, vectors)
+    return vectors
 
 
 def _as_row(row: IndexRow | tuple[str, str, dict[str, Any]]) -> IndexRow:
@@ -439,13 +434,9 @@ class SearchIndex:
         background once the journal reaches this size (None: only when asked).
         """
         directory = Path(directory)
-        on_disk = bool(read_index_manifest(directory).get("on_disk"))
-        if on_disk:  # one file of lists written by the merge: served as built (ondisk.py)
-            if writable:
-                raise IndexReadOnlyError(f"index {directory}: {ON_DISK_READ_ONLY}")
-            writable, mmap = False, True
+        if read_index_manifest(directory).get("on_disk"):  # larger than memory: always mapped
+            mmap = True  # (its updates live beside the mapped files: serve/indexing/delta.py)
         writer, reason = _writer_lock(directory, writable)
-        reason = ON_DISK_READ_ONLY if on_disk else reason
         try:
             return cls._open(
                 directory, expected_dim, mmap, threads, writer, reason, compact_journal_bytes

@@ -8,29 +8,48 @@ the build fits whatever the index's size; the vectors themselves come from a mem
 `.npy` (the build's staging merge writes one, serve/indexing/staging.py).
 
 Codes are 8-bit PQ (`IVF{nlist},PQ{m}`): FAISS's fast-scan 4-bit lists are packed in blocks
-of 32 that `OnDiskInvertedLists` cannot hold. A served on-disk index is read-only: its lists
-are one file written by the merge, so items are added by building it again (see
-docs/operations.md).
+of 32 that `OnDiskInvertedLists` cannot hold. A served index's lists file never changes: items
+added while it serves go to lists in memory beside it (serve/indexing/delta.py) until a
+compaction writes new lists with `fill_lists`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from serve.indexing.delta import StoredRows
 from serve.indexing.vector_search import IndexPlan, trained_index
 
 log = logging.getLogger(__name__)
 
 IVFDATA_FILE = "index.ivfdata"
+SAVE_BLOCK_ROWS = 1 << 18  # rows converted at a time when vectors.npy is written as float16
 BLOCK_ROWS = 1 << 20
 """Vectors added to one block's inverted lists at a time: at D = 512, 2 GB of float32 read
 from the memory-mapped vectors, and the block's codes (m bytes + an 8-byte id per row)."""
+
+
+def write_half_vectors(
+    path: Path, vectors: StoredRows, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """`vectors[rows]` (None: every row) written as float16 `vectors.npy` (half the file and
+    the page cache; cosines within ~1e-3), block by block into a memory-mapped file, so no
+    step copies them whole; returns the file memory-mapped."""
+    count = len(vectors) if rows is None else len(rows)
+    out = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.float16, shape=(count, vectors.shape[1])
+    )
+    for start in range(0, count, SAVE_BLOCK_ROWS):
+        block = slice(start, start + SAVE_BLOCK_ROWS)
+        out[block] = vectors[block] if rows is None else vectors[rows[block]]
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def build_ondisk_index(
@@ -39,6 +58,15 @@ def build_ondisk_index(
     """The index of `plan` over `vectors` [N, D] (memory-mapped or not), its lists merged into
     `directory/index.ivfdata`; the returned index searches them (write it beside that file)."""
     trained = trained_index(plan, vectors)
+    fill_lists(trained, vectors, directory, block_rows=block_rows)
+    return trained
+
+
+def fill_lists(
+    trained: faiss.Index, vectors: np.ndarray, directory: Path, *, block_rows: int | None = None
+) -> None:
+    """`vectors` [N, D] (ids 0..N-1) added to the `trained` empty index block by block, and
+    the blocks' lists merged into `directory/index.ivfdata`, which `trained` then searches."""
     blocks: list[Path] = []
     try:
         blocks = add_to_lists(trained, vectors, 0, directory / "block", block_rows=block_rows)
@@ -46,7 +74,6 @@ def build_ondisk_index(
     finally:
         for path in blocks:
             path.unlink(missing_ok=True)
-    return trained
 
 
 def add_to_lists(
@@ -88,9 +115,3 @@ def read_ondisk_index(path: Path) -> faiss.Index:
     `index.ivfdata` beside `path`, wherever the directory has moved since (the file records
     the path it was built at)."""
     return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
-
-
-def lists_on_disk(index: Any) -> bool:
-    """Whether `index`'s inverted lists are read from disk (not held in memory)."""
-    ivf: Any = faiss.extract_index_ivf(index)
-    return isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from serve.indexing.delta import StoredRows
 from serve.indexing.vector_search import (
     MAX_RERANK_CANDIDATES,
     RECALL_K,
@@ -54,7 +55,7 @@ class RecallProbe:
 
     @classmethod
     def sample(
-        cls, vectors: np.ndarray, image_queries: int, text_queries: np.ndarray | None, seed: int
+        cls, vectors: StoredRows, image_queries: int, text_queries: np.ndarray | None, seed: int
     ) -> RecallProbe:
         """`image_queries` stored rows of `vectors` [N, D] and `text_queries`, with their truth."""
         n = min(image_queries, len(vectors)) if len(vectors) > RECALL_K else 0

@@ -31,6 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from serve.indexing.delta import AppendedRows, StoredRows, empty_lists_copy, lists_on_disk
 from serve.indexing.filtered_search import search_allowed
 
 log = logging.getLogger(__name__)
@@ -226,11 +227,11 @@ def trained_index(plan: IndexPlan, vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def exact_knn(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_knn(queries: np.ndarray, vectors: StoredRows, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top k by inner product (scores, ids [Q, k]) over `vectors` [N, D], float32 or the
-    on-disk tier's float16 (widened block by block, so a memory-mapped file is never copied
-    whole into memory)."""
-    if vectors.dtype == np.float32:
+    on-disk tier's float16 or `AppendedRows` (widened block by block, so a memory-mapped file
+    is never copied whole into memory)."""
+    if isinstance(vectors, np.ndarray) and vectors.dtype == np.float32:
         return faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_ids = np.zeros((len(queries), 0), np.int64)
@@ -325,9 +326,13 @@ class VectorSearcher:
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        self.vectors = vectors  # [N, D] float32 (on disk: float16), in memory or memory-mapped
+        # [N, D] float32 (on disk: float16), in memory or memory-mapped; the on-disk tier's
+        # after an add: `AppendedRows`, the mapped rows and then the added ones
+        self.vectors: StoredRows = vectors
         self._buffer: np.ndarray | None = None  # [capacity, D] once rows have been added
         self._index = index
+        self.lists_on_disk = lists_on_disk(index)
+        self._delta: faiss.Index | None = None  # on-disk tier: the added rows' lists
         self.rerank_factor = rerank_factor
         self.threads = threads
         self.search_params = dict(search_params or {})
@@ -375,13 +380,18 @@ class VectorSearcher:
         if self._index is None:
             return exact_knn(queries, self.vectors, k)
         k_candidates = rerank_candidates(k, self.rerank_factor, len(self.vectors))
+        indices = [self._index] if self._delta is None else [self._index, self._delta]
         scores = np.empty((len(queries), k), np.float32)
         ids = np.empty((len(queries), k), np.int64)
-        chunk_queries = max(1, RERANK_BLOCK_ROWS // k_candidates)
+        chunk_queries = max(1, RERANK_BLOCK_ROWS // (k_candidates * len(indices)))
         for start in range(0, len(queries), chunk_queries):
             chunk = slice(start, start + chunk_queries)
-            # [chunk, k'], approximate order; `params` (filtered search): a selector, ef / nprobe
-            _, candidates = self._index.search(queries[chunk], k_candidates, params=params)
+            # [chunk, k'], approximate order; `params` (filtered search): a selector, ef / nprobe.
+            # The on-disk tier's added rows have lists of their own: both propose candidates.
+            candidates = np.concatenate(
+                [index.search(queries[chunk], k_candidates, params=params)[1] for index in indices],
+                axis=1,
+            )
             scores[chunk], ids[chunk] = _rerank(queries[chunk], candidates, self.vectors, k)
         return scores, ids
 
@@ -392,8 +402,9 @@ class VectorSearcher:
     @property
     def deletes_in_index(self) -> bool:
         """IVF lists drop deleted rows themselves; exact and HNSW search need them masked out
-        (an HNSW graph cannot lose a node without losing the paths through it)."""
-        return isinstance(self._index, faiss.IndexIVF)
+        (an HNSW graph cannot lose a node without losing the paths through it), and so do
+        lists on disk (their file is the snapshot's, and stays as it was written)."""
+        return isinstance(self._index, faiss.IndexIVF) and not self.lists_on_disk
 
     @property
     def index(self) -> faiss.Index | None:
@@ -404,8 +415,13 @@ class VectorSearcher:
         """Append rows [n, D] (unit vectors) after the last; not safe beside a running search.
 
         Vectors live in a buffer with room to grow (doubling), so n single adds cost O(n) copies
-        in all; a search holding the previous `self.vectors` keeps a valid view of it.
+        in all; a search holding the previous `self.vectors` keeps a valid view of it. Lists on
+        disk keep the snapshot's mapped rows where they are (`_add_beside_disk`).
         """
+        if self.lists_on_disk:
+            self._add_beside_disk(vectors)
+            return
+        assert isinstance(self.vectors, np.ndarray)
         count = len(self.vectors)
         total = count + len(vectors)
         if self._buffer is None or len(self._buffer) < total:
@@ -422,6 +438,26 @@ class VectorSearcher:
                 self._index.add(vectors)
         self.vectors = self._buffer[:total]
 
+    def _add_beside_disk(self, vectors: np.ndarray) -> None:
+        """Rows [n, D] added to the on-disk tier: into a growing buffer after the mapped rows,
+        and into the delta (in-memory lists with the snapshot's training); see delta.py."""
+        assert self._index is not None
+        snapshot = self.vectors.snapshot if isinstance(self.vectors, AppendedRows) else self.vectors
+        count, added = len(self.vectors), len(self.vectors) - len(snapshot)
+        total = added + len(vectors)
+        if self._buffer is None or len(self._buffer) < total:
+            grown = np.empty((max(total, 2 * added, 1024), snapshot.shape[1]), np.float32)
+            if self._buffer is not None:
+                grown[:added] = self._buffer[:added]
+            self._buffer = grown
+        self._buffer[added:total] = vectors
+        if self._delta is None:
+            self._delta = empty_lists_copy(self._index)
+            for name, value in self.search_params.items():
+                faiss.ParameterSpace().set_index_parameter(self._delta, name, value)
+        self._delta.add_with_ids(vectors, np.arange(count, count + len(vectors), dtype=np.int64))
+        self.vectors = AppendedRows(snapshot, self._buffer[:total])
+
     def remove(self, rows: np.ndarray) -> None:
         """Drop `rows` from an IVF index's lists (others: the caller masks them out)."""
         if self.deletes_in_index:
@@ -436,7 +472,7 @@ def rerank_candidates(k: int, rerank_factor: int, count: int) -> int:
 
 
 def _rerank(
-    queries: np.ndarray, candidates: np.ndarray, vectors: np.ndarray, k: int
+    queries: np.ndarray, candidates: np.ndarray, vectors: StoredRows, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact scores of the candidate ids [Q, k'] (-1 = none) against the stored vectors; top k."""
     found = candidates >= 0

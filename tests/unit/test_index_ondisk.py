@@ -1,6 +1,7 @@
 """The on-disk IVF-PQ tier: built in blocks (or by parts, as torchrun's ranks do) and merged on
-disk, served memory-mapped, read-only (also over HTTP), with anonymous memory that does not grow
-with the index; the metadata written in batches; captions sampled in one pass."""
+disk, served memory-mapped with anonymous memory that does not grow with the index, updated
+beside its files (also over HTTP) and compacted into new lists; the metadata written in
+batches; captions sampled in one pass."""
 
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serve.app import create_app
+from serve.indexing import delta, ondisk, vector_search
 from serve.indexing import index as index_module
-from serve.indexing import ondisk, vector_search
 from serve.indexing.build import sample_captions
 from serve.indexing.filters import AttributeColumns
 from serve.indexing.index import IndexRow, SearchIndex, write_index
-from serve.indexing.journal import IndexReadOnlyError
 from serve.indexing.part_lists import add_parts, train_lists
 from serve.indexing.staging import Chunk, _merge_vectors, merge, write_chunk
 from serve.indexing.vector_search import (
@@ -36,7 +36,6 @@ from serve.indexing.vector_search import (
 )
 from serve.settings import Settings
 from tests.serve_support import (
-    assert_envelope,
     assert_same_hits,
     make_artifact,
     wait_until_loaded,
@@ -100,28 +99,99 @@ def test_on_disk_build_agrees_with_in_memory(builds: tuple[Path, Path, np.ndarra
     assert same / 1000 >= 0.97
 
 
-def test_on_disk_index_is_served_memory_mapped_and_read_only(
-    builds: tuple[Path, Path, np.ndarray],
-) -> None:
+def test_on_disk_index_is_served_memory_mapped(builds: tuple[Path, Path, np.ndarray]) -> None:
     _, on_disk, vectors = builds
-    index = SearchIndex.load(on_disk)  # writable=None: read-only, with the reason
+    index = SearchIndex.load(on_disk, mmap=False, writable=False)  # mapped whatever is asked
     try:
-        assert ondisk.lists_on_disk(index._searcher.index)
+        assert delta.lists_on_disk(index._searcher.index)
         assert isinstance(index._searcher.vectors, np.memmap)  # the re-rank reads pages
         assert index.mmap and not index.writable
-        assert "rebuild it to change it" in str(index.read_only_reason)
         (hits,) = index.search(vectors[7:8], 5)
         assert (hits[0].id, hits[0].caption) == (7, "caption 7")
         # re-ranked against the float16 vectors: the cosine within float16's rounding
         assert index._searcher.vectors.dtype == np.float16
         assert index.manifest["vectors_dtype"] == "float16"
         assert hits[0].score == pytest.approx(1.0, abs=2e-3)
-        with pytest.raises(IndexReadOnlyError, match="on disk"):
-            index.add(vectors[:1], _rows(1))
     finally:
         index.close()
-    with pytest.raises(IndexReadOnlyError, match="on disk"):
-        SearchIndex.load(on_disk, writable=True)
+
+
+def test_appended_rows_read_like_one_array_and_search_exactly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mapped float16 rows then added float32 rows, read by slices and row numbers as the
+    concatenated array would be; exact search widens them block by block."""
+    rng = np.random.default_rng(6)
+    snapshot, added = _clustered(rng, 900).astype(np.float16), _clustered(rng, 250)
+    rows = delta.AppendedRows(snapshot, added)
+    whole = np.concatenate([snapshot.astype(np.float32), added])
+    assert len(rows) == 1150 and rows.shape == (1150, DIM)
+    for key in (slice(0, 10), slice(880, 920), slice(1000, 2000), slice(None, None, 7)):
+        np.testing.assert_array_equal(rows[key], whole[key])
+    picks = np.array([[0, 899], [900, 1149], [5, 1000]])
+    np.testing.assert_array_equal(rows[picks], whole[picks])
+    with pytest.raises(IndexError):
+        rows[np.array([1150])]
+    queries = _clustered(rng, 7)
+    monkeypatch.setattr(vector_search, "EXACT_BLOCK_ROWS", 300)  # blocks across the seam
+    scores, ids = vector_search.exact_knn(queries, rows, 10)
+    want_scores, want_ids = faiss.knn(queries, whole, 10, faiss.METRIC_INNER_PRODUCT)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+
+
+def _live_exact(live: dict[int, np.ndarray], queries: np.ndarray, k: int) -> list[set[int]]:
+    ids = np.array(sorted(live))
+    order = np.argsort(-(queries @ np.stack([live[i] for i in ids]).T), axis=1)[:, :k]
+    return [set(row) for row in ids[order].tolist()]
+
+
+def _overlap(found: list[list[int]], truth: list[set[int]]) -> float:
+    return sum(len(set(f) & t) for f, t in zip(found, truth, strict=True)) / sum(map(len, truth))
+
+
+def test_on_disk_index_takes_adds_and_deletes_beside_its_files(tmp_path: Path) -> None:
+    """Adds land in lists in memory, deletes are masked: the snapshot's lists and vectors files
+    stay byte for byte; the journal replays them; a compaction writes new lists on disk."""
+    rng = np.random.default_rng(3)
+    base, added = _clustered(rng, 3000), _clustered(rng, 300)
+    spec = IndexSpec(**{**SPEC, "nlist": 16, "recall_queries": 300}, on_disk=True)
+    directory = write_index(tmp_path / "index", base, _rows(3000), spec=spec)
+    files = {name: (directory / name).read_bytes() for name in ("index.ivfdata", "vectors.npy")}
+    index = SearchIndex.load(directory)
+    assert index.writable and index.mmap
+    ids = index.add(added, [IndexRow(f"a{i}", f"added {i}", {}) for i in range(300)])
+    assert ids == list(range(3000, 3300))
+    live = {**dict(enumerate(base)), **dict(zip(ids, added, strict=True))}
+    doomed = [*range(0, 3000, 10), *ids[:30]]
+    assert index.delete(doomed) == (doomed, [])
+    for item_id in doomed:
+        del live[item_id]
+    stored = index._searcher.vectors
+    assert isinstance(stored, delta.AppendedRows) and isinstance(stored.snapshot, np.memmap)
+    assert [h[0].id for h in index.search(added[30:60], 1)] == ids[30:60]  # each finds itself
+    queries = _clustered(np.random.default_rng(4), 100)
+    found = [[h.id for h in q] for q in index.search(queries, 10)]
+    assert all(len(q) == 10 for q in found) and not {i for q in found for i in q} & set(doomed)
+    assert _overlap(found, _live_exact(live, queries, 10)) >= 0.97
+    assert {name: (directory / name).read_bytes() for name in files} == files
+    index.close()
+
+    index = SearchIndex.load(directory)  # the journal replayed: the same answers
+    assert [[h.id for h in q] for q in index.search(queries, 10)] == found
+    assert index.get(3100).caption == "added 100"
+    index.compact()
+    assert index.describe()["journal_bytes"] == 0 and index.describe()["deleted_pending"] == 0
+    assert delta.lists_on_disk(index._searcher.index) and index.count == len(live) == 2970
+    assert isinstance(index._searcher.vectors, np.memmap)
+    assert index._searcher.vectors.dtype == np.float16
+    assert (directory / "index.ivfdata").read_bytes() != files["index.ivfdata"]
+    assert index.manifest["recall_at_10"] >= 0.9 and index.manifest["count"] == 2970
+    after = [[h.id for h in q] for q in index.search(queries, 10)]
+    assert _overlap(after, _live_exact(live, queries, 10)) >= 0.97
+    assert index.get(3100).caption == "added 100" and index.get(1).caption == "caption 1"
+    assert index.add(added[:1], _rows(1)) == [3300]
+    index.close()
 
 
 def test_text_query_recall_is_measured_against_exact_search() -> None:
@@ -200,14 +270,16 @@ def test_resident_memory_does_not_grow_with_the_index(tmp_path: Path) -> None:
     assert growth_mb < 8, f"on-disk index: {growth_mb:.1f} MB more for 58k more rows"
 
 
-def test_service_serves_an_on_disk_index_read_only(tmp_path: Path) -> None:
-    """Over HTTP: searches answer from the on-disk lists; an add is a 409 saying why."""
+def test_service_updates_an_on_disk_index(tmp_path: Path) -> None:
+    """Over HTTP: searches answer from the on-disk lists; an added item is found, a deleted one
+    is not."""
     vectors = _clustered(np.random.default_rng(2), 3000)  # duet-micro: D = 64
     spec = IndexSpec(**{**SPEC, "nlist": 16, "recall_queries": 0}, on_disk=True)
     index_dir = write_index(tmp_path / "index", vectors, _rows(3000), spec=spec)
     settings = Settings.model_validate(
         {"artifact_dir": make_artifact(tmp_path), "index_dir": index_dir}
     )
+    new = _clustered(np.random.default_rng(8), 1)[0].tolist()
     with TestClient(create_app(settings)) as client:
         assert wait_until_loaded(client).status_code == 200
         response = client.post("/search", json={"embedding": vectors[42].tolist(), "k": 3})
@@ -215,9 +287,15 @@ def test_service_serves_an_on_disk_index_read_only(tmp_path: Path) -> None:
         top = response.json()["results"][0]
         assert (top["id"], top["caption"]) == (42, "caption 42")
         info = client.get("/indices").json()
-        assert "on disk" in json.dumps(info)
-        added = client.post("/indices/default/items", json={"items": [{"embedding": [0.1] * 64}]})
-        assert "rebuild it to change it" in assert_envelope(added, 409, "read_only")["error"]
+        assert '"on_disk": true' in json.dumps(info) and '"writable": true' in json.dumps(info)
+        added = client.post("/indices/default/items", json={"items": [{"embedding": new}]})
+        assert added.status_code == 200, added.text
+        (item,) = added.json()["items"]
+        found = client.post("/search", json={"embedding": new, "k": 1}).json()["results"]
+        assert found[0]["id"] == item["id"] == 3000
+        assert client.delete("/indices/default/items/42").status_code == 200
+        again = client.post("/search", json={"embedding": vectors[42].tolist(), "k": 3})
+        assert 42 not in [hit["id"] for hit in again.json()["results"]]
 
 
 def test_lists_added_part_by_part_in_any_order_equal_the_block_build(
