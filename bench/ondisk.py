@@ -1,6 +1,7 @@
 """Benchmark the on-disk IVF-PQ tier: build time, disk size, serving memory, recall@10, p50.
 
     python bench/ondisk.py [--count 1000000] [--dim 512] [--out /tmp/duet-ondisk] [--keep]
+    python bench/ondisk.py --probe-only --out /tmp/duet-ondisk   # serve a kept index again
 
 The vectors are bench/index.py's clustered unit vectors, generated into a memory-mapped .npy
 (as a build's staging merge leaves them) and written with `write_index` and the on-disk plan
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,33 +78,62 @@ def _vectors(path: Path, count: int, dim: int, seed: int) -> tuple[np.ndarray, n
     return np.load(path, mmap_mode="r"), clustered_unit_vectors(rng, centers, 500)
 
 
+class _Rows:
+    """`count` metadata rows made as they are read: a list of 10M rows would be gigabytes."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[IndexRow]:
+        return (IndexRow(f"k{i}", f"item {i}", {}) for i in range(self.count))
+
+
+def _probe(index_dir: Path, queries: Path) -> dict[str, float]:
+    """The served figures of `index_dir`, from a fresh process (see PROBE)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE, str(index_dir), str(queries)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("/tmp/duet-ondisk"))
     parser.add_argument("--keep", action="store_true", help="keep the index afterwards")
+    parser.add_argument(
+        "--probe-only", action="store_true", help="serve the index kept in --out again, no build"
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.probe_only:
+        print(json.dumps(_probe(args.out / "index", args.out / "queries.npy")))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     vectors, queries = _vectors(args.out / "source.npy", args.count, args.dim, 0)
     np.save(args.out / "queries.npy", queries)
-    rows = [IndexRow(f"k{i}", f"item {i}", {}) for i in range(args.count)]
+    print(f"generated {args.count} x {args.dim} in {time.perf_counter() - start:.0f} s", flush=True)
     start = time.perf_counter()
     index_dir = write_index(
-        args.out / "index", vectors, rows, spec=IndexSpec(on_disk=True, recall_queries=1000)
+        args.out / "index",
+        vectors,
+        _Rows(args.count),
+        spec=IndexSpec(on_disk=True, recall_queries=1000),
     )
     build_s = time.perf_counter() - start
-    del rows, vectors
+    del vectors
     manifest = json.loads((index_dir / "index.json").read_text())
     disk = {p.name: p.stat().st_size for p in index_dir.iterdir()}
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE, str(index_dir), str(args.out / "queries.npy")],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    served = json.loads(probe.stdout.strip().splitlines()[-1])
+    served = _probe(index_dir, args.out / "queries.npy")
     print(f"{args.count} x {args.dim}: {manifest['factory']}, {manifest['search_params']}")
     print(f"build {build_s:.0f} s (index part {manifest['index_build_seconds']:.0f} s)")
     print("disk MB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(disk.items())))
