@@ -2,6 +2,7 @@
 
     python bench/ondisk.py [--count 1000000] [--dim 512] [--out /tmp/duet-ondisk] [--keep]
     python bench/ondisk.py --probe-only --out /tmp/duet-ondisk   # serve a kept index again
+    python bench/ondisk.py --probe-only --memory-limit-mb 1200 ...  # ... within 1.2 GB (root)
 
 The vectors are bench/index.py's clustered unit vectors, generated into a memory-mapped .npy
 (as a build's staging merge leaves them) and written with `write_index` and the on-disk plan
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -91,16 +93,58 @@ class _Rows:
         return (IndexRow(f"k{i}", f"item {i}", {}) for i in range(self.count))
 
 
-def _probe(index_dir: Path, queries: Path) -> dict[str, float]:
-    """The served figures of `index_dir`, from a fresh process (see PROBE)."""
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE, str(index_dir), str(queries)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    return json.loads(probe.stdout.strip().splitlines()[-1])
+def _probe(index_dir: Path, queries: Path, limit_mb: int | None = None) -> dict[str, float]:
+    """The served figures of `index_dir`, from a fresh process (see PROBE); `limit_mb`: in a
+    memory cgroup of that limit, the index's files evicted from the page cache first."""
+    command = [sys.executable, "-c", PROBE, str(index_dir), str(queries)]
+    cgroup = None if limit_mb is None else _memory_cgroup(limit_mb)
+    if cgroup is not None:
+        _evict(index_dir)  # pages cached by the build are charged to it, not to the probe
+        join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+        command = ["sh", "-c", join, str(cgroup), *command]
+    try:
+        probe = subprocess.run(
+            command, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+        )
+        served = json.loads(probe.stdout.strip().splitlines()[-1])
+        if cgroup is not None:
+            served["cgroup_limit_mb"] = limit_mb
+            served["cgroup_peak_mb"] = _cgroup_peak_mb(cgroup)
+        return served
+    finally:
+        if cgroup is not None:
+            cgroup.rmdir()
+
+
+def _memory_cgroup(limit_mb: int) -> Path:
+    """A new memory cgroup (v2 or v1) capped at `limit_mb`: page cache counts towards it, so
+    mapped index pages beyond it are dropped and read again, as on a machine that small."""
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
+    root = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
+    cgroup = root / f"duet-ondisk-{os.getpid()}"
+    cgroup.mkdir()
+    limit_file = "memory.max" if v2 else "memory.limit_in_bytes"
+    (cgroup / limit_file).write_text(str(limit_mb << 20))
+    if v2:
+        (cgroup / "memory.swap.max").write_text("0")
+    return cgroup
+
+
+def _cgroup_peak_mb(cgroup: Path) -> float:
+    for name in ("memory.peak", "memory.max_usage_in_bytes"):
+        if (cgroup / name).is_file():
+            return int((cgroup / name).read_text()) / 2**20
+    return float("nan")
+
+
+def _evict(directory: Path) -> None:
+    """Drop the clean cached pages of every file in `directory` (POSIX_FADV_DONTNEED)."""
+    for path in directory.iterdir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,10 +156,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--probe-only", action="store_true", help="serve the index kept in --out again, no build"
     )
+    parser.add_argument(
+        "--memory-limit-mb",
+        type=int,
+        help="with --probe-only: serve it in a memory cgroup of this size (root), page cache too",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.probe_only:
-        print(json.dumps(_probe(args.out / "index", args.out / "queries.npy")))
+        queries = args.out / "queries.npy"
+        print(json.dumps(_probe(args.out / "index", queries, args.memory_limit_mb)))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
