@@ -3,6 +3,7 @@
     python bench/ondisk.py [--count 1000000] [--dim 512] [--out /tmp/duet-ondisk] [--keep]
     python bench/ondisk.py --probe-only --out /tmp/duet-ondisk   # serve a kept index again
     python bench/ondisk.py --probe-only --memory-limit-mb 1200 ...  # ... within 1.2 GB (root)
+    python bench/ondisk.py --probe-only --updates 100000 --count N ...  # ... after updates
 
 The vectors are bench/index.py's clustered unit vectors, generated into a memory-mapped .npy
 (as a build's staging merge leaves them) and written with `write_index` and the on-disk plan
@@ -39,15 +40,29 @@ CHUNK = 100_000
 
 PROBE = """
 import json, sys, time, numpy as np
-from serve.indexing.vector_search import exact_knn
+from serve.indexing.filtered_search import exact_allowed
+from serve.indexing.index import IndexRow, SearchIndex
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) / 1024
-from serve.indexing.index import SearchIndex
 queries = np.load(sys.argv[2])
+added = np.load(sys.argv[3]) if len(sys.argv) > 3 else None
 before = status("RssAnon:")
-index = SearchIndex.load(sys.argv[1], writable=False)
+index = SearchIndex.load(sys.argv[1], writable=added is not None)
+figures = {}
+if added is not None:  # updates first: adds (journalled, fsynced) and deletes, then the searches
+    start = time.perf_counter()
+    for i in range(0, len(added), 256):
+        rows = [IndexRow(f"new{i + j}", f"new {i + j}", {}) for j in range(len(added[i:i + 256]))]
+        index.add(added[i:i + 256], rows)
+    figures["adds_per_s"] = len(added) / (time.perf_counter() - start)
+    step = index.count // (len(added) // 2)
+    start = time.perf_counter()
+    for i in range(0, len(added) // 2, 256):
+        index.delete(list(range(i * step, min(len(added) // 2, i + 256) * step, step)))
+    figures["deletes_per_s"] = (len(added) // 2) / (time.perf_counter() - start)
+    figures["live_items"] = index.count
 index.search(queries[:10], 10)  # warm-up
 times = []
 found = []
@@ -57,20 +72,28 @@ for q in queries:
     times.append(time.perf_counter() - start)
     found.append([h.id for h in hits])
 after_anon, after_rss = status("RssAnon:"), status("VmRSS:")
-_, truth = exact_knn(queries, index._searcher.vectors, 10)
+items = index._items
+alive = items.alive_mask()
+alive = np.ones(items.rows, dtype=bool) if alive is None else alive
+_, rows = exact_allowed(index._searcher.vectors, queries, 10, alive)
+truth = items.ids[rows]
 recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth.tolist(), found)])
 ms = 1000 * np.array(times)
 print(json.dumps({"anon_mb_beyond_imports": after_anon - before, "rss_mb": after_rss,
                   "p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
-                  "recall_at_10": float(recall), "queries": len(queries)}))
+                  "recall_at_10": float(recall), "queries": len(queries), **figures}))
 """
+
+
+def _centers(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+    centers = rng.standard_normal((max(1, count // 1000), dim)).astype(np.float32)
+    return centers / np.linalg.norm(centers, axis=1, keepdims=True)
 
 
 def _vectors(path: Path, count: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(memory-mapped stored vectors [count, dim], fresh queries [500, dim])."""
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((max(1, count // 1000), dim)).astype(np.float32)
-    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    centers = _centers(rng, count, dim)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(count, dim))
     for start in range(0, count, CHUNK):
         n = min(CHUNK, count - start)
@@ -93,10 +116,15 @@ class _Rows:
         return (IndexRow(f"k{i}", f"item {i}", {}) for i in range(self.count))
 
 
-def _probe(index_dir: Path, queries: Path, limit_mb: int | None = None) -> dict[str, float]:
+def _probe(
+    index_dir: Path, queries: Path, limit_mb: int | None = None, added: Path | None = None
+) -> dict[str, float]:
     """The served figures of `index_dir`, from a fresh process (see PROBE); `limit_mb`: in a
-    memory cgroup of that limit, the index's files evicted from the page cache first."""
+    memory cgroup of that limit, the index's files evicted from the page cache first. `added`:
+    vectors to add (and half as many rows to delete) first; the journal is removed afterwards,
+    so the index is its snapshot again."""
     command = [sys.executable, "-c", PROBE, str(index_dir), str(queries)]
+    command += [] if added is None else [str(added)]
     cgroup = None if limit_mb is None else _memory_cgroup(limit_mb)
     if cgroup is not None:
         _evict(index_dir)  # pages cached by the build are charged to it, not to the probe
@@ -114,6 +142,8 @@ def _probe(index_dir: Path, queries: Path, limit_mb: int | None = None) -> dict[
     finally:
         if cgroup is not None:
             cgroup.rmdir()
+        if added is not None:
+            (index_dir / "journal.log").unlink(missing_ok=True)
 
 
 def _memory_cgroup(limit_mb: int) -> Path:
@@ -161,11 +191,23 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         help="with --probe-only: serve it in a memory cgroup of this size (root), page cache too",
     )
+    parser.add_argument(
+        "--updates",
+        type=int,
+        default=0,
+        help="with --probe-only (and the build's --count, --dim): add this many items and delete "
+        "half as many before the searches; the journal is removed afterwards",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.probe_only:
-        queries = args.out / "queries.npy"
-        print(json.dumps(_probe(args.out / "index", queries, args.memory_limit_mb)))
+        added = None
+        if args.updates:  # new rows of the same mixture (the build's centers: seed 0)
+            centers = _centers(np.random.default_rng(0), args.count, args.dim)
+            added = args.out / "added.npy"
+            np.save(added, clustered_unit_vectors(np.random.default_rng(1), centers, args.updates))
+        served = _probe(args.out / "index", args.out / "queries.npy", args.memory_limit_mb, added)
+        print(json.dumps(served))
         return
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
