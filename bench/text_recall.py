@@ -3,7 +3,8 @@
     nice -n 19 python bench/text_recall.py --model runs/demo/artifact \
         --shards 'data/synth/train/shard-{000000..000099}.tar' \
         --queries data/synth/val/shard-000000.tar --zeroshot data/synth/zeroshot.json \
-        [--out /tmp/duet-text-recall] [--runtime onnx] [--parts DIR] [--also-rerank 100] [--keep]
+        [--out /tmp/duet-text-recall] [--runtime onnx] [--parts DIR] [--also-rerank 100]
+        [--types auto,ivfpq,ondisk] [--keep]
 
 The index is built three times with `python -m serve.build_index` (no thumbnails): at the index
 type `auto` chooses for the count, as in-memory `ivfpq` (4-bit fast-scan codes), and `--on-disk`
@@ -47,6 +48,8 @@ from serve.indexing.vector_search import measure_query_recall  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_BATCH = 256
+TYPES = {"auto": [], "ivfpq": ["--index-type", "ivfpq"], "ondisk": ["--on-disk"]}
+"""The index types built: their build_index options."""
 
 
 def build(
@@ -136,16 +139,21 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         help="measure the ivfpq indices again with this rerank factor (set at search time)",
     )
+    parser.add_argument(
+        "--types",
+        default=",".join(TYPES),
+        help=f"the index types built, comma-separated, of {', '.join(TYPES)}",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the indices afterwards")
     args = parser.parse_args(argv)
+    types = args.types.split(",")
+    if unknown := set(types) - set(TYPES):
+        parser.error(f"unknown --types {sorted(unknown)}; choose from {', '.join(TYPES)}")
     args.out.mkdir(parents=True, exist_ok=True)
     queries = query_sets(args)
     rows = []
-    for name, extra in (
-        ("auto", []),
-        ("ivfpq", ["--index-type", "ivfpq"]),
-        ("ondisk", ["--on-disk"]),
-    ):
+    for name in types:
+        extra = TYPES[name]
         seconds = build(
             args.model, args.shards, args.out / name, args.runtime, *extra, parts=args.parts
         )
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.also_rerank and name != "auto":
             rows.append({**measure(args.out / name, queries, args.also_rerank), "build s": ""})
             print(json.dumps(rows[-1]), flush=True)
-    count = json.loads((args.out / "auto" / "index.json").read_text())["count"]
+    count = json.loads((args.out / types[0] / "index.json").read_text())["count"]
     sizes = ", ".join(f"{k} {len(v)}" for k, v in queries.items())
     print(f"\n{count} indexed; queries: {sizes}, stored and index captions 1000 each\n")
     columns = ["type", "rerank", "stored images", "held-out images", "index captions"]
