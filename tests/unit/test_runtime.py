@@ -81,7 +81,8 @@ def test_auto_exports_and_serves_every_path_as_torch_without_keeping_the_torch_m
         assert (ready["runtime"], ready["runtime_fallback"]) == ("onnx", None)
         # the towers were exported into the artifact at this first start, and torch's are gone
         assert onnx_towers.has_towers(artifact)
-        assert live_torch_models() == models_before
+        # not more: a model an earlier service's winding-down thread still held may go meanwhile
+        assert live_torch_models() <= models_before
         got = answers(client)
     torch.testing.assert_close(nested_floats(got), nested_floats(expected), atol=1e-4, rtol=0)
     assert [r["id"] for r in got[0]["results"]] == [r["id"] for r in expected[0]["results"]]
