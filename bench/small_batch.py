@@ -1,6 +1,7 @@
 """Small-batch quality: do negatives beyond the batch make batch 32 train like batch 256?
 
     python bench/small_batch.py [--samples 49152] [--seeds 0,1] [--model duet-tiny]
+                                [--palette basic|wide] [--lr-scaling none|sqrt|linear]
                                 [--methods M,...|relations] [--merge EARLIER.json] [--out FILE.json]
     python bench/small_batch.py --overhead MODEL [--overhead-modes batch,hard-neg,...]
 
@@ -103,16 +104,20 @@ RELATION_COLUMNS = (
 )
 
 
-def dataset(data: Path, train_shards: int, samples_per_shard: int) -> dict[str, str]:
-    """The compositional set under `data` (generated once); the trainer's data.* fields."""
+def dataset(
+    data: Path, train_shards: int, samples_per_shard: int, palette: str = "basic"
+) -> dict[str, str]:
+    """The compositional set of `palette` under `data` (generated once); the trainer's data.*
+    fields."""
     summary = data / "dataset.json"
+    info = json.loads(summary.read_text()) if summary.is_file() else {}
     # train samples carry their hard negatives (read only with loss.hard_negatives); writing
     # them changes no image or caption, so a set without them is simply written again
-    if not summary.is_file() or not json.loads(summary.read_text()).get("train_negatives"):
+    if not info.get("train_negatives") or info.get("palette", "basic") != palette:
         subprocess.run(
             [sys.executable, "-m", "train.synth", "--kind", "compositional", "--out", str(data),
              "--train-shards", str(train_shards), "--samples-per-shard", str(samples_per_shard),
-             "--val-samples", "2000", "--seed", "0", "--train-negatives"],
+             "--val-samples", "2000", "--seed", "0", "--train-negatives", "--palette", palette],
             cwd=ROOT, check=True,
         )  # fmt: skip
     info = json.loads(summary.read_text())
@@ -137,7 +142,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
 
     batch, extra = METHODS[args.method]
     steps = args.samples // batch
-    data = dataset(args.data, args.train_shards, args.samples_per_shard)
+    data = dataset(args.data, args.train_shards, args.samples_per_shard, args.palette)
     cfg = apply_overrides(
         TrainConfig(),
         [
@@ -393,6 +398,13 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data/compositional")
     parser.add_argument("--train-shards", type=int, default=16)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument(
+        "--palette",
+        choices=("basic", "wide"),
+        default="basic",
+        help="the set's colours and shapes: basic (30 classes) or wide (256); --data must "
+        "differ per palette (a set of the other palette there is written again)",
+    )
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/bench-small-batch")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-small-batch.json")
     parser.add_argument(
@@ -423,7 +435,7 @@ def main() -> None:
             parser.error(f"--overhead-modes: unknown {', '.join(sorted(unknown))}")
         print("\n".join(step_overhead(args.overhead, 32, args.overhead_steps, modes)))
         return
-    dataset(args.data, args.train_shards, args.samples_per_shard)  # once, before the runs
+    dataset(args.data, args.train_shards, args.samples_per_shard, args.palette)  # once, first
     results: dict[str, list[dict[str, Any]]] = {}
     if args.merge:
         results.update(json.loads(args.merge.read_text()))
@@ -441,7 +453,7 @@ def main() -> None:
                  "--samples", str(args.samples), "--model", args.model, "--lr", str(args.lr),
                  "--lr-scaling", args.lr_scaling,
                  "--data", str(args.data), "--train-shards", str(args.train_shards),
-                 "--samples-per-shard", str(args.samples_per_shard)],
+                 "--samples-per-shard", str(args.samples_per_shard), "--palette", args.palette],
                 check=True, cwd=ROOT,
             )  # fmt: skip
             result = json.loads(result_file.read_text())
@@ -453,7 +465,7 @@ def main() -> None:
                 flush=True,
             )
     print(f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
-          f"lr {args.lr} at batch 32, scaled with the batch: {args.lr_scaling}, "
+          f"palette {args.palette}, lr {args.lr} at batch 32, scaled: {args.lr_scaling}, "
           f"{time.perf_counter() - started:.0f} s in all\n")  # fmt: skip
     relations = any(method.startswith("hard-neg") for method in results)
     print(table(results, RELATION_COLUMNS if relations else COLUMNS))

@@ -10,7 +10,7 @@ Layout under --out (img2dataset / webdataset conventions):
     train/sizes.json             {"shard-000000.tar": M, ...}
     val/shard-000000.tar ...     held-out split, keys start at shard number 90000
     val/sizes.json
-    zeroshot.json                {"classnames": [...30], "templates": [...]}
+    zeroshot.json                {"classnames": [...30 (wide: 256)], "templates": [...]}
     dataset.json                 summary returned by generate()
 
 Same arguments give byte-identical files: every shard draws from its own random stream derived
@@ -18,7 +18,8 @@ from (seed, split, shard index), so changing --train-shards leaves val and earli
 
 `--kind compositional` writes the harder benchmark of train/synth_compositional.py in the same
 layout instead: two or three objects in a spatial relation per image, colour–shape pairs that
-never occur in train, and hard-negative captions in every val sample's JSON. Tiny models saturate
+never occur in train, and hard-negative captions in every val sample's JSON; `--palette wide`
+draws it from 16 colours x 16 shapes (256 classes) instead of 6 x 5. Tiny models saturate
 the default `--kind shapes` (zero-shot 0.98 in 400 steps), so it cannot tell methods apart.
 """
 
@@ -42,16 +43,17 @@ from PIL import Image, ImageDraw
 
 from train import synth_compositional as scenes
 from train.synth_draw import (
+    BASIC,
     COLOR_JITTER,
     COLOR_RGB,
     COLORS,
     GREY_RANGE,
-    NUM_CLASSES,
+    PALETTES,
     SHAPES,
     SPLITS,
+    Palette,
     class_index,
     classname,
-    classnames,
     draw_shape,
     noisy_background,
 )
@@ -274,12 +276,17 @@ def _validate(
     image_size: int,
     kind: str,
     train_negatives: bool = False,
+    palette: str = BASIC.name,
 ) -> None:
     """Raise ValueError naming the first bad argument."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if train_negatives and kind != "compositional":
         raise ValueError("train_negatives needs --kind compositional (shapes have no negatives)")
+    if palette not in PALETTES:
+        raise ValueError(f"palette must be one of {', '.join(PALETTES)}, got {palette!r}")
+    if palette != BASIC.name and kind != "compositional":
+        raise ValueError(f"palette {palette} needs --kind compositional (shapes: basic only)")
     for name, value in (
         ("train_shards", train_shards),
         ("samples_per_shard", samples_per_shard),
@@ -303,18 +310,21 @@ def _validate(
 
 
 def _kind_parts(
-    kind: str, train_negatives: bool
+    kind: str, train_negatives: bool, palette: Palette
 ) -> tuple[dict[str, SampleDrawer], tuple[str, ...], dict]:
     """A kind's drawer per split, its zero-shot templates, and its extra dataset.json fields."""
     if kind == "shapes":
         return {split: draw_sample for split in SPLITS}, ZEROSHOT_TEMPLATES, {}
     drawers: dict[str, SampleDrawer] = {
         split: functools.partial(
-            scenes.draw_scene, split=split, negatives=split == "val" or train_negatives
+            scenes.draw_scene,
+            split=split,
+            negatives=split == "val" or train_negatives,
+            palette=palette,
         )
         for split in SPLITS
     }
-    fields = {**scenes.dataset_fields(), "train_negatives": train_negatives}
+    fields = {**scenes.dataset_fields(palette), "train_negatives": train_negatives}
     return drawers, scenes.ZEROSHOT_TEMPLATES, fields
 
 
@@ -328,10 +338,12 @@ def generate(
     image_size: int = 64,
     kind: str = "shapes",
     train_negatives: bool = False,
+    palette: str = BASIC.name,
 ) -> dict:
     """Write the dataset of `kind` (one of KINDS) under out_dir; returns dataset.json's content.
 
     train_negatives (compositional only): train samples carry hard negatives too, as val's do.
+    palette (compositional only): the colours and shapes drawn (train/synth_draw.py PALETTES).
     """
     _validate(
         train_shards=train_shards,
@@ -341,8 +353,12 @@ def generate(
         image_size=image_size,
         kind=kind,
         train_negatives=train_negatives,
+        palette=palette,
     )
-    drawers, zeroshot_templates, extra_fields = _kind_parts(kind, train_negatives)
+    colours_and_shapes = PALETTES[palette]
+    drawers, zeroshot_templates, extra_fields = _kind_parts(
+        kind, train_negatives, colours_and_shapes
+    )
     out_dir = Path(out_dir)
     # img2dataset widens the sample part of the key when a shard holds more than 10^4 samples.
     sample_digits = max(4, len(str(samples_per_shard - 1)))
@@ -368,12 +384,12 @@ def generate(
             draw=drawers["val"],
             **common,
         ),
-        "num_classes": NUM_CLASSES,
+        "num_classes": colours_and_shapes.num_classes,
         **extra_fields,
     }
     _write_json(
         out_dir / "zeroshot.json",
-        {"classnames": classnames(), "templates": list(zeroshot_templates)},
+        {"classnames": colours_and_shapes.classnames(), "templates": list(zeroshot_templates)},
     )
     _write_json(out_dir / "dataset.json", summary)
     return summary
@@ -404,6 +420,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--train-negatives",
         action="store_true",
         help="compositional: train samples carry hard-negative captions too (loss.hard_negatives)",
+    )
+    parser.add_argument(
+        "--palette",
+        default=BASIC.name,
+        choices=tuple(PALETTES),
+        help="compositional: basic (6 colours x 5 shapes, 30 classes) or wide (16 x 16, 256 "
+        "classes) (default: basic)",
     )
     args = parser.parse_args(argv)
     try:

@@ -1,7 +1,8 @@
 """Compositional scenes, the harder synthetic benchmark of `train.synth --kind compositional`.
 
 Each image holds two or three objects, one per quadrant of a noisy grey background: exactly one
-large object (the anchor) and one or two small ones, each a shape and colour of train.synth. The
+large object (the anchor) and one or two small ones, each a shape and colour of the set's palette
+(train/synth_draw.py: basic, the 30 classes of train.synth, or wide, 256). The
 caption puts the anchor and one small object in a spatial relation, naming both objects' size,
 colour and shape, and then names the third object, if any:
 
@@ -33,6 +34,7 @@ should the layout change.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -41,25 +43,31 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from train.synth_draw import (
+    BASIC,
     COLOR_JITTER,
-    COLOR_RGB,
-    COLORS,
     GREY_RANGE,
-    SHAPES,
+    PALETTES,
     SPLITS,
-    class_index,
+    Palette,
     classname,
     draw_shape,
     noisy_background,
 )
 
-ALL_PAIRS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
-# One held-out shape per colour, every shape held out at least once: each held-out pair's colour
-# and shape are both seen in train, only never together.
-HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = tuple(
-    (color, SHAPES[(2 * i + 1) % len(SHAPES)]) for i, color in enumerate(COLORS)
-)
-SEEN_PAIRS: tuple[tuple[str, str], ...] = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
+Pairs = tuple[tuple[str, str], ...]
+
+
+@functools.cache
+def pair_pools(palette_name: str) -> tuple[Pairs, Pairs, Pairs]:
+    """(every colour-shape pair, the held-out ones, the seen ones) of a palette. One held-out
+    shape per colour, every shape held out at least once (Palette.held_out_pairs): each
+    held-out pair's colour and shape are both seen in train, only never together."""
+    palette = PALETTES[palette_name]
+    every, held_out = palette.pairs(), palette.held_out_pairs()
+    return every, held_out, tuple(p for p in every if p not in held_out)
+
+
+ALL_PAIRS, HELD_OUT_PAIRS, SEEN_PAIRS = pair_pools(BASIC.name)
 VAL_HELD_OUT_FRACTION = 0.5  # val scenes whose anchor is a held-out pair
 THREE_OBJECT_FRACTION = 0.5  # scenes with a third (small, unrelated) object
 ANCHOR_SUBJECT_FRACTION = 0.5  # scenes whose anchor is the relation's subject, not reference
@@ -208,12 +216,15 @@ def _layout(relation: str, u_line: float, u_third: float) -> list[tuple[int, int
     return [*pair, free[int(u_third * len(free))]]
 
 
-def _choose_scene(u: list[float], split: str) -> tuple[list[SceneObject], str, bool]:
+def _choose_scene(
+    u: list[float], split: str, palette: Palette
+) -> tuple[list[SceneObject], str, bool]:
     """Objects in caption order (subject, reference[, third]), the relation, and whether the
     anchor is a held-out pair; `u` holds the scene's uniform draws."""
+    every, held_out_pairs, seen = pair_pools(palette.name)
     held_out = split == "val" and u[0] < VAL_HELD_OUT_FRACTION
-    anchor_pool = HELD_OUT_PAIRS if held_out else SEEN_PAIRS
-    small_pool = ALL_PAIRS if held_out else SEEN_PAIRS  # train never sees a held-out pair
+    anchor_pool = held_out_pairs if held_out else seen
+    small_pool = every if held_out else seen  # train never sees a held-out pair
     n_objects = 3 if u[1] < THREE_OBJECT_FRACTION else 2
     relation = RELATIONS[int(u[2] * len(RELATIONS))]
     anchor = 0 if u[3] < ANCHOR_SUBJECT_FRACTION else 1  # the anchor is subject or reference
@@ -227,7 +238,11 @@ def _choose_scene(u: list[float], split: str) -> tuple[list[SceneObject], str, b
 
 
 def _draw_objects(
-    rng: np.random.Generator, image_size: int, objects: list[SceneObject], u: list[float]
+    rng: np.random.Generator,
+    image_size: int,
+    objects: list[SceneObject],
+    u: list[float],
+    palette: Palette,
 ) -> tuple[Image.Image, list[dict]]:
     """The scene on a noisy background, and each object's JSON record (centre in side fractions)."""
     image = noisy_background(
@@ -241,7 +256,7 @@ def _draw_objects(
         row, col = obj.cell
         cx = CELL_CENTERS[col] + SCENE_CENTER_JITTER * (2 * v[2] - 1)
         cy = CELL_CENTERS[row] + SCENE_CENTER_JITTER * (2 * v[3] - 1)
-        rgb = COLOR_RGB[obj.noun.color]
+        rgb = palette.rgb[obj.noun.color]
         fill = tuple(
             min(255, max(0, rgb[c] + round(COLOR_JITTER * (2 * v[4 + c] - 1)))) for c in range(3)
         )
@@ -253,9 +268,15 @@ def _draw_objects(
 
 
 def draw_scene(
-    rng: np.random.Generator, image_size: int, *, split: str, negatives: bool | None = None
+    rng: np.random.Generator,
+    image_size: int,
+    *,
+    split: str,
+    negatives: bool | None = None,
+    palette: Palette = BASIC,
 ) -> tuple[Image.Image, dict]:
-    """Draw one scene of `split` ("train" or "val"): an RGB image and its JSON attributes.
+    """Draw one scene of `split` ("train" or "val") with the colours and shapes of `palette`:
+    an RGB image and its JSON attributes.
 
     objects[0] is `relation` objects[1] in the JSON; `label` is the anchor's colour–shape class.
     With `negatives` (None: val only) the sample also carries `hard_negatives` (kind ->
@@ -265,8 +286,8 @@ def draw_scene(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     u = rng.random(_SCENE_SCALARS + 3 * _OBJECT_SCALARS).tolist()
-    objects, relation, held_out = _choose_scene(u, split)
-    image, records = _draw_objects(rng, image_size, objects, u)
+    objects, relation, held_out = _choose_scene(u, split, palette)
+    image, records = _draw_objects(rng, image_size, objects, u, palette)
     claim = Claim(objects[0].noun, relation, objects[1].noun)
     third = objects[2].noun if len(objects) == 3 else None
     template = int(u[6] * len(CAPTION_TEMPLATES))
@@ -276,7 +297,7 @@ def draw_scene(
         "caption": render_caption(claim, third, template, third_template),
         "objects": records,
         "relation": relation,
-        "label": class_index(anchor.color, anchor.shape),
+        "label": palette.class_index(anchor.color, anchor.shape),
         "classname": classname(anchor.color, anchor.shape),
         "held_out": held_out,
     }
@@ -289,9 +310,10 @@ def draw_scene(
     return image, attributes
 
 
-def dataset_fields() -> dict:
-    """What dataset.json adds for this kind: the kind and the held-out classes."""
+def dataset_fields(palette: Palette = BASIC) -> dict:
+    """What dataset.json adds for this kind: the kind, the palette and the held-out classes."""
     return {
         "kind": "compositional",
-        "held_out_classes": [classname(color, shape) for color, shape in HELD_OUT_PAIRS],
+        "palette": palette.name,
+        "held_out_classes": [classname(c, s) for c, s in pair_pools(palette.name)[1]],
     }

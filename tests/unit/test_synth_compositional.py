@@ -13,17 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from common.preprocess import tokenizer
-from train import synth
+from train import synth, synth_draw
 from train import synth_compositional as scenes
 
 PALETTE = np.array([synth.COLOR_RGB[c] for c in synth.COLORS], dtype=float)  # [6, 3]
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def _generate(out_dir: Path, **overrides: int) -> dict:
+def _generate(out_dir: Path, **overrides: int | str) -> dict:
     kwargs = {"train_shards": 2, "samples_per_shard": 150, "seed": 0, "val_samples": 300}
     return synth.generate(out_dir, kind="compositional", **{**kwargs, **overrides})
 
@@ -236,3 +236,68 @@ def test_claims_read_relations_leniently() -> None:
     assert scenes.claim_holds(scenes.Claim(large, "above", small), objects)
     assert not scenes.claim_holds(scenes.Claim(large, "right of", small), objects)
     assert not scenes.claim_holds(scenes.Claim(small, "left of", large), objects)
+
+
+def test_wide_palette_has_256_classes_and_holds_out_every_shape_once() -> None:
+    wide = synth_draw.WIDE
+    assert wide.num_classes == 256 == len(set(wide.classnames()))
+    assert wide.classnames()[wide.class_index("navy", "hourglass")] == "navy hourglass"
+    held_out = wide.held_out_pairs()
+    assert [c for c, _ in held_out] == list(wide.colors)  # one per colour
+    assert sorted(s for _, s in held_out) == sorted(wide.shapes)  # each shape exactly once
+    # the basic palette keeps the pairs its sets were generated with
+    assert synth_draw.BASIC.held_out_pairs() == scenes.HELD_OUT_PAIRS
+    assert [(c, synth.SHAPES.index(s)) for c, s in scenes.HELD_OUT_PAIRS][:3] == [
+        ("red", 1),
+        ("green", 3),
+        ("blue", 0),
+    ]
+
+
+def _silhouette(shape: str, half_extent: float = 13) -> np.ndarray:
+    image = Image.new("L", (64, 64))
+    synth_draw.draw_shape(ImageDraw.Draw(image), shape, 32, 32, half_extent, 255)
+    return np.asarray(image) > 0
+
+
+def test_every_wide_shape_draws_its_own_silhouette_at_the_anchor_size() -> None:
+    masks = {shape: _silhouette(shape) for shape in synth_draw.WIDE.shapes}
+    for shape, mask in masks.items():
+        ys, xs = np.nonzero(mask)
+        assert mask.sum() > 60, shape  # something the size of an anchor
+        assert xs.min() >= 32 - 14 and xs.max() <= 32 + 14 and ys.max() <= 32 + 14, shape
+    for a, b in itertools.combinations(masks, 2):
+        overlap = (masks[a] & masks[b]).sum() / (masks[a] | masks[b]).sum()
+        assert overlap < 0.8, (a, b, overlap)
+
+
+def test_wide_colours_are_apart_from_each_other_and_from_the_background() -> None:
+    rgb = np.array(list(synth_draw.WIDE.rgb.values()), dtype=float)
+    assert len(rgb) == 16
+    for i, j in itertools.combinations(range(len(rgb)), 2):
+        assert np.abs(rgb[i] - rgb[j]).max() >= 60, (i, j)
+    # grey background pixels: every channel in 38..248, channels within 63 of each other
+    low, high = synth.GREY_RANGE[0] - 32, synth.GREY_RANGE[1] + 63
+    for color, value in synth_draw.WIDE.rgb.items():
+        channels = np.array(value)
+        saturated = channels.max() - channels.min() >= 90
+        assert saturated or (channels < low).any() or (channels > high).any(), color
+
+
+def test_a_wide_set_labels_its_anchor_among_256_classes(tmp_path: Path) -> None:
+    summary = _generate(tmp_path, train_shards=1, samples_per_shard=200, val_samples=200,
+                        palette="wide")  # fmt: skip
+    assert summary["palette"] == "wide" and summary["num_classes"] == 256
+    classnames = json.loads((tmp_path / "zeroshot.json").read_text())["classnames"]
+    assert classnames == synth_draw.WIDE.classnames()
+    held_out = set(synth_draw.WIDE.held_out_pairs())
+    assert summary["held_out_classes"] == [f"{c} {s}" for c, s in synth_draw.WIDE.held_out_pairs()]
+    train, val = _metas(tmp_path, "train"), _metas(tmp_path, "val")
+    for meta in train + val:
+        assert classnames[meta["label"]] == meta["classname"]
+    assert all((o["color"], o["shape"]) not in held_out for m in train for o in m["objects"])
+    anchors = {m["classname"] for m in train}
+    assert len(anchors) > 120  # 200 scenes over 240 seen classes: few repeats
+    assert {o["shape"] for m in val for o in m["objects"]} - set(synth.SHAPES)  # new shapes drawn
+    with pytest.raises(ValueError, match="palette wide needs --kind compositional"):
+        synth.generate(tmp_path / "s", train_shards=1, samples_per_shard=5, seed=0, palette="wide")
