@@ -48,6 +48,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+GAP_MIN = 0.05
+"""Zero-shot points plain b256 must lead plain b32 by before batch-32 methods are compared."""
+GAP_CLOSED_TARGET = 0.6
+"""Share of that gap a batch-32 method should close."""
 METHODS: dict[str, tuple[int, list[str]]] = {
     "plain b32": (32, []),
     "plain b256": (256, []),
@@ -340,6 +344,35 @@ def relation_verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def gap_verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """How much of plain b32's zero-shot gap to plain b256 each batch-32 method closes (seed
+    means; target >= GAP_CLOSED_TARGET); nothing to judge unless b256 leads by >= GAP_MIN."""
+    if "plain b32" not in results or "plain b256" not in results:
+        return []
+
+    def mean(method: str) -> float:
+        return sum(r["zeroshot_top1"] for r in results[method]) / len(results[method])
+
+    small, big = mean("plain b32"), mean("plain b256")
+    gap = big - small
+    if gap < GAP_MIN:
+        return [
+            f"plain b256 leads plain b32 by {gap * 100:.1f} zero-shot points, under the "
+            f"{GAP_MIN * 100:.0f} a comparison of batch-32 methods needs"
+        ]
+    lines = [f"plain b256 leads plain b32 by {gap * 100:.1f} zero-shot points (>= 5: the gap)"]
+    for method in results:
+        if method.startswith("plain") or not method.endswith("b32"):
+            continue
+        closed = (mean(method) - small) / gap
+        met = "met" if closed >= GAP_CLOSED_TARGET else "missed"
+        lines.append(
+            f"{method} zero-shot: closes {closed * 100:.0f}% of the gap "
+            f"(target >= {GAP_CLOSED_TARGET * 100:.0f}%: {met})"
+        )
+    return lines
+
+
 def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Which batch-32 method, if any, met the target, metric by metric."""
 
@@ -363,6 +396,7 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
                 f"vs plain b256 {big * 100:.1f} "
                 f"({'reached within seed spread' if reached else 'not reached'})"
             )
+    lines += gap_verdicts(results)
     for method in results:
         if method.startswith("plain") or "plain b32" not in results:
             continue

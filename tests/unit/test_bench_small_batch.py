@@ -76,3 +76,24 @@ def test_learning_rate_scales_with_the_batch_from_batch_32():
     assert lr(1e-3, 32, "sqrt") == lr(1e-3, 32, "linear") == lr(1e-3, 256, "none") == 1e-3
     assert abs(lr(1e-3, 256, "sqrt") - 1e-3 * 8**0.5) < 1e-12
     assert abs(lr(1e-3, 256, "linear") - 8e-3) < 1e-12
+
+
+def test_gap_verdicts_measure_the_share_of_the_b256_gap_each_b32_method_closes():
+    results = {
+        "plain b32": [_run(zeroshot_top1=0.10), _run(zeroshot_top1=0.12)],  # mean 0.11
+        "plain b256": [_run(zeroshot_top1=0.31)],  # 20 points ahead
+        "queue b32": [_run(zeroshot_top1=0.24)],  # 13 of 20: 65%
+        "global b32": [_run(zeroshot_top1=0.20)],  # 9 of 20: 45%
+        "hard-neg shard b32": [_run(zeroshot_top1=0.05)],  # behind plain b32
+    }
+    lines = small_batch.gap_verdicts(results)
+    assert "leads plain b32 by 20.0 zero-shot points" in lines[0]
+    verdict = {line.split(" zero-shot")[0]: line for line in lines[1:]}
+    assert verdict["queue b32"].endswith("closes 65% of the gap (target >= 60%: met)")
+    assert verdict["global b32"].endswith("closes 45% of the gap (target >= 60%: missed)")
+    assert "closes -30% of the gap" in verdict["hard-neg shard b32"]
+    assert set(verdict) == {"queue b32", "global b32", "hard-neg shard b32"}
+    # no gap to close: nothing is judged against it
+    results["plain b256"] = [_run(zeroshot_top1=0.14)]
+    (line,) = small_batch.gap_verdicts(results)
+    assert "3.0 zero-shot points, under the 5" in line
