@@ -992,9 +992,9 @@ def _data_bytes(directory: Path) -> int:
 
 def _read_vectors(path: Path, mmap: bool, random_reads: bool = False) -> np.ndarray:
     """`vectors.npy`, memory-mapped or read. `random_reads` (the on-disk tier, mapped): the
-    kernel is told the map is read at random places, so a re-rank's row faults in its own
-    pages and not the readahead window around it (at 10M x 512, 500 searches left 7.8 GB of
-    the file resident with readahead, against the ~100 MB of rows they read)."""
+    kernel is told the map is read at random places, so a re-rank's row reads its own pages
+    from disk and not the readahead window around it, which evicted the lists (at 10M x 512
+    in a 2 GB memory cgroup: p50 21 ms with it, 1.7 s without; docs/benchmarks.md)."""
     if not path.is_file():
         raise IndexLoadError(f"{path} not found")
     try:
