@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from serve.indexing.journal import Record
-from serve.indexing.vector_search import VectorSearcher
+from serve.indexing.vector_search import VectorSearcher, grown
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +101,8 @@ class ItemTable:
             raise ValueError(f"journal adds id {record.ids[0]}, below next id {self.next_id}")
         searcher.add(record.vectors)
         new = np.asarray(record.ids, dtype=np.int64)
-        self._ids = _grown(self._ids, self._count, new)
-        self._alive = _grown(self._alive, self._count, np.ones(len(new), dtype=bool))
+        self._ids = grown(self._ids, self._count, new)
+        self._alive = grown(self._alive, self._count, np.ones(len(new), dtype=bool))
         self._count += len(new)
         thumbnails = record.thumbnails or [None] * len(new)
         for item_id, row, thumbnail in zip(record.ids, record.rows, thumbnails, strict=True):
@@ -120,15 +120,3 @@ class ItemTable:
         searcher.remove(rows)
         for item_id in record.ids:
             self.added.pop(item_id, None)
-
-
-def _grown(buffer: np.ndarray, count: int, new: np.ndarray) -> np.ndarray:
-    """`buffer` with `new` written after its first `count` entries, reallocated (doubling) if
-    full; views of the first `count` entries stay valid."""
-    total = count + len(new)
-    if len(buffer) < total:
-        grown = np.empty(max(total, 2 * count, 1024), dtype=buffer.dtype)
-        grown[:count] = buffer[:count]
-        buffer = grown
-    buffer[count:total] = new
-    return buffer

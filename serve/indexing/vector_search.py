@@ -424,12 +424,8 @@ class VectorSearcher:
         assert isinstance(self.vectors, np.ndarray)
         count = len(self.vectors)
         total = count + len(vectors)
-        if self._buffer is None or len(self._buffer) < total:
-            capacity = max(total, 2 * count, 1024)
-            grown = np.empty((capacity, self.vectors.shape[1]), np.float32)
-            grown[:count] = self.vectors  # a memory-mapped index is read into memory here
-            self._buffer = grown
-        self._buffer[count:total] = vectors
+        # the first add copies the loaded rows (a memory-mapped index is read into memory here)
+        self._buffer = grown(self.vectors if self._buffer is None else self._buffer, count, vectors)
         if self._index is not None:
             if isinstance(self._index, faiss.IndexIVF):  # explicit ids: deletes removed some
                 self._index.add_with_ids(vectors, np.arange(count, total, dtype=np.int64))
@@ -444,25 +440,33 @@ class VectorSearcher:
         assert self._index is not None
         snapshot = self.vectors.snapshot if isinstance(self.vectors, AppendedRows) else self.vectors
         count, added = len(self.vectors), len(self.vectors) - len(snapshot)
-        total = added + len(vectors)
-        if self._buffer is None or len(self._buffer) < total:
-            grown = np.empty((max(total, 2 * added, 1024), snapshot.shape[1]), np.float32)
-            if self._buffer is not None:
-                grown[:added] = self._buffer[:added]
-            self._buffer = grown
-        self._buffer[added:total] = vectors
+        empty = np.empty((0, snapshot.shape[1]), np.float32)
+        self._buffer = grown(empty if self._buffer is None else self._buffer, added, vectors)
         if self._delta is None:
             self._delta = empty_lists_copy(self._index)
             for name, value in self.search_params.items():
                 faiss.ParameterSpace().set_index_parameter(self._delta, name, value)
         self._delta.add_with_ids(vectors, np.arange(count, count + len(vectors), dtype=np.int64))
-        self.vectors = AppendedRows(snapshot, self._buffer[:total])
+        self.vectors = AppendedRows(snapshot, self._buffer[: added + len(vectors)])
 
     def remove(self, rows: np.ndarray) -> None:
         """Drop `rows` from an IVF index's lists (others: the caller masks them out)."""
         if self.deletes_in_index:
             assert self._index is not None
             self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
+
+
+def grown(buffer: np.ndarray, count: int, new: np.ndarray) -> np.ndarray:
+    """`buffer` with `new` written after its first `count` rows, reallocated (doubling, at
+    least 1024 rows) when it has no room: n appends cost O(n) copies in all, and views of the
+    first `count` rows stay valid. A read-only `buffer` (a loaded index's rows) is copied."""
+    total = count + len(new)
+    if len(buffer) < total or not buffer.flags.writeable:
+        larger = np.empty((max(total, 2 * count, 1024), *buffer.shape[1:]), dtype=buffer.dtype)
+        larger[:count] = buffer[:count]
+        buffer = larger
+    buffer[count:total] = new
+    return buffer
 
 
 def rerank_candidates(k: int, rerank_factor: int, count: int) -> int:
