@@ -1,6 +1,7 @@
 """Benchmark the on-disk IVF-PQ tier: build time, disk size, serving memory, recall@10, p50.
 
     python bench/ondisk.py [--count 1000000] [--dim 512] [--out /tmp/duet-ondisk] [--keep]
+                           [--pq-m M]                     # lists of M bytes per vector
     python bench/ondisk.py --probe-only --out /tmp/duet-ondisk   # serve a kept index again
     python bench/ondisk.py --probe-only --memory-limit-mb 1200 ...  # ... within 1.2 GB (root)
     python bench/ondisk.py --probe-only --updates 100000 --count N ...  # ... after updates
@@ -189,6 +190,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/duet-ondisk"))
     parser.add_argument("--keep", action="store_true", help="keep the index afterwards")
     parser.add_argument(
+        "--pq-m",
+        type=int,
+        help="sub-quantisers of the lists' codes (8 bits each; must divide --dim): fewer make "
+        "smaller lists, re-ranked from more candidates (default: the build's, D / 4)",
+    )
+    parser.add_argument(
         "--probe-only", action="store_true", help="serve the index kept in --out again, no build"
     )
     parser.add_argument(
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out / "index",
         vectors,
         _Rows(args.count),
-        spec=IndexSpec(on_disk=True, recall_queries=1000),
+        spec=IndexSpec(on_disk=True, recall_queries=1000, pq_m=args.pq_m),
     )
     build_s = time.perf_counter() - start
     del vectors

@@ -3,7 +3,9 @@
     python bench/small_batch.py [--samples 49152] [--seeds 0,1] [--model duet-tiny]
                                 [--palette basic|wide] [--lr-scaling none|sqrt|linear]
                                 [--methods M,...|relations] [--merge EARLIER.json] [--out FILE.json]
+    python bench/small_batch.py ... [--jobs N]             (N runs at a time: a GPU's room)
     python bench/small_batch.py --overhead MODEL [--overhead-modes batch,hard-neg,...]
+                                [--device cpu|cuda] [--precision fp32|bf16|fp16]
 
 On the compositional synthetic set (`python -m train.synth --kind compositional`, generated
 into --data when missing), with equal samples seen, each method trains from scratch once per
@@ -71,6 +73,16 @@ METHODS: dict[str, tuple[int, list[str]]] = {
     "hard-neg generated b32": (
         32,
         ["loss.hard_negatives=true", "data.hard_negatives.generate=always"],
+    ),
+    # the relation alone: one generated negative per sample, the opposite relation (on the
+    # compositional set the generator's replace_relation equals the shard's)
+    "hard-neg relation b32": (
+        32,
+        [
+            "loss.hard_negatives=true",
+            "data.hard_negatives.generate=always",
+            "data.hard_negatives.kinds=replace_relation",
+        ],
     ),
     # NegCLIP's one negative per image (a kind drawn anew each time the sample is read): the
     # step costs 1 + 1 captions per image instead of 1 + 3
@@ -201,11 +213,19 @@ OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
 }
 
 
-def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> list[str]:
+def step_overhead(
+    model_name: str,
+    batch: int,
+    steps: int,
+    modes: list[str],
+    device: str = "cpu",
+    precision_name: str = "fp32",
+) -> list[str]:
     """Time of a training step (forward, backward, optimizer, and the negatives' own work) per
     mode of OVERHEAD_MODES, on random images and captions: what the modes cost at a model's
     real size, where training a whole run on this machine is out of reach. The modes take
-    turns step by step (a round each), so that a drift in the machine's speed hits all alike."""
+    turns step by step (a round each), so that a drift in the machine's speed hits all alike.
+    On CUDA each step is timed to its last kernel (synchronized)."""
     import torch
 
     from common.model import build_model
@@ -217,12 +237,13 @@ def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> 
     from train.optimizer import build_optimizer
     from train.step import forward_backward
 
-    info = DistInfo(0, 1, 0, torch.device("cpu"))
-    precision = Precision("fp32", info.device)
+    info = DistInfo(0, 1, 0, torch.device(device))
+    precision = Precision(precision_name, info.device)
     torch.manual_seed(0)
-    model = build_model(model_name)
+    model = build_model(model_name).to(info.device)
     model.train()
-    inputs_by_k = {k: _overhead_inputs(model, model_name, batch, k) for k in (0, 1, 3)}
+    inputs_by_k = {k: _overhead_inputs(model, model_name, batch, k, info.device) for k in (0, 1, 3)}
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else lambda: None
     optimizer = build_optimizer(model, OptimConfig())
     configs = {m: LossConfig(**OVERHEAD_MODES[m][1]) for m in dict.fromkeys(["batch", *modes])}
     states = {m: Negatives(cfg, model, info) for m, cfg in configs.items()}
@@ -234,17 +255,19 @@ def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> 
             inputs = inputs_by_k[OVERHEAD_MODES[mode][2]]
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            ids = torch.arange(batch) + step * batch
+            ids = torch.arange(batch, device=info.device) + step * batch
             step_negatives = states[mode].before_step(
                 inputs.images, inputs.tokens, ids, precision, 0
             )
             forward_backward(model, inputs, StepLoss(cfg, info, step_negatives), precision)
             optimizer.step()
             states[mode].after_step(model, applied=True)
+            sync()
             elapsed[mode].append(time.perf_counter() - start)
     times = {m: sorted(e[1:])[len(e[1:]) // 2] for m, e in elapsed.items()}
+    where = f"{device}, {precision_name}"
     lines = [
-        f"| {model_name}, batch {batch} | step s (median of {steps}) | x batch |",
+        f"| {model_name}, batch {batch}, {where} | step s (median of {steps}) | x batch |",
         "|---|---:|---:|",
     ]
     for mode, seconds in times.items():
@@ -253,9 +276,9 @@ def step_overhead(model_name: str, batch: int, steps: int, modes: list[str]) -> 
     return lines
 
 
-def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> Any:
+def _overhead_inputs(model: Any, model_name: str, batch: int, k: int, device: Any) -> Any:
     """Random images at the model's size and captions, with `k` hard negatives per sample
-    (all real; none for k = 0), as train.objective.Inputs."""
+    (all real; none for k = 0), as train.objective.Inputs on `device`."""
     import torch
 
     from common.preprocess import preprocess_config, tokenizer
@@ -263,15 +286,16 @@ def _overhead_inputs(model: Any, model_name: str, batch: int, k: int) -> Any:
 
     size = preprocess_config(model.clip).size
     side = size[0] if isinstance(size, tuple | list) else size
-    images = torch.randn(batch, 3, side, side)
+    images = torch.randn(batch, 3, side, side, device=device)
     tokenize = tokenizer(model_name)
-    tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)])
+    tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)]).to(device)
     if not k:
         return Inputs(images, tokens)
     negative_tokens = tokenize(
         [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
     ).unflatten(0, (batch, k))
-    negative_mask = torch.ones(batch, k, dtype=torch.bool)
+    negative_mask = torch.ones(batch, k, dtype=torch.bool, device=device)
+    negative_tokens = negative_tokens.to(device)
     return Inputs(images, tokens, negative_tokens, negative_mask)
 
 
@@ -451,6 +475,25 @@ def main() -> None:
     )
     parser.add_argument("--overhead-steps", type=int, default=3)
     parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="--overhead: where the steps run (the training runs take the trainer's device=auto)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="--overhead: the autocast precision (fp16 on cuda only)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="training runs at a time (a GPU has room for several duet-tiny runs; their "
+        "samples/s then share it, so compare it only between runs made alike)",
+    )
+    parser.add_argument(
         "--overhead-modes",
         default=",".join(OVERHEAD_MODES),
         help=f"--overhead: some of {', '.join(OVERHEAD_MODES)} (batch always runs)",
@@ -467,7 +510,13 @@ def main() -> None:
         modes = args.overhead_modes.split(",")
         if unknown := set(modes) - set(OVERHEAD_MODES):
             parser.error(f"--overhead-modes: unknown {', '.join(sorted(unknown))}")
-        print("\n".join(step_overhead(args.overhead, 32, args.overhead_steps, modes)))
+        print(
+            "\n".join(
+                step_overhead(
+                    args.overhead, 32, args.overhead_steps, modes, args.device, args.precision
+                )
+            )
+        )
         return
     dataset(args.data, args.train_shards, args.samples_per_shard, args.palette)  # once, first
     results: dict[str, list[dict[str, Any]]] = {}
@@ -475,32 +524,49 @@ def main() -> None:
         results.update(json.loads(args.merge.read_text()))
     started = time.perf_counter()
     methods = RELATION_METHODS if args.methods == "relations" else args.methods.split(",")
-    for method in methods:
-        for seed in (int(s) for s in args.seeds.split(",")):
-            scaling = "" if args.lr_scaling == "none" else f"-lr-{args.lr_scaling}"
-            name = f"{method.replace(' ', '-')}{scaling}-seed{seed}"
-            result_file = args.runs / f"{name}.json"
-            args.runs.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
-                [sys.executable, __file__, "--method", method, "--seed", str(seed),
-                 "--run-dir", str(args.runs / name), "--result", str(result_file),
-                 "--samples", str(args.samples), "--model", args.model, "--lr", str(args.lr),
-                 "--lr-scaling", args.lr_scaling,
-                 "--data", str(args.data), "--train-shards", str(args.train_shards),
-                 "--samples-per-shard", str(args.samples_per_shard), "--palette", args.palette],
-                check=True, cwd=ROOT,
-            )  # fmt: skip
-            result = json.loads(result_file.read_text())
-            results.setdefault(method, []).append(result)
-            print(
-                f"{name}: zero-shot {result.get('zeroshot_top1', 0):.3f}, "
-                f"R@5 {result.get('text_to_image_recall@5', 0):.3f}, "
-                f"{result['samples_per_s']:.0f} samples/s, {result['seconds']:.0f} s",
-                flush=True,
-            )
-    print(f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
-          f"palette {args.palette}, lr {args.lr} at batch 32, scaled: {args.lr_scaling}, "
-          f"{time.perf_counter() - started:.0f} s in all\n")  # fmt: skip
+    scaling = "" if args.lr_scaling == "none" else f"-lr-{args.lr_scaling}"
+    planned = [
+        (method, seed, f"{method.replace(' ', '-')}{scaling}-seed{seed}")
+        for method in methods
+        for seed in (int(s) for s in args.seeds.split(","))
+    ]
+    args.runs.mkdir(parents=True, exist_ok=True)
+    running: list[tuple[subprocess.Popen[bytes], str, str]] = []
+
+    def finish(process: subprocess.Popen[bytes], method: str, name: str) -> None:
+        if process.wait():
+            for other, _, _ in running:
+                other.kill()
+            raise SystemExit(f"{name}: the run failed (exit {process.returncode})")
+        result = json.loads((args.runs / f"{name}.json").read_text())
+        results.setdefault(method, []).append(result)
+        print(
+            f"{name}: zero-shot {result.get('zeroshot_top1', 0):.3f}, "
+            f"R@5 {result.get('text_to_image_recall@5', 0):.3f}, "
+            f"{result['samples_per_s']:.0f} samples/s, {result['seconds']:.0f} s",
+            flush=True,
+        )
+
+    for method, seed, name in planned:
+        if len(running) >= max(1, args.jobs):
+            finish(*running.pop(0))  # in the planned order, so the table's rows are too
+        process = subprocess.Popen(
+            [sys.executable, __file__, "--method", method, "--seed", str(seed),
+             "--run-dir", str(args.runs / name), "--result", str(args.runs / f"{name}.json"),
+             "--samples", str(args.samples), "--model", args.model, "--lr", str(args.lr),
+             "--lr-scaling", args.lr_scaling,
+             "--data", str(args.data), "--train-shards", str(args.train_shards),
+             "--samples-per-shard", str(args.samples_per_shard), "--palette", args.palette],
+            cwd=ROOT,
+        )  # fmt: skip
+        running.append((process, method, name))
+    while running:
+        finish(*running.pop(0))
+    print(
+        f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
+        f"palette {args.palette}, lr {args.lr} at batch 32, scaled: {args.lr_scaling}, "
+        f"{args.jobs} run(s) at a time, {time.perf_counter() - started:.0f} s in all\n"
+    )
     relations = any(method.startswith("hard-neg") for method in results)
     print(table(results, RELATION_COLUMNS if relations else COLUMNS))
     print()

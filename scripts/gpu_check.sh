@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check: what only a CUDA machine can show, in one table, in under 8 minutes.
+# One-command GPU check: what only a CUDA machine can show, in one table, in under 9 minutes.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        (PYTHON=... to use another interpreter than .venv's)
 #
@@ -11,9 +11,11 @@
 # 3. bench/train_step.py, ViT-B-32, bf16 and fp16: step time, samples/s, peak memory
 # 4. the tiled CLIP loss (D=512, float32, forward + backward) at N = 64k, 128k, ... while the
 #    next size's predicted time fits the budget: the largest N measured, its time and memory
+# 5. bench/small_batch.py --overhead ViT-B-32 on CUDA (bf16, batch 32): the step time of the
+#    queue (key encoder) and of hard-negative captions (K = 3 and K = 1) over plain's
 #
-# Each part has its own time limit (60 + 150 + 120 + 120 s, plus ~30 s of set-up): a part that
-# fails or runs out of time is a row saying so, and the others still run. Logs: OUT_DIR/*.log.
+# Each part has its own time limit (60 + 150 + 120 + 120 + 90 s, plus ~30 s of set-up): a part
+# that fails or runs out of time is a row saying so, and the others still run. Logs: OUT_DIR/*.log.
 # Needs the project installed (make install) with a CUDA build of torch.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -144,6 +146,17 @@ EOF
   row "tiled CLIP loss, D=512 fp32, largest N in 100 s" "${LOSS%%|*}" "${LOSS#*|}"
 else
   row "tiled CLIP loss, D=512 fp32" "FAIL (exit $?)" "see $OUT/loss.log"
+fi
+
+# 5. what the queue and hard-negative captions cost per step at ViT-B-32 size, batch 32, bf16
+if limit 90 "$PY" bench/small_batch.py --overhead ViT-B-32 --device cuda --precision bf16 \
+    --overhead-steps 10 --overhead-modes queue,hard-neg,hard-neg-k1 >"$OUT/overhead.log" 2>&1; then
+  while IFS='|' read -r _ mode seconds ratio _; do
+    row "step overhead ViT-B-32 b32 bf16: $(echo "$mode" | xargs)" "$(echo "$ratio" | xargs)x batch" \
+      "$(echo "$seconds" | xargs) s/step (median of 10)"
+  done < <(grep -E '^\| (batch|queue|hard) ' "$OUT/overhead.log")
+else
+  row "step overhead ViT-B-32 b32 bf16" "FAIL (exit $?)" "see $OUT/overhead.log"
 fi
 
 echo

@@ -97,3 +97,19 @@ def test_gap_verdicts_measure_the_share_of_the_b256_gap_each_b32_method_closes()
     results["plain b256"] = [_run(zeroshot_top1=0.14)]
     (line,) = small_batch.gap_verdicts(results)
     assert "3.0 zero-shot points, under the 5" in line
+
+
+def test_step_overhead_times_every_mode_against_plain_on_the_device_asked_for():
+    lines = small_batch.step_overhead(
+        "duet-micro", 4, 1, ["queue", "hard-neg", "hard-neg-k1"], "cpu", "bf16"
+    )
+    assert lines[0].startswith("| duet-micro, batch 4, cpu, bf16 |")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines[2:]}
+    assert list(rows) == [
+        "batch",
+        "queue (key encoder)",
+        "hard negatives (K = 3)",
+        "hard negatives (K = 1)",
+    ]
+    assert float(rows["batch"][1]) == 1.0
+    assert all(float(seconds) > 0 for seconds, _ in rows.values())
