@@ -5,7 +5,7 @@
                                 [--methods M,...|relations] [--merge EARLIER.json] [--out FILE.json]
     python bench/small_batch.py ... [--jobs N]             (N runs at a time: a GPU's room)
     python bench/small_batch.py --overhead MODEL [--overhead-modes batch,hard-neg,...]
-                                [--device cpu|cuda] [--precision fp32|bf16|fp16]
+                                [--device cpu|cuda] [--precision fp32|bf16]
 
 On the compositional synthetic set (`python -m train.synth --kind compositional`, generated
 into --data when missing), with equal samples seen, each method trains from scratch once per
@@ -291,11 +291,14 @@ def _overhead_inputs(model: Any, model_name: str, batch: int, k: int, device: An
     tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)]).to(device)
     if not k:
         return Inputs(images, tokens)
-    negative_tokens = tokenize(
-        [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
-    ).unflatten(0, (batch, k))
+    negative_tokens = (
+        tokenize(
+            [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
+        )
+        .unflatten(0, (batch, k))
+        .to(device)
+    )
     negative_mask = torch.ones(batch, k, dtype=torch.bool, device=device)
-    negative_tokens = negative_tokens.to(device)
     return Inputs(images, tokens, negative_tokens, negative_mask)
 
 
@@ -482,9 +485,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=("fp32", "bf16"),
         default="fp32",
-        help="--overhead: the autocast precision (fp16 on cuda only)",
+        help="--overhead: the autocast precision",
     )
     parser.add_argument(
         "--jobs",
