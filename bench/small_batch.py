@@ -202,7 +202,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
 
 # --overhead's modes: the name in its table, the loss.* fields it sets, and the hard-negative
 # captions per sample (all real): K = 3 is data.hard_negatives' default (the text tower
-# encodes 4 captions per sample), K = 1 NegCLIP's one negative per image
+# encodes 4 captions per sample), K = 1 NegCLIP's one negative per image. The texts are cut to
+# their length as the trainer's batches are, except in the "-padded" modes: the whole context,
+# as before training cut them (the batch's other figures are relative to "batch", cut)
 OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
     "batch": ("batch", {}, 0),
     "queue": ("queue (key encoder)", {"negatives": "queue"}, 0),
@@ -210,6 +212,8 @@ OVERHEAD_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
     "global": ("global", {"negatives": "global"}, 0),
     "hard-neg": ("hard negatives (K = 3)", {"hard_negatives": True}, 3),
     "hard-neg-k1": ("hard negatives (K = 1)", {"hard_negatives": True}, 1),
+    "batch-padded": ("batch, texts padded to the context", {}, 0),
+    "hard-neg-padded": ("hard negatives (K = 3), padded", {"hard_negatives": True}, 3),
 }
 
 
@@ -242,7 +246,11 @@ def step_overhead(
     torch.manual_seed(0)
     model = build_model(model_name).to(info.device)
     model.train()
-    inputs_by_k = {k: _overhead_inputs(model, model_name, batch, k, info.device) for k in (0, 1, 3)}
+    inputs_by_k = {
+        (k, padded): _overhead_inputs(model, model_name, batch, k, info.device, padded)
+        for k in (0, 1, 3)
+        for padded in (False, True)
+    }
     sync = torch.cuda.synchronize if info.device.type == "cuda" else lambda: None
     optimizer = build_optimizer(model, OptimConfig())
     configs = {m: LossConfig(**OVERHEAD_MODES[m][1]) for m in dict.fromkeys(["batch", *modes])}
@@ -252,7 +260,7 @@ def step_overhead(
     elapsed: dict[str, list[float]] = {m: [] for m in configs}
     for step in range(steps + 1):  # the first round warms up
         for mode, cfg in configs.items():
-            inputs = inputs_by_k[OVERHEAD_MODES[mode][2]]
+            inputs = inputs_by_k[OVERHEAD_MODES[mode][2], mode.endswith("-padded")]
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             ids = torch.arange(batch, device=info.device) + step * batch
@@ -276,11 +284,15 @@ def step_overhead(
     return lines
 
 
-def _overhead_inputs(model: Any, model_name: str, batch: int, k: int, device: Any) -> Any:
+def _overhead_inputs(
+    model: Any, model_name: str, batch: int, k: int, device: Any, padded: bool = False
+) -> Any:
     """Random images at the model's size and captions, with `k` hard negatives per sample
-    (all real; none for k = 0), as train.objective.Inputs on `device`."""
+    (all real; none for k = 0), as train.objective.Inputs on `device`; the texts cut to their
+    length as the trainer's batches are, unless `padded`."""
     import torch
 
+    from common.model import cut_text_padding, text_pooling
     from common.preprocess import preprocess_config, tokenizer
     from train.objective import Inputs
 
@@ -288,18 +300,17 @@ def _overhead_inputs(model: Any, model_name: str, batch: int, k: int, device: An
     side = size[0] if isinstance(size, tuple | list) else size
     images = torch.randn(batch, 3, side, side, device=device)
     tokenize = tokenizer(model_name)
-    tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)]).to(device)
+    tokens = tokenize([f"a red object {i} left of a blue one" for i in range(batch)])
+    negative_tokens = tokenize(
+        [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
+    ).unflatten(0, (batch, k))
+    pooling = text_pooling(model.clip)
+    if pooling is not None and not padded:  # cut to their length, as the trainer's batches
+        tokens, negative_tokens = cut_text_padding(pooling, tokens, negative_tokens)
     if not k:
-        return Inputs(images, tokens)
-    negative_tokens = (
-        tokenize(
-            [f"a red object {i} right of a blue one {j}" for i in range(batch) for j in range(k)]
-        )
-        .unflatten(0, (batch, k))
-        .to(device)
-    )
+        return Inputs(images, tokens.to(device))
     negative_mask = torch.ones(batch, k, dtype=torch.bool, device=device)
-    return Inputs(images, tokens, negative_tokens, negative_mask)
+    return Inputs(images, tokens.to(device), negative_tokens.to(device), negative_mask)
 
 
 def _cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:

@@ -139,11 +139,15 @@ class DualEncoder(nn.Module):
 
         In eval mode a batch of short texts runs at its real length (`short_text_length`), not
         the padded context: the same embeddings (within float rounding) for a fraction of the work.
+        Training cuts its batches before they reach the device (`cut_text_padding`); tokens
+        shorter than the context run over that many positions.
         """
         length = None if self.training else short_text_length(self.clip, tokens)
-        if length is None:
+        if length is not None:
+            tokens = tokens[:, :length]
+        if tokens.shape[1] >= getattr(self.clip, "context_length", tokens.shape[1]):
             return normalize(self.clip.encode_text(tokens))
-        return normalize(encode_text_prefix(self.clip, tokens[:, :length]))
+        return normalize(encode_text_prefix(self.clip, tokens))
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor
@@ -285,6 +289,26 @@ def length_groups(tokens: torch.Tensor, pooling: tuple[str, int | None]) -> list
     buckets = torch.tensor([*TEXT_LENGTH_BUCKETS, tokens.shape[1]], device=tokens.device)
     bucket_of_row = torch.searchsorted(buckets, needed)  # [B] the first bucket >= needed
     return [torch.nonzero(bucket_of_row == b).flatten() for b in bucket_of_row.unique()]
+
+
+def cut_text_padding(
+    pooling: tuple[str, int | None], *token_sets: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Token ids [..., C] cut to one length: the shortest of `TEXT_LENGTH_BUCKETS` (or C) that
+    holds every row's pooling position (`text_pooling`'s kind), exact as `short_text_length`.
+
+    What training does to each batch, captions and hard negatives alike, on the CPU before the
+    copy to the device: the text tower runs at about the captions' real length rather than the
+    context's (captions of ~15 tokens in a context of 77), its embeddings and gradients the same,
+    and a compiled step meets a handful of lengths, not one per batch.
+    """
+    full = token_sets[0].shape[-1]
+    rows = [t.flatten(0, -2) for t in token_sets if t.numel()]
+    needed = max(int(pooled_positions(r, *pooling).max()) + 1 for r in rows) if rows else 1
+    length = next((b for b in TEXT_LENGTH_BUCKETS if b >= needed), full)
+    if length >= full:
+        return token_sets
+    return tuple(t[..., :length].contiguous() for t in token_sets)
 
 
 def encode_text_prefix(clip: Any, tokens: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@
 # 4. the tiled CLIP loss (D=512, float32, forward + backward) at N = 64k, 128k, ... while the
 #    next size's predicted time fits the budget: the largest N measured, its time and memory
 # 5. bench/small_batch.py --overhead ViT-B-32 on CUDA (bf16, batch 32): the step time of the
-#    queue (key encoder) and of hard-negative captions (K = 3 and K = 1) over plain's
+#    queue (key encoder) and of hard-negative captions (K = 3 and K = 1) over plain's, and of
+#    plain and K = 3 with the texts padded to the context (what training ran before it cut them)
 #
 # Each part has its own time limit (60 + 150 + 120 + 120 + 90 s, plus ~30 s of set-up): a part
 # that fails or runs out of time is a row saying so, and the others still run. Logs: OUT_DIR/*.log.
@@ -150,7 +151,8 @@ fi
 
 # 5. what the queue and hard-negative captions cost per step at ViT-B-32 size, batch 32, bf16
 if limit 90 "$PY" bench/small_batch.py --overhead ViT-B-32 --device cuda --precision bf16 \
-    --overhead-steps 10 --overhead-modes queue,hard-neg,hard-neg-k1 >"$OUT/overhead.log" 2>&1; then
+    --overhead-steps 10 --overhead-modes queue,hard-neg,hard-neg-k1,batch-padded,hard-neg-padded \
+    >"$OUT/overhead.log" 2>&1; then
   while IFS='|' read -r _ mode seconds ratio _; do
     row "step overhead ViT-B-32 b32 bf16: $(echo "$mode" | xargs)" "$(echo "$ratio" | xargs)x batch" \
       "$(echo "$seconds" | xargs) s/step (median of 10)"

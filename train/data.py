@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from common.model import cut_text_padding
 from common.preprocess import ResizeLimit, Tokenizer, Transform, decode_or_skip
 from common.shards import SampleError, count_samples, expand_urls, shard_sizes, to_raw_sample
 from train.config import DataConfig, HardNegativesConfig
@@ -69,6 +70,16 @@ class Batch:
     ...)`); None unless asked for."""
     negative_mask: torch.Tensor | None = None
     """[B, K] bool: which of negative_tokens are real, not padding."""
+
+    def cut_text_padding(self, pooling: tuple[str, int | None]) -> None:
+        """Captions and negatives cut to one shorter length where that is exact for a text
+        tower pooling so (`common.model.cut_text_padding`)."""
+        if self.negative_tokens is None:
+            (self.tokens,) = cut_text_padding(pooling, self.tokens)
+        else:
+            self.tokens, self.negative_tokens = cut_text_padding(
+                pooling, self.tokens, self.negative_tokens
+            )
 
 
 @dataclass(slots=True)
@@ -186,9 +197,10 @@ class EpochData(IterableDataset):
         batch_quota: list[int] | None,
         offsets: dict[str, tuple[int, int]] | None = None,
         hard_negatives: HardNegativesConfig | None = None,
+        text_pooling: tuple[str, int | None] | None = None,
     ) -> None:
         self.cfg, self.sources, self.offsets = cfg, sources, offsets
-        self.hard_negatives = hard_negatives
+        self.hard_negatives, self.text_pooling = hard_negatives, text_pooling
         self.transform, self.tokenize, self.resize = transform, tokenize, resize
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = position
@@ -240,6 +252,8 @@ class EpochData(IterableDataset):
             )
             if self.hard_negatives is not None:
                 batch.negative_tokens, batch.negative_mask = self._negatives(negatives)
+            if self.text_pooling is not None:
+                batch.cut_text_padding(self.text_pooling)
             yield batch
             batches_left = None if batches_left is None else batches_left - 1
         yield WorkerEnd(w, cursor[0], dict(skipped))
@@ -339,12 +353,15 @@ class TrainBatches:
         pin_memory: bool = False,
         sample_ids: bool = False,
         hard_negatives: HardNegativesConfig | None = None,
+        text_pooling: tuple[str, int | None] | None = None,
     ) -> None:
         """resize: the model's bound on an image's resized pixels (samples over it are skipped).
         sample_ids: give each batch its samples' ids (`Batch.ids`), from the shards' sample
         counts (local shards only); `num_samples` is then the number of ids. hard_negatives:
-        give each batch its samples' hard-negative captions (`Batch.negative_tokens`)."""
-        self.cfg, self.hard_negatives = cfg, hard_negatives
+        give each batch its samples' hard-negative captions (`Batch.negative_tokens`).
+        text_pooling: the text tower's (`common.model.text_pooling`); each batch's tokens are
+        then cut to the length its texts need (`Batch.cut_text_padding`)."""
+        self.cfg, self.hard_negatives, self.text_pooling = cfg, hard_negatives, text_pooling
         self.pin_memory = pin_memory  # page-locked batches: asynchronous copies to a GPU
         self.sources = data_sources(cfg)
         if not cfg.resampled:
@@ -499,6 +516,7 @@ class TrainBatches:
             batch_quota=self._batch_quota(),
             offsets=self.offsets,
             hard_negatives=self.hard_negatives,
+            text_pooling=self.text_pooling,
         )
         workers = self.cfg.workers
         niceness = self.cfg.worker_niceness

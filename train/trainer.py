@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from common.config import to_dict
 from common.hf_text import tokenizer_folder
-from common.model import DualEncoder, build_model, local_dir
+from common.model import DualEncoder, build_model, local_dir, text_pooling
 from common.preprocess import ResizeLimit, image_transform, preprocess_config, tokenizer
 from common.shards import SKIP_REASONS
 from train.checkpoint import Checkpointer, Restored, export_model, rng_state
@@ -72,6 +72,7 @@ class Trainer:
             locks=cfg.model.locks,  # frozen parameters stay out of the optimizer (requires_grad)
         )
         self.model.train()
+        self.text_pooling = text_pooling(self.model.clip)  # before FSDP changes its class
         self.precision = Precision(cfg.compute.precision, self.dist.device)
         # loss.negatives=queue's key encoder: a copy of the model as built, sharded like it
         sharded = self.dist.enabled and cfg.compute.parallel == "fsdp"
@@ -131,6 +132,7 @@ class Trainer:
             pin_memory=self.dist.device.type == "cuda",
             sample_ids=cfg.loss.negatives == "global",
             hard_negatives=cfg.data.hard_negatives if cfg.loss.hard_negatives else None,
+            text_pooling=self.text_pooling,  # texts cut to their length: exact, and cheaper
         )
         self.negatives.set_num_samples(self.batches.num_samples)
         if restored:

@@ -4,6 +4,8 @@ read from the right figure and judged in the right direction."""
 import importlib.util
 from pathlib import Path
 
+from common.model import build_model
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "small_batch.py"
 _spec = importlib.util.spec_from_file_location("small_batch", BENCH)
 assert _spec is not None and _spec.loader is not None
@@ -101,7 +103,7 @@ def test_gap_verdicts_measure_the_share_of_the_b256_gap_each_b32_method_closes()
 
 def test_step_overhead_times_every_mode_against_plain_on_the_device_asked_for():
     lines = small_batch.step_overhead(
-        "duet-micro", 4, 1, ["queue", "hard-neg", "hard-neg-k1"], "cpu", "bf16"
+        "duet-micro", 4, 1, ["queue", "hard-neg", "hard-neg-k1", "hard-neg-padded"], "cpu", "bf16"
     )
     assert lines[0].startswith("| duet-micro, batch 4, cpu, bf16 |")
     rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in lines[2:]}
@@ -110,6 +112,12 @@ def test_step_overhead_times_every_mode_against_plain_on_the_device_asked_for():
         "queue (key encoder)",
         "hard negatives (K = 3)",
         "hard negatives (K = 1)",
+        "hard negatives (K = 3), padded",
     ]
+    # the steps take texts cut as the trainer's batches are (16 of 20), or the whole context
+    model = build_model("duet-micro")
+    cut = small_batch._overhead_inputs(model, "duet-micro", 4, 3, "cpu")
+    padded = small_batch._overhead_inputs(model, "duet-micro", 4, 3, "cpu", padded=True)
+    assert cut.texts().shape == (16, 16) and padded.texts().shape == (16, 20)
     assert float(rows["batch"][1]) == 1.0
     assert all(float(seconds) > 0 for seconds, _ in rows.values())

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg
 from torch.testing import assert_close
 
-from common.model import build_model
+from common.model import TEXT_LENGTH_BUCKETS, build_model, text_pooling
 from common.preprocess import ResizeLimit, image_transform, tokenizer
 from common.shards import iter_shards
 from train import synth
@@ -287,15 +287,22 @@ def test_compositional_train_negatives_are_optional_and_change_nothing_else(
         assert meta["caption"] not in negatives.values()
 
 
-def batches_of(path: Path, generate: str = "off", state: dict | None = None) -> TrainBatches:
+def batches_of(
+    path: Path,
+    generate: str = "off",
+    state: dict | None = None,
+    model: str = "duet-micro",
+    text_pooling: tuple[str, int | None] | None = None,
+) -> TrainBatches:
     cfg = DataConfig(train_shards=str(path), batch_size_per_rank=8, workers=0, shuffle_buffer=16)
     cfg.hard_negatives = HardNegativesConfig(generate=generate, max_per_sample=2)
     transform, resize = (
         image_transform(PreprocessCfg(size=32), train=True),
         ResizeLimit(PreprocessCfg(size=32)),
     )
-    return TrainBatches(cfg, transform, tokenizer("duet-micro"), resize, seed=0, rank=0,
-                        world_size=1, state=state, hard_negatives=cfg.hard_negatives)  # fmt: skip
+    return TrainBatches(cfg, transform, tokenizer(model), resize, seed=0, rank=0, world_size=1,
+                        state=state, hard_negatives=cfg.hard_negatives,
+                        text_pooling=text_pooling)  # fmt: skip
 
 
 def test_batches_carry_the_shards_negatives_padded_and_resume_exactly(
@@ -322,6 +329,24 @@ def test_batches_carry_the_shards_negatives_padded_and_resume_exactly(
     resumed = next(iter(batches_of(shard, state=state)))
     assert torch.equal(resumed.negative_tokens, second.negative_tokens)
     assert torch.equal(resumed.negative_mask, second.negative_mask)
+
+
+def test_batches_come_cut_to_the_length_their_captions_and_negatives_need(
+    compositional_with_negatives: Path,
+):
+    """With the text tower's pooling, a batch's captions and negatives share the first bucketed
+    length holding every row's end of text: only padding is dropped (ViT-B-32: 77 positions)."""
+    shard = compositional_with_negatives / "with/train/shard-000000.tar"
+    whole = next(iter(batches_of(shard, model="ViT-B-32")))
+    cut = next(iter(batches_of(shard, model="ViT-B-32", text_pooling=("argmax", None))))
+    assert whole.negative_tokens is not None and cut.negative_tokens is not None
+    needed = max(int(t.argmax(dim=-1).max()) + 1 for t in (whole.tokens, whole.negative_tokens))
+    length = cut.tokens.shape[1]
+    assert cut.negative_tokens.shape == (8, 2, length)
+    assert length in TEXT_LENGTH_BUCKETS and needed <= length < needed + 8
+    assert torch.equal(cut.tokens, whole.tokens[:, :length])
+    assert torch.equal(cut.negative_tokens, whole.negative_tokens[..., :length])
+    assert not whole.tokens[:, length:].any() and not whole.negative_tokens[..., length:].any()
 
 
 def test_samples_without_negatives_get_generated_ones_or_padding(
@@ -365,6 +390,9 @@ def test_a_training_run_counts_the_negatives_it_used(
         "data.hard_negatives.max_per_sample=4", "optim.grad_cache_chunk=4",
     ])  # fmt: skip
     trainer = Trainer(cfg)
+    # its batches come cut to their texts' length (open_clip's CLIP text tower: argmax pooling)
+    assert trainer.batches.text_pooling is not None
+    assert trainer.batches.text_pooling == text_pooling(trainer.model.clip)
     try:
         trainer.train()
     finally:

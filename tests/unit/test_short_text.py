@@ -12,8 +12,10 @@ from common.artifact import load_artifact, write_artifact
 from common.model import (
     BUNDLED_MODELS,
     build_model,
+    cut_text_padding,
     normalize,
     short_text_length,
+    text_pooling,
 )
 from common.preprocess import tokenizer
 from serve.encoder import Encoder
@@ -55,16 +57,62 @@ def test_full_texts_training_and_two_way_towers_run_at_full_length():
     assert short_text_length(model.clip, short) is None
 
 
-def test_training_keeps_the_padded_forward(monkeypatch):
-    """Training runs open_clip's own forward (its gradients and numerics are the reference)."""
+def test_training_runs_full_tokens_through_open_clip_and_cut_ones_at_their_length(monkeypatch):
+    """Training does not cut by itself (the batches come cut, `cut_text_padding`): full-length
+    tokens run open_clip's own forward, in training as the reference."""
     model = build_model("duet-micro").train()
     calls = []
     original = model.clip.encode_text
     monkeypatch.setattr(model.clip, "encode_text", lambda t: calls.append(t.shape) or original(t))
     model.encode_text(tokenizer("duet-micro")(["dog"]))
+    model.encode_text(tokenizer("duet-micro")(["dog"])[:, :8])
     model.eval()
     model.encode_text(tokenizer("duet-micro")(["dog"]))
-    assert calls == [torch.Size([1, 20])]  # only the training call went through open_clip's
+    assert calls == [torch.Size([1, 20])]  # only the full training call went through open_clip's
+
+
+@pytest.mark.parametrize("name", ["duet-tiny", "ViT-B-32"])
+def test_cut_training_batches_give_the_padded_embeddings_and_gradients(name: str):
+    """What the trainer does to every batch: captions and hard negatives cut to one bucketed
+    length; the loss's embeddings and every parameter's gradient are those of the padded batch."""
+    torch.manual_seed(0)
+    model = build_model(name).train()
+    tokenize = tokenizer(name)
+    captions = tokenize(["a red circle", "dog"])  # 5 and 3 positions
+    negatives = tokenize(["a blue circle", "a red square"]).unflatten(0, (2, 1))
+    pooling = text_pooling(model.clip)
+    assert pooling is not None
+    cut, cut_negatives = cut_text_padding(pooling, captions, negatives)
+    assert cut.shape == (2, 8) and cut_negatives.shape == (2, 1, 8)  # the first bucket
+    assert torch.equal(cut, captions[:, :8]) and torch.equal(cut_negatives, negatives[..., :8])
+
+    def embeddings_and_grads(*token_sets: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        model.zero_grad(set_to_none=True)
+        texts = model.encode_text(torch.cat([token_sets[0], token_sets[1].flatten(0, 1)]))
+        (texts * torch.linspace(-1, 1, texts.numel()).view_as(texts)).sum().backward()
+        return texts.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    padded, padded_grads = embeddings_and_grads(captions, negatives)
+    got, grads = embeddings_and_grads(cut, cut_negatives)
+    torch.testing.assert_close(got, padded, atol=1e-5, rtol=0)
+    assert [g is None for g in grads] == [g is None for g in padded_grads]
+    for grad, padded_grad in zip(grads, padded_grads, strict=True):
+        if grad is not None:
+            torch.testing.assert_close(grad, padded_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_a_batch_is_cut_to_its_longest_text_and_left_whole_when_that_fills_the_context():
+    tokenize = tokenizer("ViT-B-32")
+    pooling = text_pooling(build_model("duet-micro").clip)  # argmax: open_clip's CLIP
+    assert pooling is not None
+    short, longer = tokenize(["dog"]), tokenize([TEXTS[2]])  # 3 and 17 positions
+    (cut,) = cut_text_padding(pooling, torch.cat([short, short]))
+    assert cut.shape == (2, 8)
+    # the longest row decides, a negative's included: 17 positions -> the bucket of 24
+    assert [t.shape[-1] for t in cut_text_padding(pooling, short, longer[None])] == [24, 24]
+    full = tokenize([" ".join(["red"] * 80)])  # fills the context: nothing to cut
+    assert cut_text_padding(pooling, short, full)[0] is short
+    assert [t.shape[-1] for t in cut_text_padding(pooling, short, short[:0])] == [8, 8]
 
 
 class RecordingTowers:
