@@ -75,13 +75,15 @@ METHODS: dict[str, tuple[int, list[str]]] = {
         ["loss.hard_negatives=true", "data.hard_negatives.generate=always"],
     ),
     # the relation alone: one generated negative per sample, the opposite relation (on the
-    # compositional set the generator's replace_relation equals the shard's)
+    # compositional set the generator's replace_relation equals the shard's), K = 1 so that the
+    # step encodes 1 + 1 captions per image (with K = 3 it would encode two empty ones beside)
     "hard-neg relation b32": (
         32,
         [
             "loss.hard_negatives=true",
             "data.hard_negatives.generate=always",
             "data.hard_negatives.kinds=replace_relation",
+            "data.hard_negatives.max_per_sample=1",
         ],
     ),
     # NegCLIP's one negative per image (a kind drawn anew each time the sample is read): the
