@@ -5,6 +5,7 @@
     python bench/ondisk.py --probe-only --out /tmp/duet-ondisk   # serve a kept index again
     python bench/ondisk.py --probe-only --memory-limit-mb 1200 ...  # ... within 1.2 GB (root)
     python bench/ondisk.py --probe-only --updates 100000 --count N ...  # ... after updates
+    python bench/ondisk.py --probe-only --updates 100000 --compact ...  # ... then compacted
 
 The vectors are bench/index.py's clustered unit vectors, generated into a memory-mapped .npy
 (as a build's staging merge leaves them) and written with `write_index` and the on-disk plan
@@ -50,6 +51,7 @@ def status(key):
             return int(line.split()[1]) / 1024
 queries = np.load(sys.argv[2])
 added = np.load(sys.argv[3]) if len(sys.argv) > 3 else None
+compact = sys.argv[4:] == ["compact"]
 before = status("RssAnon:")
 index = SearchIndex.load(sys.argv[1], writable=added is not None)
 figures = {}
@@ -65,6 +67,10 @@ if added is not None:  # updates first: adds (journalled, fsynced) and deletes, 
         index.delete(list(range(i * step, min(len(added) // 2, i + 256) * step, step)))
     figures["deletes_per_s"] = (len(added) // 2) / (time.perf_counter() - start)
     figures["live_items"] = index.count
+if compact:  # a new snapshot of the live rows (the build's add phase again), served from then on
+    start = time.perf_counter()
+    index.compact()
+    figures["compact_s"] = time.perf_counter() - start
 index.search(queries[:10], 10)  # warm-up
 times = []
 found = []
@@ -123,14 +129,20 @@ class _Rows:
 
 
 def _probe(
-    index_dir: Path, queries: Path, limit_mb: int | None = None, added: Path | None = None
+    index_dir: Path,
+    queries: Path,
+    limit_mb: int | None = None,
+    added: Path | None = None,
+    compact: bool = False,
 ) -> dict[str, float]:
     """The served figures of `index_dir`, from a fresh process (see PROBE); `limit_mb`: in a
     memory cgroup of that limit, the index's files evicted from the page cache first. `added`:
     vectors to add (and half as many rows to delete) first; the journal is removed afterwards,
-    so the index is its snapshot again."""
+    so the index is its snapshot again, unless `compact`: a compaction after the updates makes
+    them the new snapshot (the index on disk changes)."""
     command = [sys.executable, "-c", PROBE, str(index_dir), str(queries)]
     command += [] if added is None else [str(added)]
+    command += ["compact"] if compact and added is not None else []
     cgroup = None if limit_mb is None else _memory_cgroup(limit_mb)
     if cgroup is not None:
         _evict(index_dir)  # pages cached by the build are charged to it, not to the probe
@@ -210,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
         help="with --probe-only (and the build's --count, --dim): add this many items and delete "
         "half as many before the searches; the journal is removed afterwards",
     )
+    parser.add_argument(
+        "--compact",
+        action="store_true",
+        help="with --updates: compact after them (timed; the searches then run on the new "
+        "snapshot, which replaces the kept index)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.probe_only:
@@ -218,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             centers = _centers(np.random.default_rng(0), args.count, args.dim)
             added = args.out / "added.npy"
             np.save(added, clustered_unit_vectors(np.random.default_rng(1), centers, args.updates))
-        served = _probe(args.out / "index", args.out / "queries.npy", args.memory_limit_mb, added)
+        served = _probe(
+            args.out / "index", args.out / "queries.npy", args.memory_limit_mb, added, args.compact
+        )
         print(json.dumps(served))
         return
     args.out.mkdir(parents=True, exist_ok=True)
