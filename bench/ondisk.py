@@ -142,7 +142,7 @@ def _probe(
     them the new snapshot (the index on disk changes)."""
     command = [sys.executable, "-c", PROBE, str(index_dir), str(queries)]
     command += [] if added is None else [str(added)]
-    command += ["compact"] if compact and added is not None else []
+    command += ["compact"] if compact else []
     cgroup = None if limit_mb is None else _memory_cgroup(limit_mb)
     if cgroup is not None:
         _evict(index_dir)  # pages cached by the build are charged to it, not to the probe
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         "snapshot, which replaces the kept index)",
     )
     args = parser.parse_args(argv)
+    if args.compact and not (args.probe_only and args.updates):
+        parser.error("--compact goes with --probe-only --updates N")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.probe_only:
         added = None
