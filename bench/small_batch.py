@@ -2,7 +2,9 @@
 
     python bench/small_batch.py [--samples 49152] [--seeds 0,1] [--model duet-tiny]
                                 [--palette basic|wide] [--lr-scaling none|sqrt|linear]
-                                [--methods M,...|relations] [--merge EARLIER.json] [--out FILE.json]
+                                [--methods M,...|relations] [--merge EARLIER.json ...]
+                                [--out FILE.json]
+    python bench/small_batch.py --methods '' --merge A.json B.json ...   (their table only)
     python bench/small_batch.py ... [--jobs N]             (N runs at a time: a GPU's room)
     python bench/small_batch.py --overhead MODEL [--overhead-modes batch,hard-neg,...]
                                 [--device cpu|cuda] [--precision fp32|bf16]
@@ -24,7 +26,7 @@ blind (the mean image for every image), the negatives used per sample, and each 
 missed. `--overhead MODEL [--overhead-modes ...]` times one training step per mode instead.
 
 Columns: zero-shot top-1 on the held-out split (and on its scenes whose class never occurs in
-training), text->image recall@1/5, the compositional hard-negative
+training) and top-5, text->image recall@1/5, the compositional hard-negative
 accuracies (attribute swap, object swap, relation replaced), samples/s over the run and the
 run's peak RSS. Each run is a fresh subprocess (its own peak memory; no state shared between
 runs). Cells are the mean over seeds, with the spread (max - min) in brackets. The verdict lines
@@ -101,6 +103,7 @@ RELATION_METHODS = ("plain b32", "hard-neg shard b32", "hard-neg generated b32")
 COLUMNS = (
     ("zero-shot", "zeroshot_top1"),
     ("held-out zs", "zeroshot_top1_held_out"),
+    ("zs top-5", "zeroshot_top5"),
     ("R@1", "text_to_image_recall@1"),
     ("R@5", "text_to_image_recall@5"),
     ("attr swap", "compositional_swap_attribute"),
@@ -199,6 +202,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "steps": steps,
+        "seed": args.seed,
     }
 
 
@@ -452,6 +456,22 @@ def verdicts(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def merged(files: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of earlier --out files, per method in first-seen order; a (method, seed) that
+    two files hold is an error, not a second sample."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    seen: dict[tuple[str, Any], Path] = {}
+    for file in files:
+        for method, runs in json.loads(file.read_text()).items():
+            for run in runs:
+                key = (method, run.get("seed"))
+                if key[1] is not None and key in seen:
+                    raise SystemExit(f"{method} seed {key[1]} is in both {seen[key]} and {file}")
+                seen[key] = file
+                results.setdefault(method, []).append(run)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=49152, help="samples seen per run")
@@ -482,7 +502,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/bench-small-batch")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-small-batch.json")
     parser.add_argument(
-        "--merge", type=Path, help="an earlier run's --out JSON: its methods join the table"
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="earlier runs' --out JSON files: their runs join the table (with --methods '' "
+        "nothing is trained: the table of these alone)",
     )
     parser.add_argument(
         "--overhead",
@@ -534,19 +559,27 @@ def main() -> None:
             )
         )
         return
-    dataset(args.data, args.train_shards, args.samples_per_shard, args.palette)  # once, first
-    results: dict[str, list[dict[str, Any]]] = {}
-    if args.merge:
-        results.update(json.loads(args.merge.read_text()))
+    methods = (
+        list(RELATION_METHODS)
+        if args.methods == "relations"
+        else [m for m in args.methods.split(",") if m]
+    )
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"--methods: unknown {', '.join(unknown)}")
+    if not methods and not args.merge:
+        parser.error("--methods '' trains nothing: give --merge files to tabulate")
+    results = merged(args.merge)
+    if methods:
+        dataset(args.data, args.train_shards, args.samples_per_shard, args.palette)  # once
     started = time.perf_counter()
-    methods = RELATION_METHODS if args.methods == "relations" else args.methods.split(",")
     scaling = "" if args.lr_scaling == "none" else f"-lr-{args.lr_scaling}"
     planned = [
         (method, seed, f"{method.replace(' ', '-')}{scaling}-seed{seed}")
         for method in methods
         for seed in (int(s) for s in args.seeds.split(","))
     ]
-    args.runs.mkdir(parents=True, exist_ok=True)
+    if planned:
+        args.runs.mkdir(parents=True, exist_ok=True)
     running: list[tuple[subprocess.Popen[bytes], str, str]] = []
 
     def finish(process: subprocess.Popen[bytes], method: str, name: str) -> None:
@@ -578,14 +611,21 @@ def main() -> None:
         running.append((process, method, name))
     while running:
         finish(*running.pop(0))
-    print(
-        f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
-        f"palette {args.palette}, lr {args.lr} at batch 32, scaled: {args.lr_scaling}, "
-        f"{args.jobs} run(s) at a time, {time.perf_counter() - started:.0f} s in all\n"
-    )
-    relations = any(method.startswith("hard-neg") for method in results)
-    print(table(results, RELATION_COLUMNS if relations else COLUMNS))
+    if methods:
+        print(
+            f"\n{args.samples} samples per run, model {args.model}, seeds {args.seeds}, "
+            f"palette {args.palette}, lr {args.lr} at batch 32, scaled: {args.lr_scaling}, "
+            f"{args.jobs} run(s) at a time, {time.perf_counter() - started:.0f} s in all"
+        )
+    if args.merge:
+        print(f"\nwith the runs of {', '.join(map(str, args.merge))}")
     print()
+    relations = any(method.startswith("hard-neg") for method in results)
+    # the gap's columns unless only hard negatives against plain b32 ran; both when both did
+    if not relations or "plain b256" in results:
+        print(table(results, COLUMNS), end="\n\n")
+    if relations:
+        print(table(results, RELATION_COLUMNS), end="\n\n")
     for line in verdicts(results) + (relation_verdicts(results) if relations else []):
         print(line)
     args.out.write_text(json.dumps(results, indent=2))

@@ -2,7 +2,12 @@
 read from the right figure and judged in the right direction."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from common.model import build_model
 
@@ -121,3 +126,49 @@ def test_step_overhead_times_every_mode_against_plain_on_the_device_asked_for():
     assert cut.texts().shape == (16, 16) and padded.texts().shape == (16, 20)
     assert float(rows["batch"][1]) == 1.0
     assert all(float(seconds) > 0 for seconds, _ in rows.values())
+
+
+def test_merged_runs_keep_their_order_and_refuse_a_seed_counted_twice(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"plain b32": [_run(seed=0)], "queue b32": [_run(seed=0)]}))
+    second.write_text(json.dumps({"plain b32": [_run(seed=1)], "plain b256": [_run(seed=1)]}))
+    results = small_batch.merged([first, second])
+    assert list(results) == ["plain b32", "queue b32", "plain b256"]
+    assert [r["seed"] for r in results["plain b32"]] == [0, 1]
+    with pytest.raises(SystemExit, match="plain b32 seed 0 is in both"):
+        small_batch.merged([first, second, first])
+
+
+def test_table_of_merged_files_alone_trains_nothing(tmp_path):
+    runs = {
+        "plain b32": [_run(seed=0, zeroshot_top1=0.10), _run(seed=1, zeroshot_top1=0.12)],
+        "plain b256": [_run(seed=0, zeroshot_top1=0.31)],
+        "hard-neg shard K1 b32": [_run(seed=0, zeroshot_top1=0.14)],
+    }
+    parts = []
+    for method, method_runs in runs.items():
+        parts.append(tmp_path / f"{method.replace(' ', '-')}.json")
+        parts[-1].write_text(json.dumps({method: method_runs}))
+    out = tmp_path / "all.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--methods", "", "--merge", *map(str, parts),
+         "--out", str(out), "--data", str(tmp_path / "no-data"), "--runs", str(tmp_path / "r")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert not (tmp_path / "no-data").exists() and not (tmp_path / "r").exists()
+    # the gap's table and the relations table, then the verdicts
+    assert done.stdout.count("| method |") == 2
+    assert "zs top-5" in done.stdout
+    assert "plain b256 leads plain b32 by 20.0 zero-shot points" in done.stdout
+    assert "hard-neg shard K1 b32 zero-shot: closes 15% of the gap" in done.stdout
+    assert json.loads(out.read_text()) == runs
+
+    refused = subprocess.run(
+        [sys.executable, str(BENCH), "--methods", ""], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2 and "trains nothing" in refused.stderr
+    refused = subprocess.run(
+        [sys.executable, str(BENCH), "--methods", "plain b64", "--merge", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "unknown plain b64" in refused.stderr
