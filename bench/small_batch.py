@@ -564,8 +564,8 @@ def main() -> None:
         if args.methods == "relations"
         else [m for m in args.methods.split(",") if m]
     )
-    if unknown := [m for m in methods if m not in METHODS]:
-        parser.error(f"--methods: unknown {', '.join(unknown)}")
+    if missing := [m for m in methods if m not in METHODS]:
+        parser.error(f"--methods: unknown {', '.join(missing)}")
     if not methods and not args.merge:
         parser.error("--methods '' trains nothing: give --merge files to tabulate")
     results = merged(args.merge)
