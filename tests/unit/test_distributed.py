@@ -232,7 +232,11 @@ def test_two_processes_apply_the_single_process_gradient(two_process_results, ca
     for r in results:
         assert r["grads"].keys() == reference.keys()
         for name, grad in reference.items():
-            assert_close(r["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            # a float32 sum's rounding grows with its terms: the token embedding's end-of-text
+            # row sums every caption's and negative's gradient (one element of it, 1.1e-3 in a
+            # tensor whose largest is 5.6, came out 1.3e-6 apart with torch 2.14)
+            atol = 1e-6 * max(1.0, grad.abs().max().item())
+            assert_close(r["grads"][name], grad, rtol=1e-4, atol=atol, msg=name)
         assert_close(r["norm"], clip_grad_norm(model.parameters(), 0.0), rtol=1e-4, atol=0.0)
         if negatives is not None and negatives.denominators is not None:  # stored by owners
             expected = negatives.denominators.lookup(negatives.ids)
